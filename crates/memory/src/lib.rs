@@ -1,1 +1,180 @@
-//! placeholder
+//! Guest RAM: creation and registration with KVM.
+//!
+//! [`create_guest_memory`] maps anonymous, private, `MAP_NORESERVE` regions for the RAM
+//! ranges the architecture code chose (on x86_64, below and above the 32-bit MMIO hole).
+//! [`register_memory_slots`] hands each region to KVM as one memory slot. The layout itself
+//! (where the holes are) is not decided here; see `tvm-arch-x86`'s `layout::ram_ranges`.
+//!
+//! ```
+//! use vm_memory::{GuestAddress, GuestMemoryBackend};
+//! let mem = tvm_memory::create_guest_memory(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! assert_eq!(mem.num_regions(), 1);
+//! ```
+
+#![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use log::debug;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The guest memory type used across the VMM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Smallest amount of RAM we accept: enough for the boot structures below 1 MiB and a
+/// kernel above it.
+pub const MIN_MEM_SIZE: u64 = 16 << 20;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A range has zero length, is not page aligned, or overlaps another.
+    #[error("invalid guest memory range at {start:#x}, {len:#x} bytes")]
+    InvalidRange {
+        /// Start of the range.
+        start: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Mapping the memory failed (usually not enough host memory or address space).
+    #[error("failed to map {total_bytes} bytes of guest memory")]
+    Mmap {
+        /// Total size requested.
+        total_bytes: u64,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("failed to register memory slot {slot} at {guest_addr:#x} with kvm")]
+    SetUserMemoryRegion {
+        /// Slot number.
+        slot: u32,
+        /// Guest physical address of the slot.
+        guest_addr: u64,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// Maps guest RAM for `ranges` (`(start, length)`, ascending, page aligned, not
+/// overlapping).
+pub fn create_guest_memory(ranges: &[(GuestAddress, u64)]) -> Result<GuestMemoryMmap> {
+    let mut prev_end = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (i, (start, len)) in ranges.iter().enumerate() {
+        let bad = Error::InvalidRange {
+            start: start.raw_value(),
+            len: *len,
+        };
+        let end = start.raw_value().checked_add(*len);
+        if *len == 0
+            || start.raw_value() % PAGE_SIZE != 0
+            || len % PAGE_SIZE != 0
+            || end.is_none()
+            || (i > 0 && start.raw_value() < prev_end)
+        {
+            return Err(bad);
+        }
+        prev_end = end.unwrap_or(u64::MAX);
+        let len = usize::try_from(*len).map_err(|_| bad)?;
+        regions.push((*start, len));
+    }
+    let total_bytes = ranges.iter().map(|(_, l)| l).sum();
+    GuestMemoryMmap::from_ranges(&regions).map_err(|source| Error::Mmap {
+        total_bytes,
+        source,
+    })
+}
+
+/// The `kvm_userspace_memory_region`s for `mem`, slot numbers from 0.
+pub fn memory_slots(mem: &GuestMemoryMmap) -> Vec<kvm_userspace_memory_region> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        })
+        .collect()
+}
+
+/// Registers every region of `mem` with KVM.
+///
+/// `mem` must outlive the VM (or the slots must be removed first): KVM keeps the host
+/// addresses. The VMM keeps its `GuestMemoryMmap` until the process exits.
+pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for region in memory_slots(mem) {
+        debug!(
+            "memory slot {}: guest {:#x}..{:#x}",
+            region.slot,
+            region.guest_phys_addr,
+            region.guest_phys_addr + region.memory_size
+        );
+        // SAFETY: `userspace_addr` and `memory_size` come from a live mmap region of `mem`
+        // (`as_ptr()`/`len()`), so the host range is valid and mapped for the whole slot; the
+        // regions of a GuestMemoryMmap never overlap, and each gets its own slot number. The
+        // caller keeps `mem` alive for as long as the VM exists, as documented above.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+            Error::SetUserMemoryRegion {
+                slot: region.slot,
+                guest_addr: region.guest_phys_addr,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn regions_and_slots_match_the_ranges() {
+        let ranges = [
+            (GuestAddress(0), 2 << 20),
+            (GuestAddress(1 << 32), 1 << 20),
+        ];
+        let mem = create_guest_memory(&ranges).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        let slots = memory_slots(&mem);
+        assert_eq!(slots.len(), 2);
+        assert_eq!((slots[0].slot, slots[0].guest_phys_addr), (0, 0));
+        assert_eq!(slots[0].memory_size, 2 << 20);
+        assert_eq!((slots[1].slot, slots[1].guest_phys_addr), (1, 1 << 32));
+        assert_ne!(slots[0].userspace_addr, 0);
+        // Memory is usable on both sides of the gap.
+        mem.write_obj(0xdead_beefu32, GuestAddress((1 << 32) + 16))
+            .unwrap();
+        let v: u32 = mem.read_obj(GuestAddress((1 << 32) + 16)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        assert!(mem.write_obj(1u8, GuestAddress(3 << 20)).is_err());
+    }
+
+    #[test]
+    fn bad_ranges_are_refused() {
+        for ranges in [
+            vec![(GuestAddress(0), 0)],
+            vec![(GuestAddress(0), 4095)],
+            vec![(GuestAddress(1), 4096)],
+            vec![(GuestAddress(0), 8192), (GuestAddress(4096), 4096)],
+            vec![(GuestAddress(u64::MAX - 4095), 8192)],
+        ] {
+            assert!(
+                matches!(create_guest_memory(&ranges), Err(Error::InvalidRange { .. })),
+                "{ranges:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! Kernel loading, initrd placement, the e820 map and the zero page (`boot_params`).
+//!
+//! Follows the Linux x86 boot protocol (`Documentation/arch/x86/boot.rst`): a bzImage is
+//! entered at `code32_start` in 32-bit protected mode, an ELF vmlinux at its entry point in
+//! 64-bit mode; either way RSI points at `boot_params`, which carries the setup header, the
+//! command line pointer, the initrd and the e820 memory map.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::KernelLoader;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::gdt::BootMode;
+use crate::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, DEFAULT_INITRD_ADDR_MAX, EBDA_START, HIMEM_START,
+    MMIO_GAP_START, ZERO_PAGE_START,
+};
+use crate::{Error, Result};
+
+/// e820 type of usable RAM.
+pub const E820_RAM: u32 = 1;
+/// e820 type of reserved memory.
+pub const E820_RESERVED: u32 = 2;
+
+/// `boot_flag` magic at 0x1FE of the setup header.
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+/// "HdrS", the setup header signature.
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+/// `type_of_loader` for a boot loader without an assigned id.
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+/// `kernel_alignment` we report for an ELF kernel (the kernel's CONFIG_PHYSICAL_ALIGN default).
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+/// `loadflags` bit: the protected-mode code is loaded at 0x100000.
+const LOADED_HIGH: u8 = 0x01;
+
+/// What loading the kernel produced: where to enter it and how.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedKernel {
+    /// Entry point (RIP).
+    pub entry: GuestAddress,
+    /// The CPU mode the entry point expects.
+    pub mode: BootMode,
+    /// First byte after the loaded image.
+    pub kernel_end: u64,
+    /// The bzImage setup header, when the kernel is a bzImage.
+    pub setup_header: Option<setup_header>,
+}
+
+/// The kind of kernel image a file holds, from its magic numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An ELF vmlinux (0x7F 'E' 'L' 'F').
+    Elf,
+    /// A bzImage ("HdrS" at 0x202).
+    BzImage,
+}
+
+/// Tells an ELF vmlinux from a bzImage by their magic numbers.
+pub fn detect_kernel_format<R: Read + Seek>(image: &mut R) -> Result<KernelFormat> {
+    let mut head = [0u8; 0x206];
+    image.seek(SeekFrom::Start(0)).map_err(Error::ReadKernel)?;
+    let mut read = 0;
+    while read < head.len() {
+        match image.read(&mut head[read..]).map_err(Error::ReadKernel)? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    if read >= 4 && head[..4] == [0x7f, b'E', b'L', b'F'] {
+        return Ok(KernelFormat::Elf);
+    }
+    if read >= 0x206 && head[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes() {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(Error::UnknownKernelFormat)
+}
+
+/// Loads a bzImage or an ELF vmlinux from `image` into `mem`.
+pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, image: &mut File) -> Result<LoadedKernel> {
+    match detect_kernel_format(image)? {
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, image, Some(HIMEM_START)).map_err(Error::LoadKernel)?;
+            Ok(LoadedKernel {
+                entry: r.kernel_load,
+                mode: BootMode::Long64,
+                kernel_end: r.kernel_end,
+                setup_header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let r =
+                BzImage::load(mem, None, image, Some(HIMEM_START)).map_err(Error::LoadKernel)?;
+            Ok(LoadedKernel {
+                // linux-loader loads the protected-mode part at `code32_start`, our entry.
+                entry: r.kernel_load,
+                mode: BootMode::Protected32,
+                kernel_end: r.kernel_end,
+                setup_header: r.setup_header,
+            })
+        }
+    }
+}
+
+/// Where an initrd of `size` bytes goes: as high as possible below both the end of low RAM
+/// and the kernel's `initrd_addr_max`, page aligned, above the kernel.
+///
+/// # Errors
+/// [`Error::InitrdTooLarge`] when it does not fit between the kernel and that limit.
+pub fn initrd_load_addr(
+    ram: &[(GuestAddress, u64)],
+    header: Option<&setup_header>,
+    kernel_end: u64,
+    size: u64,
+) -> Result<GuestAddress> {
+    let low_ram_end = ram
+        .first()
+        .map(|(start, len)| start.raw_value() + len)
+        .unwrap_or(0)
+        .min(MMIO_GAP_START);
+    let addr_max = match header {
+        Some(h) if h.version >= 0x0203 && h.initrd_addr_max != 0 => {
+            u64::from(h.initrd_addr_max)
+        }
+        Some(_) => DEFAULT_INITRD_ADDR_MAX,
+        // An ELF kernel has no header; its 64-bit entry can reach the whole low RAM.
+        None => u64::MAX - 1,
+    };
+    let limit = low_ram_end.min(addr_max + 1);
+    let floor = kernel_end.max(HIMEM_START.raw_value());
+    let available = limit.saturating_sub(floor);
+    let too_large = Error::InitrdTooLarge {
+        size,
+        available: available & !0xfff,
+    };
+    let start = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
+    if start < floor {
+        return Err(Error::InitrdTooLarge {
+            size,
+            available: available & !0xfff,
+        });
+    }
+    Ok(GuestAddress(start))
+}
+
+/// Copies the initrd file into guest memory at the address [`initrd_load_addr`] picks.
+/// Returns the address and size.
+pub fn load_initrd<M: GuestMemoryBackend>(
+    mem: &M,
+    ram: &[(GuestAddress, u64)],
+    kernel: &LoadedKernel,
+    initrd: &mut File,
+) -> Result<(GuestAddress, u64)> {
+    let size = initrd.seek(SeekFrom::End(0)).map_err(Error::ReadInitrd)?;
+    initrd.seek(SeekFrom::Start(0)).map_err(Error::ReadInitrd)?;
+    let addr = initrd_load_addr(ram, kernel.setup_header.as_ref(), kernel.kernel_end, size)?;
+    let len = usize::try_from(size).map_err(|_| Error::InitrdTooLarge { size, available: 0 })?;
+    mem.read_exact_volatile_from(addr, initrd, len)
+        .map_err(|_| Error::CopyInitrd)?;
+    Ok((addr, size))
+}
+
+/// Builds a kernel command line from `text`, refusing one longer than the kernel accepts
+/// (its `cmdline_size`, when the header says) or than our own buffer.
+pub fn build_cmdline(text: &str, header: Option<&setup_header>) -> Result<Cmdline> {
+    let kernel_max = match header {
+        Some(h) if h.version >= 0x0206 && h.cmdline_size != 0 => h.cmdline_size as usize,
+        // Boot protocol < 2.06: 255 bytes.
+        Some(_) => 255,
+        None => CMDLINE_MAX_SIZE - 1,
+    };
+    let max = kernel_max.min(CMDLINE_MAX_SIZE - 1);
+    if text.len() > max {
+        return Err(Error::CmdlineTooLong {
+            len: text.len(),
+            max,
+        });
+    }
+    // Capacity counts the NUL.
+    Cmdline::try_from(text, max + 1).map_err(Error::Cmdline)
+}
+
+/// Writes `cmdline` at [`CMDLINE_START`].
+pub fn load_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &Cmdline) -> Result<()> {
+    linux_loader::loader::load_cmdline(mem, CMDLINE_START, cmdline).map_err(Error::LoadCmdline)
+}
+
+/// The e820 map for the RAM ranges of [`crate::layout::ram_ranges`]: low RAM up to the
+/// EBDA, the legacy hole reserved (EBDA, VGA, BIOS ROM), then RAM from 1 MiB up to the
+/// 32-bit hole and any RAM above 4 GiB.
+pub fn e820_entries(ram: &[(GuestAddress, u64)]) -> Vec<boot_e820_entry> {
+    let mut out = vec![
+        boot_e820_entry {
+            addr: 0,
+            size: EBDA_START,
+            r#type: E820_RAM,
+        },
+        boot_e820_entry {
+            addr: EBDA_START,
+            size: HIMEM_START.raw_value() - EBDA_START,
+            r#type: E820_RESERVED,
+        },
+    ];
+    for (start, len) in ram {
+        let begin = start.raw_value().max(HIMEM_START.raw_value());
+        let end = start.raw_value() + len;
+        if end > begin {
+            out.push(boot_e820_entry {
+                addr: begin,
+                size: end - begin,
+                r#type: E820_RAM,
+            });
+        }
+    }
+    out
+}
+
+/// Everything [`build_boot_params`] needs.
+#[derive(Debug)]
+pub struct BootParamsConfig<'a> {
+    /// Guest RAM ranges.
+    pub ram: &'a [(GuestAddress, u64)],
+    /// The loaded kernel.
+    pub kernel: &'a LoadedKernel,
+    /// Length of the command line without its NUL.
+    pub cmdline_len: usize,
+    /// Address and size of the initrd, if any.
+    pub initrd: Option<(GuestAddress, u64)>,
+}
+
+/// Fills the zero page: the kernel's own setup header (bzImage) or a minimal one (ELF),
+/// with our loader id, the command line, the initrd and the e820 map.
+pub fn build_boot_params(cfg: &BootParamsConfig<'_>) -> Result<boot_params> {
+    let mut params = boot_params::default();
+    if let Some(hdr) = cfg.kernel.setup_header {
+        params.hdr = hdr;
+    } else {
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.loadflags |= LOADED_HIGH;
+    params.hdr.cmd_line_ptr = CMDLINE_START.raw_value() as u32;
+    params.hdr.cmdline_size = (cfg.cmdline_len + 1) as u32;
+    if let Some((addr, size)) = cfg.initrd {
+        params.hdr.ramdisk_image =
+            u32::try_from(addr.raw_value()).map_err(|_| Error::InitrdAddress(addr.raw_value()))?;
+        params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| Error::InitrdTooLarge {
+            size,
+            available: u64::from(u32::MAX),
+        })?;
+    }
+    let entries = e820_entries(cfg.ram);
+    if entries.len() > params.e820_table.len() {
+        return Err(Error::E820Full);
+    }
+    for (slot, e) in params.e820_table.iter_mut().zip(entries.iter()) {
+        *slot = *e;
+    }
+    params.e820_entries = entries.len() as u8;
+    Ok(params)
+}
+
+/// Writes `params` at [`ZERO_PAGE_START`].
+pub fn write_boot_params<M: GuestMemoryBackend>(mem: &M, params: &boot_params) -> Result<()> {
+    LinuxBootConfigurator::write_bootparams::<M>(
+        &BootParams::new::<boot_params>(params, ZERO_PAGE_START),
+        mem,
+    )
+    .map_err(Error::WriteBootParams)?;
+    // The configurator checks the zero page fits; read one field back as a cheap sanity check
+    // that it landed where RSI will point.
+    let hdr_magic: u32 = mem
+        .read_obj(ZERO_PAGE_START.unchecked_add(0x202))
+        .map_err(|_| Error::ZeroPageMissing)?;
+    if hdr_magic != KERNEL_HDR_MAGIC {
+        return Err(Error::ZeroPageMissing);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::ram_ranges;
+    use crate::test_mem;
+    use std::io::{Cursor, Write};
+
+    fn elf_kernel() -> LoadedKernel {
+        LoadedKernel {
+            entry: GuestAddress(0x100_0000),
+            mode: BootMode::Long64,
+            kernel_end: 0x200_0000,
+            setup_header: None,
+        }
+    }
+
+    fn bz_header() -> setup_header {
+        setup_header {
+            version: 0x020f,
+            initrd_addr_max: 0x7fff_ffff,
+            cmdline_size: 2047,
+            header: KERNEL_HDR_MAGIC,
+            boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+            code32_start: 0x10_0000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn e820_below_the_hole() {
+        for mib in [128u64, 512, 2048, 3072] {
+            let ram = ram_ranges(mib << 20);
+            let e = e820_entries(&ram);
+            assert_eq!(e.len(), 3, "{mib} MiB");
+            assert_eq!((e[0].addr, e[0].size, e[0].r#type), (0, 0x9fc00, E820_RAM));
+            assert_eq!({ e[1].r#type }, E820_RESERVED);
+            assert_eq!(e[1].addr + e[1].size, 0x10_0000);
+            assert_eq!(
+                (e[2].addr, e[2].size, e[2].r#type),
+                (0x10_0000, (mib << 20) - 0x10_0000, E820_RAM)
+            );
+        }
+    }
+
+    #[test]
+    fn e820_above_the_hole() {
+        let ram = ram_ranges(6 << 30);
+        let e = e820_entries(&ram);
+        assert_eq!(e.len(), 4);
+        assert_eq!((e[2].addr, e[2].size), (0x10_0000, 0xc000_0000 - 0x10_0000));
+        assert_eq!(
+            (e[3].addr, e[3].size, e[3].r#type),
+            (1 << 32, (6 << 30) - 0xc000_0000, E820_RAM)
+        );
+        // Nothing of the hole is RAM.
+        assert!(e
+            .iter()
+            .all(|x| x.addr + x.size <= 0xc000_0000 || x.addr >= 1 << 32));
+    }
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_ram() {
+        let ram = ram_ranges(512 << 20);
+        let hdr = bz_header();
+        let addr = initrd_load_addr(&ram, Some(&hdr), 0x80_0000, 10 << 20).unwrap();
+        assert_eq!(addr.raw_value(), (512 << 20) - (10 << 20));
+        // Page aligned even for odd sizes.
+        let addr = initrd_load_addr(&ram, Some(&hdr), 0x80_0000, 12345).unwrap();
+        assert_eq!(addr.raw_value() & 0xfff, 0);
+        assert!(addr.raw_value() + 12345 <= 512 << 20);
+    }
+
+    #[test]
+    fn initrd_respects_initrd_addr_max_and_the_hole() {
+        let ram = ram_ranges(4 << 30);
+        let mut hdr = bz_header();
+        hdr.initrd_addr_max = 0x37ff_ffff;
+        let addr = initrd_load_addr(&ram, Some(&hdr), 0x80_0000, 1 << 20).unwrap();
+        assert_eq!(addr.raw_value(), 0x3800_0000 - (1 << 20));
+        // With no header limit, the hole is the limit.
+        let addr = initrd_load_addr(&ram, None, 0x80_0000, 1 << 20).unwrap();
+        assert_eq!(addr.raw_value(), 0xc000_0000 - (1 << 20));
+    }
+
+    #[test]
+    fn too_large_an_initrd_is_a_clear_error() {
+        let ram = ram_ranges(64 << 20);
+        let err = initrd_load_addr(&ram, Some(&bz_header()), 0x100_0000, 60 << 20).unwrap_err();
+        match err {
+            Error::InitrdTooLarge { size, available } => {
+                assert_eq!(size, 60 << 20);
+                assert_eq!(available, (64 << 20) - 0x100_0000);
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        assert!(err_text(&ram).contains("initrd"));
+        // Larger than all of RAM.
+        assert!(initrd_load_addr(&ram, None, 0, 1 << 30).is_err());
+    }
+
+    fn err_text(ram: &[(GuestAddress, u64)]) -> String {
+        initrd_load_addr(ram, None, 0x100_0000, 1 << 30)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn boot_params_for_a_bzimage() {
+        let ram = ram_ranges(1 << 30);
+        let kernel = LoadedKernel {
+            entry: GuestAddress(0x10_0000),
+            mode: BootMode::Protected32,
+            kernel_end: 0x90_0000,
+            setup_header: Some(bz_header()),
+        };
+        let cfg = BootParamsConfig {
+            ram: &ram,
+            kernel: &kernel,
+            cmdline_len: 37,
+            initrd: Some((GuestAddress(0x3000_0000), 4096)),
+        };
+        let p = build_boot_params(&cfg).unwrap();
+        assert_eq!({ p.hdr.type_of_loader }, 0xff);
+        assert_eq!({ p.hdr.cmd_line_ptr }, 0x20000);
+        assert_eq!({ p.hdr.cmdline_size }, 38);
+        assert_eq!({ p.hdr.ramdisk_image }, 0x3000_0000);
+        assert_eq!({ p.hdr.ramdisk_size }, 4096);
+        assert_eq!({ p.hdr.version }, 0x020f);
+        assert_eq!(p.hdr.loadflags & LOADED_HIGH, LOADED_HIGH);
+        assert_eq!(p.e820_entries, 3);
+        assert_eq!({ p.e820_table[2].size }, (1 << 30) - 0x10_0000);
+
+        let mem = test_mem(0x10_0000);
+        write_boot_params(&mem, &p).unwrap();
+        let back: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
+        assert_eq!({ back.hdr.ramdisk_image }, 0x3000_0000);
+        assert_eq!(back.e820_entries, 3);
+    }
+
+    #[test]
+    fn boot_params_for_an_elf_kernel() {
+        let ram = ram_ranges(6 << 30);
+        let kernel = elf_kernel();
+        let cfg = BootParamsConfig {
+            ram: &ram,
+            kernel: &kernel,
+            cmdline_len: 10,
+            initrd: None,
+        };
+        let p = build_boot_params(&cfg).unwrap();
+        assert_eq!({ p.hdr.boot_flag }, 0xaa55);
+        assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ p.hdr.kernel_alignment }, 0x100_0000);
+        assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0, 0));
+        assert_eq!(p.e820_entries, 4);
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        let hdr = bz_header();
+        let c = build_cmdline("console=ttyS0 reboot=k", Some(&hdr)).unwrap();
+        assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 reboot=k");
+        let long = "a".repeat(2048);
+        assert!(matches!(
+            build_cmdline(&long, Some(&hdr)),
+            Err(Error::CmdlineTooLong { len: 2048, max: 2047 })
+        ));
+        assert!(build_cmdline(&"a".repeat(2047), Some(&hdr)).is_ok());
+        let mem = test_mem(0x10_0000);
+        load_cmdline(&mem, &c).unwrap();
+        let mut buf = [0u8; 23];
+        mem.read_slice(&mut buf, CMDLINE_START).unwrap();
+        assert_eq!(&buf, b"console=ttyS0 reboot=k\0");
+    }
+
+    #[test]
+    fn kernel_format_detection() {
+        let mut elf = Cursor::new(b"\x7fELF\x02\x01\x01".to_vec());
+        assert_eq!(detect_kernel_format(&mut elf).unwrap(), KernelFormat::Elf);
+        let mut bz = vec![0u8; 0x400];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(
+            detect_kernel_format(&mut Cursor::new(bz)).unwrap(),
+            KernelFormat::BzImage
+        );
+        let mut junk = Cursor::new(vec![0u8; 10]);
+        assert!(matches!(
+            detect_kernel_format(&mut junk),
+            Err(Error::UnknownKernelFormat)
+        ));
+    }
+
+    #[test]
+    fn corrupt_bzimage_is_refused() {
+        // "HdrS" but a version too old and no LOADED_HIGH flag.
+        let mut bz = vec![0u8; 0x1000];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let mut f = tempfile();
+        f.write_all(&bz).unwrap();
+        let mem = test_mem(0x40_0000);
+        assert!(matches!(load_kernel(&mem, &mut f), Err(Error::LoadKernel(_))));
+    }
+
+    fn tempfile() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "tvm-arch-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+}

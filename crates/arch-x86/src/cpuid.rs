@@ -1,0 +1,230 @@
+//! CPUID for a vCPU: KVM's supported set, adjusted per vCPU.
+//!
+//! Start from `KVM_GET_SUPPORTED_CPUID`, then set what only the VMM knows: the APIC id and
+//! topology, the hypervisor bit, and the KVM signature leaf (Linux looks for "KVMKVMKV" at
+//! 0x4000_0000 to enable kvmclock and the other paravirt features).
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::{Error, Result};
+
+/// Leaf 0x1 ECX bit 31: running under a hypervisor.
+pub const ECX_HYPERVISOR_BIT: u32 = 1 << 31;
+/// Leaf 0x1 EDX bit 28: HTT (more than one logical processor per package).
+pub const EDX_HTT_BIT: u32 = 1 << 28;
+/// The KVM signature leaf.
+pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+/// The KVM paravirt features leaf (the highest hypervisor leaf we expose).
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// Most entries KVM returns (KVM_MAX_CPUID_ENTRIES).
+pub const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+/// "KVMKVMKV\0\0\0\0" as EBX, ECX, EDX.
+const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+
+/// Adjusts `cpuid` for vCPU `cpu_id` of `cpu_count`.
+pub fn filter_cpuid(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) -> Result<()> {
+    let mut has_signature = false;
+    for entry in cpuid.as_mut_slice().iter_mut() {
+        match entry.function {
+            0x1 => {
+                // EBX[31:24] initial APIC id, [23:16] logical processors per package,
+                // [15:8] CLFLUSH line size in 8-byte units.
+                entry.ebx = (u32::from(cpu_id) << 24)
+                    | (u32::from(cpu_count) << 16)
+                    | (8 << 8)
+                    | (entry.ebx & 0xff);
+                entry.ecx |= ECX_HYPERVISOR_BIT;
+                if cpu_count > 1 {
+                    entry.edx |= EDX_HTT_BIT;
+                } else {
+                    entry.edx &= !EDX_HTT_BIT;
+                }
+            }
+            0x4 => {
+                // Deterministic cache parameters: EAX[31:26] = cores per package - 1.
+                entry.eax &= !(0x3f << 26);
+                entry.eax |= u32::from(cpu_count.saturating_sub(1)) << 26;
+            }
+            0x6 => {
+                // Thermal and power management: nothing of it is emulated.
+                entry.eax = 0;
+                entry.ecx &= 0x1; // keep only "hardware coordination feedback" capability bit 0
+            }
+            0xa => {
+                // Architectural performance monitoring: no vPMU.
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            0xb | 0x1f => {
+                // Extended topology: one thread per core, `cpu_count` cores.
+                entry.edx = u32::from(cpu_id);
+                match entry.index {
+                    0 => {
+                        entry.eax = 0;
+                        entry.ebx = 1;
+                        entry.ecx = (1 << 8) | entry.index;
+                    }
+                    1 => {
+                        // Bits of APIC id below the package: ceil(log2(cpu_count)).
+                        entry.eax = 32 - (u32::from(cpu_count.max(1)) - 1).leading_zeros();
+                        entry.ebx = u32::from(cpu_count);
+                        entry.ecx = (2 << 8) | entry.index;
+                    }
+                    _ => {
+                        entry.eax = 0;
+                        entry.ebx = 0;
+                        entry.ecx = entry.index;
+                    }
+                }
+            }
+            KVM_CPUID_SIGNATURE => {
+                entry.eax = KVM_CPUID_FEATURES;
+                entry.ebx = KVM_SIGNATURE[0];
+                entry.ecx = KVM_SIGNATURE[1];
+                entry.edx = KVM_SIGNATURE[2];
+                has_signature = true;
+            }
+            _ => {}
+        }
+    }
+    if !has_signature {
+        cpuid
+            .push(kvm_cpuid_entry2 {
+                function: KVM_CPUID_SIGNATURE,
+                index: 0,
+                flags: 0,
+                eax: KVM_CPUID_FEATURES,
+                ebx: KVM_SIGNATURE[0],
+                ecx: KVM_SIGNATURE[1],
+                edx: KVM_SIGNATURE[2],
+                ..Default::default()
+            })
+            .map_err(|_| Error::CpuidFull)?;
+    }
+    Ok(())
+}
+
+/// Looks up leaf `function`/`index` in `cpuid`.
+pub fn find_entry(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
+    cpuid.as_slice().iter().find(|e| {
+        e.function == function
+            && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == index)
+    })
+}
+
+/// Reads KVM's supported CPUID, filters it for `cpu_id` and sets it on `vcpu`.
+pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, cpu_id: u8, cpu_count: u8) -> Result<()> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)?;
+    filter_cpuid(&mut cpuid, cpu_id, cpu_count)?;
+    vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, flags: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    /// A fixed, trimmed-down KVM_GET_SUPPORTED_CPUID answer.
+    fn fixed_input() -> CpuId {
+        let sig = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        CpuId::from_entries(&[
+            entry(0x0, 0, 0, [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65]),
+            entry(0x1, 0, 0, [0x00a0_0f11, 0x0a10_0800, 0x7ed8_320b, 0x178b_fbff]),
+            entry(0x6, 0, 0, [0x4, 0, 0x1, 0]),
+            entry(0xa, 0, 0, [0x0760_0001, 0, 0, 0]),
+            entry(0xb, 0, sig, [1, 2, 0x100, 7]),
+            entry(0xb, 1, sig, [4, 16, 0x201, 7]),
+            entry(0x8000_0000, 0, 0, [0x8000_0021, 0, 0, 0]),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn leaf1_apic_id_and_hypervisor_bit() {
+        let mut c = fixed_input();
+        filter_cpuid(&mut c, 0, 1).unwrap();
+        let l1 = find_entry(&c, 1, 0).unwrap();
+        assert_eq!(l1.ebx >> 24, 0);
+        assert_eq!((l1.ebx >> 16) & 0xff, 1);
+        assert_eq!((l1.ebx >> 8) & 0xff, 8);
+        assert_ne!(l1.ecx & ECX_HYPERVISOR_BIT, 0);
+        assert_eq!(l1.edx & EDX_HTT_BIT, 0);
+        // Other feature bits are untouched.
+        assert_eq!(l1.ecx & !ECX_HYPERVISOR_BIT, 0x7ed8_320b);
+        assert_eq!(l1.eax, 0x00a0_0f11);
+
+        let mut c = fixed_input();
+        filter_cpuid(&mut c, 3, 4).unwrap();
+        let l1 = find_entry(&c, 1, 0).unwrap();
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_ne!(l1.edx & EDX_HTT_BIT, 0);
+    }
+
+    #[test]
+    fn topology_leaf_carries_x2apic_id() {
+        let mut c = fixed_input();
+        filter_cpuid(&mut c, 2, 4).unwrap();
+        let smt = find_entry(&c, 0xb, 0).unwrap();
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+        let core = find_entry(&c, 0xb, 1).unwrap();
+        assert_eq!((core.ebx, core.ecx, core.edx), (4, 0x201, 2));
+        assert_eq!(core.eax, 2, "4 cores need 2 bits of APIC id");
+    }
+
+    #[test]
+    fn kvm_signature_added_when_missing() {
+        let mut c = fixed_input();
+        filter_cpuid(&mut c, 0, 1).unwrap();
+        let sig = find_entry(&c, KVM_CPUID_SIGNATURE, 0).unwrap();
+        assert_eq!(sig.eax, KVM_CPUID_FEATURES);
+        let mut bytes = Vec::new();
+        for r in [sig.ebx, sig.ecx, sig.edx] {
+            bytes.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&bytes, b"KVMKVMKVM\0\0\0");
+        assert_eq!(
+            c.as_slice()
+                .iter()
+                .filter(|e| e.function == KVM_CPUID_SIGNATURE)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_pmu_and_no_power_management() {
+        let mut c = fixed_input();
+        filter_cpuid(&mut c, 0, 1).unwrap();
+        let pm = find_entry(&c, 0xa, 0).unwrap();
+        assert_eq!((pm.eax, pm.ebx, pm.ecx, pm.edx), (0, 0, 0, 0));
+        assert_eq!(find_entry(&c, 0x6, 0).unwrap().eax, 0);
+    }
+
+    #[test]
+    fn filtering_twice_is_stable() {
+        let mut a = fixed_input();
+        filter_cpuid(&mut a, 1, 2).unwrap();
+        let mut b = a.clone();
+        filter_cpuid(&mut b, 1, 2).unwrap();
+        assert_eq!(a.as_slice(), b.as_slice());
+    }
+}

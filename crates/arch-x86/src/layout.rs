@@ -1,0 +1,107 @@
+//! The guest physical memory map used at boot.
+//!
+//! Every fixed address the VMM places something at lives here, with where the number comes
+//! from. The Linux x86 boot protocol is `Documentation/arch/x86/boot.rst` in the kernel tree;
+//! the low addresses follow the layout Firecracker and Cloud Hypervisor use.
+
+use vm_memory::GuestAddress;
+
+/// Where the GDT is written.
+pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);
+/// Number of GDT entries we write (null, TSS, code, data).
+pub const BOOT_GDT_MAX: usize = 4;
+/// Where the (empty) IDT is placed; an IDT limit of 0 makes any exception a triple fault,
+/// which is what the kernel expects before it installs its own.
+pub const BOOT_IDT_START: GuestAddress = GuestAddress(0x520);
+/// The zero page (`struct boot_params`), handed to the kernel in RSI.
+pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
+/// Initial stack pointer, below the page tables.
+pub const BOOT_STACK_POINTER: GuestAddress = GuestAddress(0x8ff0);
+/// Page-map level 4 table for the 64-bit entry.
+pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+/// Page-directory-pointer table for the 64-bit entry.
+pub const PDPTE_START: GuestAddress = GuestAddress(0xa000);
+/// Page directory (512 x 2 MiB pages = the first GiB identity-mapped).
+pub const PDE_START: GuestAddress = GuestAddress(0xb000);
+/// Kernel command line.
+pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
+/// Largest command line we accept, including the NUL; the kernel's own limit
+/// (`setup_header.cmdline_size`) may be lower and is checked as well.
+pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// Start of the Extended BIOS Data Area: usable low RAM ends here (e820).
+pub const EBDA_START: u64 = 0x9fc00;
+/// Start of high memory, where a bzImage's protected-mode kernel is loaded (`code32_start`).
+pub const HIMEM_START: GuestAddress = GuestAddress(0x10_0000);
+/// Start of the 32-bit MMIO hole: guest RAM stops here and resumes at 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit hole (4 GiB), where RAM above the hole starts.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The part of the hole handed to PCI BARs: up to the IOAPIC.
+pub const PCI_MMIO_END: u64 = 0xfec0_0000;
+/// IOAPIC base address (Intel 82093AA datasheet default).
+pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
+/// Local APIC base address (Intel SDM vol. 3, 10.4.1: IA32_APIC_BASE default).
+pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);
+/// KVM_SET_TSS_ADDR: three pages inside the hole that KVM uses for the real-mode TSS on
+/// Intel; the same value Firecracker and QEMU use.
+pub const KVM_TSS_ADDRESS: GuestAddress = GuestAddress(0xfffb_d000);
+/// KVM_SET_IDENTITY_MAP_ADDR: one page, just below the TSS.
+pub const KVM_IDENTITY_MAP_START: GuestAddress = GuestAddress(0xfffb_c000);
+/// Highest address an initrd may end at when the kernel does not say (boot protocol < 2.03).
+pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// The guest RAM ranges for `mem_size` bytes of RAM: below the 32-bit MMIO hole, and the
+/// rest moved above 4 GiB.
+///
+/// Returns `(start, length)` pairs in ascending order.
+pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
+    if mem_size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), mem_size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(MMIO_GAP_END), mem_size - MMIO_GAP_START),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_below_the_hole_is_one_range() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+        assert_eq!(
+            ram_ranges(MMIO_GAP_START),
+            vec![(GuestAddress(0), MMIO_GAP_START)]
+        );
+    }
+
+    #[test]
+    fn ram_over_the_hole_moves_above_4g() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(
+            r,
+            vec![
+                (GuestAddress(0), MMIO_GAP_START),
+                (GuestAddress(1 << 32), (4 << 30) - MMIO_GAP_START)
+            ]
+        );
+        let total: u64 = r.iter().map(|(_, l)| l).sum();
+        assert_eq!(total, 4 << 30);
+    }
+
+    #[test]
+    fn fixed_addresses_do_not_overlap() {
+        assert!(BOOT_GDT_START.0 + (BOOT_GDT_MAX as u64) * 8 <= BOOT_IDT_START.0);
+        assert!(BOOT_IDT_START.0 + 8 <= ZERO_PAGE_START.0);
+        assert!(ZERO_PAGE_START.0 + 4096 <= BOOT_STACK_POINTER.0);
+        assert!(BOOT_STACK_POINTER.0 < PML4_START.0);
+        assert!(PDE_START.0 + 4096 <= CMDLINE_START.0);
+        assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+        assert!(KVM_IDENTITY_MAP_START.0 + 4096 <= KVM_TSS_ADDRESS.0);
+        assert!(KVM_IDENTITY_MAP_START.0 >= APIC_START.0 + 4096);
+        assert!(PCI_MMIO_END <= IOAPIC_START.0);
+    }
+}
