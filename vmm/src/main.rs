@@ -1,1 +1,85 @@
-fn main() {}
+//! `vmm`: boot a Linux kernel in a KVM virtual machine with its console on this terminal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use log::LevelFilter;
+use tvm_vmm::config::{parse_mem_size, VmConfig, DEFAULT_CMDLINE};
+use tvm_vmm::timing::BootTimes;
+use tvm_vmm::vcpu::ExitReason;
+use tvm_vmm::{error_chain, logger, run_vm, terminal};
+
+/// A KVM virtual machine monitor for x86_64 Linux guests.
+///
+/// The guest's serial console (ttyS0) is this terminal; press Ctrl-A x to quit. A guest
+/// `reboot` or power-off ends the VMM with exit code 0.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version)]
+struct Cli {
+    /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk (initramfs) to hand to the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory, e.g. 512M or 2G (a bare number means MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs (only 1 is supported for now).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+    /// Log level on stderr: off, error, warn, info, debug, trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: LevelFilter,
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    logger::init(cli.log_level, start);
+    terminal::install_panic_hook();
+
+    let mem_size = match parse_mem_size(&cli.memory) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("vmm: error: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        mem_size,
+        vcpus: cli.cpus,
+    };
+    let times = Arc::new(BootTimes::new(start));
+    let result = run_vm(&cfg, times.clone());
+    // Whatever happened, the terminal is ours again before we print.
+    terminal::restore();
+    match result {
+        Ok(reason) => {
+            eprintln!("{}", times.summary_line());
+            match &reason {
+                ExitReason::Error(text) => {
+                    eprintln!("vmm: error: {text}");
+                }
+                other => log::info!("vm stopped: {other:?}"),
+            }
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            if times.get(tvm_vmm::timing::Phase::FirstKvmRun).is_some() {
+                eprintln!("{}", times.summary_line());
+            }
+            eprintln!("vmm: error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -125,9 +125,7 @@ pub fn initrd_load_addr(
         .unwrap_or(0)
         .min(MMIO_GAP_START);
     let addr_max = match header {
-        Some(h) if h.version >= 0x0203 && h.initrd_addr_max != 0 => {
-            u64::from(h.initrd_addr_max)
-        }
+        Some(h) if h.version >= 0x0203 && h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max),
         Some(_) => DEFAULT_INITRD_ADDR_MAX,
         // An ELF kernel has no header; its 64-bit entry can reach the whole low RAM.
         None => u64::MAX - 1,
@@ -447,11 +445,17 @@ mod tests {
     fn cmdline_limits() {
         let hdr = bz_header();
         let c = build_cmdline("console=ttyS0 reboot=k", Some(&hdr)).unwrap();
-        assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 reboot=k");
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 reboot=k"
+        );
         let long = "a".repeat(2048);
         assert!(matches!(
             build_cmdline(&long, Some(&hdr)),
-            Err(Error::CmdlineTooLong { len: 2048, max: 2047 })
+            Err(Error::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            })
         ));
         assert!(build_cmdline(&"a".repeat(2047), Some(&hdr)).is_ok());
         let mem = test_mem(0x10_0000);
@@ -486,7 +490,10 @@ mod tests {
         let mut f = tempfile();
         f.write_all(&bz).unwrap();
         let mem = test_mem(0x40_0000);
-        assert!(matches!(load_kernel(&mem, &mut f), Err(Error::LoadKernel(_))));
+        assert!(matches!(
+            load_kernel(&mem, &mut f),
+            Err(Error::LoadKernel(_))
+        ));
     }
 
     fn tempfile() -> File {

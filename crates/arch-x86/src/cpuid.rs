@@ -147,7 +147,12 @@ mod tests {
         let sig = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
         CpuId::from_entries(&[
             entry(0x0, 0, 0, [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65]),
-            entry(0x1, 0, 0, [0x00a0_0f11, 0x0a10_0800, 0x7ed8_320b, 0x178b_fbff]),
+            entry(
+                0x1,
+                0,
+                0,
+                [0x00a0_0f11, 0x0a10_0800, 0x7ed8_320b, 0x178b_fbff],
+            ),
             entry(0x6, 0, 0, [0x4, 0, 0x1, 0]),
             entry(0xa, 0, 0, [0x0760_0001, 0, 0, 0]),
             entry(0xb, 0, sig, [1, 2, 0x100, 7]),

@@ -30,8 +30,8 @@ fn get_base(entry: u64) -> u64 {
 }
 
 fn get_limit(entry: u64) -> u32 {
-    let limit = ((((entry) & 0x000f_0000_0000_0000) >> 32) | ((entry) & 0x0000_0000_0000_ffff))
-        as u32;
+    let limit =
+        ((((entry) & 0x000f_0000_0000_0000) >> 32) | ((entry) & 0x0000_0000_0000_ffff)) as u32;
     // With the granularity bit set the limit counts 4 KiB pages.
     if get_g(entry) == 1 {
         (limit << 12) | 0xfff
@@ -141,7 +141,10 @@ mod tests {
     #[test]
     fn tss_descriptor() {
         let tss = kvm_segment_from_gdt(boot_gdt(BootMode::Long64)[1], TSS_INDEX);
-        assert_eq!((tss.selector, tss.type_, tss.s, tss.present), (0x08, 0xb, 0, 1));
+        assert_eq!(
+            (tss.selector, tss.type_, tss.s, tss.present),
+            (0x08, 0xb, 0, 1)
+        );
         assert_eq!((tss.g, tss.limit), (1, 0xffff_ffff));
     }
 

@@ -65,6 +65,19 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
+// The fixed addresses must not overlap; checked at compile time.
+const _: () = {
+    assert!(BOOT_GDT_START.0 + (BOOT_GDT_MAX as u64) * 8 <= BOOT_IDT_START.0);
+    assert!(BOOT_IDT_START.0 + 8 <= ZERO_PAGE_START.0);
+    assert!(ZERO_PAGE_START.0 + 4096 <= BOOT_STACK_POINTER.0);
+    assert!(BOOT_STACK_POINTER.0 < PML4_START.0);
+    assert!(PDE_START.0 + 4096 <= CMDLINE_START.0);
+    assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(KVM_IDENTITY_MAP_START.0 + 4096 <= KVM_TSS_ADDRESS.0);
+    assert!(KVM_IDENTITY_MAP_START.0 >= APIC_START.0 + 4096);
+    assert!(PCI_MMIO_END <= IOAPIC_START.0);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,18 +103,5 @@ mod tests {
         );
         let total: u64 = r.iter().map(|(_, l)| l).sum();
         assert_eq!(total, 4 << 30);
-    }
-
-    #[test]
-    fn fixed_addresses_do_not_overlap() {
-        assert!(BOOT_GDT_START.0 + (BOOT_GDT_MAX as u64) * 8 <= BOOT_IDT_START.0);
-        assert!(BOOT_IDT_START.0 + 8 <= ZERO_PAGE_START.0);
-        assert!(ZERO_PAGE_START.0 + 4096 <= BOOT_STACK_POINTER.0);
-        assert!(BOOT_STACK_POINTER.0 < PML4_START.0);
-        assert!(PDE_START.0 + 4096 <= CMDLINE_START.0);
-        assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(KVM_IDENTITY_MAP_START.0 + 4096 <= KVM_TSS_ADDRESS.0);
-        assert!(KVM_IDENTITY_MAP_START.0 >= APIC_START.0 + 4096);
-        assert!(PCI_MMIO_END <= IOAPIC_START.0);
     }
 }

@@ -29,8 +29,8 @@
 mod boot;
 mod cpuid;
 mod gdt;
-pub mod layout;
 mod lapic;
+pub mod layout;
 mod msr;
 mod regs;
 
@@ -45,7 +45,8 @@ pub use lapic::{configure_lint, setup_lint};
 pub use msr::{boot_msr_entries, setup_msrs};
 pub use regs::{
     boot_fpu, boot_regs, configure_sregs, setup_fpu, setup_regs, setup_sregs,
-    write_identity_page_tables,
+    write_identity_page_tables, EFER_LMA, EFER_LME, X86_CR0_ET, X86_CR0_PE, X86_CR0_PG,
+    X86_CR4_PAE,
 };
 
 use kvm_ioctls::{Kvm, VcpuFd};

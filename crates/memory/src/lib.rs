@@ -142,10 +142,7 @@ mod tests {
 
     #[test]
     fn regions_and_slots_match_the_ranges() {
-        let ranges = [
-            (GuestAddress(0), 2 << 20),
-            (GuestAddress(1 << 32), 1 << 20),
-        ];
+        let ranges = [(GuestAddress(0), 2 << 20), (GuestAddress(1 << 32), 1 << 20)];
         let mem = create_guest_memory(&ranges).unwrap();
         assert_eq!(mem.num_regions(), 2);
         let slots = memory_slots(&mem);
@@ -172,7 +169,10 @@ mod tests {
             vec![(GuestAddress(u64::MAX - 4095), 8192)],
         ] {
             assert!(
-                matches!(create_guest_memory(&ranges), Err(Error::InvalidRange { .. })),
+                matches!(
+                    create_guest_memory(&ranges),
+                    Err(Error::InvalidRange { .. })
+                ),
                 "{ranges:?}"
             );
         }

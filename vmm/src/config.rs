@@ -1,0 +1,160 @@
+//! What the user asked for: the VM configuration and its validation.
+
+use std::path::PathBuf;
+
+use crate::{Error, Result};
+
+/// The default kernel command line: serial console, reset through the keyboard controller
+/// (which the VMM turns into a clean exit), reboot on panic, PCI through 0xCF8/0xCFC.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=conf1";
+/// Default guest memory.
+pub const DEFAULT_MEM_SIZE: u64 = 512 << 20;
+/// Largest vCPU count accepted until SMP lands.
+pub const MAX_VCPUS: u8 = 1;
+
+/// The VM to build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// bzImage or ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Optional initrd / initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+}
+
+/// Parses a memory size: a number with an optional unit K, M, G or T (optionally followed by
+/// "iB" or "B"; all binary). A bare number means MiB, as in QEMU's `-m`.
+pub fn parse_mem_size(text: &str) -> Result<u64> {
+    let bad = || Error::InvalidMemorySize(text.to_string());
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let value: u64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim();
+    let unit = unit
+        .strip_suffix("iB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(unit);
+    let shift = match unit {
+        "" | "M" | "m" => 20,
+        "K" | "k" => 10,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Host RAM in bytes from /proc/meminfo, if readable.
+fn host_mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl VmConfig {
+    /// Checks what can be checked before touching KVM: files readable, sizes sane.
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::TooManyVcpus(self.vcpus));
+        }
+        if self.mem_size < tvm_memory::MIN_MEM_SIZE {
+            return Err(Error::MemoryTooSmall(self.mem_size));
+        }
+        if self.mem_size % 4096 != 0 {
+            return Err(Error::MemoryNotPageAligned(self.mem_size));
+        }
+        if let Some(host) = host_mem_total() {
+            if self.mem_size > host {
+                return Err(Error::MemoryTooLarge {
+                    asked: self.mem_size,
+                    host,
+                });
+            }
+        }
+        check_readable_file(&self.kernel, "kernel")?;
+        if let Some(initrd) = &self.initrd {
+            check_readable_file(initrd, "initrd")?;
+        }
+        Ok(())
+    }
+}
+
+fn check_readable_file(path: &PathBuf, what: &'static str) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| Error::OpenFile {
+        what,
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(Error::NotAFile {
+            what,
+            path: path.clone(),
+        });
+    }
+    std::fs::File::open(path).map_err(|source| Error::OpenFile {
+        what,
+        path: path.clone(),
+        source,
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_mem_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_mem_size("512").unwrap(), 512 << 20);
+        assert_eq!(parse_mem_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_mem_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_mem_size("1024MB").unwrap(), 1 << 30);
+        assert_eq!(parse_mem_size("65536K").unwrap(), 64 << 20);
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999T", "1 G B"] {
+            assert!(parse_mem_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/proc/self/exe"),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            mem_size: DEFAULT_MEM_SIZE,
+            vcpus: 1,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        // /proc/self/exe is a readable regular file (the test binary).
+        cfg().validate().unwrap();
+        let mut c = cfg();
+        c.vcpus = 2;
+        assert!(matches!(c.validate(), Err(Error::TooManyVcpus(2))));
+        let mut c = cfg();
+        c.mem_size = 1 << 20;
+        assert!(matches!(c.validate(), Err(Error::MemoryTooSmall(_))));
+        let mut c = cfg();
+        c.mem_size = 1 << 60;
+        assert!(matches!(c.validate(), Err(Error::MemoryTooLarge { .. })));
+        let mut c = cfg();
+        c.kernel = PathBuf::from("/nonexistent/bzImage");
+        let e = c.validate().unwrap_err();
+        assert!(matches!(e, Error::OpenFile { what: "kernel", .. }));
+        let mut c = cfg();
+        c.initrd = Some(PathBuf::from("/"));
+        assert!(matches!(
+            c.validate(),
+            Err(Error::NotAFile { what: "initrd", .. })
+        ));
+    }
+}

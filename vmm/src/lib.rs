@@ -1,0 +1,130 @@
+//! The tvm virtual machine monitor: builds a KVM VM from the workspace's crates, boots a
+//! Linux kernel and runs it until the guest or the user ends it.
+//!
+//! Threads: the main thread runs the event loop (event-manager over epoll: console input,
+//! the exit requests of vCPUs, the i8042 reset line, Ctrl-A x and termination signals); one
+//! thread per vCPU runs KVM_RUN and dispatches port and MMIO exits to the bus; a
+//! "serial-out" thread writes the console to stdout so that a stalled terminal never blocks
+//! a vCPU.
+
+#![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod legacy;
+pub mod logger;
+pub mod terminal;
+pub mod timing;
+pub mod vcpu;
+mod vmm;
+
+pub use vmm::{run_vm, Vmm};
+
+use std::path::PathBuf;
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--memory` did not parse.
+    #[error("invalid memory size {0:?}: use a number with an optional unit K, M, G or T (e.g. 512M, 2G)")]
+    InvalidMemorySize(String),
+    /// Too many (or zero) vCPUs.
+    #[error("--cpus {0} is not supported: this VMM runs exactly 1 vcpu until SMP support lands")]
+    TooManyVcpus(u8),
+    /// Not enough memory for a guest.
+    #[error("guest memory of {0} bytes is too small: at least 16 MiB is needed")]
+    MemoryTooSmall(u64),
+    /// Memory size not a whole number of pages.
+    #[error("guest memory of {0} bytes is not a multiple of 4 KiB")]
+    MemoryNotPageAligned(u64),
+    /// More memory than the host has.
+    #[error("guest memory of {asked} bytes is more than the host's {host} bytes of ram")]
+    MemoryTooLarge {
+        /// What was asked.
+        asked: u64,
+        /// What the host has.
+        host: u64,
+    },
+    /// A file given on the command line cannot be opened.
+    #[error("cannot open the {what} {path:?}")]
+    OpenFile {
+        /// What the file is for.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path given on the command line is not a regular file.
+    #[error("the {what} {path:?} is not a regular file")]
+    NotAFile {
+        /// What the file is for.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm (is the kvm module loaded, and may this user use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks something we need.
+    #[error("kvm lacks the required capability {0}")]
+    MissingCapability(&'static str),
+    /// KVM_CREATE_VM failed.
+    #[error("failed to create the vm")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// KVM_SET_TSS_ADDR failed.
+    #[error("failed to set the tss address")]
+    SetTssAddress(#[source] kvm_ioctls::Error),
+    /// KVM_SET_IDENTITY_MAP_ADDR failed.
+    #[error("failed to set the identity map address")]
+    SetIdentityMapAddress(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VCPU failed.
+    #[error("failed to create vcpu {0}")]
+    CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    /// Interrupt controller set-up.
+    #[error(transparent)]
+    Irq(#[from] tvm_irq::Error),
+    /// Guest memory set-up.
+    #[error(transparent)]
+    Memory(#[from] tvm_memory::Error),
+    /// Boot state set-up.
+    #[error(transparent)]
+    Arch(#[from] tvm_arch_x86::Error),
+    /// Device placement.
+    #[error(transparent)]
+    Bus(#[from] tvm_bus::Error),
+    /// Serial console set-up.
+    #[error(transparent)]
+    Serial(#[from] tvm_serial::Error),
+    /// An EventFd could not be created.
+    #[error("failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The event loop failed.
+    #[error("event loop failure")]
+    EventManager(#[source] event_manager::Error),
+    /// A vCPU thread could not be started.
+    #[error("failed to start a vcpu thread")]
+    SpawnVcpu(#[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("failed to install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// The terminal could not be put into raw mode.
+    #[error("failed to put the terminal into raw mode")]
+    Terminal(#[source] std::io::Error),
+}
+
+/// Result of the VMM.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Formats an error and its chain of causes on one line: `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}

@@ -1,0 +1,49 @@
+//! The binary's logger: one line per record on stderr (stdout is the guest's console),
+//! with the time since start, the level and the module.
+
+use std::io::Write;
+use std::time::Instant;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct StderrLogger {
+    start: Instant,
+    level: LevelFilter,
+}
+
+impl Log for StderrLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let t = self.start.elapsed().as_secs_f64();
+        let level = match record.level() {
+            Level::Error => "ERROR",
+            Level::Warn => "WARN ",
+            Level::Info => "INFO ",
+            Level::Debug => "DEBUG",
+            Level::Trace => "TRACE",
+        };
+        // In raw mode the terminal does not turn "\n" into "\r\n" for input echo, but our
+        // termios keeps OPOST, so a plain newline is right either way.
+        let line = format!(
+            "[{t:10.6}] {level} {}: {}\n",
+            record.target(),
+            record.args()
+        );
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger at `level`. Calling it twice keeps the first logger.
+pub fn init(level: LevelFilter, start: Instant) {
+    if log::set_boxed_logger(Box::new(StderrLogger { start, level })).is_ok() {
+        log::set_max_level(level);
+    }
+}

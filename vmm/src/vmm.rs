@@ -1,0 +1,437 @@
+//! Building the VM from the crates below, running it, and tearing it down.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use log::{debug, error, info, warn};
+use tvm_arch_x86::{layout, BootParamsConfig, VcpuBootConfig};
+use tvm_bus::{register_pio_device, IoManager, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
+use tvm_irq::IrqLine;
+use tvm_memory::GuestMemoryMmap;
+use tvm_serial::{
+    stdin_source, NonBlockingWriter, OutputThread, SerialDevice, SerialInput, COM1_PORT_BASE,
+    DEFAULT_OUTPUT_BUFFER_BYTES, SERIAL_PORT_SIZE,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::config::VmConfig;
+use crate::legacy::{
+    Cmos, DebugPort, CMOS_PORT, DEBUG_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT,
+};
+use crate::terminal::RawTerminal;
+use crate::timing::{BootTimes, ConsoleTap, Phase};
+use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
+use crate::{Error, Result};
+
+type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
+type Serial = SerialDevice<ConsoleWriter>;
+
+/// How long shutdown waits for vCPU threads and for the console to drain.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The raw fd of the EventFd that termination signals write (-1 until installed).
+static SIGNAL_EVT_FD: AtomicI32 = AtomicI32::new(-1);
+/// The last termination signal received.
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    LAST_SIGNAL.store(num, Ordering::Relaxed);
+    let fd = SIGNAL_EVT_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `fd` is an eventfd kept open for the life of
+        // the process (the EventFd it belongs to is leaked on purpose), and `one` is a valid
+        // 8-byte buffer.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn install_termination_handlers(evt: &EventFd) -> Result<()> {
+    let owned = evt.try_clone().map_err(Error::EventFd)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);
+    // Keep this clone open forever: the handler may run at any time until exit.
+    std::mem::forget(owned);
+    SIGNAL_EVT_FD.store(fd, Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+        vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
+            .map_err(|e| Error::Signals(std::io::Error::from_raw_os_error(e.errno())))?;
+    }
+    Ok(())
+}
+
+const EXIT_EVT: u32 = 1;
+const RESET_EVT: u32 = 2;
+const ESCAPE_EVT: u32 = 3;
+const SIGNAL_EVT: u32 = 4;
+
+/// The event-loop subscriber that turns stop requests into an exit reason.
+#[derive(Debug)]
+struct Control {
+    exit: Arc<ExitSignal>,
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+    escape_evt: EventFd,
+    signal_evt: EventFd,
+    done: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for Control {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let (evt, reason) = match events.data() {
+            EXIT_EVT => (&self.exit_evt, None),
+            RESET_EVT => (&self.reset_evt, Some(ExitReason::GuestReset)),
+            ESCAPE_EVT => (&self.escape_evt, Some(ExitReason::ConsoleEscape)),
+            SIGNAL_EVT => (
+                &self.signal_evt,
+                Some(ExitReason::Signal(LAST_SIGNAL.load(Ordering::Relaxed))),
+            ),
+            other => {
+                warn!("unexpected event data {other}");
+                return;
+            }
+        };
+        let _ = evt.read();
+        if let Some(reason) = reason {
+            self.exit.request(reason);
+        }
+        self.done.store(true, Ordering::Release);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (evt, data) in [
+            (&self.exit_evt, EXIT_EVT),
+            (&self.reset_evt, RESET_EVT),
+            (&self.escape_evt, ESCAPE_EVT),
+            (&self.signal_evt, SIGNAL_EVT),
+        ] {
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                error!("failed to watch control event {data}: {e}");
+            }
+        }
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    io: Arc<IoManager>,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitSignal>,
+    control: Control,
+    serial: Arc<Mutex<Serial>>,
+    output: Option<OutputThread>,
+    dropped_output: NonBlockingWriter,
+    stop: Arc<AtomicBool>,
+    times: Arc<BootTimes>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus)
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+fn eventfd() -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)
+}
+
+fn check_capabilities(kvm: &Kvm) -> Result<()> {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCapability(name));
+        }
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`: KVM, memory, irqchip, kernel, devices, vCPUs.
+    pub fn build(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<Vmm> {
+        cfg.validate()?;
+        let open = |what, path: &std::path::PathBuf| {
+            File::open(path).map_err(|source| Error::OpenFile {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut kernel_file = open("kernel", &cfg.kernel)?;
+        let mut initrd_file = cfg.initrd.as_ref().map(|p| open("initrd", p)).transpose()?;
+
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        check_capabilities(&kvm)?;
+        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS.0 as usize)
+            .map_err(Error::SetTssAddress)?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START.0)
+            .map_err(Error::SetIdentityMapAddress)?;
+        tvm_irq::setup_irqchip(&vm)?;
+
+        // Guest RAM.
+        let ram = layout::ram_ranges(cfg.mem_size);
+        let mem = tvm_memory::create_guest_memory(&ram)?;
+        tvm_memory::register_memory_slots(&vm, &mem)?;
+
+        // Kernel, command line, initrd, zero page.
+        let kernel = tvm_arch_x86::load_kernel(&mem, &mut kernel_file)?;
+        info!(
+            "kernel loaded: entry {:#x}, {:?}, ends at {:#x}",
+            kernel.entry.0, kernel.mode, kernel.kernel_end
+        );
+        let cmdline = tvm_arch_x86::build_cmdline(&cfg.cmdline, kernel.setup_header.as_ref())?;
+        tvm_arch_x86::load_cmdline(&mem, &cmdline)?;
+        let initrd = match initrd_file.as_mut() {
+            Some(f) => {
+                let (addr, size) = tvm_arch_x86::load_initrd(&mem, &ram, &kernel, f)?;
+                info!("initrd loaded at {:#x}, {size} bytes", addr.0);
+                Some((addr, size))
+            }
+            None => None,
+        };
+        let params = tvm_arch_x86::build_boot_params(&BootParamsConfig {
+            ram: &ram,
+            kernel: &kernel,
+            cmdline_len: cfg.cmdline.len(),
+            initrd,
+        })?;
+        tvm_arch_x86::write_boot_params(&mem, &params)?;
+
+        // Devices on the port bus.
+        let mut io = IoManager::new();
+        let com1 = IrqLine::new(tvm_irq::COM1_GSI)?;
+        com1.register(&vm)?;
+        let (writer, output) =
+            NonBlockingWriter::spawn(std::io::stdout(), DEFAULT_OUTPUT_BUFFER_BYTES)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::with_interrupt_evt(
+            com1.eventfd()?,
+            ConsoleTap::new(writer.clone(), times.clone()),
+        )?));
+        register_pio_device(&mut io, COM1_PORT_BASE, SERIAL_PORT_SIZE, serial.clone())?;
+
+        let reset_evt = eventfd()?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            reset_evt.try_clone().map_err(Error::EventFd)?,
+        )));
+        register_pio_device(&mut io, I8042_DATA_PORT, 1, i8042.clone())?;
+        register_pio_device(&mut io, I8042_COMMAND_PORT, 1, i8042)?;
+        register_pio_device(&mut io, CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new())))?;
+        register_pio_device(&mut io, DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort)))?;
+        let pci = Arc::new(Mutex::new(PciRoot::new()));
+        register_pio_device(&mut io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, pci)?;
+        let io = Arc::new(io);
+
+        // vCPUs.
+        let exit_evt = eventfd()?;
+        let exit = Arc::new(ExitSignal::new(
+            exit_evt.try_clone().map_err(Error::EventFd)?,
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::CreateVcpu(id, e))?;
+            tvm_arch_x86::configure_vcpu(
+                &kvm,
+                &fd,
+                &mem,
+                &VcpuBootConfig {
+                    cpu_id: id,
+                    cpu_count: cfg.vcpus,
+                    entry: kernel.entry,
+                    mode: kernel.mode,
+                    irqchip: true,
+                },
+            )?;
+            vcpus.push(Vcpu {
+                fd,
+                id,
+                io: io.clone(),
+                mem: mem.clone(),
+                exit: exit.clone(),
+                stop: stop.clone(),
+                times: times.clone(),
+            });
+        }
+        info!(
+            "vm built: {} MiB, {} vcpu(s), kernel {:?}",
+            cfg.mem_size >> 20,
+            cfg.vcpus,
+            cfg.kernel
+        );
+
+        let control = Control {
+            exit: exit.clone(),
+            exit_evt,
+            reset_evt,
+            escape_evt: eventfd()?,
+            signal_evt: eventfd()?,
+            done: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Vmm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            io,
+            vcpus,
+            exit,
+            control,
+            serial,
+            output: Some(output),
+            dropped_output: writer,
+            stop,
+            times,
+        })
+    }
+
+    /// The guest memory (for tests and diagnostics).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Runs the VM until it stops; returns why.
+    pub fn run(mut self) -> Result<ExitReason> {
+        install_termination_handlers(&self.control.signal_evt)?;
+        install_kick_handler().map_err(Error::Signals)?;
+        let done = self.control.done.clone();
+
+        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(Error::EventManager)?;
+        let input = SerialInput::new(
+            self.serial.clone(),
+            stdin_source()?,
+            self.control
+                .escape_evt
+                .try_clone()
+                .map_err(Error::EventFd)?,
+        )?;
+        em.add_subscriber(Arc::new(Mutex::new(input)));
+        let control = Control {
+            exit: self.exit.clone(),
+            exit_evt: self.control.exit_evt.try_clone().map_err(Error::EventFd)?,
+            reset_evt: self.control.reset_evt.try_clone().map_err(Error::EventFd)?,
+            escape_evt: self
+                .control
+                .escape_evt
+                .try_clone()
+                .map_err(Error::EventFd)?,
+            signal_evt: self
+                .control
+                .signal_evt
+                .try_clone()
+                .map_err(Error::EventFd)?,
+            done: done.clone(),
+        };
+        em.add_subscriber(Arc::new(Mutex::new(control)));
+
+        // The terminal goes raw only now, after every fallible set-up step.
+        let raw = RawTerminal::enter().map_err(Error::Terminal)?;
+
+        let barrier = Arc::new(Barrier::new(self.vcpus.len() + 1));
+        let mut threads = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.start(barrier.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Threads already started are waiting on the barrier: stop them first.
+                    self.stop.store(true, Ordering::Release);
+                    barrier.wait();
+                    stop_vcpus(threads, &self.stop);
+                    drop(raw);
+                    return Err(Error::SpawnVcpu(e));
+                }
+            }
+        }
+        barrier.wait();
+
+        let mut loop_error = None;
+        while !done.load(Ordering::Acquire) {
+            if let Err(e) = em.run() {
+                loop_error = Some(e);
+                break;
+            }
+        }
+        self.times.mark(Phase::Exit);
+        let reason = self.exit.reason();
+        info!("shutting down: {reason:?}");
+        stop_vcpus(threads, &self.stop);
+        self.finish_output();
+        drop(raw);
+        if let Some(e) = loop_error {
+            return Err(Error::EventManager(e));
+        }
+        Ok(reason.unwrap_or(ExitReason::Error("the vm stopped without a reason".into())))
+    }
+
+    fn finish_output(&mut self) {
+        if let Some(output) = self.output.take() {
+            if !output.shutdown(SHUTDOWN_GRACE) {
+                warn!("console output still blocked after {SHUTDOWN_GRACE:?}; dropping the rest");
+            }
+        }
+        let dropped = self.dropped_output.dropped_bytes();
+        if dropped > 0 {
+            warn!(
+                "{dropped} bytes of console output were dropped because stdout was not keeping up"
+            );
+        }
+        let lost = self
+            .serial
+            .lock()
+            .map(|s| s.tx_lost_bytes())
+            .unwrap_or_default();
+        if lost > 0 {
+            warn!("{lost} bytes of console output could not be written");
+        }
+        debug!("io manager had {} strong refs", Arc::strong_count(&self.io));
+    }
+}
+
+/// Asks every vCPU thread to stop, kicks it out of KVM_RUN until it does, and joins it.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    for t in threads {
+        // A kick that lands before the thread enters KVM_RUN is lost, so keep kicking.
+        while !t.is_finished() && Instant::now() < deadline {
+            if let Err(e) = t.kill(kick_signal()) {
+                debug!("failed to kick a vcpu thread: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            if t.join().is_err() {
+                error!("a vcpu thread panicked");
+            }
+        } else {
+            warn!("a vcpu thread did not stop within {SHUTDOWN_GRACE:?}");
+        }
+    }
+}
+
+/// Builds and runs the VM; returns why it stopped.
+pub fn run_vm(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<ExitReason> {
+    let start = Instant::now();
+    let vmm = Vmm::build(cfg, times)?;
+    debug!("vm built in {:?}", start.elapsed());
+    vmm.run()
+}
