@@ -79,6 +79,12 @@ impl VmConfig {
             }
         }
         check_readable_file(&self.kernel, "kernel")?;
+        let mut kernel = std::fs::File::open(&self.kernel).map_err(|source| Error::OpenFile {
+            what: "kernel",
+            path: self.kernel.clone(),
+            source,
+        })?;
+        tvm_arch_x86::detect_kernel_format(&mut kernel)?;
         if let Some(initrd) = &self.initrd {
             check_readable_file(initrd, "initrd")?;
         }
@@ -125,6 +131,7 @@ mod tests {
 
     fn cfg() -> VmConfig {
         VmConfig {
+            // The test binary itself: a readable ELF file.
             kernel: PathBuf::from("/proc/self/exe"),
             initrd: None,
             cmdline: DEFAULT_CMDLINE.into(),
@@ -135,8 +142,13 @@ mod tests {
 
     #[test]
     fn validation() {
-        // /proc/self/exe is a readable regular file (the test binary).
         cfg().validate().unwrap();
+        let mut c = cfg();
+        c.kernel = PathBuf::from("/proc/self/status");
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Arch(tvm_arch_x86::Error::UnknownKernelFormat))
+        ));
         let mut c = cfg();
         c.vcpus = 2;
         assert!(matches!(c.validate(), Err(Error::TooManyVcpus(2))));
