@@ -3,6 +3,7 @@
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 /// Where tiny guests are loaded and entered (the usual kernel load address).
 pub const GUEST_ENTRY: u64 = 0x10_0000;
