@@ -1,0 +1,470 @@
+//! The outer QEMU guest: where real-Linux runs happen when this host's /dev/kvm cannot
+//! boot Linux (PVM, see TESTBED.md) or is missing.
+//!
+//! QEMU (TCG, `-cpu max`, which emulates AMD SVM) boots the same Debian kernel as the
+//! test guest with `target/guest/outer/base.cpio` plus a per-run cpio holding
+//! `/payload.sh` and the caller's files under `/tvm/`. The outer /init loads
+//! irqbypass/kvm/kvm_amd/tun, checks /dev/kvm, runs `/payload.sh` on the console
+//! (ttyS0, its controlling terminal), writes `TVM-OUTER-EXIT <code>` to ttyS1 and powers
+//! off. ttyS1 goes to a host file, which also receives a `.` every second as a heartbeat.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::cpio::Archive;
+use crate::guest::{self, GuestImages};
+use crate::util;
+
+/// Guest directory where [`OuterRun::files`] with relative guest paths are placed.
+pub const GUEST_FILES_DIR: &str = "/tvm";
+
+/// If the heartbeat stops for this long, the outer guest is considered frozen.
+const HEARTBEAT_STALL: Duration = Duration::from_secs(45);
+
+/// Whether /dev/kvm on this host can run a real Linux guest: it exists, we can open it,
+/// and it is not PVM (`kvm_pvm` cannot run an unmodified kernel, see TESTBED.md).
+pub fn kvm_is_usable_directly() -> bool {
+    Path::new("/dev/kvm").exists()
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Builds `bin` of `package` as a static x86_64 binary (it goes into initramfs images,
+/// which have no libc) and returns its path.
+///
+/// `--target` keeps `RUSTFLAGS` off build scripts and proc macros, which cannot be static.
+pub fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let mut cmd = Command::new(util::cargo());
+    cmd.current_dir(util::workspace_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--target",
+            TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    println!("xtask: building static {bin}: {}", util::display_cmd(&cmd));
+    util::run(&mut cmd)?;
+    let path = util::cargo_target_dir()
+        .join(TARGET)
+        .join("release")
+        .join(bin);
+    if !path.is_file() {
+        bail!("cargo built no {}", path.display());
+    }
+    Ok(path)
+}
+
+/// One boot of the outer QEMU guest running a payload script.
+#[derive(Debug, Clone)]
+pub struct OuterRun {
+    /// Host files to carry: (host path, guest path). A relative guest path lands under
+    /// `/tvm/`. File permission bits are kept (so executables stay executable).
+    pub files: Vec<(PathBuf, String)>,
+    /// The payload, run by `sh` with `/tvm` as working directory and the console as
+    /// stdin/stdout/stderr and controlling terminal. Its exit status is the outcome's.
+    pub script: String,
+    /// Console on this terminal (raw; Ctrl-C and Ctrl-A go to the guest) instead of
+    /// being captured.
+    pub interactive: bool,
+    /// Limit for the whole boot (not enforced when interactive).
+    pub timeout: Duration,
+    /// Do not echo the captured console to stdout (non-interactive runs only).
+    pub quiet: bool,
+}
+
+/// What an [`OuterRun`] ended with.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // read by the e2e and bench subcommands (to come)
+pub struct OuterOutcome {
+    /// The payload's exit status; `None` if it did not finish (timed out).
+    pub exit_code: Option<i32>,
+    /// Everything the outer guest wrote to its console (empty when interactive).
+    pub console_output: String,
+    /// The payload ran past the timeout while the outer guest was alive.
+    pub timed_out: bool,
+    /// Outer boots it took (2 when the first froze or crashed).
+    pub attempts: u32,
+    /// Wall time of the last attempt, QEMU start to exit.
+    pub elapsed: Duration,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Done(OuterOutcome),
+    /// The outer guest itself failed (froze, crashed): worth one retry.
+    OuterFailed(String, String),
+}
+
+impl OuterRun {
+    /// A non-interactive run of `script` with a 10-minute limit and no extra files.
+    pub fn new(script: impl Into<String>) -> Self {
+        Self {
+            files: Vec::new(),
+            script: script.into(),
+            interactive: false,
+            timeout: Duration::from_secs(600),
+            quiet: false,
+        }
+    }
+
+    /// Adds a host file at `guest_path` (relative paths go under `/tvm/`).
+    pub fn file(mut self, host: impl Into<PathBuf>, guest_path: impl Into<String>) -> Self {
+        self.files.push((host.into(), guest_path.into()));
+        self
+    }
+
+    #[allow(dead_code)] // for the e2e and bench subcommands (to come)
+    /// Adds the test guest's kernel and initramfs as `/tvm/vmlinuz` and
+    /// `/tvm/initramfs.cpio.gz`.
+    pub fn with_test_guest(self, images: &GuestImages) -> Self {
+        self.file(&images.vmlinuz, "vmlinuz")
+            .file(&images.initramfs, "initramfs.cpio.gz")
+    }
+
+    /// Boots the outer guest (preparing `target/guest/` first if needed) and runs the
+    /// payload. Retries the whole boot once if the outer guest itself freezes or crashes;
+    /// a payload that fails or times out is not retried.
+    pub fn run(&self) -> Result<OuterOutcome> {
+        let images = guest::ensure_prepared()?;
+        if util::which("qemu-system-x86_64").is_none() {
+            guest::ensure_host_tools()?;
+        }
+        let work = images.dir.join("outer").join(format!(
+            "run-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+        ));
+        fs::create_dir_all(&work)?;
+        let result = self.run_in(&images, &work);
+        let _ = fs::remove_dir_all(&work);
+        result
+    }
+
+    fn run_in(&self, images: &GuestImages, work: &Path) -> Result<OuterOutcome> {
+        let initrd = work.join("initrd.cpio");
+        self.write_initrd(images, &initrd)?;
+        if self.interactive {
+            println!(
+                "note: /dev/kvm here is PVM (or missing); running the VMM inside a QEMU TCG \
+                 outer guest"
+            );
+            return self.run_interactive(images, &initrd, work);
+        }
+        let mut first_failure = None;
+        for attempt in 1..=2 {
+            match self.attempt(images, &initrd, work)? {
+                Attempt::Done(mut outcome) => {
+                    outcome.attempts = attempt;
+                    return Ok(outcome);
+                }
+                Attempt::OuterFailed(why, console) => {
+                    eprintln!("xtask: outer QEMU guest failed (attempt {attempt} of 2): {why}");
+                    if first_failure.is_some() {
+                        bail!(
+                            "the outer QEMU guest failed twice: {}; then: {why}\n\
+                             last console output:\n{}",
+                            first_failure.unwrap_or_default(),
+                            tail(&console, 40)
+                        );
+                    }
+                    first_failure = Some(why);
+                }
+            }
+        }
+        unreachable!("the loop returns or bails on its second attempt")
+    }
+
+    /// base.cpio followed by a second newc archive with /payload.sh and the files (the
+    /// kernel unpacks concatenated archives in order). Uncompressed: the outer guest
+    /// would spend seconds of emulated CPU on inflating.
+    fn write_initrd(&self, images: &GuestImages, path: &Path) -> Result<()> {
+        let mut payload = Archive::new();
+        payload.dir(GUEST_FILES_DIR, 0o755)?;
+        payload.file("payload.sh", 0o755, self.script.clone().into_bytes())?;
+        for (host, guest_path) in &self.files {
+            let data = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+            let perm = fs::metadata(host)?.permissions().mode() & 0o7777;
+            let guest_path = if guest_path.starts_with('/') {
+                guest_path.clone()
+            } else {
+                format!("{GUEST_FILES_DIR}/{guest_path}")
+            };
+            payload.file(&guest_path, perm, data)?;
+        }
+        let mut out = fs::File::create(path)?;
+        out.write_all(&fs::read(&images.outer_base)?)?;
+        payload.write(&mut std::io::BufWriter::new(&mut out))?;
+        Ok(())
+    }
+
+    fn qemu_command(&self, images: &GuestImages, initrd: &Path, exit_file: &Path) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "max"])
+            .args(["-smp", "2", "-m", "3072"])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .arg("-kernel")
+            .arg(&images.vmlinuz)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+            .args(["-no-reboot"])
+            .args([
+                "-chardev",
+                "stdio,id=con,signal=off",
+                "-serial",
+                "chardev:con",
+            ])
+            .arg("-chardev")
+            .arg(format!(
+                "file,id=exit,path={}",
+                exit_file.to_string_lossy().replace(',', ",,")
+            ))
+            .args(["-serial", "chardev:exit"]);
+        cmd
+    }
+
+    fn run_interactive(
+        &self,
+        images: &GuestImages,
+        initrd: &Path,
+        work: &Path,
+    ) -> Result<OuterOutcome> {
+        let exit_file = work.join("exit");
+        let start = Instant::now();
+        let status = self
+            .qemu_command(images, initrd, &exit_file)
+            .status()
+            .context("starting qemu-system-x86_64")?;
+        let elapsed = start.elapsed();
+        let marks = fs::read_to_string(&exit_file).unwrap_or_default();
+        if marks.contains("TVM-OUTER-NOKVM") {
+            bail!("the outer guest has no /dev/kvm (kvm_amd did not load)");
+        }
+        let exit_code = parse_exit(&marks);
+        if exit_code.is_none() {
+            bail!("the outer QEMU guest stopped without reporting an exit status (QEMU: {status})");
+        }
+        Ok(OuterOutcome {
+            exit_code,
+            console_output: String::new(),
+            timed_out: false,
+            attempts: 1,
+            elapsed,
+        })
+    }
+
+    fn attempt(&self, images: &GuestImages, initrd: &Path, work: &Path) -> Result<Attempt> {
+        let exit_file = work.join("exit");
+        let _ = fs::remove_file(&exit_file);
+        let start = Instant::now();
+        let mut child = self
+            .qemu_command(images, initrd, &exit_file)
+            .stdin(Stdio::piped()) // held open and silent
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let mut stdout = child.stdout.take().expect("stdout is piped");
+            let console = Arc::clone(&console);
+            let quiet = self.quiet;
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if !quiet {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&buf[..n]);
+                        let _ = out.flush();
+                    }
+                    if let Ok(mut c) = console.lock() {
+                        c.extend_from_slice(&buf[..n]);
+                    }
+                }
+            })
+        };
+
+        let mut last_len = 0;
+        let mut last_beat = start;
+        let end = loop {
+            if let Some(status) = child.try_wait()? {
+                break Ok(status);
+            }
+            let len = fs::metadata(&exit_file).map(|m| m.len()).unwrap_or(0);
+            if len != last_len {
+                last_len = len;
+                last_beat = Instant::now();
+            }
+            if last_beat.elapsed() > HEARTBEAT_STALL {
+                break Err(format!(
+                    "no heartbeat for {} s (outer guest frozen{})",
+                    HEARTBEAT_STALL.as_secs(),
+                    if last_len == 0 { " while booting" } else { "" }
+                ));
+            }
+            if start.elapsed() > self.timeout {
+                break Err("timeout".to_string());
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        if end.is_err() {
+            kill(&mut child);
+        }
+        drop(child.stdin.take());
+        let _ = reader.join();
+        let elapsed = start.elapsed();
+        let console = console
+            .lock()
+            .map(|c| String::from_utf8_lossy(&c).into_owned())
+            .map_err(|_| anyhow!("console reader panicked"))?;
+        let marks = fs::read_to_string(&exit_file).unwrap_or_default();
+        if marks.contains("TVM-OUTER-NOKVM") {
+            bail!(
+                "the outer guest has no /dev/kvm (kvm_amd did not load)\n{}",
+                tail(&console, 40)
+            );
+        }
+        let payload_started = marks.contains("TVM-OUTER-PAYLOAD");
+        let outcome = |exit_code, timed_out| OuterOutcome {
+            exit_code,
+            console_output: console.clone(),
+            timed_out,
+            attempts: 1,
+            elapsed,
+        };
+        match end {
+            Ok(status) => match parse_exit(&marks) {
+                Some(code) => Ok(Attempt::Done(outcome(Some(code), false))),
+                None => Ok(Attempt::OuterFailed(
+                    format!(
+                        "QEMU exited ({status}) without an exit status from the guest{}",
+                        if payload_started {
+                            " (outer kernel crashed?)"
+                        } else {
+                            " (during boot)"
+                        }
+                    ),
+                    console,
+                )),
+            },
+            Err(why) if why == "timeout" && payload_started => {
+                eprintln!(
+                    "xtask: payload timed out after {} s (the outer guest was alive; not retried)",
+                    self.timeout.as_secs()
+                );
+                Ok(Attempt::Done(outcome(None, true)))
+            }
+            Err(why) if why == "timeout" => Ok(Attempt::OuterFailed(
+                format!(
+                    "timed out after {} s before the payload started",
+                    self.timeout.as_secs()
+                ),
+                console,
+            )),
+            Err(why) => Ok(Attempt::OuterFailed(why, console)),
+        }
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The status in a `TVM-OUTER-EXIT <code>` line (heartbeat dots may precede it).
+fn parse_exit(marks: &str) -> Option<i32> {
+    let rest = &marks[marks.rfind("TVM-OUTER-EXIT ")? + "TVM-OUTER-EXIT ".len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// The last `n` lines of `s`.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exit_marks() {
+        assert_eq!(
+            parse_exit("..TVM-OUTER-PAYLOAD\n...TVM-OUTER-EXIT 3\n."),
+            Some(3)
+        );
+        assert_eq!(parse_exit("TVM-OUTER-EXIT 0\n"), Some(0));
+        assert_eq!(parse_exit("....TVM-OUTER-PAYLOAD\n"), None);
+        assert_eq!(parse_exit("TVM-OUTER-EXIT \n"), None);
+    }
+
+    #[test]
+    fn tails() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
+
+    /// A payload that outlives the timeout is reported, not retried.
+    #[test]
+    #[ignore = "boots QEMU (about 30 s); cargo test -p xtask -- --ignored"]
+    fn outer_payload_timeout() {
+        let mut run = OuterRun::new("echo sleeping; sleep 600\n");
+        run.timeout = Duration::from_secs(20);
+        let out = run.run().unwrap();
+        assert_eq!(
+            (out.exit_code, out.timed_out, out.attempts),
+            (None, true, 1)
+        );
+        assert!(out.console_output.contains("sleeping"));
+    }
+
+    /// A stopped heartbeat looks like a frozen outer guest: retried once, then an error.
+    #[test]
+    #[ignore = "boots QEMU twice (about 2 minutes); cargo test -p xtask -- --ignored"]
+    fn outer_freeze_is_retried() {
+        let mut run = OuterRun::new("kill $(cat /run/heartbeat.pid); sleep 600\n");
+        run.timeout = Duration::from_secs(300);
+        let err = run.run().unwrap_err();
+        assert!(format!("{err:#}").contains("failed twice"), "{err:#}");
+    }
+
+    /// Boots the outer guest with a payload that does not need the VMM.
+    #[test]
+    #[ignore = "downloads the guest and boots QEMU (about a minute); cargo test -p xtask -- --ignored"]
+    fn outer_boot_smoke() {
+        let run = OuterRun::new(
+            "cat /proc/uptime; ls -l /dev/kvm; grep -c svm /proc/cpuinfo; ls -l /tvm; exit 3\n",
+        )
+        .file("/etc/hostname", "hello");
+        let out = run.run().unwrap();
+        assert_eq!(out.exit_code, Some(3), "{}", out.console_output);
+        assert!(out.console_output.contains("/dev/kvm"));
+        assert!(out.console_output.contains("hello"));
+        assert!(!out.console_output.contains("No such file"));
+    }
+}

@@ -1,0 +1,174 @@
+//! `cargo xtask run [-- VMM ARGS]`: build the VMM, prepare the test guest and boot it on
+//! this terminal, directly on /dev/kvm when it can run Linux, else inside the outer QEMU
+//! guest (see [`crate::outer`]).
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::guest::{self, GuestImages};
+use crate::outer::{self, OuterRun};
+use crate::util;
+
+/// The VMM package and binary.
+pub const VMM_PACKAGE: &str = "tvm-vmm";
+/// The VMM binary name.
+pub const VMM_BIN: &str = "vmm";
+
+/// Options of `cargo xtask run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Extra arguments for the VMM (after `--`), e.g. `-- --memory 1G --cpus 2`.
+    #[arg(last = true)]
+    pub vmm_args: Vec<String>,
+}
+
+/// One file the VMM run needs, as it is on the host and as the guest sees it.
+#[derive(Debug, Clone)]
+pub struct Carried {
+    /// Host path.
+    pub host: PathBuf,
+    /// Path inside the outer guest.
+    pub guest: String,
+}
+
+/// The VMM command line and the files it refers to, for either way of running it.
+#[derive(Debug, Clone)]
+pub struct VmmInvocation {
+    /// The static VMM binary.
+    pub vmm: Carried,
+    /// Files the arguments refer to (kernel, initrd, later disks).
+    pub files: Vec<Carried>,
+    /// Arguments, with `{}`-free plain strings; see [`VmmInvocation::args_for`].
+    pub args: Vec<Arg>,
+}
+
+/// A VMM argument: literal, or the path of carried file `files[i]`.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    /// Passed as is.
+    Plain(String),
+    /// Replaced by the host or guest path of `files[i]`.
+    File(usize),
+}
+
+impl VmmInvocation {
+    /// `vmm --kernel <vmlinuz> --initrd <initramfs> <extra...>`.
+    pub fn new(vmm: PathBuf, images: &GuestImages, extra: &[String]) -> Self {
+        let mut args = vec![
+            Arg::Plain("--kernel".into()),
+            Arg::File(0),
+            Arg::Plain("--initrd".into()),
+            Arg::File(1),
+        ];
+        args.extend(extra.iter().cloned().map(Arg::Plain));
+        Self {
+            vmm: Carried {
+                host: vmm,
+                guest: "/tvm/vmm".into(),
+            },
+            files: vec![
+                Carried {
+                    host: images.vmlinuz.clone(),
+                    guest: "/tvm/vmlinuz".into(),
+                },
+                Carried {
+                    host: images.initramfs.clone(),
+                    guest: "/tvm/initramfs.cpio.gz".into(),
+                },
+            ],
+            args,
+        }
+    }
+
+    /// The arguments with file paths as seen on the host (`guest == false`) or in the
+    /// outer guest.
+    pub fn args_for(&self, guest: bool) -> Vec<String> {
+        self.args
+            .iter()
+            .map(|a| match a {
+                Arg::Plain(s) => s.clone(),
+                Arg::File(i) if guest => self.files[*i].guest.clone(),
+                Arg::File(i) => self.files[*i].host.to_string_lossy().into_owned(),
+            })
+            .collect()
+    }
+
+    /// An [`OuterRun`] carrying the VMM and its files, running it as the payload.
+    pub fn outer_run(&self, interactive: bool) -> OuterRun {
+        let mut run = OuterRun::new(format!(
+            "{} {}\n",
+            util::shell_quote(&self.vmm.guest),
+            util::shell_join(self.args_for(true))
+        ));
+        run.interactive = interactive;
+        for c in std::iter::once(&self.vmm).chain(&self.files) {
+            run = run.file(&c.host, &c.guest);
+        }
+        run
+    }
+}
+
+/// `cargo xtask run`.
+pub fn main(args: Args) -> Result<ExitCode> {
+    let vmm = outer::build_static(VMM_PACKAGE, VMM_BIN)?;
+    let images = guest::prepare()?;
+    let inv = VmmInvocation::new(vmm, &images, &args.vmm_args);
+    if outer::kvm_is_usable_directly() {
+        let mut cmd = Command::new(&inv.vmm.host);
+        cmd.args(inv.args_for(false));
+        println!("xtask: {}", util::display_cmd(&cmd));
+        let err = cmd.exec();
+        return Err(err).context(format!("executing {}", inv.vmm.host.display()));
+    }
+    let mut run = inv.outer_run(true);
+    run.timeout = Duration::MAX;
+    let outcome = run.run()?;
+    match outcome.exit_code {
+        Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+        None => bail!("the VMM did not report an exit status"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invocation_paths() {
+        let images = GuestImages {
+            dir: "/w/target/guest".into(),
+            vmlinuz: "/w/target/guest/vmlinuz".into(),
+            initramfs: "/w/target/guest/initramfs.cpio.gz".into(),
+            outer_base: "/w/target/guest/outer/base.cpio".into(),
+            kernel_release: "6.1.0-50-cloud-amd64".into(),
+        };
+        let inv = VmmInvocation::new(
+            "/w/target/vmm".into(),
+            &images,
+            &["--cmdline".into(), "console=ttyS0 quiet".into()],
+        );
+        assert_eq!(
+            inv.args_for(false),
+            [
+                "--kernel",
+                "/w/target/guest/vmlinuz",
+                "--initrd",
+                "/w/target/guest/initramfs.cpio.gz",
+                "--cmdline",
+                "console=ttyS0 quiet"
+            ]
+        );
+        let run = inv.outer_run(true);
+        assert_eq!(
+            run.script,
+            "/tvm/vmm --kernel /tvm/vmlinuz --initrd /tvm/initramfs.cpio.gz --cmdline \
+             'console=ttyS0 quiet'\n"
+        );
+        assert_eq!(run.files.len(), 3);
+        assert!(run.interactive);
+    }
+}
