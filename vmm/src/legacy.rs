@@ -24,6 +24,20 @@ const I8042_CMD_SELF_TEST: u8 = 0xaa;
 const I8042_CMD_KBD_TEST: u8 = 0xab;
 const I8042_CMD_AUX_TEST: u8 = 0xa9;
 const I8042_CMD_RESET_CPU: u8 = 0xfe;
+const I8042_CMD_AUX_DISABLE: u8 = 0xa7;
+const I8042_CMD_AUX_ENABLE: u8 = 0xa8;
+const I8042_CMD_KBD_DISABLE: u8 = 0xad;
+const I8042_CMD_KBD_ENABLE: u8 = 0xae;
+const I8042_CMD_KBD_LOOP: u8 = 0xd2;
+const I8042_CMD_AUX_LOOP: u8 = 0xd3;
+/// Status: data in the output buffer came from the aux (mouse) port.
+const SB_AUX_DATA: u8 = 0x20;
+/// Status: keyboard not inhibited (the key lock is open).
+const SB_KEYLOCK_OPEN: u8 = 0x10;
+/// Control register: keyboard port disabled.
+const CTR_KBD_DISABLE: u8 = 0x10;
+/// Control register: aux port disabled.
+const CTR_AUX_DISABLE: u8 = 0x20;
 /// Status: output buffer full.
 const SB_OUT_DATA_AVAIL: u8 = 0x01;
 /// Status: system flag (self test passed).
@@ -31,14 +45,29 @@ const SB_SYSTEM_FLAG: u8 = 0x04;
 /// Control register: keyboard interrupt enabled, system flag, translation.
 const CTR_DEFAULT: u8 = 0x47;
 
-/// A minimal i8042: enough for Linux to probe it and for `reboot=k` (command 0xFE pulses
-/// the CPU reset line, which we report through `reset_evt`). No keyboard is attached.
+/// What the next write to the data port means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataWrite {
+    /// A byte for the (absent) keyboard.
+    Device,
+    /// The new control register (after command 0x60).
+    Ctr,
+    /// Echo back as keyboard data (after 0xD2).
+    KbdLoop,
+    /// Echo back as aux data (after 0xD3).
+    AuxLoop,
+}
+
+/// A minimal i8042: enough for Linux to probe it without timeouts and for `reboot=k`
+/// (command 0xFE pulses the CPU reset line, which we report through `reset_evt`). No
+/// keyboard or mouse is attached.
 #[derive(Debug)]
 pub struct I8042 {
     reset_evt: EventFd,
     ctr: u8,
     out: Option<u8>,
-    expect_ctr_write: bool,
+    out_is_aux: bool,
+    next_write: DataWrite,
 }
 
 impl I8042 {
@@ -48,17 +77,25 @@ impl I8042 {
             reset_evt,
             ctr: CTR_DEFAULT,
             out: None,
-            expect_ctr_write: false,
+            out_is_aux: false,
+            next_write: DataWrite::Device,
         }
     }
 
     fn status(&self) -> u8 {
-        SB_SYSTEM_FLAG
-            | if self.out.is_some() {
-                SB_OUT_DATA_AVAIL
-            } else {
-                0
+        let mut s = SB_SYSTEM_FLAG | SB_KEYLOCK_OPEN;
+        if self.out.is_some() {
+            s |= SB_OUT_DATA_AVAIL;
+            if self.out_is_aux {
+                s |= SB_AUX_DATA;
             }
+        }
+        s
+    }
+
+    fn output(&mut self, byte: u8, aux: bool) {
+        self.out = Some(byte);
+        self.out_is_aux = aux;
     }
 
     fn command(&mut self, cmd: u8) {
@@ -69,10 +106,16 @@ impl I8042 {
                     log::error!("failed to signal the i8042 reset: {e}");
                 }
             }
-            I8042_CMD_READ_CTR => self.out = Some(self.ctr),
-            I8042_CMD_WRITE_CTR => self.expect_ctr_write = true,
-            I8042_CMD_SELF_TEST => self.out = Some(0x55),
-            I8042_CMD_KBD_TEST | I8042_CMD_AUX_TEST => self.out = Some(0x00),
+            I8042_CMD_READ_CTR => self.output(self.ctr, false),
+            I8042_CMD_WRITE_CTR => self.next_write = DataWrite::Ctr,
+            I8042_CMD_SELF_TEST => self.output(0x55, false),
+            I8042_CMD_KBD_TEST | I8042_CMD_AUX_TEST => self.output(0x00, false),
+            I8042_CMD_AUX_DISABLE => self.ctr |= CTR_AUX_DISABLE,
+            I8042_CMD_AUX_ENABLE => self.ctr &= !CTR_AUX_DISABLE,
+            I8042_CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLE,
+            I8042_CMD_KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLE,
+            I8042_CMD_KBD_LOOP => self.next_write = DataWrite::KbdLoop,
+            I8042_CMD_AUX_LOOP => self.next_write = DataWrite::AuxLoop,
             other => debug!("i8042: ignored command {other:#x}"),
         }
     }
@@ -97,11 +140,12 @@ impl MutDevicePio for I8042 {
         }
         match base.0 {
             I8042_COMMAND_PORT => self.command(data[0]),
-            _ if self.expect_ctr_write => {
-                self.ctr = data[0];
-                self.expect_ctr_write = false;
-            }
-            _ => debug!("i8042: ignored data {:#x} (no keyboard)", data[0]),
+            _ => match std::mem::replace(&mut self.next_write, DataWrite::Device) {
+                DataWrite::Ctr => self.ctr = data[0],
+                DataWrite::KbdLoop => self.output(data[0], false),
+                DataWrite::AuxLoop => self.output(data[0], true),
+                DataWrite::Device => debug!("i8042: ignored data {:#x} (no keyboard)", data[0]),
+            },
         }
     }
 }
@@ -261,6 +305,23 @@ mod tests {
         wr(&mut kbd, 0x60, 0, 0x65);
         wr(&mut kbd, 0x64, 0, 0x20);
         assert_eq!(rd(&mut kbd, 0x60, 0), 0x65);
+        // Key lock open, so Linux does not warn.
+        assert_ne!(rd(&mut kbd, 0x64, 0) & SB_KEYLOCK_OPEN, 0);
+        // Disabling the aux port shows in the control register.
+        wr(&mut kbd, 0x64, 0, 0xa7);
+        wr(&mut kbd, 0x64, 0, 0x20);
+        assert_ne!(rd(&mut kbd, 0x60, 0) & CTR_AUX_DISABLE, 0);
+        wr(&mut kbd, 0x64, 0, 0xa8);
+        wr(&mut kbd, 0x64, 0, 0x20);
+        assert_eq!(rd(&mut kbd, 0x60, 0) & CTR_AUX_DISABLE, 0);
+        // Aux loopback echoes as aux data.
+        wr(&mut kbd, 0x64, 0, 0xd3);
+        wr(&mut kbd, 0x60, 0, 0x5a);
+        assert_eq!(
+            rd(&mut kbd, 0x64, 0) & (SB_OUT_DATA_AVAIL | SB_AUX_DATA),
+            0x21
+        );
+        assert_eq!(rd(&mut kbd, 0x60, 0), 0x5a);
         // Wrong-sized accesses are ignored.
         kbd.pio_write(PioAddress(0x64), 0, &[0xfe, 0]);
         let mut two = [0u8; 2];

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
                 ExitReason::Error(text) => {
                     eprintln!("vmm: error: {text}");
                 }
-                other => log::info!("vm stopped: {other:?}"),
+                other => log::info!("guest stopped: {other:?}"),
             }
             ExitCode::from(reason.exit_code() as u8)
         }

@@ -6,8 +6,12 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod bench;
+mod ci;
 mod cpio;
+mod e2e;
 mod guest;
+mod kvm_test;
 mod modules;
 mod outer;
 mod run;
@@ -34,6 +38,14 @@ enum Cmd {
     Guest(guest::Args),
     /// Build the VMM (static) and boot the test guest on this terminal.
     Run(run::Args),
+    /// Boot the real Linux test guest and check real outcomes.
+    E2e(e2e::Args),
+    /// Run the tests that need /dev/kvm (tiny hand-made guests).
+    KvmTest(kvm_test::Args),
+    /// Benchmarks against QEMU in the same run (boot time).
+    Bench(bench::Args),
+    /// Everything CI runs: fmt, clippy, doc, test, kvm-test, e2e.
+    Ci(ci::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +53,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Guest(args) => guest::main(args),
         Cmd::Run(args) => run::main(args),
+        Cmd::E2e(args) => e2e::main(args),
+        Cmd::KvmTest(args) => kvm_test::main(args),
+        Cmd::Ci(args) => ci::main(args),
+        Cmd::Bench(args) => bench::main(args),
     };
     result.unwrap_or_else(|err| {
         eprintln!("error: {err:#}");

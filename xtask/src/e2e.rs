@@ -1,0 +1,146 @@
+//! `cargo xtask e2e`: boot the real Linux test guest in the VMM and check real outcomes.
+//!
+//! The checks live in the `tvm-e2e` driver (tests/src/bin/tvm-e2e.rs), a static binary
+//! that runs next to the VMM: directly on a host whose /dev/kvm can run Linux, otherwise
+//! inside the outer QEMU guest (where kvm-amd gives one). Running the driver beside the VMM
+//! keeps the console on fast local pipes and lets it read the VMM's RSS from /proc.
+
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::guest;
+use crate::outer::{self, OuterRun};
+use crate::util;
+
+/// Options of `cargo xtask e2e`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Copy the guest console to stderr as it happens.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Size of the stdin flood, in KiB.
+    #[arg(long, default_value_t = 4096)]
+    pub flood_kib: usize,
+    /// Limit for the whole run, in seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+}
+
+/// The driver's arguments, with the three paths it needs.
+fn driver_args(
+    mode: &[&str],
+    vmm: &str,
+    kernel: &str,
+    initrd: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    mode.iter()
+        .chain(["--vmm", vmm, "--kernel", kernel, "--initrd", initrd].iter())
+        .chain(extra.iter())
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Runs the driver with `mode` (e.g. `[]` for the checks, `["boot-time"]` for timing)
+/// beside the VMM; `extra_files` are carried into the outer guest as `(host, guest)`.
+/// Returns the driver's exit code and its output.
+pub fn run_driver(
+    mode: &[&str],
+    extra_args: &[&str],
+    extra_files: &[(std::path::PathBuf, String)],
+    verbose: bool,
+    timeout: Duration,
+) -> Result<(i32, String)> {
+    let vmm = outer::build_static("tvm-vmm", "vmm")?;
+    let driver = outer::build_static("tvm-tests", "tvm-e2e")?;
+    let images = guest::ensure_prepared()?;
+    let mut extra: Vec<&str> = extra_args.to_vec();
+    if verbose {
+        extra.push("--verbose");
+    }
+    if outer::kvm_is_usable_directly() {
+        let args = driver_args(
+            mode,
+            &vmm.to_string_lossy(),
+            &images.vmlinuz.to_string_lossy(),
+            &images.initramfs.to_string_lossy(),
+            &extra,
+        );
+        let mut cmd = Command::new(&driver);
+        cmd.args(&args);
+        println!("xtask: {}", util::display_cmd(&cmd));
+        let out = cmd.output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        print!("{text}");
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        return Ok((out.status.code().unwrap_or(1), text));
+    }
+    println!("note: /dev/kvm here is PVM (or missing); running the end-to-end tests inside a QEMU TCG outer guest");
+    let args = driver_args(
+        mode,
+        "/tvm/vmm",
+        "/tvm/vmlinuz",
+        "/tvm/initramfs.cpio.gz",
+        &extra,
+    );
+    let mut run = OuterRun::new(format!("/tvm/tvm-e2e {}\n", util::shell_join(args)))
+        .file(&vmm, "vmm")
+        .file(&driver, "tvm-e2e")
+        .with_test_guest(&images);
+    for (host, guest) in extra_files {
+        run = run.file(host, guest.clone());
+    }
+    run.timeout = timeout;
+    run.quiet = !verbose;
+    let outcome = run.run()?;
+    let report: String = outcome
+        .console_output
+        .lines()
+        .filter(|l| l.starts_with("E2E") || l.starts_with("BOOT-TIME") || l.starts_with("BENCH"))
+        .map(|l| format!("{}\n", l.trim_end_matches('\r')))
+        .collect();
+    if !verbose {
+        print!("{report}");
+    }
+    if outcome.timed_out {
+        bail!(
+            "the end-to-end run timed out after {timeout:?}; console tail:\n{}",
+            tail(&outcome.console_output, 40)
+        );
+    }
+    match outcome.exit_code {
+        Some(code) => {
+            if code != 0 && !verbose {
+                eprintln!("console tail:\n{}", tail(&outcome.console_output, 60));
+            }
+            Ok((code, report))
+        }
+        None => bail!("the driver did not report an exit status"),
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `cargo xtask e2e`.
+pub fn main(args: Args) -> Result<ExitCode> {
+    let flood = args.flood_kib.to_string();
+    let (code, _) = run_driver(
+        &[],
+        &["--flood-kib", &flood],
+        &[],
+        args.verbose,
+        Duration::from_secs(args.timeout),
+    )?;
+    if code == 0 {
+        println!("xtask: end-to-end tests passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("xtask: end-to-end tests failed (driver exit code {code})");
+        Ok(ExitCode::FAILURE)
+    }
+}
