@@ -130,6 +130,36 @@ impl Asm {
         self
     }
 
+    /// `cpuid` (leaf in EAX, subleaf in ECX).
+    pub fn cpuid(mut self) -> Self {
+        self.code.extend_from_slice(&[0x0f, 0xa2]);
+        self
+    }
+
+    /// `mov eax, ebx`.
+    pub fn mov_eax_ebx(mut self) -> Self {
+        self.code.extend_from_slice(&[0x89, 0xd8]);
+        self
+    }
+
+    /// `mov eax, ecx`.
+    pub fn mov_eax_ecx(mut self) -> Self {
+        self.code.extend_from_slice(&[0x89, 0xc8]);
+        self
+    }
+
+    /// `mov eax, edx`.
+    pub fn mov_eax_edx(mut self) -> Self {
+        self.code.extend_from_slice(&[0x89, 0xd0]);
+        self
+    }
+
+    /// `xor ecx, ecx`.
+    pub fn zero_ecx(mut self) -> Self {
+        self.code.extend_from_slice(&[0x31, 0xc9]);
+        self
+    }
+
     /// `jmp eax` (`jmp rax` in 64-bit mode, with the upper half zero after `mov eax`).
     pub fn jmp_eax(mut self) -> Self {
         self.code.extend_from_slice(&[0xff, 0xe0]);

@@ -207,3 +207,42 @@ fn kvm_text_through_the_uart() {
     run_collect(&mut t.vcpu, Some(&io));
     assert_eq!(&*out.0.lock().unwrap(), b"hello, uart\r\n");
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_guest_sees_the_filtered_cpuid() {
+    // Leaf 0x4000_0000 (KVM signature) and leaf 1 (APIC id, hypervisor bit), as the guest
+    // reads them with the CPUID instruction.
+    let code = Asm::new()
+        .mov_eax(0x4000_0000)
+        .zero_ecx()
+        .cpuid()
+        .out_eax(0x10)
+        .mov_eax_ebx()
+        .out_eax(0x11)
+        .mov_eax_ecx()
+        .out_eax(0x12)
+        .mov_eax_edx()
+        .out_eax(0x13)
+        .mov_eax(1)
+        .zero_ecx()
+        .cpuid()
+        .mov_eax_ebx()
+        .out_eax(0x14)
+        .mov_eax_ecx()
+        .out_eax(0x15)
+        .halt_forever()
+        .finish();
+    let mut t = tiny_vm(&code, BootMode::Long64, |_| {});
+    let outs = run_collect(&mut t.vcpu, None);
+    let v: Vec<u32> = outs.iter().map(|(_, v)| *v).collect();
+    assert_eq!(v[0], tvm_arch_x86::KVM_CPUID_FEATURES);
+    let mut sig = Vec::new();
+    for r in &v[1..4] {
+        sig.extend_from_slice(&r.to_le_bytes());
+    }
+    // Linux compares all 12 bytes with KVM_SIGNATURE (hypervisor_cpuid_base).
+    assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
+    assert_eq!(v[4] >> 24, 0, "APIC id of vcpu 0");
+    assert_ne!(v[5] & (1 << 31), 0, "hypervisor bit");
+}

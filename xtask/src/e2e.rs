@@ -85,7 +85,11 @@ pub fn run_driver(
         "/tvm/initramfs.cpio.gz",
         &extra,
     );
-    let mut run = OuterRun::new(format!("/tvm/tvm-e2e {}\n", util::shell_join(args)))
+    let mut run = OuterRun::new(format!(
+        "{} /tvm/tvm-e2e {}\n",
+        outer::PIN_TO_ONE_CPU,
+        util::shell_join(args)
+    ))
         .file(&vmm, "vmm")
         .file(&driver, "tvm-e2e")
         .with_test_guest(&images);

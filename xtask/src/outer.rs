@@ -73,6 +73,14 @@ pub fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Prefix for payload commands that run a VMM: keep it on outer vCPU 1. The outer guest's
+/// TSCs disagree between its TCG vCPUs, and an inner guest whose vCPU thread migrates
+/// between them sees its clock stall or jump, and dies at random.
+pub const PIN_TO_ONE_CPU: &str = "taskset -c 1";
+
+/// The outer guest's CPU model (`TVM_OUTER_CPU` overrides it).
+const OUTER_CPU: &str = "max";
+
 /// One boot of the outer QEMU guest running a payload script.
 #[derive(Debug, Clone)]
 pub struct OuterRun {
@@ -221,7 +229,10 @@ impl OuterRun {
 
     fn qemu_command(&self, images: &GuestImages, initrd: &Path, exit_file: &Path) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "max"])
+        let cpu = std::env::var("TVM_OUTER_CPU").unwrap_or_else(|_| OUTER_CPU.to_string());
+        cmd.args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", &cpu])
+            // Two outer vCPUs: a busy inner vCPU can starve a single one (no heartbeat).
+            // Payloads that run a VMM pin it to vCPU 1 (see `PIN_TO_ONE_CPU`).
             .args(["-smp", "2", "-m", "3072"])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-kernel")

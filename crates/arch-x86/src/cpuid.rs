@@ -20,7 +20,8 @@ pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 /// Most entries KVM returns (KVM_MAX_CPUID_ENTRIES).
 pub const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
-/// "KVMKVMKV\0\0\0\0" as EBX, ECX, EDX.
+/// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX: the 12 bytes Linux's `hypervisor_cpuid_base`
+/// compares with KVM_SIGNATURE (include/uapi/linux/kvm_para.h).
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 
 /// Adjusts `cpuid` for vCPU `cpu_id` of `cpu_count`.

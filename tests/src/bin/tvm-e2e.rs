@@ -93,6 +93,7 @@ struct Opts {
     qemu: Option<String>,
     runs: usize,
     flood_kib: usize,
+    append: String,
     verbose: bool,
 }
 
@@ -104,6 +105,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         qemu: None,
         runs: 3,
         flood_kib: 4096,
+        append: String::new(),
         verbose: false,
     };
     let mut it = args.iter();
@@ -118,12 +120,13 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--flood-kib" => {
                 o.flood_kib = val()?.parse().map_err(|e| format!("--flood-kib: {e}"))?
             }
+            "--append" => o.append = val()?,
             "--verbose" => o.verbose = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--verbose]".into());
     }
     Ok(o)
 }
@@ -206,8 +209,20 @@ fn vmm_command(o: &Opts) -> Command {
         "512M",
         "--log-level",
         "info",
+        "--cmdline",
+        &cmdline(o),
     ]);
     c
+}
+
+/// The guest command line: the VMM's documented default plus `--append`.
+fn cmdline(o: &Opts) -> String {
+    let base = "console=ttyS0 reboot=k panic=1 pci=conf1";
+    if o.append.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base} {}", o.append)
+    }
 }
 
 struct Report {
