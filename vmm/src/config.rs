@@ -78,38 +78,30 @@ impl VmConfig {
                 });
             }
         }
-        check_readable_file(&self.kernel, "kernel")?;
-        let mut kernel = std::fs::File::open(&self.kernel).map_err(|source| Error::OpenFile {
-            what: "kernel",
-            path: self.kernel.clone(),
-            source,
-        })?;
+        let mut kernel = open_regular_file(&self.kernel, "kernel")?;
         tvm_arch_x86::detect_kernel_format(&mut kernel)?;
         if let Some(initrd) = &self.initrd {
-            check_readable_file(initrd, "initrd")?;
+            open_regular_file(initrd, "initrd")?;
         }
         Ok(())
     }
 }
 
-fn check_readable_file(path: &PathBuf, what: &'static str) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|source| Error::OpenFile {
+/// Opens `path` for reading, refusing anything but a regular file.
+fn open_regular_file(path: &PathBuf, what: &'static str) -> Result<std::fs::File> {
+    let open_error = |source| Error::OpenFile {
         what,
         path: path.clone(),
         source,
-    })?;
+    };
+    let meta = std::fs::metadata(path).map_err(open_error)?;
     if !meta.is_file() {
         return Err(Error::NotAFile {
             what,
             path: path.clone(),
         });
     }
-    std::fs::File::open(path).map_err(|source| Error::OpenFile {
-        what,
-        path: path.clone(),
-        source,
-    })?;
-    Ok(())
+    std::fs::File::open(path).map_err(open_error)
 }
 
 #[cfg(test)]

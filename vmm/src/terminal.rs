@@ -3,7 +3,8 @@
 //! When stdin is a terminal, the guest owns it: no echo, no line editing, and Ctrl-C goes
 //! to the guest (ISIG off); Ctrl-A x is the way out. The original settings are kept in a
 //! process-wide slot so that the normal path ([`RawTerminal`]'s `Drop`), the panic hook and
-//! fatal-signal paths can all put them back.
+//! error path in `main` can all put them back. Termination signals go through the event
+//! loop, so they take the normal path.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -96,7 +96,8 @@ pub enum VcpuAction {
 }
 
 /// Dispatches one VM exit. Port and MMIO accesses go to the bus; an access nothing claims
-/// reads as all ones and is logged at debug level (guests probe absent hardware all the time).
+/// reads as all ones and is logged at trace (ports) or debug (MMIO) level: guests probe
+/// absent hardware all the time.
 pub fn handle_exit(exit: VcpuExit<'_>, io: &IoManager) -> VcpuAction {
     match exit {
         VcpuExit::IoIn(port, data) => {

@@ -17,6 +17,9 @@ pub struct Args {
     pub no_e2e: bool,
 }
 
+/// A cargo step: name, arguments, environment.
+type CargoStep<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+
 fn cargo_step(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<bool> {
     let mut cmd = Command::new(util::cargo());
     cmd.args(args);
@@ -41,7 +44,7 @@ fn step(name: &str, mut cmd: Command) -> Result<bool> {
 /// `cargo xtask ci`.
 pub fn main(args: Args) -> Result<ExitCode> {
     let start = Instant::now();
-    let steps: Vec<(&str, Vec<&str>, Vec<(&str, &str)>)> = vec![
+    let steps: Vec<CargoStep> = vec![
         ("fmt", vec!["fmt", "--all", "--", "--check"], vec![]),
         (
             "clippy",

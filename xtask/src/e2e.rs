@@ -90,15 +90,21 @@ pub fn run_driver(
         outer::PIN_TO_ONE_CPU,
         util::shell_join(args)
     ))
-        .file(&vmm, "vmm")
-        .file(&driver, "tvm-e2e")
-        .with_test_guest(&images);
+    .file(&vmm, "vmm")
+    .file(&driver, "tvm-e2e")
+    .with_test_guest(&images);
     for (host, guest) in extra_files {
         run = run.file(host, guest.clone());
     }
     run.timeout = timeout;
     run.quiet = !verbose;
     let outcome = run.run()?;
+    println!(
+        "xtask: outer guest ran {:.0} s ({} boot{})",
+        outcome.elapsed.as_secs_f64(),
+        outcome.attempts,
+        if outcome.attempts == 1 { "" } else { "s" }
+    );
     let report: String = outcome
         .console_output
         .lines()

@@ -101,7 +101,6 @@ pub struct OuterRun {
 
 /// What an [`OuterRun`] ended with.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // read by the e2e and bench subcommands (to come)
 pub struct OuterOutcome {
     /// The payload's exit status; `None` if it did not finish (timed out).
     pub exit_code: Option<i32>,
@@ -140,7 +139,6 @@ impl OuterRun {
         self
     }
 
-    #[allow(dead_code)] // for the e2e and bench subcommands (to come)
     /// Adds the test guest's kernel and initramfs as `/tvm/vmlinuz` and
     /// `/tvm/initramfs.cpio.gz`.
     pub fn with_test_guest(self, images: &GuestImages) -> Self {

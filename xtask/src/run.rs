@@ -21,7 +21,7 @@ pub const VMM_BIN: &str = "vmm";
 /// Options of `cargo xtask run`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Extra arguments for the VMM (after `--`), e.g. `-- --memory 1G --cpus 2`.
+    /// Extra arguments for the VMM (after `--`), e.g. `-- --memory 1G --log-level info`.
     #[arg(last = true)]
     pub vmm_args: Vec<String>,
 }
@@ -100,7 +100,8 @@ impl VmmInvocation {
     /// An [`OuterRun`] carrying the VMM and its files, running it as the payload.
     pub fn outer_run(&self, interactive: bool) -> OuterRun {
         let mut run = OuterRun::new(format!(
-            "{} {}\n",
+            "{} {} {}\n",
+            outer::PIN_TO_ONE_CPU,
             util::shell_quote(&self.vmm.guest),
             util::shell_join(self.args_for(true))
         ));
@@ -165,7 +166,7 @@ mod tests {
         let run = inv.outer_run(true);
         assert_eq!(
             run.script,
-            "/tvm/vmm --kernel /tvm/vmlinuz --initrd /tvm/initramfs.cpio.gz --cmdline \
+            "taskset -c 1 /tvm/vmm --kernel /tvm/vmlinuz --initrd /tvm/initramfs.cpio.gz --cmdline \
              'console=ttyS0 quiet'\n"
         );
         assert_eq!(run.files.len(), 3);

@@ -10,8 +10,8 @@ use vm_memory::GuestAddress;
 pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);
 /// Number of GDT entries we write (null, TSS, code, data).
 pub const BOOT_GDT_MAX: usize = 4;
-/// Where the (empty) IDT is placed; an IDT limit of 0 makes any exception a triple fault,
-/// which is what the kernel expects before it installs its own.
+/// Where the (empty) IDT is placed; with its 8-byte limit and a zero entry any exception is a
+/// triple fault, which is what the kernel expects before it installs its own.
 pub const BOOT_IDT_START: GuestAddress = GuestAddress(0x520);
 /// The zero page (`struct boot_params`), handed to the kernel in RSI.
 pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);

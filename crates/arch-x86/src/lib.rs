@@ -134,7 +134,7 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// The command line was refused (e.g. it holds a NUL or non-ASCII byte).
+    /// linux-loader refused the command line.
     #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
     /// The command line could not be written into guest memory.

@@ -17,7 +17,7 @@
 //!
 //! It does not talk to KVM, allocate guest addresses for BARs, or move a device's MMIO
 //! registration when the guest reprograms a BAR: the VMM does that with
-//! [`PciConfigSpace::bar_addr`] and the address allocator of the memory crate.
+//! [`PciConfigSpace::bar_addr`] and the VMM's address allocation.
 //!
 //! # Example
 //!

@@ -278,26 +278,18 @@ fn flood_data(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// POSIX `cksum` (CRC-32/CKSUM over the data and its length), as busybox prints it.
-fn cksum(data: &[u8]) -> u32 {
-    let mut crc: u32 = 0;
-    let mut feed = |b: u8| {
-        crc ^= u32::from(b) << 24;
+/// CRC-32 as zlib and busybox `crc32` compute it (reflected, polynomial 0xEDB88320).
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc: u32 = !0;
+    for &b in data {
+        crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 0x8000_0000 != 0 {
-                (crc << 1) ^ 0x04c1_1db7
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
             } else {
-                crc << 1
+                crc >> 1
             };
         }
-    };
-    for &b in data {
-        feed(b);
-    }
-    let mut n = data.len();
-    while n > 0 {
-        feed((n & 0xff) as u8);
-        n >>= 8;
     }
     !crc
 }
@@ -407,7 +399,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     let offered = o.flood_kib * 1024;
     g.send(
         b"stty -echo; cat > /tmp/flood; stty echo; \
-          echo flood-bytes=$(wc -c < /tmp/flood)-sum=$(cksum /tmp/flood | cut -d' ' -f1)-end\n",
+          echo flood-$((1+1))-bytes=$(wc -c < /tmp/flood)-crc=$(crc32 /tmp/flood | cut -d' ' -f1)-end\n",
     )?;
     thread::sleep(Duration::from_secs(2));
     let mut stdin = g.stdin.take().ok_or("stdin gone")?;
@@ -440,7 +432,8 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     }
     let window = flood_started.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let want = "flood-bytes=";
+    // Computed in the guest, so the echo of the typed command cannot match.
+    let want = "flood-2-bytes=";
     let mut reply = None;
     let drain_deadline = Instant::now() + FLOOD_DRAIN_TIMEOUT;
     while Instant::now() < drain_deadline {
@@ -453,13 +446,17 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         }
     }
     let secs = flood_started.elapsed().as_secs_f64();
+    // The writer ends once the guest has read its last chunk and the Ctrl-D.
+    while !writer.is_finished() && Instant::now() < drain_deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
     if writer.is_finished() {
         if let Ok(Ok(stdin)) = writer.join() {
             g.stdin = Some(stdin);
         }
     }
     let sent = written.load(std::sync::atomic::Ordering::Relaxed);
-    let expected = format!("{sent}-sum={}", cksum(&data[..sent]));
+    let expected = format!("{sent}-crc={:08x}", crc32(&data[..sent]));
     let growth = rss_max.saturating_sub(rss_before);
     r.check(
         "stdin-flood",
@@ -472,7 +469,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             )),
             Some(_) => Ok(format!(
                 "{} KiB offered, {} KiB taken in a {window:.0} s window as the guest read them, \
-                 all delivered intact (cksum) after {secs:.0} s ({:.1} KiB/s); VMM RSS \
+                 all delivered intact (crc32) after {secs:.0} s ({:.1} KiB/s); VMM RSS \
                  {rss_before} KiB before, peak {rss_max} KiB (+{growth} KiB)",
                 offered / 1024,
                 sent / 1024,
@@ -586,19 +583,6 @@ fn boot_time(o: &Opts) -> Result<bool, String> {
     Ok(true)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cksum_matches_posix() {
-        // `printf 'hello\n' | cksum` prints 3015617425 6.
-        assert_eq!(super::cksum(b"hello\n"), 3_015_617_425);
-        assert_eq!(super::cksum(b""), 4_294_967_295);
-        let d = super::flood_data(1000);
-        assert!(d.iter().all(|b| (b' '..=b'~').contains(b) || *b == b'\n'));
-        assert_eq!(d[255], b'\n');
-    }
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, rest) = match args.first().map(String::as_str) {
@@ -623,5 +607,18 @@ fn main() -> ExitCode {
             println!("E2E RESULT error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crc32_matches_busybox() {
+        // `printf 'hello\n' | busybox crc32` prints 363a3020.
+        assert_eq!(super::crc32(b"hello\n"), 0x363a_3020);
+        assert_eq!(super::crc32(b""), 0);
+        let d = super::flood_data(1000);
+        assert!(d.iter().all(|b| (b' '..=b'~').contains(b) || *b == b'\n'));
+        assert_eq!(d[255], b'\n');
     }
 }
