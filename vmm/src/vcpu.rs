@@ -1,7 +1,7 @@
 //! vCPU threads and VM-exit dispatch.
 //!
 //! [`handle_exit`] is a free function from a `VcpuExit` to the bus, so tests can feed it
-//! exits. [`Vcpu::run`] loops on KVM_RUN on its own thread (`vcpu{N}`) until the guest stops
+//! exits. [`Vcpu::start`] runs KVM_RUN in a loop on its own thread (`vcpu{N}`) until the guest stops
 //! or the VMM asks it to; either way it reports through the shared [`ExitSignal`].
 
 use std::sync::atomic::{AtomicBool, Ordering};

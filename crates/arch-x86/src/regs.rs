@@ -43,7 +43,7 @@ pub fn write_gdt_idt<M: GuestMemoryBackend>(mem: &M, mode: BootMode) -> Result<(
 }
 
 /// Writes 4-level page tables that identity-map the first GiB with 2 MiB pages:
-/// PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] = i * 2 MiB (present, writable, page size).
+/// `PML4[0] -> PDPT`, `PDPT[0] -> PD`, `PD[i] = i * 2 MiB` (present, writable, page size).
 pub fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<()> {
     // Present | writable.
     mem.write_obj(PDPTE_START.raw_value() | 0x03, PML4_START)
