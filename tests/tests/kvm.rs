@@ -246,3 +246,24 @@ fn kvm_guest_sees_the_filtered_cpuid() {
     assert_eq!(v[4] >> 24, 0, "APIC id of vcpu 0");
     assert_ne!(v[5] & (1 << 31), 0, "hypervisor bit");
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_msi_routes_and_irqfds_are_accepted() {
+    let kvm = Kvm::new().expect("these tests need /dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    tvm_irq::setup_irqchip(&vm).unwrap();
+    let mut routing = tvm_irq::GsiRouting::new();
+    let gsi = routing.allocate_msi_gsi().unwrap();
+    routing.set_msi(gsi, Some((0xfee0_0000, 0x41))).unwrap();
+    routing.apply(&vm).unwrap();
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).unwrap();
+    vm.register_irqfd(&evt, gsi).unwrap();
+    // The legacy lines still work after the table was replaced.
+    let com1 = tvm_irq::IrqLine::new(4).unwrap();
+    com1.register(&vm).unwrap();
+}
+
+fn libc_nonblock() -> i32 {
+    vmm_sys_util::eventfd::EFD_NONBLOCK
+}

@@ -6,11 +6,15 @@
 //! with `KVM_IRQFD`, so the interrupt is injected without a round trip through the VMM.
 //!
 //! With the default routing KVM installs, GSIs 0..15 reach both the PIC and the IOAPIC and
-//! GSIs 16..23 the IOAPIC only. MSI routes (for virtio-pci MSI-X) arrive with the virtio
-//! transport.
+//! GSIs 16..23 the IOAPIC only. [`GsiRouting`] keeps that table and adds MSI routes (GSI
+//! 24 and up) for MSI-X vectors; an MSI vector is then an irqfd on its GSI.
 
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod routing;
+
+pub use routing::{GsiRouting, Route, MAX_IRQ_ROUTES};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
@@ -36,6 +40,15 @@ pub enum Error {
     /// Creating the EventFd failed.
     #[error("failed to create an eventfd for gsi {0}")]
     CreateEventFd(u32, #[source] std::io::Error),
+    /// No GSI left for another MSI route.
+    #[error("no free gsi for another msi route (kvm allows {MAX_IRQ_ROUTES})")]
+    GsiExhausted,
+    /// The GSI was never allocated for MSI.
+    #[error("gsi {0} is not an allocated msi gsi")]
+    UnknownGsi(u32),
+    /// KVM_SET_GSI_ROUTING failed.
+    #[error("failed to set the gsi routing table")]
+    SetGsiRouting(#[source] kvm_ioctls::Error),
     /// KVM_IRQFD failed.
     #[error("failed to register an irqfd for gsi {0}")]
     RegisterIrqfd(u32, #[source] kvm_ioctls::Error),

@@ -4,6 +4,7 @@
 //! ranges the architecture code chose (on x86_64, below and above the 32-bit MMIO hole).
 //! [`register_memory_slots`] hands each region to KVM as one memory slot. The layout itself
 //! (where the holes are) is not decided here; see `tvm-arch-x86`'s `layout::ram_ranges`.
+//! [`MmioAllocator`] hands out device MMIO ranges (PCI BARs) inside such a hole.
 //!
 //! ```
 //! use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -13,6 +14,10 @@
 
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod allocator;
+
+pub use allocator::MmioAllocator;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -45,6 +50,27 @@ pub enum Error {
         /// What vm-memory said.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// An MMIO allocation request that cannot be met by any allocator (zero or not a power of
+    /// two).
+    #[error("invalid mmio allocation of {0:#x} bytes")]
+    InvalidAllocation(u64),
+    /// The range overlaps one already handed out.
+    #[error("mmio range {start:#x}+{size:#x} overlaps an allocated range")]
+    MmioOverlap {
+        /// Start of the range.
+        start: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// vm-allocator refused.
+    #[error("failed to {what}")]
+    Allocator {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: vm_allocator::Error,
     },
     /// KVM_SET_USER_MEMORY_REGION failed.
     #[error("failed to register memory slot {slot} at {guest_addr:#x} with kvm")]
