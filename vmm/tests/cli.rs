@@ -131,6 +131,61 @@ fn kvm_internal_error_is_diagnosed() {
     assert!(diag.contains("instruction bytes"), "{diag}");
 }
 
+/// Starts the vmm on a guest that prints a line and halts forever, with stdin piped.
+fn spawn_halting_guest(name: &str) -> std::process::Child {
+    let code = Asm::new()
+        .print(0x3f8, b"halting\n")
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel(name, &code);
+    Command::new(VMM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_with_deadline(mut child: std::process::Child, secs: u64) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("vmm did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_ctrl_a_x_ends_a_halted_guest() {
+    use std::io::Write;
+    let mut child = spawn_halting_guest("ctrl-a.elf");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\x01x").unwrap();
+    let out = wait_with_deadline(child, 10);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("halting"));
+    drop(stdin);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_sigterm_ends_a_halted_guest_cleanly() {
+    let child = spawn_halting_guest("sigterm.elf");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let out = wait_with_deadline(child, 10);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("TVM-BOOT-TIMES "));
+}
+
 fn assert_one_error_line(out: &Output, needle: &str) {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
