@@ -134,7 +134,15 @@ pub struct GuestImages {
     pub outer_base: PathBuf,
     /// Kernel release, e.g. `6.1.0-50-cloud-amd64`.
     pub kernel_release: String,
+    /// A pristine, empty ext4 image for the virtio-blk tests and `cargo xtask run --
+    /// --disk`: copy it before letting a guest write to it.
+    pub disk: PathBuf,
 }
+
+/// Size of the ext4 test image.
+pub const DISK_SIZE_MIB: u64 = 64;
+/// Its file-system label.
+pub const DISK_LABEL: &str = "tvm-disk";
 
 impl GuestImages {
     fn at(dir: &Path) -> Self {
@@ -143,6 +151,7 @@ impl GuestImages {
             vmlinuz: dir.join("vmlinuz"),
             initramfs: dir.join("initramfs.cpio.gz"),
             outer_base: dir.join("outer").join("base.cpio"),
+            disk: dir.join("disk.ext4"),
             kernel_release: fs::read_to_string(dir.join("kernel-release"))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
@@ -150,11 +159,33 @@ impl GuestImages {
     }
 
     fn all_exist(&self) -> bool {
-        [&self.vmlinuz, &self.initramfs, &self.outer_base]
+        [&self.vmlinuz, &self.initramfs, &self.outer_base, &self.disk]
             .iter()
             .all(|p| p.is_file())
             && !self.kernel_release.is_empty()
     }
+}
+
+/// Writes an empty ext4 file system of [`DISK_SIZE_MIB`] MiB to `path` with mkfs.ext4 and
+/// checks it with `e2fsck -fn`.
+fn make_disk_image(path: &Path) -> Result<()> {
+    let tmp = path.with_extension("ext4.tmp");
+    let _ = fs::remove_file(&tmp);
+    fs::File::create(&tmp)?.set_len(DISK_SIZE_MIB << 20)?;
+    util::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", DISK_LABEL, "-E", "root_owner=0:0"])
+            .arg(&tmp),
+    )
+    .context("making the ext4 test image (mkfs.ext4 from e2fsprogs)")?;
+    util::run(Command::new("e2fsck").arg("-fn").arg(&tmp))
+        .context("checking the new ext4 test image")?;
+    fs::rename(&tmp, path)?;
+    println!(
+        "guest: {} ({DISK_SIZE_MIB} MiB ext4, label {DISK_LABEL})",
+        display_rel(path)
+    );
+    Ok(())
 }
 
 /// `cargo xtask guest`.
@@ -173,7 +204,7 @@ fn stamp_text() -> String {
     format!(
         "layout {LAYOUT_VERSION}\nxtask {}\nkernel {KERNEL_PACKAGE}={KERNEL_VERSION} \
          (fallback: {KERNEL_FALLBACK_META})\nbusybox {BUSYBOX_PACKAGE}={BUSYBOX_VERSION}\n\
-         inner-modules {}\nouter-modules {}\n--- inner /init\n{INNER_INIT}--- inner \
+         inner-modules {}\nouter-modules {}\ndisk ext4 {DISK_SIZE_MIB} MiB label {DISK_LABEL}\n--- inner /init\n{INNER_INIT}--- inner \
          /etc/profile\n{INNER_PROFILE}--- /etc/passwd\n{ETC_PASSWD}{ETC_GROUP}--- outer /init\n{OUTER_INIT}",
         env!("CARGO_PKG_VERSION"),
         INNER_MODULES.join(" "),
@@ -281,6 +312,7 @@ fn prepare_with(force: bool) -> Result<GuestImages> {
     )?;
     util::write_atomic(&images.initramfs, &inner_gz)?;
     util::write_atomic(&images.outer_base, &outer.0.to_bytes())?;
+    make_disk_image(&images.disk)?;
     fs::remove_dir_all(&unpack)?;
     util::write_atomic(&stamp_path, stamp.as_bytes())?;
 

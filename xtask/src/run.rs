@@ -146,6 +146,7 @@ mod tests {
             initramfs: "/w/target/guest/initramfs.cpio.gz".into(),
             outer_base: "/w/target/guest/outer/base.cpio".into(),
             kernel_release: "6.1.0-50-cloud-amd64".into(),
+            disk: "/w/target/guest/disk.ext4".into(),
         };
         let inv = VmmInvocation::new(
             "/w/target/vmm".into(),
