@@ -201,7 +201,10 @@ mod tests {
         assert_eq!((last.gsi, last.type_), (25, KVM_IRQ_ROUTING_MSI));
         // SAFETY: type_ is KVM_IRQ_ROUTING_MSI, so `msi` is the member that was written.
         let msi = unsafe { last.u.msi };
-        assert_eq!((msi.address_lo, msi.address_hi, msi.data), (0xfee0_1000, 1, 0x22));
+        assert_eq!(
+            (msi.address_lo, msi.address_hi, msi.data),
+            (0xfee0_1000, 1, 0x22)
+        );
         r.set_msi(a, None).unwrap();
         assert_eq!(r.routes().len(), 40);
         assert!(matches!(r.set_msi(99, None), Err(Error::UnknownGsi(99))));

@@ -121,7 +121,10 @@ mod tests {
     fn bad_sizes_and_exhaustion() {
         let mut a = MmioAllocator::new(GuestAddress(0x1000_0000), 0x8000).unwrap();
         assert!(matches!(a.allocate(0), Err(Error::InvalidAllocation(0))));
-        assert!(matches!(a.allocate(0x3000), Err(Error::InvalidAllocation(_))));
+        assert!(matches!(
+            a.allocate(0x3000),
+            Err(Error::InvalidAllocation(_))
+        ));
         a.allocate(0x8000).unwrap();
         assert!(a.allocate(0x1000).is_err(), "window is full");
     }
@@ -134,7 +137,10 @@ mod tests {
             a.reserve(GuestAddress(0x1000_6000), 0x1000),
             Err(Error::MmioOverlap { .. })
         ));
-        assert!(a.reserve(GuestAddress(0x1000_3000), 0x2000).is_err(), "overlaps the start");
+        assert!(
+            a.reserve(GuestAddress(0x1000_3000), 0x2000).is_err(),
+            "overlaps the start"
+        );
         a.reserve(GuestAddress(0x1000_8000), 0x1000).unwrap();
         a.free(GuestAddress(0x1000_4000), 0x4000).unwrap();
         a.reserve(GuestAddress(0x1000_6000), 0x1000).unwrap();
