@@ -1,0 +1,357 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The block device: opening and locking the image, config space, queue processing.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
+
+use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
+use crate::{Error, Result};
+
+/// Virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data segments per request (VIRTIO_BLK_F_SEG_MAX); with the header and the status
+/// a request fits a 128-entry indirect table.
+pub const SEG_MAX: u32 = 126;
+/// Largest data segment in bytes (VIRTIO_BLK_F_SIZE_MAX).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Block size reported to the guest (VIRTIO_BLK_F_BLK_SIZE).
+pub const BLK_SIZE: u32 = 512;
+/// Most requests handled per notification before yielding to the event loop (the rest is
+/// picked up by re-signalling the queue's EventFd).
+const MAX_REQUESTS_PER_RUN: usize = 1024;
+/// Most segments in one DISCARD / WRITE_ZEROES request.
+pub const MAX_DISCARD_SEG: u32 = 16;
+/// Most sectors in one DISCARD / WRITE_ZEROES segment (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Bytes of `virtio_blk_config` we fill, up to `write_zeroes_may_unmap` and its padding.
+const CONFIG_LEN: usize = 60;
+
+/// How to open a disk image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Path of the image file (or block device).
+    pub path: PathBuf,
+    /// Open read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// The GET_ID answer, at most 20 bytes; default derived from the file's device and inode.
+    pub id: Option<String>,
+}
+
+struct Active {
+    mem: GuestMemoryMmap<()>,
+    queue: Queue,
+    queue_evt: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// A virtio block device over a host file.
+///
+/// Implements [`VirtioDevice`]; put it in a [`tvm_virtio::VirtioPciDevice`], whose
+/// event-manager subscriber calls [`VirtioDevice::process_queue`] when the guest kicks.
+pub struct Block {
+    file: File,
+    path: PathBuf,
+    info: DiskInfo,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes a non-blocking `flock` on `file`: exclusive for read-write images, shared for
+/// read-only ones (so a read-write user and any other user exclude each other).
+fn lock(file: &File, path: &Path, exclusive: bool) -> Result<()> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock takes a file descriptor and an operation and touches no memory of
+    // ours; the descriptor is valid for the duration of the call because `file` is borrowed.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(Error::Locked(path.to_path_buf()))
+    } else {
+        Err(Error::Lock {
+            path: path.to_path_buf(),
+            source: err,
+        })
+    }
+}
+
+impl Block {
+    /// Opens the image in `cfg`, locks it and reads its size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Open`] (missing or unreadable), [`Error::Locked`] (another process holds
+    /// the lock), [`Error::Lock`], [`Error::Size`], [`Error::InvalidId`].
+    pub fn open(cfg: BlockConfig) -> Result<Block> {
+        let path = cfg.path;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&path)
+            .map_err(|source| Error::Open {
+                path: path.clone(),
+                source,
+            })?;
+        lock(&file, &path, !cfg.read_only)?;
+        let size = file.seek(SeekFrom::End(0)).map_err(|source| Error::Size {
+            path: path.clone(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| Error::Size {
+            path: path.clone(),
+            source,
+        })?;
+        let mut id = [0u8; ID_LEN];
+        let id_src = match cfg.id {
+            Some(s) if s.len() > ID_LEN => return Err(Error::InvalidId(s)),
+            Some(s) => s,
+            None => format!("tvm{:x}-{:x}", meta.dev(), meta.ino()),
+        };
+        let n = id_src.len().min(ID_LEN);
+        id[..n].copy_from_slice(&id_src.as_bytes()[..n]);
+
+        let capacity_sectors = size / SECTOR_SIZE;
+        if size % SECTOR_SIZE != 0 {
+            warn!(
+                "disk image {} is not a multiple of 512 bytes; the last {} bytes are unused",
+                path.display(),
+                size % SECTOR_SIZE
+            );
+        }
+        let info = DiskInfo {
+            capacity_sectors,
+            read_only: cfg.read_only,
+            id,
+            seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
+            discard: !cfg.read_only,
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+        };
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&BLK_SIZE.to_le_bytes());
+        if info.discard {
+            // max_discard_sectors, max_discard_seg, discard_sector_alignment.
+            config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            config[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            config[44..48].copy_from_slice(&1u32.to_le_bytes());
+            // max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap.
+            config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            config[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            config[56] = 1;
+        }
+        info!(
+            "disk {}: {capacity_sectors} sectors{}",
+            path.display(),
+            if cfg.read_only { ", read-only" } else { "" }
+        );
+        Ok(Block {
+            file,
+            path,
+            info,
+            config,
+            active: None,
+        })
+    }
+
+    /// The validation parameters of this disk (capacity, read-only, id).
+    pub fn info(&self) -> &DiskInfo {
+        &self.info
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes everything the guest wrote durable (`fdatasync`); call it on shutdown.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Flush`].
+    pub fn flush(&mut self) -> Result<()> {
+        if self.info.read_only {
+            return Ok(());
+        }
+        BlockBackend::flush(&mut self.file).map_err(|source| Error::Flush {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Pops every available request, executes it, adds it to the used ring and signals
+    /// the queue interrupt when the driver wants one (EVENT_IDX aware).
+    fn run_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            debug!("virtio-blk: queue notification while inactive");
+            return;
+        };
+        let mem = &active.mem;
+        let mut handled = 0usize;
+        let mut used_any = false;
+        'outer: loop {
+            if let Err(e) = active.queue.disable_notification(mem) {
+                debug!("virtio-blk: disable_notification failed: {e}");
+                break;
+            }
+            let mut popped = false;
+            while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+                popped = true;
+                let head = chain.head_index();
+                let len = handle_request(mem, chain, &self.info, &mut self.file);
+                if let Err(e) = active.queue.add_used(mem, head, len) {
+                    debug!("virtio-blk: add_used for head {head} failed: {e}");
+                }
+                used_any = true;
+                handled += 1;
+                if handled >= MAX_REQUESTS_PER_RUN {
+                    // Come back through the event loop rather than starving it.
+                    if let Err(e) = active.queue_evt.write(1) {
+                        warn!("virtio-blk: failed to re-signal the queue: {e}");
+                    }
+                    break 'outer;
+                }
+            }
+            match active.queue.enable_notification(mem) {
+                // More arrived while notifications were off; an invalid avail index
+                // (nothing poppable) also reads as "more", so stop then.
+                Ok(true) if popped => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    debug!("virtio-blk: enable_notification failed: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any {
+            match active.queue.needs_notification(mem) {
+                Ok(true) => {
+                    if let Err(e) = active.interrupt.signal_queue(0) {
+                        warn!("virtio-blk: failed to signal the queue interrupt: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => debug!("virtio-blk: needs_notification failed: {e}"),
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX;
+        if self.info.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.info.discard {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // No writable field: VIRTIO_BLK_F_CONFIG_WCE is not offered.
+        debug!(
+            "virtio-blk: config write at {offset:#x}, {} bytes ignored",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> tvm_virtio::Result<()> {
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        let queue = queues
+            .into_iter()
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(tvm_virtio::Error::QueueNotReady(0))?;
+        let queue_evt = queue_evts
+            .into_iter()
+            .next()
+            .ok_or(tvm_virtio::Error::QueueNotReady(0))?;
+        self.active = Some(Active {
+            mem,
+            queue,
+            queue_evt,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn process_queue(&mut self, queue: u16) {
+        if queue != 0 {
+            debug!("virtio-blk: notification for missing queue {queue}");
+            return;
+        }
+        self.run_queue();
+    }
+}

@@ -1,0 +1,100 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A virtio block device (virtio 1.2, 5.2) over a host file.
+//!
+//! [`Block`] implements [`tvm_virtio::VirtioDevice`] with one request queue and the
+//! requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES; it offers
+//! VIRTIO_BLK_F_FLUSH, SEG_MAX, SIZE_MAX, BLK_SIZE, and DISCARD + WRITE_ZEROES
+//! (`fallocate` punch hole / zero range, with a zero-writing fallback) for read-write
+//! images or RO for read-only ones.
+//! Images are opened with a non-blocking `flock` (exclusive when read-write) so that two
+//! VMMs never write one image.
+//!
+//! Request handling is the pure function [`handle_request`] over guest memory and a
+//! [`BlockBackend`], so every validation rule is unit-tested without KVM. I/O is
+//! synchronous (`pread`/`pwrite`) and runs on whatever thread calls
+//! [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue): the event
+//! loop, through [`tvm_virtio::VirtioPciDevice`]'s event-manager subscriber.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tvm_virtio_blk::{Block, BlockConfig};
+//!
+//! let disk = Block::open(BlockConfig {
+//!     path: "disk.ext4".into(),
+//!     read_only: false,
+//!     id: Some("root".into()),
+//! })?;
+//! assert!(!disk.info().read_only);
+//! # Ok::<(), tvm_virtio_blk::Error>(())
+//! ```
+
+#![deny(missing_docs)]
+
+use std::io;
+use std::path::PathBuf;
+
+mod device;
+mod request;
+
+pub use device::{
+    Block, BlockConfig, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SEG_MAX,
+    SIZE_MAX, VIRTIO_ID_BLOCK,
+};
+pub use request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
+
+/// Errors of the block device.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The image could not be opened (missing, unreadable, not writable).
+    #[error("failed to open disk image {}", .path.display())]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the image's lock.
+    #[error("disk image {} is locked by another process", .0.display())]
+    Locked(PathBuf),
+    /// `flock` failed for another reason.
+    #[error("failed to lock disk image {}", .path.display())]
+    Lock {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image size could not be read.
+    #[error("failed to get the size of disk image {}", .path.display())]
+    Size {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The configured serial (GET_ID) is longer than 20 bytes.
+    #[error("disk id {0:?} is longer than 20 bytes")]
+    InvalidId(String),
+    /// `fdatasync` failed.
+    #[error("failed to flush disk image {}", .path.display())]
+    Flush {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Result of the block device's fallible operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,444 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Parsing, validating and executing one virtio-blk request (virtio 1.2, 5.2.6): a pure
+//! function over guest memory and a [`BlockBackend`].
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use log::debug;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+/// Bytes per virtio-blk sector, whatever the block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
+pub const ID_LEN: usize = 20;
+/// Length of one `virtio_blk_discard_write_zeroes` segment: sector, num_sectors, flags.
+const SEGMENT_LEN: u64 = 16;
+/// Length of the request header: type, reserved, sector.
+const HEADER_LEN: u32 = 16;
+/// Bytes moved between the disk and guest memory per copy.
+const BOUNCE_LEN: usize = 64 * 1024;
+
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// The storage behind a block device: positional reads and writes and a data sync.
+///
+/// Implemented for [`File`] (`pread`, `pwrite`, `fdatasync`); tests may use anything.
+pub trait BlockBackend {
+    /// Fills `buf` from byte `offset`.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error, including a short read.
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at byte `offset`.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes written data durable.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Deallocates `len` bytes at `offset`; they read back as zeros afterwards.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros.
+    ///
+    /// # Errors
+    ///
+    /// Any I/O error.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// `fallocate(fd, mode | FALLOC_FL_KEEP_SIZE, offset, len)`.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fallocate only takes integers: a file descriptor, valid while `file` is
+    // borrowed, a mode and a range. It changes the file, not our memory.
+    let ret =
+        unsafe { libc::fallocate(file.as_raw_fd(), mode | libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `len` zero bytes at `offset`, for files that cannot zero a range in place.
+fn write_zeroes_slow(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; BOUNCE_LEN];
+    let mut done = 0u64;
+    while done < len {
+        // Bounded by BOUNCE_LEN.
+        let n = (len - done).min(BOUNCE_LEN as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+impl BlockBackend for File {
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    /// Punches a hole; where the file system cannot, writes zeros, so that a discarded
+    /// range always reads back as zeros (what Linux assumes of a discard).
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        match fallocate(self, libc::FALLOC_FL_PUNCH_HOLE, offset, len) {
+            Err(e) if unsupported(&e) => write_zeroes_slow(self, offset, len),
+            r => r,
+        }
+    }
+
+    /// `FALLOC_FL_ZERO_RANGE`, then a hole punch, then plain zero writes, whichever the
+    /// file system supports first.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        match fallocate(self, libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Err(e) if unsupported(&e) => {
+                match fallocate(self, libc::FALLOC_FL_PUNCH_HOLE, offset, len) {
+                    Err(e) if unsupported(&e) => write_zeroes_slow(self, offset, len),
+                    r => r,
+                }
+            }
+            r => r,
+        }
+    }
+}
+
+/// What request validation needs to know about the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Size in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// OUT requests are refused with IOERR.
+    pub read_only: bool,
+    /// The GET_ID answer, NUL-padded.
+    pub id: [u8; ID_LEN],
+    /// Most data descriptors in one request (VIRTIO_BLK_F_SEG_MAX).
+    pub seg_max: u32,
+    /// Largest data descriptor in bytes (VIRTIO_BLK_F_SIZE_MAX).
+    pub size_max: u32,
+    /// DISCARD and WRITE_ZEROES are offered (never on a read-only disk).
+    pub discard: bool,
+    /// Most segments in one DISCARD or WRITE_ZEROES request.
+    pub max_discard_seg: u32,
+    /// Most sectors in one DISCARD or WRITE_ZEROES segment.
+    pub max_discard_sectors: u32,
+}
+
+/// Why a request failed: the status to answer.
+struct Failed(u8);
+
+fn ioerr(msg: std::fmt::Arguments<'_>) -> Failed {
+    debug!("virtio-blk: bad request: {msg}");
+    Failed(STATUS_IOERR)
+}
+
+/// Parses, validates and executes the request in `chain`, writes its status byte and
+/// returns the number of bytes written to guest memory (for the used ring).
+///
+/// The layout accepted is the one every known driver uses: the 16-byte header alone in
+/// the first, device-readable descriptor; data descriptors; the status in the last
+/// descriptor, device-writable, at its first byte. Every descriptor must lie in guest
+/// memory. A chain with no usable status descriptor, or one that loops (virtio-queue ends
+/// a chain after queue-size descriptors; we also stop after `seg_max + 3`), is answered
+/// with nothing written at all (used length 0). Data
+/// reaches guest memory only through the request's own device-writable descriptors, and the
+/// backend is touched only after the whole request validated.
+pub fn handle_request<M: GuestMemory, B: BlockBackend>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+    disk: &DiskInfo,
+    backend: &mut B,
+) -> u32 {
+    // Header + data + status; one more to notice a chain that is too long.
+    let limit = disk.seg_max as usize + 3;
+    let descs: Vec<Descriptor> = chain.take(limit).collect();
+    let Some((status, rest)) = descs.split_last() else {
+        debug!("virtio-blk: empty descriptor chain");
+        return 0;
+    };
+    if status.has_next() {
+        // virtio-queue stops a chain after queue-size descriptors, so a loop ends here.
+        debug!(
+            "virtio-blk: descriptor chain loops or is longer than {} descriptors",
+            limit - 1
+        );
+        return 0;
+    }
+    if !status.is_write_only()
+        || status.len() == 0
+        || !mem.check_range(status.addr(), 1, Permissions::Write)
+    {
+        debug!(
+            "virtio-blk: unusable status descriptor at {:#x}, {} bytes, flags {:#x}",
+            status.addr().0,
+            status.len(),
+            status.flags()
+        );
+        return 0;
+    }
+    let mut written = 0u32;
+    let code = match execute(mem, rest, disk, backend, &mut written) {
+        Ok(()) => STATUS_OK,
+        Err(Failed(code)) => code,
+    };
+    if let Err(e) = mem.write_obj(code, status.addr()) {
+        debug!("virtio-blk: failed to write the status byte: {e}");
+        return written;
+    }
+    written.saturating_add(1)
+}
+
+/// Checks that every data descriptor has the direction `write` (device-writable or not),
+/// is at most `size_max` and lies in guest memory; returns the total length.
+fn check_data<M: GuestMemory>(
+    mem: &M,
+    data: &[Descriptor],
+    write: bool,
+    size_max: u32,
+) -> Result<u64, Failed> {
+    let perm = if write {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    let mut total = 0u64;
+    for d in data {
+        if d.is_write_only() != write {
+            return Err(ioerr(format_args!(
+                "data descriptor at {:#x} has the wrong direction",
+                d.addr().0
+            )));
+        }
+        if d.len() > size_max {
+            return Err(ioerr(format_args!("data descriptor of {} bytes", d.len())));
+        }
+        let fits = usize::try_from(d.len()).is_ok_and(|len| mem.check_range(d.addr(), len, perm));
+        if !fits {
+            return Err(ioerr(format_args!(
+                "data descriptor {:#x}+{:#x} outside guest memory",
+                d.addr().0,
+                d.len()
+            )));
+        }
+        total += u64::from(d.len());
+    }
+    Ok(total)
+}
+
+fn execute<M: GuestMemory, B: BlockBackend>(
+    mem: &M,
+    descs: &[Descriptor],
+    disk: &DiskInfo,
+    backend: &mut B,
+    written: &mut u32,
+) -> Result<(), Failed> {
+    let (hdr, data) = descs
+        .split_first()
+        .ok_or_else(|| ioerr(format_args!("no header descriptor")))?;
+    if hdr.is_write_only() || hdr.len() < HEADER_LEN {
+        return Err(ioerr(format_args!(
+            "header descriptor of {} bytes, flags {:#x}",
+            hdr.len(),
+            hdr.flags()
+        )));
+    }
+    if data.len() > disk.seg_max as usize {
+        return Err(ioerr(format_args!("{} data descriptors", data.len())));
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut header, hdr.addr())
+        .map_err(|e| ioerr(format_args!("header unreadable: {e}")))?;
+    let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut sector_bytes = [0u8; 8];
+    sector_bytes.copy_from_slice(&header[8..16]);
+    let sector = u64::from_le_bytes(sector_bytes);
+
+    match req_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let write_to_guest = req_type == VIRTIO_BLK_T_IN;
+            if !write_to_guest && disk.read_only {
+                return Err(ioerr(format_args!("write to a read-only disk")));
+            }
+            let total = check_data(mem, data, write_to_guest, disk.size_max)?;
+            if total == 0 {
+                return Err(ioerr(format_args!("transfer without data")));
+            }
+            if total % SECTOR_SIZE != 0 {
+                return Err(ioerr(format_args!(
+                    "data length {total} not a multiple of 512"
+                )));
+            }
+            let end = sector.checked_add(total / SECTOR_SIZE);
+            if end.is_none_or(|end| end > disk.capacity_sectors) {
+                return Err(ioerr(format_args!(
+                    "sectors {sector}+{} beyond capacity {}",
+                    total / SECTOR_SIZE,
+                    disk.capacity_sectors
+                )));
+            }
+            // sector + len <= capacity <= u64::MAX / 512: no overflow.
+            let mut offset = sector * SECTOR_SIZE;
+            let mut bounce = vec![0u8; BOUNCE_LEN.min(usize::try_from(total).unwrap_or(0))];
+            for d in data {
+                let mut done = 0u64;
+                let len = u64::from(d.len());
+                while done < len {
+                    let n = (len - done).min(BOUNCE_LEN as u64);
+                    let buf = &mut bounce[..n as usize];
+                    let addr = GuestAddress(d.addr().0 + done);
+                    if write_to_guest {
+                        backend
+                            .read_exact_at(buf, offset)
+                            .map_err(|e| ioerr(format_args!("read at {offset}: {e}")))?;
+                        mem.write_slice(buf, addr)
+                            .map_err(|e| ioerr(format_args!("guest write: {e}")))?;
+                        // n <= 64 KiB and the chain is below 4 GiB.
+                        *written = written.saturating_add(n as u32);
+                    } else {
+                        mem.read_slice(buf, addr)
+                            .map_err(|e| ioerr(format_args!("guest read: {e}")))?;
+                        backend
+                            .write_all_at(buf, offset)
+                            .map_err(|e| ioerr(format_args!("write at {offset}: {e}")))?;
+                    }
+                    done += n;
+                    offset += n;
+                }
+            }
+            Ok(())
+        }
+        VIRTIO_BLK_T_FLUSH => backend
+            .flush()
+            .map_err(|e| ioerr(format_args!("flush: {e}"))),
+        VIRTIO_BLK_T_GET_ID => {
+            if data.is_empty() {
+                return Err(ioerr(format_args!("get-id without a buffer")));
+            }
+            check_data(mem, data, true, u32::MAX)?;
+            let mut id = &disk.id[..];
+            for d in data {
+                let n = id.len().min(d.len() as usize);
+                mem.write_slice(&id[..n], d.addr())
+                    .map_err(|e| ioerr(format_args!("guest write: {e}")))?;
+                // n <= 20.
+                *written = written.saturating_add(n as u32);
+                id = &id[n..];
+            }
+            Ok(())
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            if !disk.discard || disk.read_only {
+                debug!("virtio-blk: discard/write-zeroes not offered");
+                return Err(Failed(STATUS_UNSUPP));
+            }
+            discard_or_zero(mem, data, disk, backend, req_type == VIRTIO_BLK_T_DISCARD)
+        }
+        other => {
+            debug!("virtio-blk: unsupported request type {other}");
+            Err(Failed(STATUS_UNSUPP))
+        }
+    }
+}
+
+/// DISCARD / WRITE_ZEROES (virtio 1.2, 5.2.6): reads and checks every segment, then
+/// executes them.
+fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
+    mem: &M,
+    data: &[Descriptor],
+    disk: &DiskInfo,
+    backend: &mut B,
+    discard: bool,
+) -> Result<(), Failed> {
+    let max_total = u64::from(disk.max_discard_seg) * SEGMENT_LEN;
+    let total = check_data(mem, data, false, u32::MAX)?;
+    if total == 0 || total % SEGMENT_LEN != 0 || total > max_total {
+        return Err(ioerr(format_args!(
+            "discard/write-zeroes data of {total} bytes"
+        )));
+    }
+    // total <= max_discard_seg * 16: small.
+    let mut raw = Vec::with_capacity(total as usize);
+    for d in data {
+        let mut buf = vec![0u8; d.len() as usize];
+        mem.read_slice(&mut buf, d.addr())
+            .map_err(|e| ioerr(format_args!("guest read: {e}")))?;
+        raw.extend_from_slice(&buf);
+    }
+    let mut ranges = Vec::with_capacity(raw.len() / SEGMENT_LEN as usize);
+    for seg in raw.chunks_exact(SEGMENT_LEN as usize) {
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&seg[0..8]);
+        let sector = u64::from_le_bytes(sector);
+        let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+        let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+        let known = if discard {
+            0
+        } else {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        };
+        if flags & !known != 0 {
+            debug!("virtio-blk: discard/write-zeroes flags {flags:#x} unsupported");
+            return Err(Failed(STATUS_UNSUPP));
+        }
+        if num > disk.max_discard_sectors {
+            return Err(ioerr(format_args!("segment of {num} sectors")));
+        }
+        let end = sector.checked_add(u64::from(num));
+        if end.is_none_or(|end| end > disk.capacity_sectors) {
+            return Err(ioerr(format_args!(
+                "segment {sector}+{num} beyond capacity {}",
+                disk.capacity_sectors
+            )));
+        }
+        ranges.push((sector * SECTOR_SIZE, u64::from(num) * SECTOR_SIZE));
+    }
+    for (offset, len) in ranges {
+        let res = if discard {
+            backend.discard(offset, len)
+        } else {
+            backend.write_zeroes(offset, len)
+        };
+        res.map_err(|e| ioerr(format_args!("discard/zero {offset}+{len}: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,624 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+#![allow(clippy::unwrap_used)]
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::{MsixEntry, VIRTIO_MSI_NO_VECTOR};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SinkCall {
+    Msix(u16),
+    Intx(bool),
+    Table(u16, MsixEntry),
+}
+
+#[derive(Default)]
+struct FakeSink {
+    calls: Mutex<Vec<SinkCall>>,
+}
+
+impl FakeSink {
+    fn take(&self) -> Vec<SinkCall> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+impl InterruptSink for FakeSink {
+    fn msix(&self, vector: u16) -> io::Result<()> {
+        self.calls.lock().unwrap().push(SinkCall::Msix(vector));
+        Ok(())
+    }
+    fn intx(&self, level: bool) -> io::Result<()> {
+        self.calls.lock().unwrap().push(SinkCall::Intx(level));
+        Ok(())
+    }
+    fn msix_table_changed(&self, vector: u16, entry: MsixEntry) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(SinkCall::Table(vector, entry));
+    }
+}
+
+/// ready, size, desc, avail, used, event_idx of one queue as activated.
+type QueueSnapshot = (bool, u16, u64, u64, u64, bool);
+
+#[derive(Default)]
+struct FakeLog {
+    activations: Vec<(u64, Vec<QueueSnapshot>)>,
+    resets: usize,
+    processed: Vec<u16>,
+}
+
+struct FakeDevice {
+    log: Arc<Mutex<FakeLog>>,
+    ctx: Option<ActivateContext>,
+    fail_activate: bool,
+    config: [u8; 8],
+}
+
+const FAKE_FEATURES: u64 = 1 << 9 | 1 << 6;
+
+impl VirtioDevice for FakeDevice {
+    fn device_type(&self) -> u32 {
+        2
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256, 16]
+    }
+    fn device_features(&self) -> u64 {
+        FAKE_FEATURES
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| self.config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(&mut self, ctx: ActivateContext) -> Result<()> {
+        if self.fail_activate {
+            return Err(Error::QueueNotReady(0));
+        }
+        let queues = ctx
+            .queues
+            .iter()
+            .map(|q| {
+                (
+                    q.ready(),
+                    q.size(),
+                    q.desc_table(),
+                    q.avail_ring(),
+                    q.used_ring(),
+                    q.event_idx_enabled(),
+                )
+            })
+            .collect();
+        self.log
+            .lock()
+            .unwrap()
+            .activations
+            .push((ctx.features, queues));
+        self.ctx = Some(ctx);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.ctx = None;
+        self.log.lock().unwrap().resets += 1;
+    }
+    fn process_queue(&mut self, queue: u16) {
+        self.log.lock().unwrap().processed.push(queue);
+    }
+}
+
+struct Harness {
+    dev: VirtioPciDevice<FakeDevice>,
+    sink: Arc<FakeSink>,
+    log: Arc<Mutex<FakeLog>>,
+}
+
+fn test_mem(size: usize) -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+}
+
+fn harness_with(fail_activate: bool) -> Harness {
+    let log = Arc::new(Mutex::new(FakeLog::default()));
+    let sink = Arc::new(FakeSink::default());
+    let device = FakeDevice {
+        log: log.clone(),
+        ctx: None,
+        fail_activate,
+        config: [1, 2, 3, 4, 5, 6, 7, 8],
+    };
+    let dev = VirtioPciDevice::new(device, test_mem(0x10_0000), sink.clone()).unwrap();
+    Harness { dev, sink, log }
+}
+
+fn harness() -> Harness {
+    harness_with(false)
+}
+
+impl Harness {
+    fn r(&mut self, offset: u64, len: usize) -> u64 {
+        let mut data = [0u8; 8];
+        self.dev.bar_read(offset, &mut data[..len]);
+        u64::from_le_bytes(data)
+    }
+    fn w(&mut self, offset: u64, len: usize, value: u64) {
+        self.dev.bar_write(offset, &value.to_le_bytes()[..len]);
+    }
+    fn status(&mut self) -> u8 {
+        self.r(0x14, 1) as u8
+    }
+    fn set_status(&mut self, s: u8) {
+        self.w(0x14, 1, u64::from(s));
+    }
+    fn set_driver_features(&mut self, f: u64) {
+        self.w(0x08, 4, 0);
+        self.w(0x0c, 4, f & 0xffff_ffff);
+        self.w(0x08, 4, 1);
+        self.w(0x0c, 4, f >> 32);
+    }
+    fn negotiate(&mut self, f: u64) -> u8 {
+        self.set_status(status::ACKNOWLEDGE);
+        self.set_status(status::ACKNOWLEDGE | status::DRIVER);
+        self.set_driver_features(f);
+        self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        self.status()
+    }
+    fn setup_queue(&mut self, q: u16, size: u16, desc: u64, avail: u64, used: u64) {
+        self.w(0x16, 2, u64::from(q));
+        self.w(0x18, 2, u64::from(size));
+        for (off, v) in [(0x20, desc), (0x28, avail), (0x30, used)] {
+            self.w(off, 4, v & 0xffff_ffff);
+            self.w(off + 4, 4, v >> 32);
+        }
+        self.w(0x1c, 2, 1);
+    }
+    fn driver_ok(&mut self) {
+        self.set_status(
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+    fn full_init(&mut self) {
+        let s = self.negotiate(features::VERSION_1 | features::RING_EVENT_IDX | FAKE_FEATURES);
+        assert_ne!(s & status::FEATURES_OK, 0);
+        self.setup_queue(0, 128, 0x1000, 0x3000, 0x4000);
+        self.driver_ok();
+    }
+    fn msix_cap(&mut self) -> usize {
+        caps(&mut self.dev)
+            .into_iter()
+            .find(|c| c.1 == PCI_CAP_ID_MSIX)
+            .unwrap()
+            .0
+    }
+    fn enable_msix(&mut self, function_mask: bool) {
+        let reg = self.msix_cap() / 4;
+        let ctrl = MSIX_CTRL_ENABLE
+            | if function_mask {
+                MSIX_CTRL_FUNCTION_MASK
+            } else {
+                0
+            };
+        self.dev.config_write(reg, 2, &ctrl.to_le_bytes());
+    }
+    fn program_vector(&mut self, v: u64, masked: bool) {
+        let base = MSIX_TABLE_OFFSET + v * 16;
+        self.w(base, 4, 0xfee0_0000);
+        self.w(base + 4, 4, 0);
+        self.w(base + 8, 4, 0x40 + v);
+        self.w(base + 12, 4, u64::from(masked));
+    }
+    fn interrupt(&self) -> Arc<dyn VirtioInterrupt> {
+        self.dev.device().ctx.as_ref().unwrap().interrupt.clone()
+    }
+}
+
+/// Walks the capability list from 0x34: (offset, id, first dword after the header...).
+fn caps(dev: &mut VirtioPciDevice<FakeDevice>) -> Vec<(usize, u8, [u32; 5])> {
+    let byte = |dev: &mut VirtioPciDevice<FakeDevice>, off: usize| {
+        (dev.config_read(off / 4) >> ((off % 4) * 8)) as u8
+    };
+    let mut out = Vec::new();
+    let mut ptr = usize::from(byte(dev, 0x34));
+    while ptr != 0 && out.len() < 48 {
+        let id = byte(dev, ptr);
+        let regs = [0, 1, 2, 3, 4].map(|i| dev.config_read(ptr / 4 + i));
+        out.push((ptr, id, regs));
+        ptr = usize::from(byte(dev, ptr + 1));
+    }
+    out
+}
+
+#[test]
+fn pci_identity() {
+    let mut h = harness();
+    assert_eq!(h.dev.config_read(0), 0x1042_1af4);
+    // Class 01 / subclass 80 / prog-if 0 / revision 1.
+    assert_eq!(h.dev.config_read(2), 0x0180_0001);
+    assert_eq!(h.dev.config_read(11), 0x1100_1af4);
+    assert_eq!((h.dev.config_read(15) >> 8) & 0xff, 1);
+    // Status register: capability list present.
+    assert_ne!(h.dev.config_read(1) & (1 << 20), 0);
+}
+
+#[test]
+fn capability_list_walk() {
+    let mut h = harness();
+    let list = caps(&mut h.dev);
+    assert_eq!(list.len(), 5);
+    let mut vendor = Vec::new();
+    for (_, id, regs) in &list {
+        if *id == PCI_CAP_ID_VNDR {
+            let cap_len = (regs[0] >> 16) & 0xff;
+            let cfg_type = (regs[0] >> 24) as u8;
+            let bar = regs[1] & 0xff;
+            assert_eq!(bar, 0);
+            vendor.push((cfg_type, cap_len, regs[2], regs[3], regs[4]));
+        }
+    }
+    assert_eq!(
+        vendor,
+        vec![
+            (VIRTIO_PCI_CAP_COMMON_CFG, 16, 0, 0x38, vendor[0].4),
+            (VIRTIO_PCI_CAP_NOTIFY_CFG, 20, 0x3000, 0x1000, 4),
+            (VIRTIO_PCI_CAP_ISR_CFG, 16, 0x1000, 1, vendor[2].4),
+            (VIRTIO_PCI_CAP_DEVICE_CFG, 16, 0x2000, 0x1000, vendor[3].4),
+        ]
+    );
+    let (_, _, msix) = list.iter().find(|c| c.1 == PCI_CAP_ID_MSIX).unwrap();
+    // Table size field N-1 = 2 (two queues + config); disabled, unmasked.
+    assert_eq!(msix[0] >> 16, 2);
+    assert_eq!(msix[1], 0x4000);
+    assert_eq!(msix[2], 0x6000);
+    // Only enable and function mask are writable in message control.
+    let reg = h.msix_cap() / 4;
+    h.dev.config_write(reg, 2, &[0xff, 0xff]);
+    assert_eq!(h.dev.config_read(reg) >> 16, 0xc002);
+    h.dev.config_write(reg, 0, &[0xff, 0xff]);
+    // Last capability: next pointer 0; id and pointer stay read-only.
+    assert_eq!(h.dev.config_read(reg) & 0xffff, u32::from(PCI_CAP_ID_MSIX));
+}
+
+#[test]
+fn bar_sizing_and_address() {
+    let mut h = harness();
+    h.dev.config_write(4, 0, &[0xff; 4]);
+    h.dev.config_write(5, 0, &[0xff; 4]);
+    assert_eq!(h.dev.config_read(4), 0xffff_8004);
+    assert_eq!(h.dev.config_read(5), 0xffff_ffff);
+    h.dev.config_write(4, 0, &0xe000_0000u32.to_le_bytes());
+    h.dev.config_write(5, 0, &1u32.to_le_bytes());
+    assert_eq!(h.dev.bar_addr(), 0x1_e000_0000);
+    h.dev.set_bar_addr(GuestAddress(0xc000_8000)).unwrap();
+    assert_eq!(h.dev.bar_addr(), 0xc000_8000);
+    assert!(h.dev.set_bar_addr(GuestAddress(0xc000_1000)).is_err());
+    assert_eq!(h.dev.bar_size(), 0x8000);
+    assert_eq!(h.dev.notify_offset(1), 0x3004);
+}
+
+#[test]
+fn feature_windows() {
+    let mut h = harness();
+    h.w(0x00, 4, 0);
+    assert_eq!(
+        h.r(0x04, 4),
+        FAKE_FEATURES | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
+    );
+    h.w(0x00, 4, 1);
+    assert_eq!(h.r(0x04, 4), 1);
+    assert_eq!(h.r(0x00, 4), 1);
+    h.w(0x00, 4, 7);
+    assert_eq!(h.r(0x04, 4), 0);
+    // Driver feature windows read back; window 2 is ignored.
+    h.set_driver_features(features::VERSION_1 | 1 << 9);
+    h.w(0x08, 4, 0);
+    assert_eq!(h.r(0x0c, 4), 1 << 9);
+    h.w(0x08, 4, 1);
+    assert_eq!(h.r(0x0c, 4), 1);
+    h.w(0x08, 4, 2);
+    h.w(0x0c, 4, 0xffff_ffff);
+    assert_eq!(h.r(0x0c, 4), 0);
+    assert_eq!(h.r(0x12, 2), 2);
+}
+
+#[test]
+fn features_ok_refused_without_version_1() {
+    let mut h = harness();
+    let s = h.negotiate(FAKE_FEATURES);
+    assert_eq!(s & status::FEATURES_OK, 0);
+    assert_eq!(s, status::ACKNOWLEDGE | status::DRIVER);
+    // DRIVER_OK without FEATURES_OK does not activate.
+    h.set_status(status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
+    assert!(h.log.lock().unwrap().activations.is_empty());
+    assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn features_ok_refused_for_unoffered_bits() {
+    let mut h = harness();
+    let s = h.negotiate(features::VERSION_1 | 1 << 3);
+    assert_eq!(s & status::FEATURES_OK, 0);
+    h.set_status(0);
+    let s = h.negotiate(features::VERSION_1 | FAKE_FEATURES);
+    assert_ne!(s & status::FEATURES_OK, 0);
+    // Feature writes after FEATURES_OK are ignored.
+    h.set_driver_features(features::VERSION_1);
+    h.w(0x08, 4, 0);
+    assert_eq!(h.r(0x0c, 4), FAKE_FEATURES);
+}
+
+#[test]
+fn full_init_activates_with_queues() {
+    let mut h = harness();
+    h.full_init();
+    assert!(h.dev.is_active());
+    assert_eq!(
+        h.status(),
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK
+    );
+    {
+        let log = h.log.lock().unwrap();
+        assert_eq!(log.activations.len(), 1);
+        let (f, queues) = &log.activations[0];
+        assert_eq!(
+            *f,
+            features::VERSION_1 | features::RING_EVENT_IDX | FAKE_FEATURES
+        );
+        assert_eq!(queues[0], (true, 128, 0x1000, 0x3000, 0x4000, true));
+        assert!(!queues[1].0);
+    }
+    // Read back the queue registers.
+    h.w(0x16, 2, 0);
+    assert_eq!(h.r(0x18, 2), 128);
+    assert_eq!(h.r(0x1c, 2), 1);
+    assert_eq!(h.r(0x20, 8), 0x1000);
+    assert_eq!(h.r(0x28, 4), 0x3000);
+    h.w(0x16, 2, 1);
+    assert_eq!(h.r(0x1e, 2), 1);
+    assert_eq!(h.r(0x18, 2), 16);
+    // Queue config is frozen once live.
+    h.w(0x16, 2, 0);
+    h.w(0x18, 2, 64);
+    assert_eq!(h.r(0x18, 2), 128);
+    // A second DRIVER_OK write does not activate again.
+    h.driver_ok();
+    assert_eq!(h.log.lock().unwrap().activations.len(), 1);
+    // Device config window.
+    assert_eq!(h.r(0x2000, 4), 0x0403_0201);
+    assert_eq!(h.r(0x2006, 2), 0x0807);
+    // A write to the notify area signals the queue's EventFd; the subscriber path processes.
+    h.w(0x3004, 2, 1);
+    assert_eq!(h.dev.notify_eventfd(1).unwrap().read().unwrap(), 1);
+    h.w(0x3000, 2, 0);
+    h.dev.process_notification(0);
+    assert!(h.dev.notify_eventfd(0).unwrap().read().is_err());
+    assert_eq!(h.log.lock().unwrap().processed, vec![0]);
+    // Misaligned or unknown notify writes are ignored.
+    h.w(0x3002, 2, 0);
+    h.w(0x3008, 2, 0);
+    assert!(h.dev.notify_eventfd(0).unwrap().read().is_err());
+}
+
+#[test]
+fn reset_in_the_middle_of_io() {
+    let mut h = harness();
+    h.full_init();
+    h.w(0x16, 2, 0);
+    h.w(0x1a, 2, 1);
+    // Kick pending and an interrupt raised (INTx, MSI-X off) when the driver resets.
+    h.w(0x3000, 2, 0);
+    h.interrupt().signal_queue(0).unwrap();
+    assert_eq!(h.sink.take(), vec![SinkCall::Intx(true)]);
+    h.set_status(0);
+    assert_eq!(h.sink.take(), vec![SinkCall::Intx(false)]);
+    assert!(!h.dev.is_active());
+    assert!(h.dev.device().ctx.is_none());
+    assert_eq!(h.log.lock().unwrap().resets, 1);
+    assert_eq!(h.status(), 0);
+    assert_eq!(h.r(0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    assert_eq!(h.r(0x1c, 2), 0);
+    assert_eq!(h.r(0x18, 2), 256);
+    assert_eq!(h.r(0x1000, 1), 0);
+    // The stale kick was dropped and is not processed.
+    h.dev.process_notification(0);
+    assert!(h.log.lock().unwrap().processed.is_empty());
+    // Re-initialisation works.
+    h.full_init();
+    assert!(h.dev.is_active());
+    assert_eq!(h.log.lock().unwrap().activations.len(), 2);
+}
+
+#[test]
+fn queue_size_must_be_power_of_two() {
+    let mut h = harness();
+    h.w(0x16, 2, 0);
+    h.w(0x18, 2, 100);
+    assert_eq!(h.r(0x18, 2), 256);
+    h.w(0x18, 2, 0);
+    assert_eq!(h.r(0x18, 2), 256);
+    h.w(0x18, 2, 512);
+    assert_eq!(h.r(0x18, 2), 256);
+    h.w(0x18, 2, 64);
+    assert_eq!(h.r(0x18, 2), 64);
+    // A missing queue reads as zeros and ignores writes.
+    h.w(0x16, 2, 9);
+    h.w(0x18, 2, 8);
+    assert_eq!(h.r(0x18, 2), 0);
+    h.w(0x1a, 2, 0);
+    assert_eq!(h.r(0x1a, 2), 0);
+}
+
+#[test]
+fn queue_outside_memory_needs_reset() {
+    let mut h = harness();
+    h.negotiate(features::VERSION_1);
+    h.setup_queue(0, 256, 0xff800, 0x3000, 0x4000);
+    h.driver_ok();
+    assert!(!h.dev.is_active());
+    assert!(h.log.lock().unwrap().activations.is_empty());
+    assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
+    // Config interrupt through INTx, ISR bit 1.
+    assert_eq!(h.sink.take(), vec![SinkCall::Intx(true)]);
+    assert_eq!(h.r(0x1000, 1), 2);
+    // Kicks are not processed while the device needs a reset; the driver can reset.
+    h.dev.process_notification(0);
+    assert!(h.log.lock().unwrap().processed.is_empty());
+    h.set_status(0);
+    h.full_init();
+    assert!(h.dev.is_active());
+}
+
+#[test]
+fn misaligned_ring_needs_reset() {
+    let mut h = harness();
+    h.negotiate(features::VERSION_1);
+    h.setup_queue(0, 256, 0x1001, 0x3000, 0x4000);
+    h.driver_ok();
+    assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn failed_activation_needs_reset() {
+    let mut h = harness_with(true);
+    h.enable_msix(false);
+    h.program_vector(0, false);
+    h.sink.take();
+    h.w(0x10, 2, 0);
+    h.full_init();
+    assert!(!h.dev.is_active());
+    assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert_eq!(h.sink.take(), vec![SinkCall::Msix(0)]);
+}
+
+#[test]
+fn msix_vector_programming_and_masking() {
+    let mut h = harness();
+    h.enable_msix(false);
+    h.program_vector(1, false);
+    let entry = MsixEntry {
+        msg_addr_lo: 0xfee0_0000,
+        msg_addr_hi: 0,
+        msg_data: 0x41,
+        vector_ctrl: 0,
+    };
+    let calls = h.sink.take();
+    assert_eq!(calls.len(), 4);
+    assert_eq!(calls[3], SinkCall::Table(1, entry));
+    // Table reads back, 4 and 8 bytes.
+    assert_eq!(h.r(MSIX_TABLE_OFFSET + 16, 8), 0xfee0_0000);
+    assert_eq!(h.r(MSIX_TABLE_OFFSET + 24, 4), 0x41);
+    // Vector 0 is still masked (reset state).
+    assert_eq!(h.r(MSIX_TABLE_OFFSET + 12, 4), 1);
+
+    h.full_init();
+    h.w(0x16, 2, 0);
+    h.w(0x1a, 2, 1);
+    assert_eq!(h.r(0x1a, 2), 1);
+    // Out-of-range vectors read back as NO_VECTOR.
+    h.w(0x10, 2, 3);
+    assert_eq!(h.r(0x10, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    h.w(0x10, 2, 0);
+    assert_eq!(h.r(0x10, 2), 0);
+
+    let irq = h.interrupt();
+    irq.signal_queue(0).unwrap();
+    assert_eq!(h.sink.take(), vec![SinkCall::Msix(1)]);
+
+    // Masked vector: pending bit, delivered on unmask.
+    h.w(MSIX_TABLE_OFFSET + 16 + 12, 4, 1);
+    h.sink.take();
+    irq.signal_queue(0).unwrap();
+    assert!(h.sink.take().is_empty());
+    assert_eq!(h.r(MSIX_PBA_OFFSET, 8), 0b10);
+    h.w(MSIX_TABLE_OFFSET + 16 + 12, 4, 0);
+    assert_eq!(
+        h.sink.take(),
+        vec![SinkCall::Table(1, entry), SinkCall::Msix(1)]
+    );
+    assert_eq!(h.r(MSIX_PBA_OFFSET, 8), 0);
+
+    // Function mask: pending, delivered when the mask is cleared.
+    h.enable_msix(true);
+    irq.signal_queue(0).unwrap();
+    assert!(h.sink.take().is_empty());
+    assert_eq!(h.r(MSIX_PBA_OFFSET, 4), 0b10);
+    h.enable_msix(false);
+    assert_eq!(h.sink.take(), vec![SinkCall::Msix(1)]);
+
+    // Config vector 0 is masked: pending only.
+    irq.signal_config().unwrap();
+    assert!(h.sink.take().is_empty());
+    assert_eq!(h.r(MSIX_PBA_OFFSET, 8), 0b01);
+
+    // NO_VECTOR: nothing is delivered.
+    h.interrupt();
+    let mut h2 = harness();
+    h2.enable_msix(false);
+    h2.program_vector(1, false);
+    h2.full_init();
+    h2.sink.take();
+    h2.interrupt().signal_queue(0).unwrap();
+    assert!(h2.sink.take().is_empty());
+    assert_eq!(h2.r(MSIX_PBA_OFFSET, 8), 0);
+}
+
+#[test]
+fn isr_read_clears_and_lowers_intx() {
+    let mut h = harness();
+    h.full_init();
+    let irq = h.interrupt();
+    irq.signal_queue(0).unwrap();
+    irq.signal_config().unwrap();
+    assert_eq!(
+        h.sink.take(),
+        vec![SinkCall::Intx(true), SinkCall::Intx(true)]
+    );
+    assert_eq!(h.r(0x1000, 1), 3);
+    assert_eq!(h.sink.take(), vec![SinkCall::Intx(false)]);
+    assert_eq!(h.r(0x1000, 1), 0);
+    assert!(h.sink.take().is_empty());
+    // INTx disabled in the command register: no line change.
+    h.dev.config_write(1, 1, &[0x04]);
+    irq.signal_queue(0).unwrap();
+    assert!(h.sink.take().is_empty());
+    assert_eq!(h.r(0x1000, 1), 1);
+    // Wrong-sized ISR reads see nothing and do not clear.
+    irq.signal_queue(0).unwrap();
+    assert_eq!(h.r(0x1000, 4), 0);
+    assert_eq!(h.r(0x1000, 1), 1);
+}
+
+#[test]
+fn odd_accesses_do_not_panic() {
+    let mut h = harness();
+    h.full_init();
+    for offset in (0..BAR_SIZE + 16).step_by(3) {
+        for len in [0usize, 1, 2, 3, 4, 5, 8] {
+            let mut data = vec![0xaa; len];
+            h.dev.bar_read(offset, &mut data);
+            if offset % 8 != 0 && !(0x14..0x16).contains(&offset) {
+                h.dev.bar_write(offset, &vec![0xff; len]);
+            }
+        }
+    }
+    h.dev.bar_read(u64::MAX - 1, &mut [0; 4]);
+    h.dev.bar_write(u64::MAX - 1, &[0; 4]);
+    let mut data = [0xaa; 3];
+    h.dev.bar_read(0, &mut data);
+    assert_eq!(data, [0; 3]);
+    for reg in 0..70 {
+        h.dev.config_write(reg, 3, &[0xff, 0xff]);
+    }
+}
