@@ -12,6 +12,62 @@ pub const DEFAULT_MEM_SIZE: u64 = 512 << 20;
 /// Largest vCPU count accepted until SMP lands.
 pub const MAX_VCPUS: u8 = 1;
 
+/// A `--disk` option: `PATH[,readonly=on|off][,id=STRING]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+    /// The serial the guest reads with GET_ID (at most 20 bytes).
+    pub id: Option<String>,
+}
+
+/// Longest virtio-blk id (VIRTIO_BLK_ID_BYTES).
+pub const DISK_ID_MAX_BYTES: usize = 20;
+
+/// Parses a `--disk` value.
+pub fn parse_disk(text: &str) -> Result<DiskConfig> {
+    let bad = |why: String| Error::InvalidDisk {
+        value: text.to_string(),
+        why,
+    };
+    let mut parts = text.split(',');
+    let path = parts.next().unwrap_or("");
+    if path.is_empty() {
+        return Err(bad("the path is empty".into()));
+    }
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: None,
+    };
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+        match key {
+            "readonly" => {
+                disk.read_only = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(bad(format!("readonly={value:?}: use on or off"))),
+                }
+            }
+            "id" => {
+                if value.is_empty() || value.len() > DISK_ID_MAX_BYTES || !value.is_ascii() {
+                    return Err(bad(format!(
+                        "id={value:?}: 1 to {DISK_ID_MAX_BYTES} ASCII characters"
+                    )));
+                }
+                disk.id = Some(value.to_string());
+            }
+            other => return Err(bad(format!("unknown option {other:?}"))),
+        }
+    }
+    Ok(disk)
+}
+
 /// The VM to build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -25,6 +81,8 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Parses a memory size: a number with an optional unit K, M, G or T (optionally followed by
@@ -109,6 +167,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn disk_options() {
+        assert_eq!(
+            parse_disk("disk.img").unwrap(),
+            DiskConfig {
+                path: "disk.img".into(),
+                read_only: false,
+                id: None
+            }
+        );
+        let d = parse_disk("/a/b.ext4,readonly=on,id=data-1").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("data-1"));
+        for bad in [
+            "",
+            ",readonly=on",
+            "x,readonly=maybe",
+            "x,id=",
+            "x,id=123456789012345678901",
+            "x,ro",
+            "x,cache=none",
+        ] {
+            assert!(
+                matches!(parse_disk(bad), Err(Error::InvalidDisk { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn memory_sizes() {
         assert_eq!(parse_mem_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_mem_size("512").unwrap(), 512 << 20);
@@ -129,6 +216,7 @@ mod tests {
             cmdline: DEFAULT_CMDLINE.into(),
             mem_size: DEFAULT_MEM_SIZE,
             vcpus: 1,
+            disks: Vec::new(),
         }
     }
 

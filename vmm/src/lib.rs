@@ -16,6 +16,7 @@ pub mod logger;
 pub mod terminal;
 pub mod timing;
 pub mod vcpu;
+pub mod virtio;
 mod vmm;
 
 pub use vmm::{run_vm, Vmm};
@@ -28,6 +29,14 @@ pub enum Error {
     /// `--memory` did not parse.
     #[error("invalid memory size {0:?}: use a number with an optional unit K, M, G or T (e.g. 512M, 2G)")]
     InvalidMemorySize(String),
+    /// A `--disk` value did not parse.
+    #[error("invalid --disk {value:?}: {why}; expected PATH[,readonly=on|off][,id=STRING]")]
+    InvalidDisk {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Too many (or zero) vCPUs.
     #[error("--cpus {0} is not supported: this VMM runs exactly 1 vcpu until SMP support lands")]
     TooManyVcpus(u8),
@@ -97,6 +106,15 @@ pub enum Error {
     /// Serial console set-up.
     #[error(transparent)]
     Serial(#[from] tvm_serial::Error),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] tvm_virtio::Error),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Block(#[from] tvm_virtio_blk::Error),
+    /// KVM_IOEVENTFD failed.
+    #[error("failed to register a queue notification ioeventfd")]
+    RegisterIoevent(#[source] kvm_ioctls::Error),
     /// An EventFd could not be created.
     #[error("failed to create an eventfd")]
     EventFd(#[source] std::io::Error),

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use log::LevelFilter;
-use tvm_vmm::config::{parse_mem_size, VmConfig, DEFAULT_CMDLINE};
+use tvm_vmm::config::{parse_disk, parse_mem_size, VmConfig, DEFAULT_CMDLINE};
 use tvm_vmm::timing::BootTimes;
 use tvm_vmm::vcpu::ExitReason;
 use tvm_vmm::{error_chain, logger, run_vm, terminal};
@@ -32,6 +32,10 @@ struct Cli {
     /// Guest memory, e.g. 512M or 2G (a bare number means MiB).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: String,
+    /// A virtio-blk disk backed by a file: PATH, optionally followed by ,readonly=on and
+    /// ,id=STRING. Repeat for more disks (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,OPTIONS]")]
+    disks: Vec<String>,
     /// Number of vCPUs (only 1 is supported for now).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
@@ -53,12 +57,25 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let disks = match cli
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vmm: error: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
     let cfg = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         mem_size,
         vcpus: cli.cpus,
+        disks,
     };
     let times = Arc::new(BootTimes::new(start));
     let result = run_vm(&cfg, times.clone());

@@ -11,12 +11,14 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use log::{debug, error, info, warn};
 use tvm_arch_x86::{layout, BootParamsConfig, VcpuBootConfig};
 use tvm_bus::{register_pio_device, IoManager, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
-use tvm_irq::IrqLine;
+use tvm_irq::{GsiRouting, IrqLine};
 use tvm_memory::GuestMemoryMmap;
 use tvm_serial::{
     stdin_source, NonBlockingWriter, OutputThread, SerialDevice, SerialInput, COM1_PORT_BASE,
     DEFAULT_OUTPUT_BUFFER_BYTES, SERIAL_PORT_SIZE,
 };
+use tvm_virtio::{VirtioDevice, VirtioPciDevice};
+use tvm_virtio_blk::{Block, BlockConfig};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -28,6 +30,13 @@ use crate::legacy::{
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
 use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
+use crate::virtio::{register_ioeventfds, set_interrupt_line, BarMmio, KvmInterruptSink};
+
+/// A virtio-blk device on the PCI bus.
+type BlockDevice = Arc<Mutex<VirtioPciDevice<Block>>>;
+
+/// Legacy GSIs handed to virtio devices' INTx, in order.
+const VIRTIO_INTX_GSIS: [u32; 4] = [10, 11, 5, 9];
 use crate::{Error, Result};
 
 type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
@@ -121,7 +130,8 @@ impl MutEventSubscriber for Control {
 /// A built VM, ready to run.
 pub struct Vmm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
+    disks: Vec<BlockDevice>,
     mem: GuestMemoryMmap,
     io: Arc<IoManager>,
     vcpus: Vec<Vcpu>,
@@ -176,6 +186,16 @@ impl Vmm {
         };
         let mut kernel_file = open("kernel", &cfg.kernel)?;
         let mut initrd_file = cfg.initrd.as_ref().map(|p| open("initrd", p)).transpose()?;
+
+        // Disks first: a missing, unreadable or locked image is a clear error before boot.
+        let mut blocks = Vec::with_capacity(cfg.disks.len());
+        for d in &cfg.disks {
+            blocks.push(Block::open(BlockConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                id: d.id.clone(),
+            })?);
+        }
 
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         check_capabilities(&kvm)?;
@@ -236,7 +256,59 @@ impl Vmm {
         register_pio_device(&mut io, CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new())))?;
         register_pio_device(&mut io, DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort)))?;
         let pci = Arc::new(Mutex::new(PciRoot::new()));
-        register_pio_device(&mut io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, pci)?;
+        register_pio_device(&mut io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, pci.clone())?;
+
+        // virtio-blk disks on the PCI bus, BARs placed the way firmware would.
+        let vm = Arc::new(vm);
+        let routing = Arc::new(Mutex::new(GsiRouting::new()));
+        let mut mmio = tvm_memory::MmioAllocator::new(
+            vm_memory::GuestAddress(layout::MMIO_GAP_START),
+            layout::PCI_MMIO_END - layout::MMIO_GAP_START,
+        )?;
+        let mut disks = Vec::new();
+        let mut sinks = Vec::new();
+        for (i, block) in blocks.into_iter().enumerate() {
+            let num_vectors = block.queue_max_sizes().len() + 1;
+            let intx_gsi = VIRTIO_INTX_GSIS[i % VIRTIO_INTX_GSIS.len()];
+            let sink = Arc::new(KvmInterruptSink::new(
+                vm.clone(),
+                routing.clone(),
+                num_vectors,
+                intx_gsi,
+            )?);
+            let mut dev = VirtioPciDevice::new(block, mem.clone(), sink.clone())?;
+            let bar = mmio.allocate(dev.bar_size())?;
+            dev.set_bar_addr(bar)?;
+            set_interrupt_line(&mut dev, intx_gsi);
+            register_ioeventfds(&vm, &dev)?;
+            let bar_size = dev.bar_size();
+            let dev = Arc::new(Mutex::new(dev));
+            let slot = pci
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_device(dev.clone())?;
+            tvm_bus::register_mmio_device(
+                &mut io,
+                bar.0,
+                bar_size,
+                Arc::new(Mutex::new(BarMmio::new(dev.clone()))),
+            )?;
+            info!(
+                "disk {:?} at pci 00:{slot:02x}.0, bar {:#x}, intx gsi {intx_gsi}",
+                cfg.disks[i].path, bar.0
+            );
+            disks.push(dev);
+            sinks.push(sink);
+        }
+        if !disks.is_empty() {
+            routing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(&vm)?;
+            for sink in &sinks {
+                sink.register_irqfds()?;
+            }
+        }
         let io = Arc::new(io);
 
         // vCPUs.
@@ -290,6 +362,7 @@ impl Vmm {
         Ok(Vmm {
             _kvm: kvm,
             _vm: vm,
+            disks,
             mem,
             io,
             vcpus,
@@ -342,6 +415,9 @@ impl Vmm {
             done: done.clone(),
         };
         em.add_subscriber(Arc::new(Mutex::new(control)));
+        for disk in &self.disks {
+            em.add_subscriber(disk.clone());
+        }
 
         // The terminal goes raw only now, after every fallible set-up step.
         let raw = RawTerminal::enter().map_err(Error::Terminal)?;
@@ -374,12 +450,22 @@ impl Vmm {
         let reason = self.exit.reason();
         info!("shutting down: {reason:?}");
         stop_vcpus(threads, &self.stop);
+        self.flush_disks();
         self.finish_output();
         drop(raw);
         if let Some(e) = loop_error {
             return Err(Error::EventManager(e));
         }
         Ok(reason.unwrap_or(ExitReason::Error("the vm stopped without a reason".into())))
+    }
+
+    fn flush_disks(&self) {
+        for disk in &self.disks {
+            let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = d.device_mut().flush() {
+                error!("{}", crate::error_chain(&e));
+            }
+        }
     }
 
     fn finish_output(&mut self) {

@@ -246,6 +246,43 @@ fn kvm_initrd_larger_than_memory_is_one_clear_error() {
 }
 
 #[test]
+fn bad_disks_are_one_clear_error_and_leave_the_file_alone() {
+    use std::os::fd::AsRawFd;
+    let kernel = write_kernel("disk-ok.elf", &Asm::new().halt_forever().finish());
+    let k = kernel.to_str().unwrap();
+    assert_one_error_line(
+        &run_vmm(&["--kernel", k, "--disk", "/nonexistent/disk.img"]),
+        "failed to open disk image /nonexistent/disk.img",
+    );
+    assert_one_error_line(
+        &run_vmm(&["--kernel", k, "--disk", "x.img,readonly=maybe"]),
+        "invalid --disk",
+    );
+    assert_one_error_line(
+        &run_vmm(&[
+            "--kernel",
+            k,
+            "--disk",
+            "x.img,id=much-longer-than-twenty-bytes",
+        ]),
+        "invalid --disk",
+    );
+    // An image another process holds: refused, and not changed.
+    let img = scratch("locked.img");
+    std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
+    let holder = std::fs::File::open(&img).unwrap();
+    // SAFETY: flock on an fd we own; no memory is involved.
+    let locked = unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(locked, 0);
+    assert_one_error_line(
+        &run_vmm(&["--kernel", k, "--disk", img.to_str().unwrap()]),
+        "is locked by another process",
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), vec![0x5au8; 1 << 20]);
+    drop(holder);
+}
+
+#[test]
 fn help_names_every_option() {
     let out = Command::new(VMM).arg("--help").output().unwrap();
     assert_eq!(out.status.code(), Some(0));

@@ -56,11 +56,19 @@ pub fn run_driver(
     let vmm = outer::build_static("tvm-vmm", "vmm")?;
     let driver = outer::build_static("tvm-tests", "tvm-e2e")?;
     let images = guest::ensure_prepared()?;
+    // The guest writes to its disk: give it a scratch copy of the pristine image.
+    let scratch_disk = images.dir.join("e2e-disk.ext4");
+    std::fs::copy(&images.disk, &scratch_disk)?;
     let mut extra: Vec<&str> = extra_args.to_vec();
     if verbose {
         extra.push("--verbose");
     }
     if outer::kvm_is_usable_directly() {
+        let disk = scratch_disk.to_string_lossy().into_owned();
+        let mut extra = extra.clone();
+        if mode.is_empty() {
+            extra.extend(["--disk", &disk]);
+        }
         let args = driver_args(
             mode,
             &vmm.to_string_lossy(),
@@ -78,6 +86,9 @@ pub fn run_driver(
         return Ok((out.status.code().unwrap_or(1), text));
     }
     println!("note: /dev/kvm here is PVM (or missing); running the end-to-end tests inside a QEMU TCG outer guest");
+    if mode.is_empty() {
+        extra.extend(["--disk", "/tvm/disk.ext4"]);
+    }
     let args = driver_args(
         mode,
         "/tvm/vmm",
@@ -92,7 +103,8 @@ pub fn run_driver(
     ))
     .file(&vmm, "vmm")
     .file(&driver, "tvm-e2e")
-    .with_test_guest(&images);
+    .with_test_guest(&images)
+    .file(&scratch_disk, "disk.ext4");
     for (host, guest) in extra_files {
         run = run.file(host, guest.clone());
     }

@@ -94,6 +94,7 @@ struct Opts {
     runs: usize,
     flood_kib: usize,
     append: String,
+    disk: Option<String>,
     verbose: bool,
 }
 
@@ -106,6 +107,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         runs: 3,
         flood_kib: 4096,
         append: String::new(),
+        disk: None,
         verbose: false,
     };
     let mut it = args.iter();
@@ -121,12 +123,13 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                 o.flood_kib = val()?.parse().map_err(|e| format!("--flood-kib: {e}"))?
             }
             "--append" => o.append = val()?,
+            "--disk" => o.disk = Some(val()?),
             "--verbose" => o.verbose = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH] [--verbose]".into());
     }
     Ok(o)
 }
@@ -212,6 +215,9 @@ fn vmm_command(o: &Opts) -> Command {
         "--cmdline",
         &cmdline(o),
     ]);
+    if let Some(disk) = &o.disk {
+        c.args(["--disk", disk]);
+    }
     c
 }
 
@@ -254,6 +260,8 @@ impl Report {
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Limit for the disk check (mount, write, sync, remount under nested TCG).
+const DISK_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the flood is offered.
 const FLOOD_WINDOW: Duration = Duration::from_secs(20);
 /// How long the guest may take to read what is left in the pipe after the window.
@@ -378,6 +386,38 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             .ok_or_else(|| format!("no release printed; console tail: {}", c.tail(500))),
     );
     pos = rel.map(|(_, e)| e).unwrap_or(c.len());
+
+    // virtio-blk: mount the ext4 disk, write 1 MiB of random data, sync, unmount, mount
+    // again (so the read goes through the device, not the page cache) and compare.
+    if o.disk.is_some() {
+        g.send(
+            b"mkdir -p /mnt && mount /dev/vda /mnt && dd if=/dev/urandom of=/mnt/data bs=64k count=16 2>/dev/null \
+              && sync && echo disk-$((1+1))-w=$(md5sum /mnt/data | cut -d' ' -f1)-end \
+              && umount /mnt && mount /dev/vda /mnt \
+              && echo disk-$((1+2))-r=$(md5sum /mnt/data | cut -d' ' -f1)-end; umount /mnt\n",
+        )?;
+        let grab = |marker: &str| {
+            c.wait_for(marker, pos, DISK_TIMEOUT).and_then(|p| {
+                c.wait_for("-end", p, STEP_TIMEOUT)
+                    .map(|e| c.text_from(p)[..e - p - 4].to_string())
+            })
+        };
+        let written = grab("disk-2-w=");
+        let read = grab("disk-3-r=");
+        r.check(
+            "virtio-blk-ext4",
+            match (written, read) {
+                (Some(w), Some(rd)) if w == rd && w.len() == 32 => Ok(format!(
+                    "mounted /dev/vda, wrote 1 MiB, remounted, md5 {w} read back"
+                )),
+                (w, rd) => Err(format!(
+                    "md5 written {w:?}, read back {rd:?}; console tail: {}",
+                    c.tail(4000)
+                )),
+            },
+        );
+        pos = c.len();
+    }
 
     // Input typed while the guest is busy printing must not be lost.
     g.send(b"i=0; while [ $i -lt 1000 ]; do echo busy-line-$i; i=$((i+1)); done\n")?;
