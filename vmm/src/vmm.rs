@@ -31,13 +31,13 @@ use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
 use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
 use crate::virtio::{register_ioeventfds, set_interrupt_line, BarMmio, KvmInterruptSink};
+use crate::{Error, Result};
 
 /// A virtio-blk device on the PCI bus.
 type BlockDevice = Arc<Mutex<VirtioPciDevice<Block>>>;
 
 /// Legacy GSIs handed to virtio devices' INTx, in order.
 const VIRTIO_INTX_GSIS: [u32; 4] = [10, 11, 5, 9];
-use crate::{Error, Result};
 
 type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
 type Serial = SerialDevice<ConsoleWriter>;
