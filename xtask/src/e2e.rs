@@ -59,15 +59,27 @@ pub fn run_driver(
     // The guest writes to its disk: give it a scratch copy of the pristine image.
     let scratch_disk = images.dir.join("e2e-disk.ext4");
     std::fs::copy(&images.disk, &scratch_disk)?;
+    let scratch_ro = images.dir.join("e2e-disk-ro.ext4");
+    std::fs::copy(&images.disk, &scratch_ro)?;
+    // e2fsck and debugfs check the image after the guest is gone, beside the VMM.
+    let mut fs_tools = Vec::new();
+    for tool in ["e2fsck", "debugfs"] {
+        let path =
+            util::which(tool).ok_or_else(|| anyhow::anyhow!("{tool} not found (e2fsprogs)"))?;
+        fs_tools.push(crate::bench::binary_with_libs(&path)?);
+    }
+    let (e2fsck, debugfs) = (fs_tools[0][0].1.clone(), fs_tools[1][0].1.clone());
     let mut extra: Vec<&str> = extra_args.to_vec();
     if verbose {
         extra.push("--verbose");
     }
     if outer::kvm_is_usable_directly() {
         let disk = scratch_disk.to_string_lossy().into_owned();
+        let ro = scratch_ro.to_string_lossy().into_owned();
         let mut extra = extra.clone();
         if mode.is_empty() {
-            extra.extend(["--disk", &disk]);
+            extra.extend(["--disk", &disk, "--ro-disk", &ro]);
+            extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
         }
         let args = driver_args(
             mode,
@@ -87,7 +99,8 @@ pub fn run_driver(
     }
     println!("note: /dev/kvm here is PVM (or missing); running the end-to-end tests inside a QEMU TCG outer guest");
     if mode.is_empty() {
-        extra.extend(["--disk", "/tvm/disk.ext4"]);
+        extra.extend(["--disk", "/tvm/disk.ext4", "--ro-disk", "/tvm/disk-ro.ext4"]);
+        extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
     }
     let args = driver_args(
         mode,
@@ -104,7 +117,16 @@ pub fn run_driver(
     .file(&vmm, "vmm")
     .file(&driver, "tvm-e2e")
     .with_test_guest(&images)
-    .file(&scratch_disk, "disk.ext4");
+    .file(&scratch_disk, "disk.ext4")
+    .file(&scratch_ro, "disk-ro.ext4");
+    if mode.is_empty() {
+        // Both tools load libc and friends: carry each path once.
+        let unique: std::collections::BTreeMap<&String, &std::path::PathBuf> =
+            fs_tools.iter().flatten().map(|(h, g)| (g, h)).collect();
+        for (guest, host) in unique {
+            run = run.file(host, guest.clone());
+        }
+    }
     for (host, guest) in extra_files {
         run = run.file(host, guest.clone());
     }

@@ -95,6 +95,9 @@ struct Opts {
     flood_kib: usize,
     append: String,
     disk: Option<String>,
+    ro_disk: Option<String>,
+    e2fsck: Option<String>,
+    debugfs: Option<String>,
     verbose: bool,
 }
 
@@ -108,6 +111,9 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         flood_kib: 4096,
         append: String::new(),
         disk: None,
+        ro_disk: None,
+        e2fsck: None,
+        debugfs: None,
         verbose: false,
     };
     let mut it = args.iter();
@@ -124,12 +130,15 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             }
             "--append" => o.append = val()?,
             "--disk" => o.disk = Some(val()?),
+            "--ro-disk" => o.ro_disk = Some(val()?),
+            "--e2fsck" => o.e2fsck = Some(val()?),
+            "--debugfs" => o.debugfs = Some(val()?),
             "--verbose" => o.verbose = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--verbose]".into());
     }
     Ok(o)
 }
@@ -217,6 +226,9 @@ fn vmm_command(o: &Opts) -> Command {
     ]);
     if let Some(disk) = &o.disk {
         c.args(["--disk", disk]);
+    }
+    if let Some(disk) = &o.ro_disk {
+        c.args(["--disk", &format!("{disk},readonly=on")]);
     }
     c
 }
@@ -322,6 +334,12 @@ fn boot_checks(o: &Opts) -> Result<bool, String> {
 
 fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     let mut r = Report { failed: 0 };
+    let ro_before = o
+        .ro_disk
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|d| crc32(&d));
+    let mut data_crc: Option<String> = None;
     let c = g.console.clone();
 
     let banner = c.wait_for("Linux version", 0, BOOT_TIMEOUT);
@@ -393,6 +411,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         g.send(
             b"mkdir -p /mnt && mount /dev/vda /mnt && dd if=/dev/urandom of=/mnt/data bs=64k count=16 2>/dev/null \
               && sync && echo disk-$((1+1))-w=$(md5sum /mnt/data | cut -d' ' -f1)-end \
+              && echo disk-$((1+3))-crc=$(crc32 /mnt/data | cut -d' ' -f1)-end \
               && umount /mnt && mount /dev/vda /mnt \
               && echo disk-$((1+2))-r=$(md5sum /mnt/data | cut -d' ' -f1)-end; umount /mnt\n",
         )?;
@@ -403,6 +422,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             })
         };
         let written = grab("disk-2-w=");
+        data_crc = grab("disk-4-crc=");
         let read = grab("disk-3-r=");
         r.check(
             "virtio-blk-ext4",
@@ -413,6 +433,42 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
                 (w, rd) => Err(format!(
                     "md5 written {w:?}, read back {rd:?}; console tail: {}",
                     c.tail(4000)
+                )),
+            },
+        );
+        pos = c.len();
+    }
+
+    // A read-only second disk: the guest's writes fail (the device says RO, so the kernel
+    // refuses to open it for writing), and the image stays byte-identical (checked after
+    // the VMM exits).
+    if o.ro_disk.is_some() {
+        g.send(
+            b"dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null \
+              && echo ro-$((1+1))-written || echo ro-$((1+1))-refused; \
+              mkdir -p /mnt2 && mount /dev/vdb /mnt2 2>/dev/null; \
+              (echo x > /mnt2/f) 2>/dev/null && echo ro-$((2+1))-written || echo ro-$((2+1))-refused; \
+              umount /mnt2 2>/dev/null\n",
+        )?;
+        // The word after each marker, once its line is complete.
+        let word = |marker: &str| {
+            c.wait_for(marker, pos, DISK_TIMEOUT).and_then(|p| {
+                c.wait_for("\n", p, STEP_TIMEOUT)
+                    .map(|e| c.text_from(p)[..e - p].trim().to_string())
+            })
+        };
+        let raw = word("ro-2-");
+        let fs = word("ro-3-");
+        r.check(
+            "virtio-blk-read-only-refuses-writes",
+            match (raw, fs) {
+                (Some(a), Some(b)) if a.starts_with("refused") && b.starts_with("refused") => {
+                    Ok("raw write to /dev/vdb and file write on its ext4 both refused".into())
+                }
+                (a, b) => Err(format!(
+                    "raw write: {:?}, file write: {:?}",
+                    a.map(|t| t.chars().take(8).collect::<String>()),
+                    b.map(|t| t.chars().take(8).collect::<String>())
                 )),
             },
         );
@@ -549,6 +605,52 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             .map(|l| l.to_string())
             .ok_or_else(|| format!("no TVM-BOOT-TIMES line in stderr: {stderr}")),
     );
+    // After the VMM has exited: the disks as the host sees them.
+    if let Some(ro) = &o.ro_disk {
+        let after = std::fs::read(ro).ok().map(|d| crc32(&d));
+        r.check(
+            "read-only-image-unchanged",
+            match (ro_before, after) {
+                (Some(b), Some(a)) if a == b => Ok(format!("crc32 {a:08x} before and after")),
+                (b, a) => Err(format!("crc32 before {b:x?}, after {a:x?}")),
+            },
+        );
+    }
+    if let (Some(disk), Some(e2fsck), Some(debugfs)) = (&o.disk, &o.e2fsck, &o.debugfs) {
+        let fsck = Command::new(e2fsck).args(["-fn", disk]).output();
+        r.check(
+            "host-e2fsck-clean",
+            match fsck {
+                Ok(out) if out.status.success() => Ok("e2fsck -fn: clean".into()),
+                Ok(out) => Err(format!(
+                    "e2fsck -fn exit {:?}: {}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout)
+                )),
+                Err(e) => Err(format!("cannot run {e2fsck}: {e}")),
+            },
+        );
+        let cat = Command::new(debugfs)
+            .args(["-R", "cat /data", disk])
+            .output();
+        r.check(
+            "host-debugfs-reads-guest-file",
+            match (cat, &data_crc) {
+                (Ok(out), Some(want)) if format!("{:08x}", crc32(&out.stdout)) == *want => {
+                    Ok(format!(
+                        "{} bytes, crc32 {want} as the guest printed",
+                        out.stdout.len()
+                    ))
+                }
+                (Ok(out), want) => Err(format!(
+                    "debugfs gave {} bytes with crc32 {:08x}, the guest printed {want:?}",
+                    out.stdout.len(),
+                    crc32(&out.stdout)
+                )),
+                (Err(e), _) => Err(format!("cannot run {debugfs}: {e}")),
+            },
+        );
+    }
     println!(
         "E2E-TIMING boot_to_ready_ms={:.1}",
         boot_to_ready.as_secs_f64() * 1000.0
