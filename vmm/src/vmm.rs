@@ -133,10 +133,10 @@ pub struct Vmm {
     _vm: Arc<VmFd>,
     disks: Vec<BlockDevice>,
     mem: GuestMemoryMmap,
-    io: Arc<IoManager>,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
-    control: Control,
+    /// The control subscriber; the event loop gets this same instance.
+    control: Arc<Mutex<Control>>,
     serial: Arc<Mutex<Serial>>,
     output: Option<OutputThread>,
     dropped_output: NonBlockingWriter,
@@ -364,10 +364,9 @@ impl Vmm {
             _vm: vm,
             disks,
             mem,
-            io,
             vcpus,
             exit,
-            control,
+            control: Arc::new(Mutex::new(control)),
             serial,
             output: Some(output),
             dropped_output: writer,
@@ -383,38 +382,19 @@ impl Vmm {
 
     /// Runs the VM until it stops; returns why.
     pub fn run(mut self) -> Result<ExitReason> {
-        install_termination_handlers(&self.control.signal_evt)?;
+        let (escape_evt, done) = {
+            let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            install_termination_handlers(&control.signal_evt)?;
+            let escape = control.escape_evt.try_clone().map_err(Error::EventFd)?;
+            (escape, control.done.clone())
+        };
         install_kick_handler().map_err(Error::Signals)?;
-        let done = self.control.done.clone();
 
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(Error::EventManager)?;
-        let input = SerialInput::new(
-            self.serial.clone(),
-            stdin_source()?,
-            self.control
-                .escape_evt
-                .try_clone()
-                .map_err(Error::EventFd)?,
-        )?;
+        let input = SerialInput::new(self.serial.clone(), stdin_source()?, escape_evt)?;
         em.add_subscriber(Arc::new(Mutex::new(input)));
-        let control = Control {
-            exit: self.exit.clone(),
-            exit_evt: self.control.exit_evt.try_clone().map_err(Error::EventFd)?,
-            reset_evt: self.control.reset_evt.try_clone().map_err(Error::EventFd)?,
-            escape_evt: self
-                .control
-                .escape_evt
-                .try_clone()
-                .map_err(Error::EventFd)?,
-            signal_evt: self
-                .control
-                .signal_evt
-                .try_clone()
-                .map_err(Error::EventFd)?,
-            done: done.clone(),
-        };
-        em.add_subscriber(Arc::new(Mutex::new(control)));
+        em.add_subscriber(self.control.clone());
         for disk in &self.disks {
             em.add_subscriber(disk.clone());
         }
@@ -488,7 +468,6 @@ impl Vmm {
         if lost > 0 {
             warn!("{lost} bytes of console output could not be written");
         }
-        debug!("io manager had {} strong refs", Arc::strong_count(&self.io));
     }
 }
 
