@@ -60,7 +60,10 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::Arc;
+
+pub use event_manager::EventSet;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -157,6 +160,20 @@ pub trait VirtioDevice: Send {
     /// Handles a notification on queue `queue`. Only called while the device is active;
     /// the transport has already consumed the notification [`EventFd`].
     fn process_queue(&mut self, queue: u16);
+    /// Host file descriptors the device wants watched by the event loop besides the queue
+    /// notifications (a TAP, for instance), with the events to watch. They are registered
+    /// once, when the transport joins the event loop, and stay registered across resets;
+    /// use [`EventSet::EDGE_TRIGGERED`] for anything that can stay readable while the device
+    /// is not active, or the loop spins. Default: none.
+    fn extra_event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        Vec::new()
+    }
+    /// Handles readiness of the `index`-th entry of
+    /// [`extra_event_sources`](Self::extra_event_sources). Called whether or not the device
+    /// is active; an inactive device must not touch the queues. Default: ignored.
+    fn process_extra_event(&mut self, index: usize, events: EventSet) {
+        let _ = (index, events);
+    }
 }
 
 /// Errors of the virtio transport.

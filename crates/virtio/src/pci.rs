@@ -44,6 +44,9 @@ const MSIX_PBA_LEN: u64 = 0x1000;
 /// Most queues a device may have: one MSI-X vector each plus the config vector must fit
 /// the table, and each notify address the notify area.
 const MAX_QUEUES: usize = 256;
+/// Event data of the device's first extra event source; queue notifications use the queue
+/// index (below [`MAX_QUEUES`]).
+const EXTRA_EVENT_BASE: u32 = 0x1_0000;
 /// Largest queue size of the split ring (virtio 1.2, 2.7).
 const MAX_QUEUE_SIZE: u16 = 32768;
 
@@ -729,6 +732,11 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
 impl<D: VirtioDevice> MutEventSubscriber for VirtioPciDevice<D> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let data = events.data();
+        if data >= EXTRA_EVENT_BASE {
+            let index = (data - EXTRA_EVENT_BASE) as usize;
+            self.device.process_extra_event(index, events.event_set());
+            return;
+        }
         let Ok(queue) = u16::try_from(data) else {
             warn!("virtio: event for unknown data {data}");
             return;
@@ -751,6 +759,13 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioPciDevice<D> {
             // i < MAX_QUEUES.
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 warn!("virtio: failed to watch the notification eventfd of queue {i}: {e}");
+            }
+        }
+        for (i, (fd, set)) in self.device.extra_event_sources().into_iter().enumerate() {
+            // A device has a handful of extra sources; `i` stays far below u32::MAX - BASE.
+            let data = EXTRA_EVENT_BASE + i as u32;
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, set)) {
+                warn!("virtio: failed to watch extra event source {i} (fd {fd}): {e}");
             }
         }
     }
