@@ -98,10 +98,18 @@ pub fn run_driver(
         return Ok((out.status.code().unwrap_or(1), text));
     }
     println!("note: /dev/kvm here is PVM (or missing); running the end-to-end tests inside a QEMU TCG outer guest");
-    if mode.is_empty() {
-        extra.extend(["--disk", "/tvm/disk.ext4", "--ro-disk", "/tvm/disk-ro.ext4"]);
+    // The images are the outer guest's virtio disks, so what the inner guest writes
+    // crosses our VMM and the outer QEMU into the host files, which are checked below.
+    let mut drives = Vec::new();
+    let ro_before = if mode.is_empty() {
+        drives.push(outer::outer_disk_path(0));
+        drives.push(outer::outer_disk_path(1));
+        extra.extend(["--disk", &drives[0], "--ro-disk", &drives[1]]);
         extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
-    }
+        Some(crc32_file(&scratch_ro)?)
+    } else {
+        None
+    };
     let args = driver_args(
         mode,
         "/tvm/vmm",
@@ -109,17 +117,21 @@ pub fn run_driver(
         "/tvm/initramfs.cpio.gz",
         &extra,
     );
+    // `sync`: the payload ends with a forced power-off, so nothing may stay in the outer
+    // page cache.
     let mut run = OuterRun::new(format!(
-        "{} /tvm/tvm-e2e {}\n",
+        "{} /tvm/tvm-e2e {}\nrc=$?\nsync\nexit $rc\n",
         outer::PIN_TO_ONE_CPU,
         util::shell_join(args)
     ))
     .file(&vmm, "vmm")
     .file(&driver, "tvm-e2e")
-    .with_test_guest(&images)
-    .file(&scratch_disk, "disk.ext4")
-    .file(&scratch_ro, "disk-ro.ext4");
+    .with_test_guest(&images);
     if mode.is_empty() {
+        // The read-write attachment is deliberate for the read-only disk too: our VMM's
+        // readonly=on is what must keep it unchanged.
+        run.drive(&scratch_disk, false);
+        run.drive(&scratch_ro, false);
         // Both tools load libc and friends: carry each path once.
         let unique: std::collections::BTreeMap<&String, &std::path::PathBuf> =
             fs_tools.iter().flatten().map(|(h, g)| (g, h)).collect();
@@ -154,15 +166,99 @@ pub fn run_driver(
             tail(&outcome.console_output, 40)
         );
     }
-    match outcome.exit_code {
-        Some(code) => {
-            if code != 0 && !verbose {
-                eprintln!("console tail:\n{}", tail(&outcome.console_output, 60));
-            }
-            Ok((code, report))
-        }
-        None => bail!("the driver did not report an exit status"),
+    let Some(mut code) = outcome.exit_code else {
+        bail!("the driver did not report an exit status");
+    };
+    if code != 0 && !verbose {
+        eprintln!("console tail:\n{}", tail(&outcome.console_output, 60));
     }
+    if let Some(ro_before) = ro_before {
+        let checks = host_disk_checks(&report, &scratch_disk, &scratch_ro, ro_before, &fs_tools);
+        for (name, result) in &checks {
+            match result {
+                Ok(detail) => println!("E2E PASS {name}: {detail}"),
+                Err(why) => println!("E2E FAIL {name}: {why}"),
+            }
+        }
+        if checks.iter().any(|(_, r)| r.is_err()) && code == 0 {
+            code = 1;
+        }
+    }
+    Ok((code, report))
+}
+
+/// CRC-32 (zlib's) of a whole file, as busybox `crc32` prints it.
+fn crc32_file(path: &std::path::Path) -> Result<u32> {
+    let mut crc = flate2::Crc::new();
+    crc.update(&std::fs::read(path)?);
+    Ok(crc.sum())
+}
+
+/// What the inner guest wrote, checked on the host files after the outer guest is gone:
+/// `e2fsck -fn` is clean, `debugfs` reads the guest's file with the CRC the guest printed
+/// (`E2E-DATA` line), and the read-only image is byte-identical.
+fn host_disk_checks(
+    report: &str,
+    disk: &std::path::Path,
+    ro_disk: &std::path::Path,
+    ro_before: u32,
+    fs_tools: &[Vec<(std::path::PathBuf, String)>],
+) -> Vec<(&'static str, std::result::Result<String, String>)> {
+    let (e2fsck, debugfs) = (&fs_tools[0][0].0, &fs_tools[1][0].0);
+    let mut checks = Vec::new();
+    let fsck = Command::new(e2fsck).arg("-fn").arg(disk).output();
+    checks.push((
+        "host-file-e2fsck-clean",
+        match fsck {
+            Ok(out) if out.status.success() => Ok(format!("e2fsck -fn {}: clean", disk.display())),
+            Ok(out) => Err(format!(
+                "e2fsck -fn exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout)
+            )),
+            Err(e) => Err(format!("cannot run {}: {e}", e2fsck.display())),
+        },
+    ));
+    let printed = report
+        .lines()
+        .find_map(|l| l.strip_prefix("E2E-DATA path=/data crc32="))
+        .map(|c| c.trim().to_string());
+    let cat = Command::new(debugfs)
+        .args(["-R", "cat /data"])
+        .arg(disk)
+        .output();
+    checks.push((
+        "host-file-debugfs-crc",
+        match (cat, printed) {
+            (Ok(out), Some(want)) => {
+                let mut crc = flate2::Crc::new();
+                crc.update(&out.stdout);
+                let got = format!("{:08x}", crc.sum());
+                if got == want {
+                    Ok(format!(
+                        "{} bytes of /data, crc32 {got} as the guest printed",
+                        out.stdout.len()
+                    ))
+                } else {
+                    Err(format!(
+                        "debugfs gave {} bytes with crc32 {got}, the guest printed {want}",
+                        out.stdout.len()
+                    ))
+                }
+            }
+            (Ok(_), None) => Err("the guest printed no E2E-DATA crc32 line".into()),
+            (Err(e), _) => Err(format!("cannot run {}: {e}", debugfs.display())),
+        },
+    ));
+    checks.push((
+        "host-file-read-only-unchanged",
+        match crc32_file(ro_disk) {
+            Ok(after) if after == ro_before => Ok(format!("crc32 {after:08x} before and after")),
+            Ok(after) => Err(format!("crc32 {ro_before:08x} before, {after:08x} after")),
+            Err(e) => Err(format!("cannot read {}: {e}", ro_disk.display())),
+        },
+    ));
+    checks
 }
 
 fn tail(text: &str, lines: usize) -> String {

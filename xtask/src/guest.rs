@@ -47,8 +47,20 @@ pub const INNER_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
-/// Modules the outer guest loads: KVM on the emulated AMD SVM, and tun for TAP devices.
-pub const OUTER_MODULES: &[&str] = &["irqbypass", "kvm", "kvm_amd", "tun"];
+/// Modules the outer guest loads: KVM on the emulated AMD SVM, tun for TAP devices, and
+/// virtio-blk for host images attached as drives (`OuterRun::drives`).
+pub const OUTER_MODULES: &[&str] = &[
+    "irqbypass",
+    "kvm",
+    "kvm_amd",
+    "tun",
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+];
 
 /// Bump when the layout or the way images are built changes.
 const LAYOUT_VERSION: u32 = 1;

@@ -97,6 +97,25 @@ pub struct OuterRun {
     pub timeout: Duration,
     /// Do not echo the captured console to stdout (non-interactive runs only).
     pub quiet: bool,
+    /// Host image files attached to the outer guest as virtio disks, in order: the first
+    /// is the outer guest's /dev/vda, the second /dev/vdb, ... ([`outer_disk_path`]).
+    /// Unlike carried files, what the payload writes to them lands in the host file.
+    pub drives: Vec<Drive>,
+}
+
+/// A host image attached to the outer guest (see [`OuterRun::drives`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drive {
+    /// Host path of the image.
+    pub path: PathBuf,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+/// The outer guest's device node of drive `index` (`/dev/vda`, `/dev/vdb`, ...).
+pub fn outer_disk_path(index: usize) -> String {
+    let letter = char::from(b'a' + u8::try_from(index % 26).unwrap_or(0));
+    format!("/dev/vd{letter}")
 }
 
 /// What an [`OuterRun`] ended with.
@@ -130,7 +149,18 @@ impl OuterRun {
             interactive: false,
             timeout: Duration::from_secs(600),
             quiet: false,
+            drives: Vec::new(),
         }
+    }
+
+    /// Attaches a host image as the outer guest's next virtio disk and returns its device
+    /// node there.
+    pub fn drive(&mut self, host: impl Into<PathBuf>, read_only: bool) -> String {
+        self.drives.push(Drive {
+            path: host.into(),
+            read_only,
+        });
+        outer_disk_path(self.drives.len() - 1)
     }
 
     /// Adds a host file at `guest_path` (relative paths go under `/tvm/`).
@@ -251,6 +281,15 @@ impl OuterRun {
                 exit_file.to_string_lossy().replace(',', ",,")
             ))
             .args(["-serial", "chardev:exit"]);
+        for d in &self.drives {
+            // cache=writeback (the default): the payload's flushes reach the host file
+            // through QEMU's fdatasync; what is written is in the host page cache either way.
+            cmd.arg("-drive").arg(format!(
+                "file={},if=virtio,format=raw,discard=unmap{}",
+                d.path.to_string_lossy().replace(',', ",,"),
+                if d.read_only { ",readonly=on" } else { "" }
+            ));
+        }
         cmd
     }
 

@@ -42,6 +42,9 @@ pub struct VmmInvocation {
     pub vmm: Carried,
     /// Files the arguments refer to (kernel, initrd, later disks).
     pub files: Vec<Carried>,
+    /// Disk images named by `--disk` options: attached to the outer guest as drives
+    /// (so the guest's writes land in the host file), used directly otherwise.
+    pub disks: Vec<outer::Drive>,
     /// Arguments, with `{}`-free plain strings; see [`VmmInvocation::args_for`].
     pub args: Vec<Arg>,
 }
@@ -53,6 +56,9 @@ pub enum Arg {
     Plain(String),
     /// Replaced by the host or guest path of `files[i]`.
     File(usize),
+    /// The value of a `--disk` option: `disks[i]`'s host path or its outer-guest device
+    /// node, followed by the option's own suffix (`,readonly=on`, ...).
+    Disk(usize, String),
 }
 
 impl VmmInvocation {
@@ -64,7 +70,33 @@ impl VmmInvocation {
             Arg::Plain("--initrd".into()),
             Arg::File(1),
         ];
-        args.extend(extra.iter().cloned().map(Arg::Plain));
+        let mut disks = Vec::new();
+        let mut next_is_disk = false;
+        for a in extra {
+            let value = if next_is_disk {
+                Some(a.as_str())
+            } else {
+                a.strip_prefix("--disk=")
+            };
+            match value {
+                Some(v) => {
+                    if !next_is_disk {
+                        args.push(Arg::Plain("--disk".into()));
+                    }
+                    let (path, suffix) = v.split_at(v.find(',').unwrap_or(v.len()));
+                    disks.push(outer::Drive {
+                        path: path.into(),
+                        read_only: suffix.split(',').any(|o| o == "readonly=on"),
+                    });
+                    args.push(Arg::Disk(disks.len() - 1, suffix.to_string()));
+                    next_is_disk = false;
+                }
+                None => {
+                    next_is_disk = a == "--disk";
+                    args.push(Arg::Plain(a.clone()));
+                }
+            }
+        }
         Self {
             vmm: Carried {
                 host: vmm,
@@ -80,6 +112,7 @@ impl VmmInvocation {
                     guest: "/tvm/initramfs.cpio.gz".into(),
                 },
             ],
+            disks,
             args,
         }
     }
@@ -93,6 +126,8 @@ impl VmmInvocation {
                 Arg::Plain(s) => s.clone(),
                 Arg::File(i) if guest => self.files[*i].guest.clone(),
                 Arg::File(i) => self.files[*i].host.to_string_lossy().into_owned(),
+                Arg::Disk(i, suffix) if guest => format!("{}{suffix}", outer::outer_disk_path(*i)),
+                Arg::Disk(i, suffix) => format!("{}{suffix}", self.disks[*i].path.display()),
             })
             .collect()
     }
@@ -109,6 +144,7 @@ impl VmmInvocation {
         for c in std::iter::once(&self.vmm).chain(&self.files) {
             run = run.file(&c.host, &c.guest);
         }
+        run.drives = self.disks.clone();
         run
     }
 }
@@ -118,6 +154,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let vmm = outer::build_static(VMM_PACKAGE, VMM_BIN)?;
     let images = guest::prepare()?;
     let inv = VmmInvocation::new(vmm, &images, &args.vmm_args);
+    for d in &inv.disks {
+        // Checked here so a typo fails before the (slow) outer guest boots; the VMM checks
+        // again (lock, permissions) when it opens the image.
+        if !d.path.is_file() {
+            bail!(
+                "disk image {} not found (or not a regular file)",
+                d.path.display()
+            );
+        }
+    }
     if outer::kvm_is_usable_directly() {
         let mut cmd = Command::new(&inv.vmm.host);
         cmd.args(inv.args_for(false));
@@ -172,5 +218,64 @@ mod tests {
         );
         assert_eq!(run.files.len(), 3);
         assert!(run.interactive);
+    }
+
+    #[test]
+    fn disks_become_outer_drives() {
+        let images = GuestImages {
+            dir: "/g".into(),
+            vmlinuz: "/g/vmlinuz".into(),
+            initramfs: "/g/initramfs.cpio.gz".into(),
+            outer_base: "/g/outer/base.cpio".into(),
+            kernel_release: "r".into(),
+            disk: "/g/disk.ext4".into(),
+        };
+        let extra: Vec<String> = [
+            "--disk",
+            "a.img",
+            "--memory",
+            "1G",
+            "--disk=/b,readonly=on,id=x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let inv = VmmInvocation::new("/vmm".into(), &images, &extra);
+        assert_eq!(
+            inv.disks,
+            [
+                outer::Drive {
+                    path: "a.img".into(),
+                    read_only: false
+                },
+                outer::Drive {
+                    path: "/b".into(),
+                    read_only: true
+                },
+            ]
+        );
+        assert_eq!(
+            inv.args_for(false)[4..],
+            [
+                "--disk",
+                "a.img",
+                "--memory",
+                "1G",
+                "--disk",
+                "/b,readonly=on,id=x"
+            ]
+        );
+        assert_eq!(
+            inv.args_for(true)[4..],
+            [
+                "--disk",
+                "/dev/vda",
+                "--memory",
+                "1G",
+                "--disk",
+                "/dev/vdb,readonly=on,id=x"
+            ]
+        );
+        assert_eq!(inv.outer_run(false).drives, inv.disks);
     }
 }
