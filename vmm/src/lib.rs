@@ -112,6 +112,9 @@ pub enum Error {
     /// A disk could not be opened.
     #[error(transparent)]
     Block(#[from] tvm_virtio_blk::Error),
+    /// A BAR could not be mapped where the VMM placed it.
+    #[error("cannot map the bar of {0}: {1}")]
+    MapBar(String, String),
     /// KVM_IOEVENTFD failed.
     #[error("failed to register a queue notification ioeventfd")]
     RegisterIoevent(#[source] kvm_ioctls::Error),

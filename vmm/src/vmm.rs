@@ -10,7 +10,9 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use log::{debug, error, info, warn};
 use tvm_arch_x86::{layout, BootParamsConfig, VcpuBootConfig};
-use tvm_bus::{register_pio_device, IoManager, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
+use tvm_bus::{
+    register_pio_device, IoManager, PciMmioWindow, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
+};
 use tvm_irq::{GsiRouting, IrqLine};
 use tvm_memory::GuestMemoryMmap;
 use tvm_serial::{
@@ -30,7 +32,7 @@ use crate::legacy::{
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
 use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
-use crate::virtio::{register_ioeventfds, set_interrupt_line, BarMmio, KvmInterruptSink};
+use crate::virtio::{set_interrupt_line, IoeventRegistrar, KvmInterruptSink, RelocatableBar};
 use crate::{Error, Result};
 
 /// A virtio-blk device on the PCI bus.
@@ -265,6 +267,12 @@ impl Vmm {
             vm_memory::GuestAddress(layout::MMIO_GAP_START),
             layout::PCI_MMIO_END - layout::MMIO_GAP_START,
         )?;
+        // BARs live in a window on the MMIO bus so they can follow the guest.
+        let window = Arc::new(PciMmioWindow::new(
+            layout::MMIO_GAP_START,
+            layout::PCI_MMIO_END - layout::MMIO_GAP_START,
+        ));
+        tvm_bus::register_pci_window(&mut io, window.clone())?;
         let mut disks = Vec::new();
         let mut sinks = Vec::new();
         for (i, block) in blocks.into_iter().enumerate() {
@@ -280,19 +288,18 @@ impl Vmm {
             let bar = mmio.allocate(dev.bar_size())?;
             dev.set_bar_addr(bar)?;
             set_interrupt_line(&mut dev, intx_gsi);
-            register_ioeventfds(&vm, &dev)?;
-            let bar_size = dev.bar_size();
             let dev = Arc::new(Mutex::new(dev));
+            let ioevents: Arc<dyn IoeventRegistrar> = vm.clone();
+            let slot_dev = RelocatableBar::new(
+                format!("virtio-blk {:?}", cfg.disks[i].path),
+                dev.clone(),
+                window.clone(),
+                ioevents,
+            )?;
             let slot = pci
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .add_device(dev.clone())?;
-            tvm_bus::register_mmio_device(
-                &mut io,
-                bar.0,
-                bar_size,
-                Arc::new(Mutex::new(BarMmio::new(dev.clone()))),
-            )?;
+                .add_device(Arc::new(Mutex::new(slot_dev)))?;
             info!(
                 "disk {:?} at pci 00:{slot:02x}.0, bar {:#x}, intx gsi {intx_gsi}",
                 cfg.disks[i].path, bar.0

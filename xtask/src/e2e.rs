@@ -46,10 +46,12 @@ fn driver_args(
 /// Runs the driver with `mode` (e.g. `[]` for the checks, `["boot-time"]` for timing)
 /// beside the VMM; `extra_files` are carried into the outer guest as `(host, guest)`.
 /// Returns the driver's exit code and its output.
+/// `initrd` replaces the test guest's initramfs (a host path; carried into the outer guest).
 pub fn run_driver(
     mode: &[&str],
     extra_args: &[&str],
     extra_files: &[(std::path::PathBuf, String)],
+    initrd: Option<&std::path::Path>,
     verbose: bool,
     timeout: Duration,
 ) -> Result<(i32, String)> {
@@ -85,7 +87,7 @@ pub fn run_driver(
             mode,
             &vmm.to_string_lossy(),
             &images.vmlinuz.to_string_lossy(),
-            &images.initramfs.to_string_lossy(),
+            &initrd.unwrap_or(&images.initramfs).to_string_lossy(),
             &extra,
         );
         let mut cmd = Command::new(&driver);
@@ -114,7 +116,11 @@ pub fn run_driver(
         mode,
         "/tvm/vmm",
         "/tvm/vmlinuz",
-        "/tvm/initramfs.cpio.gz",
+        if initrd.is_some() {
+            "/tvm/initramfs-alt.cpio.gz"
+        } else {
+            "/tvm/initramfs.cpio.gz"
+        },
         &extra,
     );
     // `sync`: the payload ends with a forced power-off, so nothing may stay in the outer
@@ -141,6 +147,9 @@ pub fn run_driver(
     }
     for (host, guest) in extra_files {
         run = run.file(host, guest.clone());
+    }
+    if let Some(initrd) = initrd {
+        run = run.file(initrd, "initramfs-alt.cpio.gz");
     }
     run.timeout = timeout;
     run.quiet = !verbose;
@@ -273,6 +282,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         &[],
         &["--flood-kib", &flood],
         &[],
+        None,
         args.verbose,
         Duration::from_secs(args.timeout),
     )?;

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_device::bus::{Error as BusError, MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_device::{MutDeviceMmio, MutDevicePio};
+use vm_device::{DeviceMmio, MutDeviceMmio, MutDevicePio};
 
 use crate::{Error, Result};
 
@@ -47,6 +47,15 @@ pub fn register_mmio_device(
     len: u64,
     dev: Arc<Mutex<impl MutDeviceMmio + Send + 'static>>,
 ) -> Result<()> {
+    register_mmio(io, base, len, dev)
+}
+
+fn register_mmio(
+    io: &mut IoManager,
+    base: u64,
+    len: u64,
+    dev: Arc<dyn DeviceMmio + Send + Sync>,
+) -> Result<()> {
     let range = MmioRange::new(MmioAddress(base), len)
         .map_err(|_| Error::InvalidMmioRange { base, len })?;
     io.register_mmio(range, dev).map_err(|e| match e {
@@ -56,6 +65,16 @@ pub fn register_mmio_device(
         },
         other => Error::RegisterDevice(other),
     })
+}
+
+/// Registers `window` on `io` for its whole range ([`PciMmioWindow::start`],
+/// [`PciMmioWindow::len`]).
+///
+/// # Errors
+///
+/// As [`register_mmio_device`].
+pub fn register_pci_window(io: &mut IoManager, window: Arc<crate::PciMmioWindow>) -> Result<()> {
+    register_mmio(io, window.start(), window.len(), window)
 }
 
 #[cfg(test)]

@@ -15,9 +15,13 @@
 //!   256-byte type-0 configuration space with writable masks, BAR sizing and a capability
 //!   list, for device crates (virtio-pci) to embed.
 //!
-//! It does not talk to KVM, allocate guest addresses for BARs, or move a device's MMIO
-//! registration when the guest reprograms a BAR: the VMM does that with
-//! [`PciConfigSpace::bar_addr`] and the VMM's address allocation.
+//! * **BARs that move.** [`PciMmioWindow`] is one MMIO registration over the addresses
+//!   handed to BARs; BARs ([`BarAccess`]) are mapped and unmapped in it while the vCPUs
+//!   run, as the guest programs them (inside the window, never over another BAR).
+//!
+//! It does not talk to KVM or allocate guest addresses for BARs: the VMM watches
+//! [`PciConfigSpace::bar_addr`] and the command register, and moves the mapping and its
+//! ioeventfds.
 //!
 //! # Example
 //!
@@ -51,11 +55,13 @@ mod config_space;
 mod io;
 mod pci;
 mod root;
+mod window;
 
 pub use config_space::{PciBarKind, PciConfigSpace, PciHeaderConfig, NUM_BARS, NUM_CONFIG_REGS};
-pub use io::{register_mmio_device, register_pio_device};
+pub use io::{register_mmio_device, register_pci_window, register_pio_device};
 pub use pci::{PciDevice, PciHostBridge, HOST_BRIDGE_DEVICE_ID, PCI_VENDOR_ID_INTEL};
 pub use root::{PciRoot, NUM_PCI_SLOTS, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN};
+pub use window::{BarAccess, BarMapError, PciMmioWindow};
 
 pub use vm_device::bus::{
     Error as BusError, MmioAddress, MmioAddressOffset, MmioRange, PioAddress, PioAddressOffset,

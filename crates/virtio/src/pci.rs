@@ -66,6 +66,8 @@ const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
 const MSIX_CTRL_ENABLE: u16 = 1 << 15;
 /// MSI-X message control, bit 14: function mask.
 const MSIX_CTRL_FUNCTION_MASK: u16 = 1 << 14;
+/// Command register bit 1: memory-space decoding enabled.
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
 /// Command register bit 10: INTx disable.
 const PCI_COMMAND_INTX_DISABLE: u16 = 1 << 10;
 const COMMAND_REG: usize = 1;
@@ -310,7 +312,15 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.config.bar_addr(0).unwrap_or(0)
     }
 
-    /// Programs BAR 0 with `addr`, as firmware would (the VMM's BAR allocation).
+    /// Where BAR 0 decodes now: [`bar_addr`](Self::bar_addr) while memory-space decoding
+    /// is enabled in the command register, `None` while it is off (a guest turns it off
+    /// while it sizes or moves the BAR).
+    pub fn bar_decode_addr(&self) -> Option<u64> {
+        (self.config.command() & PCI_COMMAND_MEMORY != 0).then(|| self.bar_addr())
+    }
+
+    /// Programs BAR 0 with `addr` and enables memory-space decoding, as firmware would
+    /// (the VMM's BAR allocation).
     ///
     /// # Errors
     ///
@@ -318,6 +328,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     pub fn set_bar_addr(&mut self, addr: GuestAddress) -> Result<()> {
         self.config
             .set_bar_addr(0, addr.0)
+            .map_err(Error::SetupConfigSpace)?;
+        let cmd_status = self.config.read_reg(COMMAND_REG);
+        self.config
+            .set_reg(COMMAND_REG, cmd_status | u32::from(PCI_COMMAND_MEMORY))
             .map_err(Error::SetupConfigSpace)
     }
 

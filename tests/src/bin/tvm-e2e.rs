@@ -9,6 +9,9 @@
 //!
 //! `tvm-e2e boot-time` instead boots the same guest in the VMM and in QEMU (`-accel kvm`)
 //! a few times each and reports the time from spawn to the readiness marker.
+//! `tvm-e2e disk-bench` boots both with the same disk image as virtio-blk and runs
+//! `tvm-iobench` in the guest: O_DIRECT sequential write and read, 4 KiB random reads, and
+//! each VMM's peak RSS.
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -98,6 +101,8 @@ struct Opts {
     ro_disk: Option<String>,
     e2fsck: Option<String>,
     debugfs: Option<String>,
+    bench_mib: u64,
+    bench_secs: u64,
     verbose: bool,
 }
 
@@ -114,6 +119,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         ro_disk: None,
         e2fsck: None,
         debugfs: None,
+        bench_mib: 256,
+        bench_secs: 10,
         verbose: false,
     };
     let mut it = args.iter();
@@ -133,12 +140,18 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--ro-disk" => o.ro_disk = Some(val()?),
             "--e2fsck" => o.e2fsck = Some(val()?),
             "--debugfs" => o.debugfs = Some(val()?),
+            "--bench-mib" => {
+                o.bench_mib = val()?.parse().map_err(|e| format!("--bench-mib: {e}"))?
+            }
+            "--bench-secs" => {
+                o.bench_secs = val()?.parse().map_err(|e| format!("--bench-secs: {e}"))?
+            }
             "--verbose" => o.verbose = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--bench-mib N] [--bench-secs N] [--verbose]".into());
     }
     Ok(o)
 }
@@ -680,6 +693,157 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// QEMU with the same guest as [`vmm_command`] (`-accel kvm -cpu host`, 512 MiB, one vCPU,
+/// the same command line), and `disk` as a virtio-blk-pci drive (host page cache, like
+/// our VMM's buffered I/O).
+fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Command {
+    let mut q = Command::new(qemu);
+    q.args([
+        "-M",
+        "pc",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "512M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &o.kernel,
+        "-initrd",
+        &o.initrd,
+        "-append",
+        &cmdline(o),
+        "-no-reboot",
+    ]);
+    if let Some(disk) = disk {
+        q.arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=d0,format=raw,cache=writeback,aio=threads",
+                disk.replace(',', ",,")
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0"]);
+    }
+    q
+}
+
+/// Peak RSS (`VmHWM`) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// One guest's block figures: (seq-write MiB/s, seq-read MiB/s, rand-read IOPS, peak RSS KiB).
+type DiskFigures = (f64, f64, f64, u64);
+
+/// Boots `cmd` (a guest with the bench disk as /dev/vda and `tvm-iobench` in its
+/// initramfs), runs the three measurements and returns the figures.
+fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, String> {
+    let mut g = Guest::spawn(cmd, o.verbose)?;
+    let c = g.console.clone();
+    let ready = c
+        .wait_for(READY, 0, BOOT_TIMEOUT)
+        .ok_or_else(|| format!("{what}: no readiness marker; console: {}", c.tail(2000)))?;
+    let pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
+    let mib = o.bench_mib;
+    let secs = o.bench_secs;
+    g.send(
+        format!(
+            "tvm-iobench seq-write /dev/vda {mib}; tvm-iobench seq-read /dev/vda {mib}; \
+             tvm-iobench rand-read /dev/vda {secs}; echo bench-$((1+1))-done\n"
+        )
+        .as_bytes(),
+    )?;
+    let done = c
+        .wait_for("bench-2-done", pos, Duration::from_secs(900))
+        .ok_or_else(|| {
+            format!(
+                "{what}: the benchmark did not finish; console: {}",
+                c.tail(2000)
+            )
+        })?;
+    let text = c.text_from(pos);
+    let text = &text[..done - pos];
+    let field = |op: &str, key: &str| -> Result<f64, String> {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("IOBENCH op={op} ")))
+            .ok_or_else(|| format!("{what}: no {op} result; console: {text}"))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{what}: no {key} in {line:?}"))
+    };
+    let figures = (
+        field("seq-write", "mib_s")?,
+        field("seq-read", "mib_s")?,
+        field("rand-read", "iops")?,
+        peak_rss_kib(g.child.id()).unwrap_or(0),
+    );
+    println!(
+        "BENCH-DISK {what}: seq-write {:.1} MiB/s, seq-read {:.1} MiB/s, rand-read {:.0} IOPS, peak RSS {} KiB",
+        figures.0, figures.1, figures.2, figures.3
+    );
+    g.send(b"reboot\n")?;
+    if g.wait_exit(STEP_TIMEOUT).is_none() {
+        let _ = g.child.kill();
+    }
+    Ok(figures)
+}
+
+/// `disk-bench`: block throughput, IOPS and peak RSS, for our VMM and QEMU's
+/// virtio-blk-pci on the same image, interleaved `--runs` times; medians and ratios.
+fn disk_bench(o: &Opts) -> Result<bool, String> {
+    let qemu = o.qemu.clone().ok_or("disk-bench needs --qemu")?;
+    let disk = o.disk.clone().ok_or("disk-bench needs --disk")?;
+    // A sparse raw image with room for the sequential runs.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&disk)
+        .and_then(|f| f.set_len((o.bench_mib + 64) << 20))
+        .map_err(|e| format!("cannot create the bench image {disk}: {e}"))?;
+    let mut ours: Vec<DiskFigures> = Vec::new();
+    let mut peer: Vec<DiskFigures> = Vec::new();
+    for run in 0..o.runs {
+        println!("BENCH-DISK run {run}");
+        ours.push(disk_bench_one(vmm_command(o), o, "vmm")?);
+        peer.push(disk_bench_one(
+            qemu_command(&qemu, o, Some(&disk)),
+            o,
+            "qemu",
+        )?);
+    }
+    let med = |v: &[DiskFigures], f: fn(&DiskFigures) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        median(&mut x)
+    };
+    type Pick = fn(&DiskFigures) -> f64;
+    let rows: [(&str, &str, Pick); 4] = [
+        ("seq-write", "MiB/s", |f| f.0),
+        ("seq-read", "MiB/s", |f| f.1),
+        ("rand-read-4k", "IOPS", |f| f.2),
+        ("peak-rss", "KiB", |f| f.3 as f64),
+    ];
+    for (name, unit, f) in rows {
+        let (a, b) = (med(&ours, f), med(&peer, f));
+        println!(
+            "BENCH-DISK median {name}: vmm {a:.1} {unit}, qemu {b:.1} {unit}, ratio vmm/qemu {:.2} ({} runs each)",
+            a / b,
+            o.runs
+        );
+    }
+    Ok(true)
+}
+
 fn boot_time(o: &Opts) -> Result<bool, String> {
     let qemu = o.qemu.clone().ok_or("boot-time needs --qemu")?;
     let mut ours = Vec::new();
@@ -688,31 +852,7 @@ fn boot_time(o: &Opts) -> Result<bool, String> {
         // Interleave the two so drift in the machine's speed hits both alike.
         let t = time_to_ready(vmm_command(o), o.verbose)?;
         ours.push(t.as_secs_f64() * 1000.0);
-        let mut q = Command::new(&qemu);
-        q.args([
-            "-M",
-            "pc",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "512M",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &o.kernel,
-            "-initrd",
-            &o.initrd,
-            "-append",
-            "console=ttyS0 reboot=k panic=1 pci=conf1",
-            "-no-reboot",
-        ]);
+        let q = qemu_command(&qemu, o, None);
         let t = time_to_ready(q, o.verbose)?;
         peer.push(t.as_secs_f64() * 1000.0);
         println!(
@@ -733,11 +873,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, rest) = match args.first().map(String::as_str) {
         Some("boot-time") => ("boot-time", &args[1..]),
+        Some("disk-bench") => ("disk-bench", &args[1..]),
         Some("boot") => ("boot", &args[1..]),
         _ => ("boot", &args[..]),
     };
     let result = parse_opts(rest).and_then(|o| match mode {
         "boot-time" => boot_time(&o),
+        "disk-bench" => disk_bench(&o),
         _ => boot_checks(&o),
     });
     match result {

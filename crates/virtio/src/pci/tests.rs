@@ -686,3 +686,27 @@ fn extra_event_sources_reach_the_device_through_the_event_loop() {
     // Nothing pending: the loop times out instead of dispatching again.
     assert_eq!(em.run_with_timeout(10).unwrap(), 0);
 }
+
+#[test]
+fn bar_decodes_only_while_memory_space_is_enabled() {
+    let mut h = harness();
+    let dev = &mut h.dev;
+    // As built: not placed, decoding off.
+    assert_eq!(dev.bar_decode_addr(), None);
+    dev.set_bar_addr(GuestAddress(0xc000_0000)).unwrap();
+    assert_eq!(dev.bar_decode_addr(), Some(0xc000_0000));
+    // A guest sizing the BAR: decoding off, all ones, restore, decoding on.
+    let cmd = dev.config_read(1) & 0xffff;
+    dev.config_write(1, 0, &((cmd & !2) as u16).to_le_bytes());
+    assert_eq!(dev.bar_decode_addr(), None);
+    dev.config_write(4, 0, &u32::MAX.to_le_bytes());
+    dev.config_write(5, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(dev.config_read(4) & !0xf, !(BAR_SIZE as u32 - 1));
+    dev.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
+    dev.config_write(5, 0, &0u32.to_le_bytes());
+    dev.config_write(1, 0, &(cmd as u16).to_le_bytes());
+    assert_eq!(dev.bar_decode_addr(), Some(0xc000_0000));
+    // A move.
+    dev.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
+    assert_eq!(dev.bar_decode_addr(), Some(0xd000_0000));
+}
