@@ -1,0 +1,608 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The network device: features, config space, activation, and the receive and transmit
+//! loops.
+
+use std::io::{self, IoSlice};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
+
+use crate::backend::NetBackend;
+use crate::mac::{format_mac, generated_mac, mac_problem};
+use crate::rx::{deliver_frame, RxScratch, RxStatus};
+use crate::tap::Tap;
+use crate::tx::read_tx_frame;
+use crate::{Error, Result};
+
+/// Virtio device ID of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// Size of each of the two queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: u16 = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: u16 = 1;
+/// Length of `virtio_net_hdr_v1`, the header in front of every frame of a VERSION_1
+/// device (virtio 1.2, 5.1.6), `num_buffers` included; also the TAP's vnet header size.
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest packet (vnet header + Ethernet frame) moved in either direction: the header, a
+/// 64 KiB GSO frame, and 256 bytes of room for its Ethernet and VLAN headers.
+pub const MAX_PACKET_LEN: usize = VNET_HDR_LEN + 65535 + 256;
+/// Most frames received (delivered or dropped) per event before the device yields to the
+/// event loop; it continues through the receive queue's EventFd.
+pub const MAX_RX_FRAMES_PER_RUN: usize = 256;
+/// Most transmit chains handled per notification before the device yields to the event
+/// loop; it continues through the transmit queue's EventFd.
+pub const MAX_TX_FRAMES_PER_RUN: usize = 256;
+
+/// Feature bits the device offers (the transport adds VERSION_1, EVENT_IDX and
+/// INDIRECT_DESC).
+pub const DEVICE_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_MAC
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_ECN
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_ECN
+    | 1 << VIRTIO_NET_F_MRG_RXBUF
+    | 1 << VIRTIO_NET_F_STATUS;
+
+/// Bytes of `virtio_net_config` we fill: `mac[6]` and `status`.
+const CONFIG_LEN: usize = 8;
+/// Index of the TAP in [`VirtioDevice::extra_event_sources`].
+const TAP_EVENT: usize = 0;
+
+const fn has(features: u64, bit: u32) -> bool {
+    features & (1 << bit) != 0
+}
+
+/// The TAP receive offloads (`TUN_F_*`) that match the negotiated `features`: GUEST_CSUM
+/// -> `TUN_F_CSUM`, GUEST_TSO4 -> `TUN_F_TSO4`, GUEST_TSO6 -> `TUN_F_TSO6`, GUEST_ECN ->
+/// `TUN_F_TSO_ECN`. The feature dependencies of virtio 1.2, 5.1.3.1 (TSO needs CSUM, ECN
+/// needs TSO) are applied, as the kernel refuses the flags otherwise.
+pub fn offload_flags(features: u64) -> u32 {
+    if !has(features, VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    if has(features, VIRTIO_NET_F_GUEST_TSO4) {
+        flags |= libc::TUN_F_TSO4;
+    }
+    if has(features, VIRTIO_NET_F_GUEST_TSO6) {
+        flags |= libc::TUN_F_TSO6;
+    }
+    if flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 && has(features, VIRTIO_NET_F_GUEST_ECN) {
+        flags |= libc::TUN_F_TSO_ECN;
+    }
+    flags
+}
+
+/// Checks a received frame's vnet header against the offloads the guest accepted and
+/// clears what it must not see; false when the frame must be dropped (a leftover from
+/// offloads set before a reset, or a backend that ignored them).
+fn fix_rx_header(hdr: &mut [u8], offloads: u32) -> bool {
+    let (Some(&flags), Some(&gso_type)) = (hdr.first(), hdr.get(1)) else {
+        return false;
+    };
+    let csum = offloads & libc::TUN_F_CSUM != 0;
+    if u32::from(flags) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !csum {
+        return false;
+    }
+    let gso = u32::from(gso_type);
+    let ecn = gso & VIRTIO_NET_HDR_GSO_ECN != 0;
+    let gso_ok = match gso & !VIRTIO_NET_HDR_GSO_ECN {
+        VIRTIO_NET_HDR_GSO_NONE => !ecn,
+        VIRTIO_NET_HDR_GSO_TCPV4 => offloads & libc::TUN_F_TSO4 != 0,
+        VIRTIO_NET_HDR_GSO_TCPV6 => offloads & libc::TUN_F_TSO6 != 0,
+        _ => false,
+    };
+    if !gso_ok || (ecn && offloads & libc::TUN_F_TSO_ECN == 0) {
+        return false;
+    }
+    if !csum {
+        // Without GUEST_CSUM the flags must be 0 (virtio 1.2, 5.1.6.4.1): drop the
+        // kernel's DATA_VALID hint.
+        hdr[0] = 0;
+    }
+    true
+}
+
+/// What the VMM's `--net tap=NAME[,mac=MAC]` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the TAP interface to create or attach.
+    pub tap: String,
+    /// The guest's MAC address; default [`generated_mac`] of the TAP name.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Packet and error counts since the device was built (resets do not clear them).
+///
+/// Bytes count Ethernet frames, without the vnet header. An *error* is something the guest
+/// got wrong (a malformed chain, returned with nothing done); a *drop* is a well-formed
+/// frame that could not be delivered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames from the backend not delivered: larger than the guest's buffers (without
+    /// mergeable buffers), truncated or shorter than the header, or carrying offloads the
+    /// guest did not accept.
+    pub rx_dropped: u64,
+    /// Malformed receive chains (device-readable or out-of-memory descriptors, no room),
+    /// and backend read errors other than EAGAIN.
+    pub rx_errors: u64,
+    /// Frames sent to the backend.
+    pub tx_packets: u64,
+    /// Bytes sent to the backend.
+    pub tx_bytes: u64,
+    /// Well-formed frames the backend refused (EAGAIN when the TAP queue is full, EINVAL
+    /// for a header the kernel rejects, EIO when the interface is down, short writes).
+    pub tx_dropped: u64,
+    /// Malformed transmit chains (device-writable or out-of-memory descriptors, shorter
+    /// than the header, longer than [`MAX_PACKET_LEN`]).
+    pub tx_errors: u64,
+}
+
+struct Active {
+    mem: GuestMemoryMmap<()>,
+    rx: Queue,
+    tx: Queue,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    mergeable: bool,
+    /// The receive offloads the guest accepted (`TUN_F_*`).
+    offloads: u32,
+}
+
+/// A virtio network device over a [`NetBackend`] (a [`Tap`] in production).
+///
+/// Implements [`VirtioDevice`]; put it in a [`tvm_virtio::VirtioPciDevice`], whose
+/// event-manager subscriber watches the backend's descriptor (edge-triggered) and the
+/// queue notifications.
+pub struct Net<B: NetBackend> {
+    backend: B,
+    mac: [u8; 6],
+    config: [u8; CONFIG_LEN],
+    counters: NetCounters,
+    /// The frame read from the backend and not yet delivered: `rx_buf[..rx_len]`; 0 when
+    /// none is pending. One byte longer than [`MAX_PACKET_LEN`], to notice truncation.
+    rx_buf: Vec<u8>,
+    rx_len: usize,
+    rx_scratch: RxScratch,
+    tx_buf: Vec<u8>,
+    active: Option<Active>,
+}
+
+impl<B: NetBackend> std::fmt::Debug for Net<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("mac", &format_mac(&self.mac))
+            .field("fd", &self.backend.as_raw_fd())
+            .field("counters", &self.counters)
+            .field("rx_pending", &self.rx_len)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net<Tap> {
+    /// Opens the TAP in `cfg` and builds the device with the configured MAC, or the one
+    /// [`generated_mac`] derives from the TAP name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMac`] for a multicast or all-zero configured MAC, and the errors of
+    /// [`Tap::open`].
+    pub fn open(cfg: &NetConfig) -> Result<Self> {
+        let mac = match cfg.mac {
+            Some(mac) => {
+                if let Some(reason) = mac_problem(&mac) {
+                    return Err(Error::InvalidMac {
+                        input: format_mac(&mac),
+                        reason,
+                    });
+                }
+                mac
+            }
+            None => generated_mac(&cfg.tap),
+        };
+        let tap = Tap::open(&cfg.tap)?;
+        info!("net: tap {}, mac {}", tap.name(), format_mac(&mac));
+        Ok(Net::new(tap, mac))
+    }
+
+    /// The TAP interface's name.
+    pub fn tap_name(&self) -> &str {
+        self.backend.name()
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// Builds the device over `backend`, with MAC address `mac` (which should be a unicast
+    /// address; see [`parse_mac`](crate::parse_mac)).
+    pub fn new(backend: B, mac: [u8; 6]) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        // VIRTIO_NET_S_LINK_UP is 1.
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        Net {
+            backend,
+            mac,
+            config,
+            counters: NetCounters::default(),
+            rx_buf: vec![0u8; MAX_PACKET_LEN + 1],
+            rx_len: 0,
+            rx_scratch: RxScratch::default(),
+            tx_buf: vec![0u8; MAX_PACKET_LEN],
+            active: None,
+        }
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Packet, byte, drop and error counts so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    /// Logs the counters at `info!`; the VMM calls this at shutdown.
+    pub fn log_counters(&self) {
+        let c = &self.counters;
+        info!(
+            "net {}: rx {} packets, {} bytes, {} dropped, {} errors; \
+             tx {} packets, {} bytes, {} dropped, {} errors",
+            format_mac(&self.mac),
+            c.rx_packets,
+            c.rx_bytes,
+            c.rx_dropped,
+            c.rx_errors,
+            c.tx_packets,
+            c.tx_bytes,
+            c.tx_dropped,
+            c.tx_errors
+        );
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Length of the frame read from the backend and waiting for receive buffers (vnet
+    /// header included); 0 when none waits.
+    pub fn rx_pending_len(&self) -> usize {
+        self.rx_len
+    }
+
+    /// Receives: delivers the pending frame, then reads and delivers frames until the
+    /// backend has none (EAGAIN), the guest's buffers run out (the frame waits, the
+    /// backend is not read again until the driver kicks the receive queue), or
+    /// [`MAX_RX_FRAMES_PER_RUN`] frames (then the receive queue's EventFd brings us back).
+    /// Reading until EAGAIN or a kick is what edge-triggered watching needs.
+    fn process_rx(&mut self) {
+        let Net {
+            backend,
+            counters,
+            rx_buf,
+            rx_len,
+            rx_scratch,
+            active,
+            ..
+        } = self;
+        let Some(active) = active.as_mut() else {
+            debug!("virtio-net: rx while inactive");
+            return;
+        };
+        let mem = &active.mem;
+        // Kicks are not needed while we have buffers; deliver_frame asks for one when
+        // they run out.
+        if let Err(e) = active.rx.disable_notification(mem) {
+            debug!("virtio-net: rx disable_notification failed: {e}");
+        }
+        let mut used = false;
+        let mut frames = 0usize;
+        loop {
+            if *rx_len == 0 {
+                if frames >= MAX_RX_FRAMES_PER_RUN {
+                    // Edge-triggered: the backend may still hold frames and will not
+                    // signal again; come back through the event loop.
+                    if let Err(e) = active.queue_evts[usize::from(RX_QUEUE)].write(1) {
+                        warn!("virtio-net: failed to re-signal the rx queue: {e}");
+                    }
+                    break;
+                }
+                let n = match backend.read_frame(rx_buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        counters.rx_errors += 1;
+                        warn!("virtio-net: reading from the backend failed: {e}");
+                        break;
+                    }
+                };
+                frames += 1;
+                if !(VNET_HDR_LEN..=MAX_PACKET_LEN).contains(&n) {
+                    counters.rx_dropped += 1;
+                    debug!("virtio-net: backend frame of {n} bytes dropped");
+                    continue;
+                }
+                if !fix_rx_header(&mut rx_buf[..n], active.offloads) {
+                    counters.rx_dropped += 1;
+                    debug!(
+                        "virtio-net: backend frame with flags {:#x} gso {:#x} not accepted by \
+                         the guest (offloads {:#x}): dropped",
+                        rx_buf[0], rx_buf[1], active.offloads
+                    );
+                    continue;
+                }
+                *rx_len = n;
+            }
+            let len = *rx_len;
+            let res = deliver_frame(
+                mem,
+                &mut active.rx,
+                &mut rx_buf[..len],
+                active.mergeable,
+                rx_scratch,
+            );
+            counters.rx_errors += res.bad_chains;
+            used |= res.used;
+            match res.status {
+                RxStatus::NoBuffers => break,
+                RxStatus::Delivered => {
+                    counters.rx_packets += 1;
+                    counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                }
+                RxStatus::TooLarge => counters.rx_dropped += 1,
+                RxStatus::CopyFailed => {
+                    counters.rx_dropped += 1;
+                    counters.rx_errors += 1;
+                }
+            }
+            *rx_len = 0;
+        }
+        if used {
+            signal_used(&mut active.rx, mem, active.interrupt.as_ref(), RX_QUEUE);
+        }
+    }
+
+    /// Transmits every available chain (at most [`MAX_TX_FRAMES_PER_RUN`] per call, the
+    /// rest through the transmit queue's EventFd), returning each with used length 0.
+    fn process_tx(&mut self) {
+        let Net {
+            backend,
+            counters,
+            tx_buf,
+            active,
+            ..
+        } = self;
+        let Some(active) = active.as_mut() else {
+            debug!("virtio-net: tx while inactive");
+            return;
+        };
+        let mem = &active.mem;
+        let mut handled = 0usize;
+        'outer: loop {
+            if let Err(e) = active.tx.disable_notification(mem) {
+                debug!("virtio-net: tx disable_notification failed: {e}");
+                break;
+            }
+            let mut popped = false;
+            while let Some(chain) = active.tx.pop_descriptor_chain(mem) {
+                popped = true;
+                let head = chain.head_index();
+                match read_tx_frame(mem, chain, tx_buf) {
+                    Ok(len) => match write_all_frame(backend, &tx_buf[..len]) {
+                        Ok(n) if n == len => {
+                            counters.tx_packets += 1;
+                            counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                        }
+                        Ok(n) => {
+                            counters.tx_dropped += 1;
+                            debug!("virtio-net: short backend write, {n} of {len} bytes");
+                        }
+                        Err(e) => {
+                            // EAGAIN (the TAP's queue is full) included: a TAP write
+                            // hardly ever blocks, and waiting would stall the guest.
+                            counters.tx_dropped += 1;
+                            debug!("virtio-net: backend refused a {len}-byte frame: {e}");
+                        }
+                    },
+                    Err(e) => {
+                        counters.tx_errors += 1;
+                        debug!("virtio-net: malformed tx chain {head}: {e}");
+                    }
+                }
+                if let Err(e) = active.tx.add_used(mem, head, 0) {
+                    debug!("virtio-net: tx add_used for head {head} failed: {e}");
+                }
+                handled += 1;
+                if handled >= MAX_TX_FRAMES_PER_RUN {
+                    if let Err(e) = active.queue_evts[usize::from(TX_QUEUE)].write(1) {
+                        warn!("virtio-net: failed to re-signal the tx queue: {e}");
+                    }
+                    break 'outer;
+                }
+            }
+            match active.tx.enable_notification(mem) {
+                // More arrived while notifications were off; an invalid avail index
+                // (nothing poppable) also reads as "more", so stop then.
+                Ok(true) if popped => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    debug!("virtio-net: tx enable_notification failed: {e}");
+                    break;
+                }
+            }
+        }
+        if handled > 0 {
+            signal_used(&mut active.tx, mem, active.interrupt.as_ref(), TX_QUEUE);
+        }
+    }
+}
+
+/// One write of one frame, retried on EINTR.
+fn write_all_frame<B: NetBackend>(backend: &mut B, frame: &[u8]) -> io::Result<usize> {
+    loop {
+        match backend.write_frame(&[IoSlice::new(frame)]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Signals queue `index` if the driver wants an interrupt for what was just used
+/// (EVENT_IDX aware).
+fn signal_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+) {
+    match queue.needs_notification(mem) {
+        Ok(true) => {
+            if let Err(e) = interrupt.signal_queue(index) {
+                warn!("virtio-net: failed to signal queue {index}: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => debug!("virtio-net: needs_notification on queue {index} failed: {e}"),
+    }
+}
+
+impl<B: NetBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        DEVICE_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for a VERSION_1 driver, the status always.
+        debug!(
+            "virtio-net: config write at {offset:#x}, {} bytes ignored",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> tvm_virtio::Result<()> {
+        let ActivateContext {
+            mem,
+            features,
+            queues,
+            queue_evts,
+            interrupt,
+        } = ctx;
+        let mut queues = queues.into_iter();
+        let rx = queues
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(tvm_virtio::Error::QueueNotReady(RX_QUEUE))?;
+        let tx = queues
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(tvm_virtio::Error::QueueNotReady(TX_QUEUE))?;
+        if queue_evts.len() < 2 {
+            return Err(tvm_virtio::Error::QueueNotReady(TX_QUEUE));
+        }
+        let offloads = offload_flags(features);
+        if let Err(e) = self.backend.set_offload(offloads) {
+            // Harmless: the backend then delivers fully checksummed, segmented frames,
+            // which every driver accepts.
+            warn!("virtio-net: failed to set the backend's offloads to {offloads:#x}: {e}");
+        }
+        self.rx_len = 0;
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            queue_evts,
+            interrupt,
+            mergeable: has(features, VIRTIO_NET_F_MRG_RXBUF),
+            offloads,
+        });
+        // Frames may be waiting in the backend since before activation, and the
+        // edge-triggered watch will not report them again.
+        self.process_rx();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_len = 0;
+        // Stop the backend from producing offloaded frames the next driver may not accept.
+        if let Err(e) = self.backend.set_offload(0) {
+            debug!("virtio-net: failed to clear the backend's offloads: {e}");
+        }
+    }
+
+    fn process_queue(&mut self, queue: u16) {
+        match queue {
+            RX_QUEUE => self.process_rx(),
+            TX_QUEUE => self.process_tx(),
+            q => debug!("virtio-net: notification for missing queue {q}"),
+        }
+    }
+
+    fn extra_event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        vec![(
+            self.backend.as_raw_fd(),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )]
+    }
+
+    fn process_extra_event(&mut self, index: usize, events: EventSet) {
+        if index != TAP_EVENT {
+            debug!("virtio-net: event for unknown source {index}");
+            return;
+        }
+        if events.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            // Edge-triggered, so this does not repeat until the state changes again.
+            warn!("virtio-net: error or hang-up on the backend ({events:?})");
+        }
+        if self.active.is_some() {
+            self.process_rx();
+        }
+    }
+}

@@ -1,0 +1,85 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Transmit: gathering one guest frame (vnet header + Ethernet frame) out of a descriptor
+//! chain, a pure function over guest memory.
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestMemory};
+
+use crate::device::{MAX_PACKET_LEN, VNET_HDR_LEN};
+
+/// Why a transmit chain was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxError {
+    /// A device-writable descriptor: the chain is not a transmit buffer.
+    WriteOnly {
+        /// Guest address of the offending descriptor.
+        addr: u64,
+    },
+    /// Fewer bytes than the vnet header.
+    TooShort(usize),
+    /// More bytes than [`crate::MAX_PACKET_LEN`].
+    TooLong,
+    /// A descriptor outside guest memory.
+    BadAddress {
+        /// Guest address of the offending descriptor.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+}
+
+impl std::fmt::Display for TxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxError::WriteOnly { addr } => {
+                write!(f, "device-writable descriptor at {addr:#x}")
+            }
+            TxError::TooShort(len) => write!(f, "{len} bytes, shorter than the vnet header"),
+            TxError::TooLong => write!(f, "longer than {MAX_PACKET_LEN} bytes"),
+            TxError::BadAddress { addr, len } => {
+                write!(f, "descriptor {addr:#x}+{len:#x} outside guest memory")
+            }
+        }
+    }
+}
+
+/// Copies the frame in `chain` into `buf` and returns its length (vnet header included).
+///
+/// Every descriptor must be device-readable and inside guest memory; the total must be at
+/// least the 12-byte header and at most `buf.len()`. Nothing past the frame's length in
+/// `buf` is meaningful after an error. Guest memory is only read, through vm-memory's
+/// checked accessors, and each byte once, so a guest changing the buffers meanwhile only
+/// changes its own frame.
+pub(crate) fn read_tx_frame<M: GuestMemory>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+    buf: &mut [u8],
+) -> Result<usize, TxError> {
+    let mut total = 0usize;
+    // The chain iterator stops after queue-size descriptors (or the indirect table's
+    // size), so a looping chain ends.
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(TxError::WriteOnly {
+                addr: desc.addr().0,
+            });
+        }
+        let len = desc.len() as usize;
+        let end = total
+            .checked_add(len)
+            .filter(|&end| end <= buf.len())
+            .ok_or(TxError::TooLong)?;
+        mem.read_slice(&mut buf[total..end], desc.addr())
+            .map_err(|_| TxError::BadAddress {
+                addr: desc.addr().0,
+                len: desc.len(),
+            })?;
+        total = end;
+    }
+    if total < VNET_HDR_LEN {
+        return Err(TxError::TooShort(total));
+    }
+    Ok(total)
+}
