@@ -156,18 +156,31 @@ impl VirtioInterrupt for Irq {
 
 /// A driver's view of one split ring: chains are written at consecutive descriptor
 /// indices (wrapping) and made available.
+///
+/// The descriptor table and the available ring come from [`MockSplitQueue`]; the used ring
+/// is placed here, after the available ring's `used_event`, because `MockSplitQueue::create`
+/// in virtio-queue 0.18 places it too early, overlapping the available ring and its
+/// `used_event` (rust-vmm/vm-virtio#400).
 struct Ring<'a> {
     mock: MockSplitQueue<'a, GuestMemoryMmap<()>>,
     mem: &'a GuestMemoryMmap<()>,
+    used_addr: GuestAddress,
     size: u16,
     next_desc: u16,
 }
 
 impl<'a> Ring<'a> {
     fn new(mem: &'a GuestMemoryMmap<()>, base: u64, size: u16) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
+        // flags, idx, ring, used_event; 4-byte aligned.
+        let used = (mock.avail_addr().0 + 6 + 2 * u64::from(size) + 3) & !3;
+        // Zero the used ring: flags, idx, ring, avail_event.
+        mem.write_slice(&vec![0u8; 6 + 8 * usize::from(size)], GuestAddress(used))
+            .unwrap();
         Ring {
-            mock: MockSplitQueue::create(mem, GuestAddress(base), size),
+            mock,
             mem,
+            used_addr: GuestAddress(used),
             size,
             next_desc: 0,
         }
@@ -204,37 +217,53 @@ impl<'a> Ring<'a> {
     }
 
     fn used_idx(&self) -> u16 {
-        self.mock.used().idx().load()
+        self.mem
+            .read_obj(GuestAddress(self.used_addr.0 + 2))
+            .unwrap()
     }
 
-    /// Every used entry so far, as (head, len).
+    /// The used entries so far (the last `size` of them), as (head, len).
     fn used(&self) -> Vec<(u32, u32)> {
-        (0..self.used_idx())
+        let idx = self.used_idx();
+        let first = idx.saturating_sub(self.size);
+        (first..idx)
             .map(|i| {
-                let e = self
-                    .mock
-                    .used()
-                    .ring()
-                    .ref_at(usize::from(i % self.size))
-                    .unwrap()
-                    .load();
-                (e.id(), e.len())
+                let addr = self.used_addr.0 + 4 + 8 * u64::from(i % self.size);
+                let id: u32 = self.mem.read_obj(GuestAddress(addr)).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(addr + 4)).unwrap();
+                (id, len)
             })
             .collect()
     }
 
     fn used_flags(&self) -> u16 {
-        self.mem.read_obj(self.mock.used_addr()).unwrap()
+        self.mem.read_obj(self.used_addr).unwrap()
     }
 
     fn avail_event(&self) -> u16 {
-        let addr = self.mock.used_addr().0 + 4 + 8 * u64::from(self.size);
+        let addr = self.used_addr.0 + 4 + 8 * u64::from(self.size);
         self.mem.read_obj(GuestAddress(addr)).unwrap()
     }
 
+    /// Sets `used_event` to the current used index, as a driver with EVENT_IDX does to
+    /// get an interrupt for the next used entry.
+    fn want_interrupt(&self) {
+        let addr = self.mock.avail_addr().0 + 4 + 2 * u64::from(self.size);
+        self.mem
+            .write_obj(self.used_idx(), GuestAddress(addr))
+            .unwrap();
+    }
+
     fn queue(&self, event_idx: bool) -> Queue {
-        let mut q: Queue = self.mock.create_queue().unwrap();
+        let mut q = Queue::new(self.size).unwrap();
+        q.try_set_desc_table_address(self.mock.desc_table_addr())
+            .unwrap();
+        q.try_set_avail_ring_address(self.mock.avail_addr())
+            .unwrap();
+        q.try_set_used_ring_address(self.used_addr).unwrap();
+        q.set_ready(true);
         q.set_event_idx(event_idx);
+        assert!(q.is_valid(self.mem));
         q
     }
 }
@@ -639,6 +668,40 @@ fn rx_partial_buffers_are_put_back_with_event_idx() {
     got.extend(guest(&mem, BUF + 0x1000, 1500));
     got.extend(guest(&mem, BUF + 0x2000, 112));
     assert_eq!(got, with_num_buffers(&f, 3));
+}
+
+#[test]
+fn interrupts_follow_used_event_with_event_idx() {
+    let mem = test_mem();
+    let mut h = Harness::inactive(&mem, 16);
+    h.activate(MRG, true);
+    // used_event 0: the driver wants an interrupt once entry 0 is used.
+    h.rx.want_interrupt();
+    h.rx.add(&[(BUF, 1500, W)]);
+    h.rx.add(&[(BUF + 0x1000, 1500, W)]);
+    h.host_send(&frame(10, 1));
+    h.tap_event();
+    assert_eq!(h.irq.take(), vec![RX_QUEUE]);
+    // used_event still 0: no interrupt for entry 1.
+    h.host_send(&frame(10, 2));
+    h.tap_event();
+    assert_eq!(h.rx.used_idx(), 2);
+    assert!(h.irq.take().is_empty());
+    // TX the same way.
+    let f = frame(20, 3);
+    mem.write_slice(&f, GuestAddress(BUF + 0x8000)).unwrap();
+    h.tx.want_interrupt();
+    h.tx.add(&[(BUF + 0x8000, f.len() as u32, R)]);
+    h.kick_tx();
+    assert_eq!(h.irq.take(), vec![TX_QUEUE]);
+    h.tx.add(&[(BUF + 0x8000, f.len() as u32, R)]);
+    h.kick_tx();
+    assert!(h.irq.take().is_empty());
+    h.tx.want_interrupt();
+    h.tx.add(&[(BUF + 0x8000, f.len() as u32, R)]);
+    h.kick_tx();
+    assert_eq!(h.irq.take(), vec![TX_QUEUE]);
+    assert_eq!(h.host_recv().len(), 3);
 }
 
 #[test]
