@@ -24,6 +24,7 @@ use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
 
 use crate::backend::NetBackend;
 use crate::mac::{format_mac, generated_mac, mac_problem};
+use crate::ring::{add_used, avail_idx_sane};
 use crate::rx::{deliver_frame, RxScratch, RxStatus};
 use crate::tap::Tap;
 use crate::tx::read_tx_frame;
@@ -412,7 +413,10 @@ impl<B: NetBackend> Net<B> {
                 break;
             }
             let mut popped = false;
-            while let Some(chain) = active.tx.pop_descriptor_chain(mem) {
+            while avail_idx_sane(&active.tx, mem, "tx") {
+                let Some(chain) = active.tx.pop_descriptor_chain(mem) else {
+                    break;
+                };
                 popped = true;
                 let head = chain.head_index();
                 match read_tx_frame(mem, chain, tx_buf) {
@@ -437,9 +441,7 @@ impl<B: NetBackend> Net<B> {
                         debug!("virtio-net: malformed tx chain {head}: {e}");
                     }
                 }
-                if let Err(e) = active.tx.add_used(mem, head, 0) {
-                    debug!("virtio-net: tx add_used for head {head} failed: {e}");
-                }
+                add_used(&mut active.tx, mem, head, 0);
                 handled += 1;
                 if handled >= MAX_TX_FRAMES_PER_RUN {
                     if let Err(e) = active.queue_evts[usize::from(TX_QUEUE)].write(1) {

@@ -46,6 +46,7 @@ use std::io;
 mod backend;
 mod device;
 mod mac;
+mod ring;
 mod rx;
 mod tap;
 mod tx;

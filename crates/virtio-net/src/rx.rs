@@ -11,6 +11,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::device::VNET_HDR_LEN;
+use crate::ring::{add_used, avail_idx_sane};
 
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -115,14 +116,6 @@ fn collect_writable<M: GuestMemory>(
     Ok(capacity)
 }
 
-fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: usize) {
-    // A chain is below 4 GiB, and `len` at most its capacity.
-    let len = u32::try_from(len).unwrap_or(u32::MAX);
-    if let Err(e) = queue.add_used(mem, head, len) {
-        debug!("virtio-net: rx add_used for head {head} failed: {e}");
-    }
-}
-
 /// Places `frame` into the receive queue.
 ///
 /// With `mergeable` (VIRTIO_NET_F_MRG_RXBUF) the frame is spread over as many chains as
@@ -156,7 +149,12 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
     let mut rearmed = false;
 
     while have < need {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let popped = if avail_idx_sane(queue, mem, "rx") {
+            queue.pop_descriptor_chain(mem)
+        } else {
+            None
+        };
+        let Some(chain) = popped else {
             if !rearmed {
                 rearmed = true;
                 // Ask for a kick, then look again: buffers added meanwhile would

@@ -216,6 +216,26 @@ impl<'a> Ring<'a> {
         head
     }
 
+    /// Makes `head` available as is, whatever it is.
+    fn add_raw_head(&self, head: u16) {
+        let avail = self.mock.avail();
+        let idx = avail.idx().load();
+        avail
+            .ring()
+            .ref_at(usize::from(idx % self.size))
+            .unwrap()
+            .store(head);
+        avail.idx().store(idx.wrapping_add(1));
+    }
+
+    fn avail_idx(&self) -> u16 {
+        self.mock.avail().idx().load()
+    }
+
+    fn set_avail_idx(&self, idx: u16) {
+        self.mock.avail().idx().store(idx);
+    }
+
     fn used_idx(&self) -> u16 {
         self.mem
             .read_obj(GuestAddress(self.used_addr.0 + 2))
@@ -749,6 +769,44 @@ fn rx_malformed_chains_are_returned_and_counted() {
         assert_eq!(guest(&mem, BUF, 0x1000), vec![FILL; 0x1000], "{what}");
     }
     assert_eq!(h.net.counters().rx_dropped, 0);
+}
+
+#[test]
+fn bogus_avail_index_and_head_index_are_survived() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, MRG);
+    let f = frame(30, 1);
+    mem.write_slice(&f, GuestAddress(BUF)).unwrap();
+
+    // TX: an avail index far ahead of the ring is left alone.
+    let good = h.tx.avail_idx();
+    h.tx.set_avail_idx(good.wrapping_add(100));
+    h.kick_tx();
+    assert_eq!(h.tx.used_idx(), 0);
+    assert!(h.host_recv().is_empty());
+    // The driver fixes it: the queue works.
+    h.tx.set_avail_idx(good);
+    h.tx.add(&[(BUF, f.len() as u32, R)]);
+    h.kick_tx();
+    assert_eq!(h.host_recv(), vec![f.clone()]);
+
+    // RX: the same; the frame waits instead of being lost.
+    let good = h.rx.avail_idx();
+    h.rx.set_avail_idx(good.wrapping_add(100));
+    h.host_send(&f);
+    h.tap_event();
+    assert_eq!(h.rx.used_idx(), 0);
+    assert_eq!(h.net.rx_pending_len(), f.len());
+    h.rx.set_avail_idx(good);
+
+    // A head index beyond the queue size: a chain with no descriptors, counted and
+    // skipped (it cannot be returned); the next chain takes the frame.
+    h.rx.add_raw_head(200);
+    let ok = h.rx.add(&[(BUF + 0x1000, 1500, W)]);
+    h.kick_rx();
+    assert_eq!(h.rx.used(), vec![(u32::from(ok), f.len() as u32)]);
+    assert_eq!(h.net.counters().rx_errors, 1);
+    assert_eq!(h.net.counters().rx_packets, 1);
 }
 
 #[test]
