@@ -374,6 +374,12 @@ impl<B: NetBackend> Net<B> {
             used |= res.used;
             match res.status {
                 RxStatus::NoBuffers => break,
+                RxStatus::Yield => {
+                    if let Err(e) = active.queue_evts[usize::from(RX_QUEUE)].write(1) {
+                        warn!("virtio-net: failed to re-signal the rx queue: {e}");
+                    }
+                    break;
+                }
                 RxStatus::Delivered => {
                     counters.rx_packets += 1;
                     counters.rx_bytes += (len - VNET_HDR_LEN) as u64;

@@ -45,6 +45,10 @@ pub(crate) enum RxStatus {
     /// Without mergeable buffers, the next chain is too small for it: the frame should be
     /// dropped; the chain was put back for the next frame.
     TooLarge,
+    /// The driver kept adding chains faster than the frame could be placed (at most twice
+    /// the queue size are taken per frame): the chains taken were put back; the caller
+    /// should come back later through the queue's EventFd. The frame should wait.
+    Yield,
     /// Writing into guest memory failed after the checks (cannot happen with memory that
     /// does not change); the chains were returned with length 0 and the frame is lost.
     CopyFailed,
@@ -116,6 +120,15 @@ fn collect_writable<M: GuestMemory>(
     Ok(capacity)
 }
 
+/// Undoes the pops of the chains taken for the current frame.
+fn put_back(queue: &mut Queue, scratch: &mut RxScratch) {
+    for _ in 0..scratch.chains.len() {
+        queue.go_to_previous_position();
+    }
+    scratch.chains.clear();
+    scratch.descs.clear();
+}
+
 /// Places `frame` into the receive queue.
 ///
 /// With `mergeable` (VIRTIO_NET_F_MRG_RXBUF) the frame is spread over as many chains as
@@ -146,35 +159,45 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
     scratch.descs.clear();
     let need = frame.len();
     let mut have = 0usize;
-    let mut rearmed = false;
+    // A driver adding chains as fast as we take them (bad ones, say) must not keep us
+    // here: a frame never needs more than the ring holds.
+    let max_pops = 2 * usize::from(queue.size());
+    let mut pops = 0usize;
+    // Whether a chain was taken since notifications were last enabled.
+    let mut progress = true;
 
     while have < need {
+        if pops >= max_pops {
+            put_back(queue, scratch);
+            result.status = RxStatus::Yield;
+            return result;
+        }
         let popped = if avail_idx_sane(queue, mem, "rx") {
             queue.pop_descriptor_chain(mem)
         } else {
             None
         };
         let Some(chain) = popped else {
-            if !rearmed {
-                rearmed = true;
+            if progress {
+                progress = false;
                 // Ask for a kick, then look again: buffers added meanwhile would
-                // otherwise come with no notification.
+                // otherwise come with no notification. (With EVENT_IDX this writes
+                // avail_event = the current position, so it is redone after any
+                // progress; an older value would be behind the driver and never fire.)
                 match queue.enable_notification(mem) {
                     Ok(true) => continue,
                     Ok(false) => {}
                     Err(e) => debug!("virtio-net: rx enable_notification failed: {e}"),
                 }
             }
-            // Put back what this frame took (nothing was written or used); with
-            // EVENT_IDX the avail_event written above is past them, so the driver kicks
-            // when it adds a buffer.
-            for _ in 0..scratch.chains.len() {
-                queue.go_to_previous_position();
-            }
-            scratch.chains.clear();
+            // Put back what this frame took (nothing was written or used); avail_event
+            // is past them, so the driver kicks when it adds a buffer.
+            put_back(queue, scratch);
             result.status = RxStatus::NoBuffers;
             return result;
         };
+        pops += 1;
+        progress = true;
         let head = chain.head_index();
         let start = scratch.descs.len();
         let checked = collect_writable(mem, chain, &mut scratch.descs).and_then(|capacity| {
