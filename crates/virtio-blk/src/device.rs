@@ -28,9 +28,10 @@ use crate::{Error, Result};
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Most data segments per request (VIRTIO_BLK_F_SEG_MAX); with the header and the status
-/// a request fits a 128-entry indirect table.
-pub const SEG_MAX: u32 = 126;
+/// Most data segments per request (VIRTIO_BLK_F_SEG_MAX): queue size minus the header and
+/// the status, as QEMU offers, so Linux can send a 1 MiB request of scattered 4 KiB pages
+/// as one request (through an indirect table).
+pub const SEG_MAX: u32 = 254;
 /// Largest data segment in bytes (VIRTIO_BLK_F_SIZE_MAX).
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Block size reported to the guest (VIRTIO_BLK_F_BLK_SIZE).
