@@ -43,9 +43,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig> {
         id: None,
     };
     for part in parts {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+        let (key, value) = key_value(part).map_err(bad)?;
         match key {
             "readonly" => {
                 disk.read_only = match value {
@@ -68,6 +66,46 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig> {
     Ok(disk)
 }
 
+/// Splits one `key=value` item of an option list.
+fn key_value(part: &str) -> std::result::Result<(&str, &str), String> {
+    part.split_once('=')
+        .ok_or_else(|| format!("{part:?} is not key=value"))
+}
+
+/// A `--net` option: `tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface: attached if it exists, created otherwise.
+    pub tap: String,
+    /// The guest's MAC address; generated from the TAP name when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses a `--net` value.
+pub fn parse_net(text: &str) -> Result<NetConfig> {
+    let bad = |why: String| Error::InvalidNet {
+        value: text.to_string(),
+        why,
+    };
+    let mut tap = None;
+    let mut mac = None;
+    for part in text.split(',') {
+        let (key, value) = key_value(part).map_err(bad)?;
+        match key {
+            "tap" => {
+                tvm_virtio_net::validate_tap_name(value).map_err(|e| bad(e.to_string()))?;
+                tap = Some(value.to_string());
+            }
+            "mac" => {
+                mac = Some(tvm_virtio_net::parse_mac(value).map_err(|e| bad(e.to_string()))?);
+            }
+            other => return Err(bad(format!("unknown option {other:?}"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| bad("tap=NAME is missing".into()))?;
+    Ok(NetConfig { tap, mac })
+}
+
 /// The VM to build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -83,6 +121,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Parses a memory size: a number with an optional unit K, M, G or T (optionally followed by
@@ -196,6 +236,37 @@ mod tests {
     }
 
     #[test]
+    fn net_options() {
+        assert_eq!(
+            parse_net("tap=tap0").unwrap(),
+            NetConfig {
+                tap: "tap0".into(),
+                mac: None
+            }
+        );
+        assert_eq!(
+            parse_net("tap=t1,mac=52:54:00:12:34:56").unwrap().mac,
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+        for bad in [
+            "",
+            "tap",
+            "tap=",
+            "mac=52:54:00:12:34:56",
+            "tap=a/b",
+            "tap=0123456789abcdef",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,mac=52:54:00:12:34",
+            "tap=t,vhost=on",
+        ] {
+            assert!(
+                matches!(parse_net(bad), Err(Error::InvalidNet { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn memory_sizes() {
         assert_eq!(parse_mem_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_mem_size("512").unwrap(), 512 << 20);
@@ -217,6 +288,7 @@ mod tests {
             mem_size: DEFAULT_MEM_SIZE,
             vcpus: 1,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 

@@ -37,6 +37,14 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A `--net` value did not parse.
+    #[error("invalid --net {value:?}: {why}; expected tap=NAME[,mac=MAC]")]
+    InvalidNet {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Too many (or zero) vCPUs.
     #[error("--cpus {0} is not supported: this VMM runs exactly 1 vcpu until SMP support lands")]
     TooManyVcpus(u8),
@@ -112,6 +120,9 @@ pub enum Error {
     /// A disk could not be opened.
     #[error(transparent)]
     Block(#[from] tvm_virtio_blk::Error),
+    /// A TAP could not be opened.
+    #[error(transparent)]
+    Net(#[from] tvm_virtio_net::Error),
     /// A BAR could not be mapped where the VMM placed it.
     #[error("cannot map the bar of {0}: {1}")]
     MapBar(String, String),

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use log::LevelFilter;
-use tvm_vmm::config::{parse_disk, parse_mem_size, VmConfig, DEFAULT_CMDLINE};
+use tvm_vmm::config::{parse_disk, parse_mem_size, parse_net, VmConfig, DEFAULT_CMDLINE};
 use tvm_vmm::timing::BootTimes;
 use tvm_vmm::vcpu::ExitReason;
 use tvm_vmm::{error_chain, logger, run_vm, terminal};
@@ -36,6 +36,11 @@ struct Cli {
     /// ,id=STRING. Repeat for more disks (vda, vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,OPTIONS]")]
     disks: Vec<String>,
+    /// A virtio-net interface on a TAP: tap=NAME, optionally followed by ,mac=MAC. The TAP
+    /// is created if it does not exist (needs CAP_NET_ADMIN). Repeat for more (eth0, eth1,
+    /// ...).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<String>,
     /// Number of vCPUs (only 1 is supported for now).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
@@ -69,6 +74,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let nets = match cli
+        .nets
+        .iter()
+        .map(|n| parse_net(n))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("vmm: error: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
     let cfg = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -76,6 +93,7 @@ fn main() -> ExitCode {
         mem_size,
         vcpus: cli.cpus,
         disks,
+        nets,
     };
     let times = Arc::new(BootTimes::new(start));
     let result = run_vm(&cfg, times.clone());

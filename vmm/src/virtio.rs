@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use tvm_bus::{BarAccess, PciDevice, PciMmioWindow};
 use tvm_irq::GsiRouting;
 use tvm_virtio::{InterruptSink, MsixEntry, VirtioDevice, VirtioPciDevice};
@@ -318,9 +318,120 @@ impl<D: VirtioDevice + 'static> PciDevice for RelocatableBar<D> {
 }
 
 /// Writes the PCI interrupt line register, as firmware does, so the guest knows its INTx.
-pub fn set_interrupt_line<D: VirtioDevice>(dev: &mut VirtioPciDevice<D>, gsi: u32) {
+fn set_interrupt_line<D: VirtioDevice>(dev: &mut VirtioPciDevice<D>, gsi: u32) {
     // Register 15: interrupt line in byte 0.
     dev.config_write(15, 0, &[gsi as u8]);
+}
+
+/// Legacy GSIs handed to virtio devices' INTx, in order.
+const VIRTIO_INTX_GSIS: [u32; 4] = [10, 11, 5, 9];
+
+/// Puts virtio devices on the PCI bus the way firmware would, and wires them to KVM: a
+/// slot, a BAR in the PCI MMIO window (followed when the guest moves it), ioeventfds for
+/// the queue notifications, MSI-X vectors as irqfds on GSI routes, INTx on a legacy GSI.
+/// Call [`finish`](Self::finish) once every device is added.
+pub struct VirtioPciWiring<'a> {
+    /// The VM.
+    pub vm: Arc<VmFd>,
+    /// Guest memory, for the devices.
+    pub mem: &'a vm_memory::GuestMemoryMmap<()>,
+    /// PCI bus 0.
+    pub pci: Arc<Mutex<tvm_bus::PciRoot>>,
+    /// Where BARs are placed.
+    pub allocator: tvm_memory::MmioAllocator,
+    /// Where BARs are mapped.
+    pub window: Arc<PciMmioWindow>,
+    /// The GSI routing table, shared with the interrupt sinks.
+    pub routing: Arc<Mutex<GsiRouting>>,
+    sinks: Vec<Arc<KvmInterruptSink>>,
+}
+
+impl std::fmt::Debug for VirtioPciWiring<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPciWiring")
+            .field("devices", &self.sinks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> VirtioPciWiring<'a> {
+    /// Wiring over `window` (registered on the MMIO bus by the caller), placing BARs with
+    /// `allocator`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: &'a vm_memory::GuestMemoryMmap<()>,
+        pci: Arc<Mutex<tvm_bus::PciRoot>>,
+        allocator: tvm_memory::MmioAllocator,
+        window: Arc<PciMmioWindow>,
+    ) -> Self {
+        VirtioPciWiring {
+            vm,
+            mem,
+            pci,
+            allocator,
+            window,
+            routing: Arc::new(Mutex::new(GsiRouting::new())),
+            sinks: Vec::new(),
+        }
+    }
+
+    /// Adds `device` in the next free slot; `name` is for logs.
+    ///
+    /// # Errors
+    ///
+    /// No slot, no BAR space, no GSI, or KVM refusing an irqfd or ioeventfd.
+    pub fn add<D: VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+        name: &str,
+    ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>> {
+        let num_vectors = device.queue_max_sizes().len() + 1;
+        let intx_gsi = VIRTIO_INTX_GSIS[self.sinks.len() % VIRTIO_INTX_GSIS.len()];
+        let sink = Arc::new(KvmInterruptSink::new(
+            self.vm.clone(),
+            self.routing.clone(),
+            num_vectors,
+            intx_gsi,
+        )?);
+        let mut dev = VirtioPciDevice::new(device, self.mem.clone(), sink.clone())?;
+        let bar = self.allocator.allocate(dev.bar_size())?;
+        dev.set_bar_addr(bar)?;
+        set_interrupt_line(&mut dev, intx_gsi);
+        let dev = Arc::new(Mutex::new(dev));
+        let ioevents: Arc<dyn IoeventRegistrar> = self.vm.clone();
+        let slot_dev =
+            RelocatableBar::new(name.to_string(), dev.clone(), self.window.clone(), ioevents)?;
+        let slot = self
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_device(Arc::new(Mutex::new(slot_dev)))?;
+        info!(
+            "{name} at pci 00:{slot:02x}.0, bar {:#x}, intx gsi {intx_gsi}",
+            bar.0
+        );
+        self.sinks.push(sink);
+        Ok(dev)
+    }
+
+    /// Applies the routing table and binds every MSI-X irqfd.
+    ///
+    /// # Errors
+    ///
+    /// KVM refusing the routing table or an irqfd.
+    pub fn finish(self) -> Result<()> {
+        if self.sinks.is_empty() {
+            return Ok(());
+        }
+        self.routing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&self.vm)?;
+        for sink in &self.sinks {
+            sink.register_irqfds()?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

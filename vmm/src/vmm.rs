@@ -13,14 +13,15 @@ use tvm_arch_x86::{layout, BootParamsConfig, VcpuBootConfig};
 use tvm_bus::{
     register_pio_device, IoManager, PciMmioWindow, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
-use tvm_irq::{GsiRouting, IrqLine};
+use tvm_irq::IrqLine;
 use tvm_memory::GuestMemoryMmap;
 use tvm_serial::{
     stdin_source, NonBlockingWriter, OutputThread, SerialDevice, SerialInput, COM1_PORT_BASE,
     DEFAULT_OUTPUT_BUFFER_BYTES, SERIAL_PORT_SIZE,
 };
-use tvm_virtio::{VirtioDevice, VirtioPciDevice};
+use tvm_virtio::VirtioPciDevice;
 use tvm_virtio_blk::{Block, BlockConfig};
+use tvm_virtio_net::{Net, Tap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -32,14 +33,13 @@ use crate::legacy::{
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
 use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
-use crate::virtio::{set_interrupt_line, IoeventRegistrar, KvmInterruptSink, RelocatableBar};
+use crate::virtio::VirtioPciWiring;
 use crate::{Error, Result};
 
 /// A virtio-blk device on the PCI bus.
 type BlockDevice = Arc<Mutex<VirtioPciDevice<Block>>>;
-
-/// Legacy GSIs handed to virtio devices' INTx, in order.
-const VIRTIO_INTX_GSIS: [u32; 4] = [10, 11, 5, 9];
+/// A virtio-net device on the PCI bus.
+type NetDevice = Arc<Mutex<VirtioPciDevice<Net<Tap>>>>;
 
 type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
 type Serial = SerialDevice<ConsoleWriter>;
@@ -134,6 +134,7 @@ pub struct Vmm {
     _kvm: Kvm,
     _vm: Arc<VmFd>,
     disks: Vec<BlockDevice>,
+    nets: Vec<NetDevice>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
@@ -189,13 +190,21 @@ impl Vmm {
         let mut kernel_file = open("kernel", &cfg.kernel)?;
         let mut initrd_file = cfg.initrd.as_ref().map(|p| open("initrd", p)).transpose()?;
 
-        // Disks first: a missing, unreadable or locked image is a clear error before boot.
+        // Disks and TAPs first: a missing, unreadable or locked image, or a TAP we may not
+        // use, is a clear error before boot.
         let mut blocks = Vec::with_capacity(cfg.disks.len());
         for d in &cfg.disks {
             blocks.push(Block::open(BlockConfig {
                 path: d.path.clone(),
                 read_only: d.read_only,
                 id: d.id.clone(),
+            })?);
+        }
+        let mut taps = Vec::with_capacity(cfg.nets.len());
+        for n in &cfg.nets {
+            taps.push(Net::open(&tvm_virtio_net::NetConfig {
+                tap: n.tap.clone(),
+                mac: n.mac,
             })?);
         }
 
@@ -260,62 +269,29 @@ impl Vmm {
         let pci = Arc::new(Mutex::new(PciRoot::new()));
         register_pio_device(&mut io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, pci.clone())?;
 
-        // virtio-blk disks on the PCI bus, BARs placed the way firmware would.
+        // virtio devices on the PCI bus, BARs placed the way firmware would, in a window
+        // on the MMIO bus so that they can follow the guest.
         let vm = Arc::new(vm);
-        let routing = Arc::new(Mutex::new(GsiRouting::new()));
-        let mut mmio = tvm_memory::MmioAllocator::new(
-            vm_memory::GuestAddress(layout::MMIO_GAP_START),
-            layout::PCI_MMIO_END - layout::MMIO_GAP_START,
-        )?;
-        // BARs live in a window on the MMIO bus so they can follow the guest.
         let window = Arc::new(PciMmioWindow::new(
             layout::MMIO_GAP_START,
             layout::PCI_MMIO_END - layout::MMIO_GAP_START,
         ));
         tvm_bus::register_pci_window(&mut io, window.clone())?;
-        let mut disks = Vec::new();
-        let mut sinks = Vec::new();
-        for (i, block) in blocks.into_iter().enumerate() {
-            let num_vectors = block.queue_max_sizes().len() + 1;
-            let intx_gsi = VIRTIO_INTX_GSIS[i % VIRTIO_INTX_GSIS.len()];
-            let sink = Arc::new(KvmInterruptSink::new(
-                vm.clone(),
-                routing.clone(),
-                num_vectors,
-                intx_gsi,
-            )?);
-            let mut dev = VirtioPciDevice::new(block, mem.clone(), sink.clone())?;
-            let bar = mmio.allocate(dev.bar_size())?;
-            dev.set_bar_addr(bar)?;
-            set_interrupt_line(&mut dev, intx_gsi);
-            let dev = Arc::new(Mutex::new(dev));
-            let ioevents: Arc<dyn IoeventRegistrar> = vm.clone();
-            let slot_dev = RelocatableBar::new(
-                format!("virtio-blk {:?}", cfg.disks[i].path),
-                dev.clone(),
-                window.clone(),
-                ioevents,
-            )?;
-            let slot = pci
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add_device(Arc::new(Mutex::new(slot_dev)))?;
-            info!(
-                "disk {:?} at pci 00:{slot:02x}.0, bar {:#x}, intx gsi {intx_gsi}",
-                cfg.disks[i].path, bar.0
-            );
-            disks.push(dev);
-            sinks.push(sink);
+        let allocator = tvm_memory::MmioAllocator::new(
+            vm_memory::GuestAddress(layout::MMIO_GAP_START),
+            layout::PCI_MMIO_END - layout::MMIO_GAP_START,
+        )?;
+        let mut wiring = VirtioPciWiring::new(vm.clone(), &mem, pci, allocator, window);
+        let mut disks = Vec::with_capacity(blocks.len());
+        for (block, d) in blocks.into_iter().zip(&cfg.disks) {
+            disks.push(wiring.add(block, &format!("virtio-blk {:?}", d.path))?);
         }
-        if !disks.is_empty() {
-            routing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .apply(&vm)?;
-            for sink in &sinks {
-                sink.register_irqfds()?;
-            }
+        let mut nets = Vec::with_capacity(taps.len());
+        for net in taps {
+            let name = format!("virtio-net {}", net.tap_name());
+            nets.push(wiring.add(net, &name)?);
         }
+        wiring.finish()?;
         let io = Arc::new(io);
 
         // vCPUs.
@@ -370,6 +346,7 @@ impl Vmm {
             _kvm: kvm,
             _vm: vm,
             disks,
+            nets,
             mem,
             vcpus,
             exit,
@@ -405,6 +382,9 @@ impl Vmm {
         for disk in &self.disks {
             em.add_subscriber(disk.clone());
         }
+        for net in &self.nets {
+            em.add_subscriber(net.clone());
+        }
 
         // The terminal goes raw only now, after every fallible set-up step.
         let raw = RawTerminal::enter().map_err(Error::Terminal)?;
@@ -438,6 +418,12 @@ impl Vmm {
         info!("shutting down: {reason:?}");
         stop_vcpus(threads, &self.stop);
         self.flush_disks();
+        for net in &self.nets {
+            net.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .log_counters();
+        }
         self.finish_output();
         drop(raw);
         if let Some(e) = loop_error {

@@ -5,7 +5,7 @@
 //! readiness marker, reported as medians and their ratio. On a host without hardware KVM
 //! both run inside the same outer QEMU TCG guest, so only the ratio means anything.
 //!
-//! Disk: the same guest with a 320 MiB raw image as virtio-blk (ours, and QEMU's
+//! Disk: the same guest with a 320 MiB raw image (written full once before the runs) as virtio-blk (ours, and QEMU's
 //! virtio-blk-pci with `cache=writeback,aio=threads`, both through the host page cache), and
 //! `tvm-iobench` (tests/src/bin/tvm-iobench.rs) appended to its initramfs: O_DIRECT
 //! sequential write then read of `--disk-mib` MiB in 1 MiB blocks, 4 KiB random reads for

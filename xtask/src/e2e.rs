@@ -14,6 +14,10 @@ use crate::guest;
 use crate::outer::{self, OuterRun};
 use crate::util;
 
+/// The TAP the e2e guest's eth0 is attached to (created by the VMM, configured by the
+/// driver: host end 10.0.2.1/24, guest 10.0.2.2/24).
+pub const E2E_TAP: &str = "tvm-e2e0";
+
 /// Options of `cargo xtask e2e`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -82,6 +86,7 @@ pub fn run_driver(
         if mode.is_empty() {
             extra.extend(["--disk", &disk, "--ro-disk", &ro]);
             extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
+            extra.extend(["--tap", E2E_TAP]);
         }
         let args = driver_args(
             mode,
@@ -108,6 +113,7 @@ pub fn run_driver(
         drives.push(outer::outer_disk_path(1));
         extra.extend(["--disk", &drives[0], "--ro-disk", &drives[1]]);
         extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
+        extra.extend(["--tap", E2E_TAP]);
         Some(crc32_file(&scratch_ro)?)
     } else {
         None

@@ -77,6 +77,20 @@ mount -t devpts devpts /dev/pts
 for m in @MODULES@; do
     insmod "$m" || echo "init: insmod $m failed" >&2
 done
+ip link set lo up
+# tvm.ip=ADDRESS/PREFIX[,GATEWAY] on the kernel command line configures eth0.
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    tvm.ip=*) tvm_ip=${arg#tvm.ip=} ;;
+    esac
+done
+if [ -n "$tvm_ip" ]; then
+    if ip addr add "${tvm_ip%%,*}" dev eth0 && ip link set eth0 up; then
+        case "$tvm_ip" in *,*) ip route add default via "${tvm_ip#*,}" ;; esac
+    else
+        echo "init: cannot configure eth0 with $tvm_ip" >&2
+    fi
+fi
 read -r up _ < /proc/uptime
 echo "TVM-READY uptime=$up"
 cd /root

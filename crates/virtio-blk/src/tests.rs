@@ -896,7 +896,11 @@ fn scattered_segments_move_as_one_vectored_transfer() {
     for (i, &p) in pages.iter().enumerate() {
         let at = (1 + i) * 512;
         assert_eq!(guest(&mem, p, 512), content[at..at + 512], "segment {i}");
-        assert_eq!(guest(&mem, p + 512, 16), vec![FILL; 16], "after segment {i}");
+        assert_eq!(
+            guest(&mem, p + 512, 16),
+            vec![FILL; 16],
+            "after segment {i}"
+        );
     }
     let mem2 = test_mem();
     write_header(&mem2, VIRTIO_BLK_T_IN, 1);

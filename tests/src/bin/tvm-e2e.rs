@@ -103,6 +103,10 @@ struct Opts {
     debugfs: Option<String>,
     bench_mib: u64,
     bench_secs: u64,
+    /// A TAP for the guest's eth0 (`--net tap=NAME`), host end 10.0.2.1/24, guest 10.0.2.2/24.
+    tap: Option<String>,
+    /// MiB moved over TCP in each direction by the net check and bench.
+    net_mib: u64,
     verbose: bool,
 }
 
@@ -121,6 +125,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         debugfs: None,
         bench_mib: 256,
         bench_secs: 10,
+        tap: None,
+        net_mib: 64,
         verbose: false,
     };
     let mut it = args.iter();
@@ -146,12 +152,14 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--bench-secs" => {
                 o.bench_secs = val()?.parse().map_err(|e| format!("--bench-secs: {e}"))?
             }
+            "--tap" => o.tap = Some(val()?),
+            "--net-mib" => o.net_mib = val()?.parse().map_err(|e| format!("--net-mib: {e}"))?,
             "--verbose" => o.verbose = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--bench-mib N] [--bench-secs N] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--verbose]".into());
     }
     Ok(o)
 }
@@ -243,17 +251,241 @@ fn vmm_command(o: &Opts) -> Command {
     if let Some(disk) = &o.ro_disk {
         c.args(["--disk", &format!("{disk},readonly=on")]);
     }
+    if let Some(tap) = &o.tap {
+        c.args(["--net", &format!("tap={tap}")]);
+    }
     c
 }
 
-/// The guest command line: the VMM's documented default plus `--append`.
+/// The guest command line: the VMM's documented default, eth0's address when there is a
+/// TAP, plus `--append`.
 fn cmdline(o: &Opts) -> String {
-    let base = "console=ttyS0 reboot=k panic=1 pci=conf1";
-    if o.append.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base} {}", o.append)
+    let mut line = "console=ttyS0 reboot=k panic=1 pci=conf1".to_string();
+    if o.tap.is_some() {
+        line.push_str(&format!(" tvm.ip={GUEST_IP}/24"));
     }
+    if !o.append.is_empty() {
+        line.push(' ');
+        line.push_str(&o.append);
+    }
+    line
+}
+
+/// The host end of the TAP.
+const HOST_IP: &str = "10.0.2.1";
+/// The guest's eth0.
+const GUEST_IP: &str = "10.0.2.2";
+
+/// Waits until the VMM (or QEMU) has created TAP `name`, then gives it HOST_IP/24 and sets
+/// it up, with `ip` (iproute2 or busybox).
+fn tap_up(name: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&format!("/sys/class/net/{name}")).exists() {
+        if Instant::now() > deadline {
+            return Err(format!("tap {name} did not appear within 60 s"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    for args in [
+        vec!["addr", "add", &format!("{HOST_IP}/24"), "dev", name],
+        vec!["link", "set", name, "up"],
+    ] {
+        let out = Command::new("ip")
+            .args(&args)
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        // An address left from an earlier run is fine.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("exists") {
+            return Err(format!("ip {}: {}", args.join(" "), stderr.trim()));
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic test data for TCP transfers, in 64 KiB blocks.
+fn net_block(index: u64) -> Vec<u8> {
+    let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// CRC-32 continued over more data (zlib's, as busybox `crc32` prints it).
+fn crc32_update(crc: u32, data: &[u8]) -> u32 {
+    let mut crc = !crc;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// What a [`tcp_peer`] moved: bytes, their crc32, seconds.
+type Transfer = (u64, u32, f64);
+
+/// A one-connection TCP server on HOST_IP:`port`, in a thread. `send_mib` > 0: sends that
+/// many MiB of [`net_block`] data, half-closes, and waits for the peer to close; otherwise
+/// reads until EOF. Returns (bytes, crc32 of the bytes received or sent, seconds from
+/// accept to the end).
+fn tcp_peer(
+    port: u16,
+    send_mib: u64,
+) -> Result<thread::JoinHandle<Result<Transfer, String>>, String> {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind((HOST_IP, port))
+        .map_err(|e| format!("bind {HOST_IP}:{port}: {e}"))?;
+    Ok(thread::spawn(move || {
+        let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let start = Instant::now();
+        let mut crc = 0u32;
+        let mut bytes = 0u64;
+        if send_mib > 0 {
+            for i in 0..send_mib * 16 {
+                let block = net_block(i);
+                crc = crc32_update(crc, &block);
+                conn.write_all(&block).map_err(|e| format!("send: {e}"))?;
+                bytes += block.len() as u64;
+            }
+            conn.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            let mut sink = [0u8; 4096];
+            while conn.read(&mut sink).map_err(|e| format!("recv: {e}"))? > 0 {}
+        } else {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = conn.read(&mut buf).map_err(|e| format!("recv: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                crc = crc32_update(crc, &buf[..n]);
+                bytes += n as u64;
+            }
+        }
+        Ok((bytes, crc, start.elapsed().as_secs_f64()))
+    }))
+}
+
+/// Pings from the host; true when a reply came back.
+fn host_ping(ip: &str) -> Result<String, String> {
+    let out = Command::new("ping")
+        .args(["-c", "3", "-W", "5", ip])
+        .output()
+        .map_err(|e| format!("cannot run ping: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("")
+            .to_string())
+    } else {
+        Err(format!("ping {ip} failed: {text}"))
+    }
+}
+
+/// The virtio-net checks: ping both ways, then `o.net_mib` MiB over TCP each way with the
+/// CRC compared on both ends. `pos` is where to start looking on the console.
+fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result<usize, String> {
+    let c = g.console.clone();
+    // Guest to host.
+    g.send(
+        format!("ping -c 3 -W 5 {HOST_IP} >/dev/null && echo ping-$((1+1))-ok || echo ping-$((1+1))-failed\n")
+            .as_bytes(),
+    )?;
+    let word = |marker: &str, from: usize, timeout: Duration| {
+        c.wait_for(marker, from, timeout).and_then(|p| {
+            c.wait_for("\n", p, STEP_TIMEOUT)
+                .map(|e| (e, c.text_from(p)[marker.len()..e - p].trim().to_string()))
+        })
+    };
+    let ping = word("ping-2-", pos, STEP_TIMEOUT);
+    r.check(
+        "net-ping-guest-to-host",
+        match &ping {
+            Some((_, w)) if w == "ok" => Ok(format!("guest pinged {HOST_IP}")),
+            other => Err(format!("{other:?}; console tail: {}", c.tail(2000))),
+        },
+    );
+    pos = ping.map(|(e, _)| e).unwrap_or(c.len());
+    r.check("net-ping-host-to-guest", host_ping(GUEST_IP));
+
+    let mib = o.net_mib;
+    // Host to guest: the guest receives and prints the CRC of what it got.
+    let peer = tcp_peer(5001, mib)?;
+    g.send(
+        format!(
+            "echo rx-$((1+1))-crc=$(nc {HOST_IP} 5001 </dev/null | crc32 | cut -d' ' -f1)-end\n"
+        )
+        .as_bytes(),
+    )?;
+    let got = c
+        .wait_for("rx-2-crc=", pos, Duration::from_secs(600))
+        .and_then(|p| {
+            c.wait_for("-end", p, STEP_TIMEOUT)
+                .map(|e| (e, c.text_from(p)["rx-2-crc=".len()..e - p].to_string()))
+        });
+    let sent = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
+    r.check(
+        "net-tcp-host-to-guest",
+        match (&sent, &got) {
+            (Ok((bytes, crc, secs)), Some((_, g))) if format!("{crc:08x}") == *g => Ok(format!(
+                "{bytes} bytes, crc32 {g} on both ends, {:.1} MiB/s",
+                *bytes as f64 / (1 << 20) as f64 / secs
+            )),
+            (s, g) => Err(format!(
+                "sent {s:?}, guest got {g:?}; console tail: {}",
+                c.tail(2000)
+            )),
+        },
+    );
+    pos = got.map(|(e, _)| e).unwrap_or(c.len());
+
+    // Guest to host: the guest sends a file of random data and prints its CRC.
+    let peer = tcp_peer(5002, 0)?;
+    g.send(
+        format!(
+            "dd if=/dev/urandom of=/tmp/tx bs=1M count={mib} 2>/dev/null; \
+             echo tx-$((1+1))-crc=$(crc32 /tmp/tx | cut -d' ' -f1)-end; nc {HOST_IP} 5002 </tmp/tx; rm -f /tmp/tx\n"
+        )
+        .as_bytes(),
+    )?;
+    let printed = c
+        .wait_for("tx-2-crc=", pos, Duration::from_secs(600))
+        .and_then(|p| {
+            c.wait_for("-end", p, STEP_TIMEOUT)
+                .map(|e| (e, c.text_from(p)["tx-2-crc=".len()..e - p].to_string()))
+        });
+    let received = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
+    r.check(
+        "net-tcp-guest-to-host",
+        match (&received, &printed) {
+            (Ok((bytes, crc, secs)), Some((_, p)))
+                if format!("{crc:08x}") == *p && *bytes == mib << 20 =>
+            {
+                Ok(format!(
+                    "{bytes} bytes, crc32 {p} on both ends, {:.1} MiB/s",
+                    *bytes as f64 / (1 << 20) as f64 / secs
+                ))
+            }
+            (rcv, p) => Err(format!(
+                "host received {rcv:?}, guest printed {p:?}; console tail: {}",
+                c.tail(2000)
+            )),
+        },
+    );
+    Ok(printed.map(|(e, _)| e).unwrap_or(c.len()))
 }
 
 struct Report {
@@ -313,22 +545,14 @@ fn flood_data(len: usize) -> Vec<u8> {
 
 /// CRC-32 as zlib and busybox `crc32` compute it (reflected, polynomial 0xEDB88320).
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc: u32 = !0;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    crc32_update(0, data)
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
     let mut g = Guest::spawn(vmm_command(o), o.verbose)?;
+    if let Some(tap) = &o.tap {
+        tap_up(tap)?;
+    }
     let result = boot_checks_on(o, &mut g);
     let failed = !matches!(result, Ok(true));
     if failed {
@@ -490,6 +714,10 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             },
         );
         pos = c.len();
+    }
+
+    if o.tap.is_some() {
+        pos = net_checks(o, g, &mut r, pos)?;
     }
 
     // Input typed while the guest is busy printing must not be lost.
@@ -803,13 +1031,10 @@ fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, Str
 fn disk_bench(o: &Opts) -> Result<bool, String> {
     let qemu = o.qemu.clone().ok_or("disk-bench needs --qemu")?;
     let disk = o.disk.clone().ok_or("disk-bench needs --disk")?;
-    // A sparse raw image with room for the sequential runs.
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&disk)
-        .and_then(|f| f.set_len((o.bench_mib + 64) << 20))
+    // A raw image with room for the sequential runs, fully written once, so that neither
+    // VMM pays for the host allocating its blocks (on tmpfs that is page allocation and
+    // zeroing) during its write run.
+    std::fs::write(&disk, vec![0u8; ((o.bench_mib + 64) << 20) as usize])
         .map_err(|e| format!("cannot create the bench image {disk}: {e}"))?;
     let mut ours: Vec<DiskFigures> = Vec::new();
     let mut peer: Vec<DiskFigures> = Vec::new();
