@@ -27,6 +27,9 @@ pub struct Args {
     /// Size of the stdin flood, in KiB.
     #[arg(long, default_value_t = 4096)]
     pub flood_kib: usize,
+    /// MiB sent over TCP in each direction by the virtio-net check.
+    #[arg(long, default_value_t = 64)]
+    pub net_mib: u64,
     /// Limit for the whole run, in seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
@@ -284,9 +287,10 @@ fn tail(text: &str, lines: usize) -> String {
 /// `cargo xtask e2e`.
 pub fn main(args: Args) -> Result<ExitCode> {
     let flood = args.flood_kib.to_string();
+    let net_mib = args.net_mib.to_string();
     let (code, _) = run_driver(
         &[],
-        &["--flood-kib", &flood],
+        &["--flood-kib", &flood, "--net-mib", &net_mib],
         &[],
         None,
         args.verbose,

@@ -45,9 +45,19 @@ pub struct VmmInvocation {
     /// Disk images named by `--disk` options: attached to the outer guest as drives
     /// (so the guest's writes land in the host file), used directly otherwise.
     pub disks: Vec<outer::Drive>,
+    /// TAP names given with `--net tap=NAME`: their host end is set up with
+    /// `scripts/tap-up.sh` beside the VMM.
+    pub taps: Vec<String>,
     /// Arguments, with `{}`-free plain strings; see [`VmmInvocation::args_for`].
     pub args: Vec<Arg>,
 }
+
+/// The VMM's default command line (vmm/src/config.rs, `DEFAULT_CMDLINE`) plus eth0's
+/// address for the test guest's /init; used when `--net` is given without `--cmdline`.
+pub const NET_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=conf1 tvm.ip=10.0.2.2/24";
+
+/// The host-side TAP helper, carried into the outer guest.
+const TAP_UP: &str = include_str!("../../scripts/tap-up.sh");
 
 /// A VMM argument: literal, or the path of carried file `files[i]`.
 #[derive(Debug, Clone)]
@@ -71,8 +81,23 @@ impl VmmInvocation {
             Arg::File(1),
         ];
         let mut disks = Vec::new();
+        let mut taps = Vec::new();
         let mut next_is_disk = false;
+        let mut next_is_net = false;
         for a in extra {
+            let net = if next_is_net {
+                Some(a.as_str())
+            } else {
+                a.strip_prefix("--net=")
+            };
+            next_is_net = a == "--net";
+            if let Some(tap) = net
+                .into_iter()
+                .flat_map(|v| v.split(','))
+                .find_map(|o| o.strip_prefix("tap="))
+            {
+                taps.push(tap.to_string());
+            }
             let value = if next_is_disk {
                 Some(a.as_str())
             } else {
@@ -97,6 +122,13 @@ impl VmmInvocation {
                 }
             }
         }
+        let has_cmdline = extra
+            .iter()
+            .any(|a| a == "--cmdline" || a.starts_with("--cmdline="));
+        if !taps.is_empty() && !has_cmdline {
+            args.push(Arg::Plain("--cmdline".into()));
+            args.push(Arg::Plain(NET_CMDLINE.into()));
+        }
         Self {
             vmm: Carried {
                 host: vmm,
@@ -113,6 +145,7 @@ impl VmmInvocation {
                 },
             ],
             disks,
+            taps,
             args,
         }
     }
@@ -134,8 +167,13 @@ impl VmmInvocation {
 
     /// An [`OuterRun`] carrying the VMM and its files, running it as the payload.
     pub fn outer_run(&self, interactive: bool) -> OuterRun {
+        let tap_up: String = self
+            .taps
+            .iter()
+            .map(|t| format!("sh /tvm/tap-up.sh {} &\n", util::shell_quote(t)))
+            .collect();
         let mut run = OuterRun::new(format!(
-            "{} {} {}\n",
+            "{tap_up}{} {} {}\n",
             outer::PIN_TO_ONE_CPU,
             util::shell_quote(&self.vmm.guest),
             util::shell_join(self.args_for(true))
@@ -145,6 +183,12 @@ impl VmmInvocation {
             run = run.file(&c.host, &c.guest);
         }
         run.drives = self.disks.clone();
+        if !self.taps.is_empty() {
+            run = run.file(
+                util::workspace_root().join("scripts/tap-up.sh"),
+                "tap-up.sh",
+            );
+        }
         run
     }
 }
@@ -165,6 +209,13 @@ pub fn main(args: Args) -> Result<ExitCode> {
         }
     }
     if outer::kvm_is_usable_directly() {
+        for tap in &inv.taps {
+            // Runs beside the VMM, which creates the TAP; not waited for.
+            Command::new("sh")
+                .args(["-c", TAP_UP, "tap-up", tap])
+                .spawn()
+                .context("starting the tap-up helper")?;
+        }
         let mut cmd = Command::new(&inv.vmm.host);
         cmd.args(inv.args_for(false));
         println!("xtask: {}", util::display_cmd(&cmd));
@@ -277,5 +328,48 @@ mod tests {
             ]
         );
         assert_eq!(inv.outer_run(false).drives, inv.disks);
+        assert!(inv.taps.is_empty());
+    }
+
+    #[test]
+    fn nets_get_the_tap_helper_and_an_address() {
+        let images = GuestImages {
+            dir: "/g".into(),
+            vmlinuz: "/g/vmlinuz".into(),
+            initramfs: "/g/initramfs.cpio.gz".into(),
+            outer_base: "/g/outer/base.cpio".into(),
+            kernel_release: "r".into(),
+            disk: "/g/disk.ext4".into(),
+        };
+        let extra: Vec<String> = ["--net", "tap=tap0,mac=52:54:00:00:00:01"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let inv = VmmInvocation::new("/vmm".into(), &images, &extra);
+        assert_eq!(inv.taps, ["tap0"]);
+        assert_eq!(
+            inv.args_for(true)[4..],
+            [
+                "--net",
+                "tap=tap0,mac=52:54:00:00:00:01",
+                "--cmdline",
+                NET_CMDLINE
+            ]
+        );
+        let run = inv.outer_run(true);
+        assert!(
+            run.script.starts_with("sh /tvm/tap-up.sh tap0 &\n"),
+            "{}",
+            run.script
+        );
+        assert!(run.files.iter().any(|(_, g)| g == "tap-up.sh"));
+        // A command line of the user's own is left alone.
+        let extra: Vec<String> = ["--net=tap=t1", "--cmdline", "x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let inv = VmmInvocation::new("/vmm".into(), &images, &extra);
+        assert_eq!(inv.taps, ["t1"]);
+        assert_eq!(inv.args_for(false)[4..], ["--net=tap=t1", "--cmdline", "x"]);
     }
 }

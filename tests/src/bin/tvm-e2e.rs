@@ -407,7 +407,7 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
     let word = |marker: &str, from: usize, timeout: Duration| {
         c.wait_for(marker, from, timeout).and_then(|p| {
             c.wait_for("\n", p, STEP_TIMEOUT)
-                .map(|e| (e, c.text_from(p)[marker.len()..e - p].trim().to_string()))
+                .map(|e| (e, c.text_from(p)[..e - p].trim().to_string()))
         })
     };
     let ping = word("ping-2-", pos, STEP_TIMEOUT);
@@ -434,7 +434,7 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
         .wait_for("rx-2-crc=", pos, Duration::from_secs(600))
         .and_then(|p| {
             c.wait_for("-end", p, STEP_TIMEOUT)
-                .map(|e| (e, c.text_from(p)["rx-2-crc=".len()..e - p].to_string()))
+                .map(|e| (e, c.text_from(p)[..e - p - 4].to_string()))
         });
     let sent = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
     r.check(
@@ -465,7 +465,7 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
         .wait_for("tx-2-crc=", pos, Duration::from_secs(600))
         .and_then(|p| {
             c.wait_for("-end", p, STEP_TIMEOUT)
-                .map(|e| (e, c.text_from(p)["tx-2-crc=".len()..e - p].to_string()))
+                .map(|e| (e, c.text_from(p)[..e - p - 4].to_string()))
         });
     let received = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
     r.check(
