@@ -38,6 +38,9 @@ pub struct Args {
     /// Seconds of 4 KiB random reads.
     #[arg(long, default_value_t = 10)]
     pub disk_secs: u64,
+    /// MiB sent over TCP in each direction by the network benchmark.
+    #[arg(long, default_value_t = 64)]
+    pub net_mib: u64,
 }
 
 /// A dynamically linked host binary and the shared libraries `ldd` lists for it, as
@@ -89,11 +92,12 @@ fn qemu_files() -> Result<Vec<(PathBuf, String)>> {
 
 /// `cargo xtask bench`.
 pub fn main(args: Args) -> Result<ExitCode> {
-    let (boot, disk) = match args.only.as_str() {
-        "all" => (true, true),
-        "boot" => (true, false),
-        "disk" => (false, true),
-        other => bail!("--only {other}: expected boot, disk or all"),
+    let (boot, disk, net) = match args.only.as_str() {
+        "all" => (true, true, true),
+        "boot" => (true, false, false),
+        "disk" => (false, true, false),
+        "net" => (false, false, true),
+        other => bail!("--only {other}: expected boot, disk, net or all"),
     };
     let files = qemu_files()?;
     let qemu = files[0].1.clone();
@@ -151,6 +155,35 @@ pub fn main(args: Args) -> Result<ExitCode> {
         )?;
         if code != 0 {
             bail!("the disk benchmark failed (driver exit code {code})");
+        }
+        summary.extend(
+            report
+                .lines()
+                .filter(|l| l.contains("median"))
+                .map(String::from),
+        );
+    }
+    if net {
+        let mib = args.net_mib.to_string();
+        let (code, report) = run_driver(
+            &["net-bench"],
+            &[
+                "--qemu",
+                &qemu,
+                "--runs",
+                &runs,
+                "--tap",
+                crate::e2e::E2E_TAP,
+                "--net-mib",
+                &mib,
+            ],
+            &files,
+            None,
+            args.verbose,
+            Duration::from_secs(3600),
+        )?;
+        if code != 0 {
+            bail!("the network benchmark failed (driver exit code {code})");
         }
         summary.extend(
             report

@@ -239,7 +239,8 @@ fn host_disk_checks(
     ));
     let printed = report
         .lines()
-        .find_map(|l| l.strip_prefix("E2E-DATA path=/data crc32="))
+        // In verbose runs the line may follow console text on the same line.
+        .find_map(|l| l.split("E2E-DATA path=/data crc32=").nth(1))
         .map(|c| c.trim().to_string());
     let cat = Command::new(debugfs)
         .args(["-R", "cat /data"])

@@ -159,7 +159,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--verbose]".into());
     }
     Ok(o)
 }
@@ -1026,6 +1026,107 @@ fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, Str
     Ok(figures)
 }
 
+/// One guest's network figures: (host->guest MiB/s, guest->host MiB/s, peak RSS KiB).
+type NetFigures = (f64, f64, u64);
+
+/// Boots `cmd` (a guest whose eth0 is on TAP `o.tap`), times `o.net_mib` MiB over TCP in
+/// each direction (the host end is this process: `tcp_peer`, timed from accept to EOF; the
+/// guest end is busybox `nc`), and returns the figures.
+fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, String> {
+    let tap = o.tap.as_deref().ok_or("net-bench needs --tap")?;
+    let mut g = Guest::spawn(cmd, o.verbose)?;
+    tap_up(tap)?;
+    let c = g.console.clone();
+    let ready = c
+        .wait_for(READY, 0, BOOT_TIMEOUT)
+        .ok_or_else(|| format!("{what}: no readiness marker; console: {}", c.tail(2000)))?;
+    let mut pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
+    let mib = o.net_mib;
+    let mut rates = Vec::new();
+    for (port, send, script) in [
+        (
+            5003,
+            mib,
+            format!("nc {HOST_IP} 5003 </dev/null >/dev/null; echo nb-$((1+1))-done\n"),
+        ),
+        (
+            5004,
+            0,
+            format!(
+                "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {HOST_IP} 5004; echo nb-$((1+1))-done\n",
+                mib * 16
+            ),
+        ),
+    ] {
+        let peer = tcp_peer(port, send)?;
+        g.send(script.as_bytes())?;
+        pos = c
+            .wait_for("nb-2-done", pos, Duration::from_secs(1200))
+            .ok_or_else(|| format!("{what}: transfer on port {port} did not finish; console: {}", c.tail(2000)))?;
+        let (bytes, _, secs) = peer
+            .join()
+            .map_err(|_| "tcp peer panicked".to_string())??;
+        if bytes != mib << 20 {
+            return Err(format!("{what}: {bytes} bytes moved on port {port}, expected {}", mib << 20));
+        }
+        rates.push(bytes as f64 / (1 << 20) as f64 / secs);
+    }
+    let figures = (rates[0], rates[1], peak_rss_kib(g.child.id()).unwrap_or(0));
+    println!(
+        "BENCH-NET {what}: host->guest {:.2} MiB/s, guest->host {:.2} MiB/s, peak RSS {} KiB",
+        figures.0, figures.1, figures.2
+    );
+    g.send(b"reboot\n")?;
+    if g.wait_exit(STEP_TIMEOUT).is_none() {
+        let _ = g.child.kill();
+    }
+    // The TAP goes away with its last user; wait so the next guest creates it afresh.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/sys/class/net/{tap}")).exists()
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(figures)
+}
+
+/// `net-bench`: TCP throughput both ways and peak RSS, our VMM against QEMU's
+/// virtio-net-pci on the same TAP (vhost off), interleaved `--runs` times.
+fn net_bench(o: &Opts) -> Result<bool, String> {
+    let qemu = o.qemu.clone().ok_or("net-bench needs --qemu")?;
+    let tap = o.tap.clone().ok_or("net-bench needs --tap")?;
+    let mut ours: Vec<NetFigures> = Vec::new();
+    let mut peer: Vec<NetFigures> = Vec::new();
+    for run in 0..o.runs {
+        println!("BENCH-NET run {run}");
+        ours.push(net_bench_one(vmm_command(o), o, "vmm")?);
+        let mut q = qemu_command(&qemu, o, None);
+        q.arg("-netdev")
+            .arg(format!(
+                "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
+            ))
+            .args(["-device", "virtio-net-pci,netdev=n0"]);
+        peer.push(net_bench_one(q, o, "qemu")?);
+    }
+    type Pick = fn(&NetFigures) -> f64;
+    let rows: [(&str, &str, Pick); 3] = [
+        ("tcp-host-to-guest", "MiB/s", |f| f.0),
+        ("tcp-guest-to-host", "MiB/s", |f| f.1),
+        ("peak-rss", "KiB", |f| f.2 as f64),
+    ];
+    for (name, unit, f) in rows {
+        let mut a: Vec<f64> = ours.iter().map(f).collect();
+        let mut b: Vec<f64> = peer.iter().map(f).collect();
+        let (a, b) = (median(&mut a), median(&mut b));
+        println!(
+            "BENCH-NET median {name}: vmm {a:.2} {unit}, qemu {b:.2} {unit}, ratio vmm/qemu {:.2} ({} runs each)",
+            a / b,
+            o.runs
+        );
+    }
+    Ok(true)
+}
+
 /// `disk-bench`: block throughput, IOPS and peak RSS, for our VMM and QEMU's
 /// virtio-blk-pci on the same image, interleaved `--runs` times; medians and ratios.
 fn disk_bench(o: &Opts) -> Result<bool, String> {
@@ -1099,12 +1200,14 @@ fn main() -> ExitCode {
     let (mode, rest) = match args.first().map(String::as_str) {
         Some("boot-time") => ("boot-time", &args[1..]),
         Some("disk-bench") => ("disk-bench", &args[1..]),
+        Some("net-bench") => ("net-bench", &args[1..]),
         Some("boot") => ("boot", &args[1..]),
         _ => ("boot", &args[..]),
     };
     let result = parse_opts(rest).and_then(|o| match mode {
         "boot-time" => boot_time(&o),
         "disk-bench" => disk_bench(&o),
+        "net-bench" => net_bench(&o),
         _ => boot_checks(&o),
     });
     match result {
