@@ -976,9 +976,13 @@ type DiskFigures = (f64, f64, f64, u64);
 fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, String> {
     let mut g = Guest::spawn(cmd, o.verbose)?;
     let c = g.console.clone();
-    let ready = c
-        .wait_for(READY, 0, BOOT_TIMEOUT)
-        .ok_or_else(|| format!("{what}: no readiness marker; console: {}", c.tail(2000)))?;
+    let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
+        format!(
+            "{what}: no readiness marker; stderr: {}; console: {}",
+            g.stderr.tail(2000),
+            c.tail(2000)
+        )
+    })?;
     let pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
     let mib = o.bench_mib;
     let secs = o.bench_secs;
@@ -1037,9 +1041,13 @@ fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, Strin
     let mut g = Guest::spawn(cmd, o.verbose)?;
     tap_up(tap)?;
     let c = g.console.clone();
-    let ready = c
-        .wait_for(READY, 0, BOOT_TIMEOUT)
-        .ok_or_else(|| format!("{what}: no readiness marker; console: {}", c.tail(2000)))?;
+    let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
+        format!(
+            "{what}: no readiness marker; stderr: {}; console: {}",
+            g.stderr.tail(2000),
+            c.tail(2000)
+        )
+    })?;
     let mut pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
     let mib = o.net_mib;
     let mut rates = Vec::new();
@@ -1105,7 +1113,8 @@ fn net_bench(o: &Opts) -> Result<bool, String> {
             .arg(format!(
                 "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
             ))
-            .args(["-device", "virtio-net-pci,netdev=n0"]);
+            // No option ROM: nothing PXE-boots, and the outer guest carries no ROM files.
+            .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
         peer.push(net_bench_one(q, o, "qemu")?);
     }
     type Pick = fn(&NetFigures) -> f64;
