@@ -332,6 +332,76 @@ fn crc32_update(crc: u32, data: &[u8]) -> u32 {
     !crc
 }
 
+/// The CPUs other than the single one this process is pinned to, when it is pinned to
+/// exactly one and there are others (the outer guest pins the driver, and through it the
+/// VMM, to its vCPU 1).
+fn unpinned_cpus() -> Option<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data and all zeros is a valid empty set;
+    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `set`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
+            || libc::CPU_COUNT(&set) != 1
+        {
+            return None;
+        }
+        let online = libc::sysconf(libc::_SC_NPROCESSORS_ONLN);
+        let mut others: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..usize::try_from(online).unwrap_or(0) {
+            if !libc::CPU_ISSET(cpu, &set) {
+                libc::CPU_SET(cpu, &mut others);
+            }
+        }
+        (libc::CPU_COUNT(&others) > 0).then_some(others)
+    }
+}
+
+/// Moves every thread of process `pid` except its vCPU threads (ours are named `vcpuN`,
+/// QEMU's `CPU N/KVM`) off the pinned CPU. Only the vCPU threads need the pin (a vCPU
+/// that migrates between outer vCPUs is what made nested guests die); an event loop
+/// sharing the vCPU's only CPU waits a whole scheduler slice for every queue kick while
+/// the guest is busy. Does nothing when this process is not pinned to a single CPU.
+fn unpin_io_threads(pid: u32) {
+    let Some(others) = unpinned_cpus() else {
+        return;
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm.starts_with("vcpu") || comm.contains("/KVM") {
+            continue;
+        }
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: sched_setaffinity reads size_of::<cpu_set_t>() bytes from `others`, a
+        // valid set, and changes only the scheduling of thread `tid`.
+        unsafe {
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &others);
+        }
+    }
+}
+
+/// If this process is pinned to one CPU (the outer guest pins the driver and, through it,
+/// the VMM, to its vCPU 1) and there are others, moves the calling thread to the others,
+/// so that the host end of a transfer does not compete with the VMM's threads.
+fn avoid_pinned_cpu() {
+    if let Some(others) = unpinned_cpus() {
+        // SAFETY: sched_setaffinity reads size_of::<cpu_set_t>() bytes from `others`, a
+        // valid set, and changes only the calling thread (0).
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &others);
+        }
+    }
+}
+
 /// What a [`tcp_peer`] moved: bytes, their crc32, seconds.
 type Transfer = (u64, u32, f64);
 
@@ -347,6 +417,7 @@ fn tcp_peer(
     let listener = std::net::TcpListener::bind((HOST_IP, port))
         .map_err(|e| format!("bind {HOST_IP}:{port}: {e}"))?;
     Ok(thread::spawn(move || {
+        avoid_pinned_cpu();
         let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         let start = Instant::now();
         let mut crc = 0u32;
@@ -611,6 +682,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     if !ok {
         return Ok(false);
     }
+    unpin_io_threads(g.child.id());
     let mut pos = ready.unwrap_or(0);
     // Wait for the shell prompt before typing.
     if let Some(p) = c.wait_for("# ", pos, STEP_TIMEOUT) {
@@ -983,6 +1055,7 @@ fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, Str
             c.tail(2000)
         )
     })?;
+    unpin_io_threads(g.child.id());
     let pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
     let mib = o.bench_mib;
     let secs = o.bench_secs;
@@ -1048,6 +1121,7 @@ fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, Strin
             c.tail(2000)
         )
     })?;
+    unpin_io_threads(g.child.id());
     let mut pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
     let mib = o.net_mib;
     let mut rates = Vec::new();
