@@ -29,7 +29,7 @@ pub struct Args {
     /// Copy the consoles to stderr.
     #[arg(long)]
     pub verbose: bool,
-    /// Which benchmarks: `boot`, `disk` or `all`.
+    /// Which benchmarks: `boot`, `disk`, `net` or `all`.
     #[arg(long, default_value = "all")]
     pub only: String,
     /// MiB written and read sequentially by the disk benchmark.

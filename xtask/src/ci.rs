@@ -1,5 +1,6 @@
 //! `cargo xtask ci`: everything CI runs, in order, cheapest first: format, lints, docs,
-//! unit tests, the /dev/kvm tests, then the real-Linux end-to-end tests. Stops at the first
+//! unit tests, the TAP tests (root), the /dev/kvm tests, then the real-Linux end-to-end
+//! tests. Stops at the first
 //! failure and prints how long each step took.
 
 use std::process::{Command, ExitCode};
@@ -64,6 +65,20 @@ pub fn main(args: Args) -> Result<ExitCode> {
             vec![("RUSTDOCFLAGS", "-D warnings")],
         ),
         ("test", vec!["test", "--workspace"], vec![]),
+        // Real TAP interfaces: root (CAP_NET_ADMIN) and /dev/net/tun; fails without them.
+        (
+            "tap-test",
+            vec![
+                "test",
+                "-p",
+                "tvm-virtio-net",
+                "--test",
+                "tap",
+                "--",
+                "--ignored",
+            ],
+            vec![],
+        ),
     ];
     for (name, a, env) in &steps {
         if !cargo_step(name, a, env)? {

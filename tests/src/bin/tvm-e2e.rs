@@ -11,7 +11,12 @@
 //! a few times each and reports the time from spawn to the readiness marker.
 //! `tvm-e2e disk-bench` boots both with the same disk image as virtio-blk and runs
 //! `tvm-iobench` in the guest: O_DIRECT sequential write and read, 4 KiB random reads, and
-//! each VMM's peak RSS.
+//! each VMM's peak RSS. `tvm-e2e net-bench` boots both with eth0 on the same TAP and times
+//! TCP transfers both ways against this process.
+//!
+//! With `--disk`/`--ro-disk` the checks include virtio-blk (ext4 mount, write, re-read, a
+//! read-only disk, e2fsck/debugfs on the image afterwards); with `--tap` they include
+//! virtio-net (ping both ways, TCP both ways with CRC-32 compared on both ends).
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
