@@ -49,6 +49,14 @@ struct Cli {
     log_level: LevelFilter,
 }
 
+/// Parses each value of a repeatable option; the first bad one is the error.
+fn parse_all<T>(
+    values: &[String],
+    parse: fn(&str) -> tvm_vmm::Result<T>,
+) -> tvm_vmm::Result<Vec<T>> {
+    values.iter().map(|v| parse(v)).collect()
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -62,26 +70,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let disks = match cli
-        .disks
-        .iter()
-        .map(|d| parse_disk(d))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("vmm: error: {}", error_chain(&e));
-            return ExitCode::from(1);
-        }
-    };
-    let nets = match cli
-        .nets
-        .iter()
-        .map(|n| parse_net(n))
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(n) => n,
-        Err(e) => {
+    let (disks, nets) = match (
+        parse_all(&cli.disks, parse_disk),
+        parse_all(&cli.nets, parse_net),
+    ) {
+        (Ok(d), Ok(n)) => (d, n),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("vmm: error: {}", error_chain(&e));
             return ExitCode::from(1);
         }

@@ -235,16 +235,21 @@ pub fn main(args: Args) -> Result<ExitCode> {
 mod tests {
     use super::*;
 
+    /// Guest images under `dir`, as `guest::prepare` lays them out.
+    fn images(dir: &str) -> GuestImages {
+        GuestImages {
+            dir: dir.into(),
+            vmlinuz: format!("{dir}/vmlinuz").into(),
+            initramfs: format!("{dir}/initramfs.cpio.gz").into(),
+            outer_base: format!("{dir}/outer/base.cpio").into(),
+            kernel_release: "6.1.0-50-cloud-amd64".into(),
+            disk: format!("{dir}/disk.ext4").into(),
+        }
+    }
+
     #[test]
     fn invocation_paths() {
-        let images = GuestImages {
-            dir: "/w/target/guest".into(),
-            vmlinuz: "/w/target/guest/vmlinuz".into(),
-            initramfs: "/w/target/guest/initramfs.cpio.gz".into(),
-            outer_base: "/w/target/guest/outer/base.cpio".into(),
-            kernel_release: "6.1.0-50-cloud-amd64".into(),
-            disk: "/w/target/guest/disk.ext4".into(),
-        };
+        let images = images("/w/target/guest");
         let inv = VmmInvocation::new(
             "/w/target/vmm".into(),
             &images,
@@ -273,14 +278,7 @@ mod tests {
 
     #[test]
     fn disks_become_outer_drives() {
-        let images = GuestImages {
-            dir: "/g".into(),
-            vmlinuz: "/g/vmlinuz".into(),
-            initramfs: "/g/initramfs.cpio.gz".into(),
-            outer_base: "/g/outer/base.cpio".into(),
-            kernel_release: "r".into(),
-            disk: "/g/disk.ext4".into(),
-        };
+        let images = images("/g");
         let extra: Vec<String> = [
             "--disk",
             "a.img",
@@ -333,14 +331,7 @@ mod tests {
 
     #[test]
     fn nets_get_the_tap_helper_and_an_address() {
-        let images = GuestImages {
-            dir: "/g".into(),
-            vmlinuz: "/g/vmlinuz".into(),
-            initramfs: "/g/initramfs.cpio.gz".into(),
-            outer_base: "/g/outer/base.cpio".into(),
-            kernel_release: "r".into(),
-            disk: "/g/disk.ext4".into(),
-        };
+        let images = images("/g");
         let extra: Vec<String> = ["--net", "tap=tap0,mac=52:54:00:00:00:01"]
             .iter()
             .map(|s| s.to_string())

@@ -176,6 +176,20 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Copies the bytes of a device's config space `config` at `offset` into `data`; bytes
+/// past the end read as 0 (the usual [`VirtioDevice::read_config`] for a device whose
+/// config is a byte array).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Errors of the virtio transport.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -60,6 +60,19 @@ impl Console {
         String::from_utf8_lossy(&buf[from.min(buf.len())..]).into_owned()
     }
 
+    /// Waits for `marker` after `from`, then for `-end`; returns the end's position and
+    /// the text between the two.
+    fn value_until_end(
+        &self,
+        marker: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> Option<(usize, String)> {
+        let p = self.wait_for(marker, from, timeout)?;
+        let e = self.wait_for("-end", p, STEP_TIMEOUT)?;
+        Some((e, self.text_from(p)[..e - p - 4].to_string()))
+    }
+
     fn tail(&self, n: usize) -> String {
         let len = self.len();
         self.text_from(len.saturating_sub(n))
@@ -506,12 +519,7 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
         )
         .as_bytes(),
     )?;
-    let got = c
-        .wait_for("rx-2-crc=", pos, Duration::from_secs(600))
-        .and_then(|p| {
-            c.wait_for("-end", p, STEP_TIMEOUT)
-                .map(|e| (e, c.text_from(p)[..e - p - 4].to_string()))
-        });
+    let got = c.value_until_end("rx-2-crc=", pos, Duration::from_secs(600));
     let sent = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
     r.check(
         "net-tcp-host-to-guest",
@@ -537,12 +545,7 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
         )
         .as_bytes(),
     )?;
-    let printed = c
-        .wait_for("tx-2-crc=", pos, Duration::from_secs(600))
-        .and_then(|p| {
-            c.wait_for("-end", p, STEP_TIMEOUT)
-                .map(|e| (e, c.text_from(p)[..e - p - 4].to_string()))
-        });
+    let printed = c.value_until_end("tx-2-crc=", pos, Duration::from_secs(600));
     let received = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
     r.check(
         "net-tcp-guest-to-host",
@@ -729,12 +732,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
               && umount /mnt && mount /dev/vda /mnt \
               && echo disk-$((1+2))-r=$(md5sum /mnt/data | cut -d' ' -f1)-end; umount /mnt\n",
         )?;
-        let grab = |marker: &str| {
-            c.wait_for(marker, pos, DISK_TIMEOUT).and_then(|p| {
-                c.wait_for("-end", p, STEP_TIMEOUT)
-                    .map(|e| c.text_from(p)[..e - p - 4].to_string())
-            })
-        };
+        let grab = |marker: &str| c.value_until_end(marker, pos, DISK_TIMEOUT).map(|(_, v)| v);
         let written = grab("disk-2-w=");
         data_crc = grab("disk-4-crc=");
         let read = grab("disk-3-r=");
