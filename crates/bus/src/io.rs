@@ -67,8 +67,8 @@ fn register_mmio(
     })
 }
 
-/// Registers `window` on `io` for its whole range ([`PciMmioWindow::start`],
-/// [`PciMmioWindow::len`]).
+/// Registers `window` on `io` for its whole range ([`crate::PciMmioWindow::start`],
+/// [`crate::PciMmioWindow::len`]).
 ///
 /// # Errors
 ///
