@@ -154,8 +154,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        // Some errors (linux-loader's) print their source in their own message too.
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
         cur = s.source();
     }
     text

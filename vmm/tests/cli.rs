@@ -220,6 +220,10 @@ fn bad_memory_and_cpus_are_clear_errors() {
     );
     assert_one_error_line(&run_vmm(&["--kernel", k, "--memory", "1M"]), "too small");
     assert_one_error_line(&run_vmm(&["--kernel", k, "--memory", "64T"]), "host's");
+    assert_one_error_line(
+        &run_vmm(&["--kernel", k, "--memory", "100001K"]),
+        "not a multiple of 4 KiB",
+    );
     assert_one_error_line(&run_vmm(&["--kernel", k, "--cpus", "2"]), "exactly 1 vcpu");
     assert_one_error_line(
         &run_vmm(&["--kernel", k, "--initrd", "/nonexistent.img"]),
@@ -294,8 +298,81 @@ fn help_names_every_option() {
         "--memory",
         "--cpus",
         "--log-level",
+        "--disk",
+        "--net",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
     assert!(help.contains("console=ttyS0 reboot=k panic=1 pci=conf1"));
+}
+
+#[test]
+fn a_kernel_that_is_not_a_file_or_is_truncated_is_one_clear_error() {
+    let dir = scratch("dir-kernel");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_one_error_line(
+        &run_vmm(&["--kernel", dir.to_str().unwrap()]),
+        "is not a regular file",
+    );
+    // ELF magic and nothing else: the loader's message, once.
+    let p = scratch("truncated.elf");
+    std::fs::write(&p, b"\x7fELF").unwrap();
+    let out = run_vmm(&["--kernel", p.to_str().unwrap()]);
+    assert_one_error_line(&out, "Unable to read elf header");
+    assert_eq!(
+        text(&out.stderr)
+            .matches("Unable to read elf header")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn bad_nets_are_one_clear_error() {
+    let kernel = write_kernel("net-ok.elf", &Asm::new().halt_forever().finish());
+    let k = kernel.to_str().unwrap();
+    for (value, needle) in [
+        ("tap", "\"tap\" is not key=value"),
+        ("mac=52:54:00:00:00:01", "tap=NAME is missing"),
+        ("tap=a/b", "invalid tap name"),
+        ("tap=0123456789abcdef", "longer than 15 bytes"),
+        ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=t0,mac=52:54:00", "six groups"),
+        ("tap=t0,vhost=on", "unknown option"),
+    ] {
+        assert_one_error_line(&run_vmm(&["--kernel", k, "--net", value]), needle);
+    }
+}
+
+#[test]
+fn a_tap_without_permission_is_one_clear_error_and_creates_nothing() {
+    // As root, drop to nobody for this one run; otherwise we already lack CAP_NET_ADMIN
+    // (or access to /dev/net/tun).
+    let kernel = write_kernel("net-perm.elf", &Asm::new().halt_forever().finish());
+    let dir = kernel.parent().unwrap();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tap = format!("tvmp{}", std::process::id() % 100_000);
+    let net = format!("tap={tap}");
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    let out = if root {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", VMM])
+            .args(["--kernel", kernel.to_str().unwrap(), "--net", &net])
+            .output()
+            .expect("setpriv (util-linux) runs the VMM as nobody")
+    } else {
+        run_vmm(&["--kernel", kernel.to_str().unwrap(), "--net", &net])
+    };
+    assert_one_error_line(&out, "permission");
+    assert!(!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_command_line_over_the_limit_is_one_clear_error() {
+    let kernel = write_kernel("cmdline.elf", &Asm::new().halt_forever().finish());
+    let long = format!("console=ttyS0 {}", "x".repeat(5000));
+    let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--cmdline", &long]);
+    assert_one_error_line(&out, "longer than the kernel's limit of 4095");
 }
