@@ -627,12 +627,99 @@ fn crc32(data: &[u8]) -> u32 {
     crc32_update(0, data)
 }
 
+/// How long the idle guest is watched for `idle-cpu`.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+
+/// User + system CPU time of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Percentage of one CPU that process `pid` used over `window`.
+fn idle_cpu(pid: u32, window: Duration) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    let before = cpu_ticks(pid)?;
+    let start = Instant::now();
+    thread::sleep(window);
+    let used = cpu_ticks(pid)?.saturating_sub(before);
+    Some(used as f64 / hz as f64 / start.elapsed().as_secs_f64() * 100.0)
+}
+
+/// Durability: a guest writes 4 MiB of random data to a raw disk with O_DIRECT and
+/// fsync, says so, and the VMM is killed with SIGKILL right then; the host file must hold
+/// exactly those bytes (crc32 compared), so nothing the guest was told is durable was
+/// still only in the VMM.
+fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("tvm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let image = dir.join("durability.img");
+    std::fs::write(&image, vec![0u8; 8 << 20]).map_err(|e| format!("{}: {e}", image.display()))?;
+    let mut cmd = Command::new(&o.vmm);
+    cmd.args([
+        "--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", "512M",
+    ])
+    .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=conf1"])
+    .arg("--disk")
+    .arg(&image);
+    let mut g = Guest::spawn(cmd, o.verbose)?;
+    let c = g.console.clone();
+    let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
+        format!(
+            "durability boot: no readiness marker; console: {}",
+            c.tail(2000)
+        )
+    })?;
+    unpin_io_threads(g.child.id());
+    let pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
+    g.send(
+        b"dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null && \
+          dd if=/tmp/d of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null && \
+          echo dur-$((1+1))-crc=$(crc32 /tmp/d | cut -d' ' -f1)-end\n",
+    )?;
+    let printed = c.value_until_end("dur-2-crc=", pos, DISK_TIMEOUT);
+    // The guest was told its data is durable: kill the VMM before it can do anything more.
+    let _ = g.child.kill();
+    let _ = g.child.wait();
+    let on_host = std::fs::read(&image)
+        .map(|d| format!("{:08x}", crc32(&d[..4 << 20])))
+        .map_err(|e| format!("{}: {e}", image.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    r.check(
+        "durability-after-sigkill",
+        match (printed, on_host) {
+            (Some((_, p)), Ok(h)) if p == h => Ok(format!(
+                "4 MiB written with O_DIRECT + fsync, VMM SIGKILLed, crc32 {h} on the host file"
+            )),
+            (p, h) => Err(format!(
+                "guest printed {p:?}, host file has {h:?}; console tail: {}",
+                c.tail(2000)
+            )),
+        },
+    );
+    Ok(())
+}
+
 fn boot_checks(o: &Opts) -> Result<bool, String> {
     let mut g = Guest::spawn(vmm_command(o), o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
-    let result = boot_checks_on(o, &mut g);
+    let mut result = boot_checks_on(o, &mut g);
+    if matches!(result, Ok(true)) && o.disk.is_some() {
+        drop(g);
+        let mut r = Report { failed: 0 };
+        result = durability_check(o, &mut r).map(|()| r.failed == 0);
+        return result;
+    }
     let failed = !matches!(result, Ok(true));
     if failed {
         // Whatever went wrong, say how the VMM is doing and what it logged.
@@ -721,6 +808,16 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             .ok_or_else(|| format!("no release printed; console tail: {}", c.tail(500))),
     );
     pos = rel.map(|(_, e)| e).unwrap_or(c.len());
+
+    // What the VMM costs while the guest sits idle at its prompt. Reported, not asserted:
+    // figures belong to benchmarks, not to pass/fail checks.
+    match idle_cpu(g.child.id(), IDLE_WINDOW) {
+        Some(pct) => println!(
+            "E2E-INFO idle-cpu: the VMM used {pct:.2}% of one CPU over {} s with the guest idle at its prompt",
+            IDLE_WINDOW.as_secs()
+        ),
+        None => println!("E2E-INFO idle-cpu: /proc/{}/stat unreadable", g.child.id()),
+    }
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.
