@@ -172,7 +172,12 @@ pub fn run_driver(
     let report: String = outcome
         .console_output
         .lines()
-        .filter(|l| l.starts_with("E2E") || l.starts_with("BOOT-TIME") || l.starts_with("BENCH"))
+        .filter(|l| {
+            l.starts_with("E2E")
+                || l.starts_with("BOOT-TIME")
+                || l.starts_with("IDLE-CPU")
+                || l.starts_with("BENCH")
+        })
         .map(|l| format!("{}\n", l.trim_end_matches('\r')))
         .collect();
     if !verbose {

@@ -1076,16 +1076,25 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
 }
 
 /// Boots `cmd` until the readiness marker; returns spawn-to-marker.
-fn time_to_ready(cmd: Command, verbose: bool) -> Result<Duration, String> {
+/// Boots `cmd` until the readiness marker; returns spawn-to-marker and, once the shell
+/// prompt is up, the CPU the process used over [`IDLE_WINDOW`] with the guest idle (percent
+/// of one CPU; the I/O threads moved off a pinned CPU first, as in the other benchmarks).
+fn time_to_ready(cmd: Command, verbose: bool) -> Result<(Duration, f64), String> {
     let g = Guest::spawn(cmd, verbose)?;
-    match g.console.wait_for(READY, 0, BOOT_TIMEOUT) {
-        Some(_) => Ok(g.started.elapsed()),
-        None => Err(format!(
+    let Some(ready) = g.console.wait_for(READY, 0, BOOT_TIMEOUT) else {
+        return Err(format!(
             "no readiness marker; stderr: {} console: {}",
             g.stderr.tail(1000),
             g.console.tail(2000)
-        )),
-    }
+        ));
+    };
+    let took = g.started.elapsed();
+    unpin_io_threads(g.child.id());
+    let _ = g.console.wait_for("# ", ready, STEP_TIMEOUT);
+    // Let the shell settle (ash asks the terminal for the cursor position once).
+    thread::sleep(Duration::from_secs(2));
+    let idle = idle_cpu(g.child.id(), IDLE_WINDOW).ok_or("cannot read /proc/PID/stat")?;
+    Ok((took, idle))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -1383,22 +1392,32 @@ fn boot_time(o: &Opts) -> Result<bool, String> {
     let qemu = o.qemu.clone().ok_or("boot-time needs --qemu")?;
     let mut ours = Vec::new();
     let mut peer = Vec::new();
+    let mut idle_ours = Vec::new();
+    let mut idle_peer = Vec::new();
     for run in 0..o.runs {
         // Interleave the two so drift in the machine's speed hits both alike.
-        let t = time_to_ready(vmm_command(o), o.verbose)?;
+        let (t, idle) = time_to_ready(vmm_command(o), o.verbose)?;
         ours.push(t.as_secs_f64() * 1000.0);
+        idle_ours.push(idle);
         let q = qemu_command(&qemu, o, None);
-        let t = time_to_ready(q, o.verbose)?;
+        let (t, idle) = time_to_ready(q, o.verbose)?;
         peer.push(t.as_secs_f64() * 1000.0);
+        idle_peer.push(idle);
         println!(
-            "BOOT-TIME run {run}: vmm {:.0} ms, qemu {:.0} ms",
-            ours[run], peer[run]
+            "BOOT-TIME run {run}: vmm {:.0} ms, qemu {:.0} ms; idle CPU vmm {:.2}%, qemu {:.2}%",
+            ours[run], peer[run], idle_ours[run], idle_peer[run]
         );
     }
     let (m_ours, m_peer) = (median(&mut ours), median(&mut peer));
     println!(
         "BOOT-TIME median spawn-to-ready: vmm {m_ours:.0} ms, qemu {m_peer:.0} ms, ratio vmm/qemu {:.2} ({} runs each)",
         m_ours / m_peer,
+        o.runs
+    );
+    let (i_ours, i_peer) = (median(&mut idle_ours), median(&mut idle_peer));
+    println!(
+        "IDLE-CPU median with the guest idle at its prompt: vmm {i_ours:.2}%, qemu {i_peer:.2}% of one CPU, ratio vmm/qemu {:.2} ({} runs each)",
+        i_ours / i_peer,
         o.runs
     );
     Ok(true)
