@@ -1317,24 +1317,32 @@ fn net_bench(o: &Opts) -> Result<bool, String> {
     if ours.is_empty() || peer.is_empty() {
         return Err("no complete sample for one of the two".into());
     }
-    type Pick = fn(&NetFigures) -> f64;
-    let rows: [(&str, &str, Pick); 3] = [
+    let rows: [MedianRow<NetFigures>; 3] = [
         ("tcp-host-to-guest", "MiB/s", |f| f.0),
         ("tcp-guest-to-host", "MiB/s", |f| f.1),
         ("peak-rss", "KiB", |f| f.2 as f64),
     ];
+    print_medians("BENCH-NET", &rows, &ours, &peer);
+    Ok(true)
+}
+
+/// One line of a benchmark summary: name, unit, and the figure it picks from a sample.
+type MedianRow<T> = (&'static str, &'static str, fn(&T) -> f64);
+
+/// Prints `<tag> median <name>: vmm A unit, qemu B unit, ratio vmm/qemu R (n and m runs)`
+/// for each row, a row picking one figure out of a sample.
+fn print_medians<T>(tag: &str, rows: &[MedianRow<T>], ours: &[T], peer: &[T]) {
     for (name, unit, f) in rows {
         let mut a: Vec<f64> = ours.iter().map(f).collect();
         let mut b: Vec<f64> = peer.iter().map(f).collect();
         let (a, b) = (median(&mut a), median(&mut b));
         println!(
-            "BENCH-NET median {name}: vmm {a:.2} {unit}, qemu {b:.2} {unit}, ratio vmm/qemu {:.2} ({} and {} runs)",
+            "{tag} median {name}: vmm {a:.2} {unit}, qemu {b:.2} {unit}, ratio vmm/qemu {:.2} ({} and {} runs)",
             a / b,
             ours.len(),
             peer.len()
         );
     }
-    Ok(true)
 }
 
 /// `disk-bench`: block throughput, IOPS and peak RSS, for our VMM and QEMU's
@@ -1365,26 +1373,13 @@ fn disk_bench(o: &Opts) -> Result<bool, String> {
     if ours.is_empty() || peer.is_empty() {
         return Err("no complete sample for one of the two".into());
     }
-    let med = |v: &[DiskFigures], f: fn(&DiskFigures) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        median(&mut x)
-    };
-    type Pick = fn(&DiskFigures) -> f64;
-    let rows: [(&str, &str, Pick); 4] = [
+    let rows: [MedianRow<DiskFigures>; 4] = [
         ("seq-write", "MiB/s", |f| f.0),
         ("seq-read", "MiB/s", |f| f.1),
         ("rand-read-4k", "IOPS", |f| f.2),
         ("peak-rss", "KiB", |f| f.3 as f64),
     ];
-    for (name, unit, f) in rows {
-        let (a, b) = (med(&ours, f), med(&peer, f));
-        println!(
-            "BENCH-DISK median {name}: vmm {a:.1} {unit}, qemu {b:.1} {unit}, ratio vmm/qemu {:.2} ({} and {} runs)",
-            a / b,
-            ours.len(),
-            peer.len()
-        );
-    }
+    print_medians("BENCH-DISK", &rows, &ours, &peer);
     Ok(true)
 }
 
