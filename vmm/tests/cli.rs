@@ -356,8 +356,13 @@ fn a_tap_without_permission_is_one_clear_error_and_creates_nothing() {
     // SAFETY: geteuid has no preconditions and touches no memory.
     let root = unsafe { libc::geteuid() } == 0;
     let out = if root {
+        // A copy of the binary in the scratch directory, which nobody may enter, wherever
+        // the checkout lives (a path under /root would not be).
+        let vmm = dir.join("vmm");
+        std::fs::copy(VMM, &vmm).unwrap();
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", VMM])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&vmm)
             .args(["--kernel", kernel.to_str().unwrap(), "--net", &net])
             .output()
             .expect("setpriv (util-linux) runs the VMM as nobody")
