@@ -228,6 +228,32 @@ impl Guest {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// Waits for the readiness marker, moves the VMM's I/O threads off a pinned CPU
+    /// ([`unpin_io_threads`]) and waits for the shell prompt; returns the spawn-to-marker
+    /// time and the console position after the prompt (after the marker if no prompt came).
+    fn ready_at_prompt(&self, what: &str) -> Result<(Duration, usize), String> {
+        let c = &self.console;
+        let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
+            format!(
+                "{what}: no readiness marker; stderr: {}; console: {}",
+                self.stderr.tail(2000),
+                c.tail(2000)
+            )
+        })?;
+        let took = self.started.elapsed();
+        unpin_io_threads(self.child.id());
+        Ok((took, c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready)))
+    }
+
+    /// Types `reboot` and kills the process if it has not exited within STEP_TIMEOUT.
+    fn reboot_or_kill(&mut self) -> Result<(), String> {
+        self.send(b"reboot\n")?;
+        if self.wait_exit(STEP_TIMEOUT).is_none() {
+            let _ = self.child.kill();
+        }
+        Ok(())
+    }
+
     fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -672,14 +698,7 @@ fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
     .arg(&image);
     let mut g = Guest::spawn(cmd, o.verbose)?;
     let c = g.console.clone();
-    let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
-        format!(
-            "durability boot: no readiness marker; console: {}",
-            c.tail(2000)
-        )
-    })?;
-    unpin_io_threads(g.child.id());
-    let pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
+    let (_, pos) = g.ready_at_prompt("durability boot")?;
     g.send(
         b"dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null && \
           dd if=/tmp/d of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null && \
@@ -1081,16 +1100,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
 /// of one CPU; the I/O threads moved off a pinned CPU first, as in the other benchmarks).
 fn time_to_ready(cmd: Command, verbose: bool) -> Result<(Duration, f64), String> {
     let g = Guest::spawn(cmd, verbose)?;
-    let Some(ready) = g.console.wait_for(READY, 0, BOOT_TIMEOUT) else {
-        return Err(format!(
-            "no readiness marker; stderr: {} console: {}",
-            g.stderr.tail(1000),
-            g.console.tail(2000)
-        ));
-    };
-    let took = g.started.elapsed();
-    unpin_io_threads(g.child.id());
-    let _ = g.console.wait_for("# ", ready, STEP_TIMEOUT);
+    let (took, _) = g.ready_at_prompt("boot")?;
     // Let the shell settle (ash asks the terminal for the cursor position once).
     thread::sleep(Duration::from_secs(2));
     let idle = idle_cpu(g.child.id(), IDLE_WINDOW).ok_or("cannot read /proc/PID/stat")?;
@@ -1157,15 +1167,7 @@ type DiskFigures = (f64, f64, f64, u64);
 fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, String> {
     let mut g = Guest::spawn(cmd, o.verbose)?;
     let c = g.console.clone();
-    let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
-        format!(
-            "{what}: no readiness marker; stderr: {}; console: {}",
-            g.stderr.tail(2000),
-            c.tail(2000)
-        )
-    })?;
-    unpin_io_threads(g.child.id());
-    let pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
+    let (_, pos) = g.ready_at_prompt(what)?;
     let mib = o.bench_mib;
     let secs = o.bench_secs;
     g.send(
@@ -1205,10 +1207,7 @@ fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, Str
         "BENCH-DISK {what}: seq-write {:.1} MiB/s, seq-read {:.1} MiB/s, rand-read {:.0} IOPS, peak RSS {} KiB",
         figures.0, figures.1, figures.2, figures.3
     );
-    g.send(b"reboot\n")?;
-    if g.wait_exit(STEP_TIMEOUT).is_none() {
-        let _ = g.child.kill();
-    }
+    g.reboot_or_kill()?;
     Ok(figures)
 }
 
@@ -1223,15 +1222,7 @@ fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, Strin
     let mut g = Guest::spawn(cmd, o.verbose)?;
     tap_up(tap)?;
     let c = g.console.clone();
-    let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
-        format!(
-            "{what}: no readiness marker; stderr: {}; console: {}",
-            g.stderr.tail(2000),
-            c.tail(2000)
-        )
-    })?;
-    unpin_io_threads(g.child.id());
-    let mut pos = c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready);
+    let (_, mut pos) = g.ready_at_prompt(what)?;
     let mib = o.net_mib;
     let mut rates = Vec::new();
     for (port, send, script) in [
@@ -1267,10 +1258,7 @@ fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, Strin
         "BENCH-NET {what}: host->guest {:.2} MiB/s, guest->host {:.2} MiB/s, peak RSS {} KiB",
         figures.0, figures.1, figures.2
     );
-    g.send(b"reboot\n")?;
-    if g.wait_exit(STEP_TIMEOUT).is_none() {
-        let _ = g.child.kill();
-    }
+    g.reboot_or_kill()?;
     // The TAP goes away with its last user; wait so the next guest creates it afresh.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::path::Path::new(&format!("/sys/class/net/{tap}")).exists()
