@@ -123,6 +123,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// The seccomp filters to install.
+    pub seccomp: crate::seccomp::SeccompLevel,
 }
 
 /// Parses a memory size: a number with an optional unit K, M, G or T (optionally followed by
@@ -289,6 +291,7 @@ mod tests {
             vcpus: 1,
             disks: Vec::new(),
             nets: Vec::new(),
+            seccomp: Default::default(),
         }
     }
 

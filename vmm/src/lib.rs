@@ -13,6 +13,7 @@
 pub mod config;
 pub mod legacy;
 pub mod logger;
+pub mod seccomp;
 pub mod terminal;
 pub mod timing;
 pub mod vcpu;
@@ -141,6 +142,18 @@ pub enum Error {
     /// Signal handlers could not be installed.
     #[error("failed to install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// A seccomp filter could not be built.
+    #[error("failed to build the seccomp filters")]
+    Seccomp(#[source] seccompiler::Error),
+    /// A thread could not install its seccomp filter.
+    #[error("the {thread} thread could not install its seccomp filter")]
+    SeccompApply {
+        /// The kind of thread.
+        thread: &'static str,
+        /// Why.
+        #[source]
+        source: seccompiler::Error,
+    },
     /// The terminal could not be put into raw mode.
     #[error("failed to put the terminal into raw mode")]
     Terminal(#[source] std::io::Error),

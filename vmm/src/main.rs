@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::Parser;
 use log::LevelFilter;
 use tvm_vmm::config::{parse_disk, parse_mem_size, parse_net, VmConfig, DEFAULT_CMDLINE};
+use tvm_vmm::seccomp::SeccompLevel;
 use tvm_vmm::timing::BootTimes;
 use tvm_vmm::vcpu::ExitReason;
 use tvm_vmm::{error_chain, logger, run_vm, terminal};
@@ -44,6 +45,10 @@ struct Cli {
     /// Number of vCPUs (only 1 is supported for now).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
+    /// seccomp filters: on (a syscall outside a thread's list ends the VMM with a message),
+    /// log (such syscalls are allowed and logged by the kernel), or off.
+    #[arg(long, value_name = "on|off|log", default_value = "on")]
+    seccomp: SeccompLevel,
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: LevelFilter,
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
         vcpus: cli.cpus,
         disks,
         nets,
+        seccomp: cli.seccomp,
     };
     let times = Arc::new(BootTimes::new(start));
     let result = run_vm(&cfg, times.clone());

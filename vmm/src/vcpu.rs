@@ -16,6 +16,7 @@ use tvm_memory::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::ThreadKind;
 use crate::timing::{BootTimes, Phase};
 
 /// Why the VM stopped.
@@ -235,6 +236,8 @@ pub struct Vcpu {
     pub stop: Arc<AtomicBool>,
     /// Boot-phase clock.
     pub times: Arc<BootTimes>,
+    /// The seccomp filter this vCPU's thread installs before it first enters the guest.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -265,8 +268,13 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
+                let filtered = crate::seccomp::apply(ThreadKind::Vcpu, self.seccomp.as_deref());
+                // Wait even on failure: the main thread counts on every vCPU at the barrier.
                 barrier.wait();
-                self.run();
+                match filtered {
+                    Ok(()) => self.run(),
+                    Err(e) => self.exit.request(ExitReason::Error(crate::error_chain(&e))),
+                }
             })
     }
 

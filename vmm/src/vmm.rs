@@ -30,6 +30,7 @@ use crate::config::VmConfig;
 use crate::legacy::{
     Cmos, DebugPort, CMOS_PORT, DEBUG_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT,
 };
+use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
 use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
@@ -145,6 +146,7 @@ pub struct Vmm {
     dropped_output: NonBlockingWriter,
     stop: Arc<AtomicBool>,
     times: Arc<BootTimes>,
+    seccomp: Filters,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -208,6 +210,11 @@ impl Vmm {
             })?);
         }
 
+        let seccomp = Filters::new(cfg.seccomp)?;
+        if cfg.seccomp == SeccompLevel::On {
+            crate::seccomp::install_sigsys_handler()?;
+        }
+
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         check_capabilities(&kvm)?;
         let vm = kvm.create_vm().map_err(Error::CreateVm)?;
@@ -250,8 +257,13 @@ impl Vmm {
         let mut io = IoManager::new();
         let com1 = IrqLine::new(tvm_irq::COM1_GSI)?;
         com1.register(&vm)?;
-        let (writer, output) =
-            NonBlockingWriter::spawn(std::io::stdout(), DEFAULT_OUTPUT_BUFFER_BYTES)?;
+        // The serial-out thread installs its filter before it writes anything.
+        let install = seccomp.installer(ThreadKind::SerialOut);
+        let (writer, output) = NonBlockingWriter::spawn_with_init(
+            std::io::stdout(),
+            DEFAULT_OUTPUT_BUFFER_BYTES,
+            move || install().map_err(|e| crate::error_chain(&e)),
+        )?;
         let serial = Arc::new(Mutex::new(SerialDevice::with_interrupt_evt(
             com1.eventfd()?,
             ConsoleTap::new(writer.clone(), times.clone()),
@@ -325,6 +337,7 @@ impl Vmm {
                 exit: exit.clone(),
                 stop: stop.clone(),
                 times: times.clone(),
+                seccomp: seccomp.get(ThreadKind::Vcpu),
             });
         }
         info!(
@@ -356,6 +369,7 @@ impl Vmm {
             dropped_output: writer,
             stop,
             times,
+            seccomp,
         })
     }
 
@@ -403,6 +417,20 @@ impl Vmm {
                     return Err(Error::SpawnVcpu(e));
                 }
             }
+        }
+        // Every other thread exists now (each has installed its own filter), so the main
+        // thread's filter is inherited by none of them. The vCPUs wait on the barrier until
+        // it is in place.
+        let filtered = crate::seccomp::apply(
+            ThreadKind::EventLoop,
+            self.seccomp.get(ThreadKind::EventLoop).as_deref(),
+        );
+        if let Err(e) = filtered {
+            self.stop.store(true, Ordering::Release);
+            barrier.wait();
+            stop_vcpus(threads, &self.stop);
+            drop(raw);
+            return Err(e);
         }
         barrier.wait();
 

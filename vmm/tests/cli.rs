@@ -133,6 +133,11 @@ fn kvm_internal_error_is_diagnosed() {
 
 /// Starts the vmm on a guest that prints a line and halts forever, with stdin piped.
 fn spawn_halting_guest(name: &str) -> std::process::Child {
+    spawn_halting_guest_with(name, &[])
+}
+
+/// [`spawn_halting_guest`] with more vmm arguments.
+fn spawn_halting_guest_with(name: &str, extra: &[&str]) -> std::process::Child {
     let code = Asm::new()
         .print(0x3f8, b"halting\n")
         .halt_forever()
@@ -140,6 +145,7 @@ fn spawn_halting_guest(name: &str) -> std::process::Child {
     let kernel = write_kernel(name, &code);
     Command::new(VMM)
         .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -300,6 +306,7 @@ fn help_names_every_option() {
         "--log-level",
         "--disk",
         "--net",
+        "--seccomp",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
@@ -380,4 +387,60 @@ fn kvm_a_command_line_over_the_limit_is_one_clear_error() {
     let long = format!("console=ttyS0 {}", "x".repeat(5000));
     let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--cmdline", &long]);
     assert_one_error_line(&out, "longer than the kernel's limit of 4095");
+}
+
+/// `(thread name, Seccomp mode, Seccomp_filters)` of every thread of `pid`, from /proc.
+fn seccomp_of_threads(pid: u32) -> Vec<(String, String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let name = field("Name:");
+        // KVM's own kernel worker (kvm-nx-lpage-recovery) is listed among the process's
+        // tasks but runs no user code.
+        if !name.starts_with("kvm-") {
+            threads.push((name, field("Seccomp:"), field("Seccomp_filters:")));
+        }
+    }
+    threads.sort();
+    threads
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_every_thread_runs_under_exactly_its_own_seccomp_filter() {
+    for (level, mode, filters) in [(None, "2", "1"), (Some("off"), "0", "0")] {
+        let extra: Vec<&str> = level.iter().flat_map(|l| ["--seccomp", l]).collect();
+        let mut child = spawn_halting_guest_with("seccomp.elf", &extra);
+        // Wait for the guest's line: every thread exists and the vCPU has entered the guest.
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !text(&seen).contains("halting") && Instant::now() < deadline {
+            let mut buf = [0u8; 64];
+            let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+            assert!(n > 0, "vmm closed stdout early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let threads = seccomp_of_threads(child.id());
+        let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(names, ["serial-out", "vcpu0", "vmm"], "{threads:?}");
+        for (name, m, f) in &threads {
+            assert_eq!(m, mode, "{name} with --seccomp {level:?}: {threads:?}");
+            // One filter each: no thread inherited another kind's filter.
+            if !f.is_empty() {
+                assert_eq!(f, filters, "{name} with --seccomp {level:?}: {threads:?}");
+            }
+        }
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let out = wait_with_deadline(child, 10);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    }
 }

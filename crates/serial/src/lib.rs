@@ -87,6 +87,10 @@ pub enum Error {
     /// The `serial-out` thread could not be started.
     #[error("failed to spawn the serial output thread")]
     SpawnOutputThread(#[source] io::Error),
+    /// The `serial-out` thread's start hook failed (e.g. it could not install its seccomp
+    /// filter); the thread ended without writing anything.
+    #[error("the serial output thread failed to start: {0}")]
+    OutputThreadInit(String),
     /// stdin could not be duplicated.
     #[error("failed to duplicate stdin")]
     DupStdin(#[source] io::Error),

@@ -97,6 +97,26 @@ impl NonBlockingWriter {
     where
         S: Write + Send + 'static,
     {
+        Self::spawn_with_init(sink, capacity_bytes, || Ok(()))
+    }
+
+    /// Like [`spawn`](Self::spawn), but the thread first runs `init` (e.g. to install a
+    /// seccomp filter on itself) and this call waits for it: when `init` fails the thread
+    /// ends without touching `sink` and the error is returned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SpawnOutputThread`] when the thread cannot be started,
+    /// [`Error::OutputThreadInit`] when `init` fails.
+    pub fn spawn_with_init<S, F>(
+        sink: S,
+        capacity_bytes: usize,
+        init: F,
+    ) -> Result<(Self, OutputThread)>
+    where
+        S: Write + Send + 'static,
+        F: FnOnce() -> std::result::Result<(), String> + Send + 'static,
+    {
         let capacity = capacity_bytes.max(1);
         let shared = Arc::new(Shared {
             buffer: Mutex::new(Buffer {
@@ -110,14 +130,26 @@ impl NonBlockingWriter {
         });
         let (done_tx, finished) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
+        let (init_tx, init_rx) = mpsc::sync_channel(1);
         let handle = thread::Builder::new()
             .name(OUTPUT_THREAD_NAME.to_string())
             .spawn(move || {
                 // Dropped when the thread ends, however it ends.
                 let _done = done_tx;
-                output_loop(&thread_shared, sink);
+                let started = init();
+                let ok = started.is_ok();
+                // The spawner waits for this; it cannot have gone away.
+                let _ = init_tx.send(started);
+                if ok {
+                    output_loop(&thread_shared, sink);
+                }
             })
             .map_err(Error::SpawnOutputThread)?;
+        match init_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Err(Error::OutputThreadInit(why)),
+            Err(_) => return Err(Error::OutputThreadInit("the thread ended early".into())),
+        }
         Ok((
             Self {
                 shared: Arc::clone(&shared),
@@ -296,6 +328,34 @@ mod tests {
         };
         let (writer, thread) = NonBlockingWriter::spawn(sink, capacity).unwrap();
         (writer, thread, gate_tx, out)
+    }
+
+    #[test]
+    fn a_failing_start_hook_is_an_error_and_nothing_reaches_the_sink() {
+        let out = SharedBuf::default();
+        let Err(err) =
+            NonBlockingWriter::spawn_with_init(out.clone(), 16, || Err("no filter".into()))
+        else {
+            panic!("the hook failed, so spawning must fail");
+        };
+        assert!(matches!(&err, Error::OutputThreadInit(why) if why == "no filter"));
+        assert!(out.contents().is_empty());
+    }
+
+    #[test]
+    fn the_start_hook_runs_on_the_output_thread_before_any_write() {
+        let out = SharedBuf::default();
+        let (tx, rx) = mpsc::channel();
+        let (mut writer, thread) = NonBlockingWriter::spawn_with_init(out.clone(), 16, move || {
+            tx.send(thread::current().name().map(str::to_owned))
+                .unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rx.recv().unwrap().as_deref(), Some(OUTPUT_THREAD_NAME));
+        writer.write_all(b"hi").unwrap();
+        assert!(thread.shutdown(Duration::from_secs(5)));
+        assert_eq!(out.contents(), b"hi");
     }
 
     #[test]

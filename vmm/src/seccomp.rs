@@ -1,0 +1,558 @@
+//! seccomp-bpf filters, one per thread kind, installed after set-up and before the guest
+//! runs its first instruction or drives any I/O.
+//!
+//! Every thread of the VMM runs one of three filters:
+//! - [`ThreadKind::Vcpu`]: KVM_RUN and the few things a BAR or PCI config write can lead to
+//!   (MSI routing, ioeventfd moves, TAP offloads, eventfd clones on device activation);
+//! - [`ThreadKind::EventLoop`] (the main thread): epoll, disk and TAP I/O, kicking vCPU
+//!   threads at shutdown, putting the terminal back;
+//! - [`ThreadKind::SerialOut`]: writing the console to stdout.
+//!
+//! Filters are per thread (no TSYNC): a vCPU thread installs its own before it waits on the
+//! start barrier, the serial-out thread before it writes anything, and the main thread its
+//! own after every other thread exists (a thread inherits its creator's filter, so the order
+//! keeps each thread at exactly its own list).
+//!
+//! With [`SeccompLevel::On`] a syscall outside the list raises SIGSYS; [`install_sigsys_handler`]
+//! prints which syscall and on which kind of thread, then ends the process with exit code
+//! [`SECCOMP_EXIT_CODE`] (128 + SIGSYS, what a shell reports for a process killed by it).
+//! [`SeccompLevel::Log`] lets such calls through and has the kernel log them (audit, or
+//! dmesg as `type=1326`), to find what a list misses; [`SeccompLevel::Off`] installs nothing.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kvm_bindings::KVMIO;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+use crate::{Error, Result};
+
+/// Exit code after a forbidden syscall: 128 + SIGSYS.
+pub const SECCOMP_EXIT_CODE: i32 = 128 + libc::SIGSYS;
+
+/// What `--seccomp` asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompLevel {
+    /// Filters installed; a forbidden syscall ends the VMM with a message.
+    #[default]
+    On,
+    /// No filters.
+    Off,
+    /// Filters installed; forbidden syscalls are allowed but logged by the kernel.
+    Log,
+}
+
+/// The kinds of thread, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ThreadKind {
+    /// A vCPU thread.
+    Vcpu = 1,
+    /// The main thread, running the event loop.
+    EventLoop = 2,
+    /// The thread that writes the console to stdout.
+    SerialOut = 3,
+}
+
+impl ThreadKind {
+    /// The name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::EventLoop => "event-loop",
+            ThreadKind::SerialOut => "serial-out",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(ThreadKind::Vcpu),
+            2 => Some(ThreadKind::EventLoop),
+            3 => Some(ThreadKind::SerialOut),
+            _ => None,
+        }
+    }
+}
+
+thread_local! {
+    /// The filter this thread installed (0: none), read by the SIGSYS handler. A `const`
+    /// thread local with no destructor: reading it allocates nothing and takes no lock.
+    static THREAD_KIND: Cell<u8> = const { Cell::new(0) };
+}
+
+/// The compiled filters for one VM (all `None` with [`SeccompLevel::Off`]).
+#[derive(Clone, Debug, Default)]
+pub struct Filters {
+    vcpu: Option<Arc<BpfProgram>>,
+    event_loop: Option<Arc<BpfProgram>>,
+    serial_out: Option<Arc<BpfProgram>>,
+}
+
+impl Filters {
+    /// Compiles the three filters for `level`.
+    pub fn new(level: SeccompLevel) -> Result<Self> {
+        let action = match level {
+            SeccompLevel::Off => return Ok(Filters::default()),
+            SeccompLevel::On => SeccompAction::Trap,
+            SeccompLevel::Log => SeccompAction::Log,
+        };
+        let build = |kind| compile(kind, action.clone()).map(|p| Some(Arc::new(p)));
+        Ok(Filters {
+            vcpu: build(ThreadKind::Vcpu)?,
+            event_loop: build(ThreadKind::EventLoop)?,
+            serial_out: build(ThreadKind::SerialOut)?,
+        })
+    }
+
+    /// The filter for `kind`, if any.
+    pub fn get(&self, kind: ThreadKind) -> Option<Arc<BpfProgram>> {
+        match kind {
+            ThreadKind::Vcpu => self.vcpu.clone(),
+            ThreadKind::EventLoop => self.event_loop.clone(),
+            ThreadKind::SerialOut => self.serial_out.clone(),
+        }
+    }
+
+    /// A closure that installs the filter for `kind` on the thread that calls it (a no-op
+    /// without filters); for threads spawned by other crates' code.
+    pub fn installer(&self, kind: ThreadKind) -> impl FnOnce() -> Result<()> + Send + 'static {
+        let filter = self.get(kind);
+        move || apply(kind, filter.as_deref())
+    }
+}
+
+/// Installs `filter` on the calling thread (nothing when `None`).
+pub fn apply(kind: ThreadKind, filter: Option<&BpfProgram>) -> Result<()> {
+    let Some(filter) = filter else {
+        return Ok(());
+    };
+    THREAD_KIND.with(|k| k.set(kind as u8));
+    seccompiler::apply_filter(filter).map_err(|source| Error::SeccompApply {
+        thread: kind.name(),
+        source,
+    })
+}
+
+/// Writes `bytes` to stderr with a raw write(2) (async-signal-safe; errors ignored).
+fn write_stderr(bytes: &[u8]) {
+    // SAFETY: write(2) reads `bytes.len()` bytes from a valid slice; it is async-signal-safe.
+    unsafe { libc::write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+/// Formats `n` in decimal into `buf`, returning the digits (no allocation).
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // siginfo_t for SIGSYS (asm-generic/siginfo.h): after si_signo, si_errno, si_code and
+    // 4 bytes of padding, the union holds `_sigsys { void *_call_addr; int _syscall; ... }`,
+    // so the syscall number is at byte 16 + 8. The libc crate does not name the field.
+    const SYSCALL_OFFSET: usize = 24;
+    // SAFETY: the kernel passes a valid siginfo_t (128 bytes) to an SA_SIGINFO handler, and
+    // for SIGSYS the 4 bytes at SYSCALL_OFFSET are the `_syscall` field.
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    let kind = THREAD_KIND
+        .with(|k| ThreadKind::from_u8(k.get()))
+        .map_or("unknown", ThreadKind::name);
+    let mut buf = [0u8; 10];
+    // Only async-signal-safe work from here: raw writes, a try-lock tcsetattr, _exit.
+    crate::terminal::restore();
+    write_stderr(b"\r\nvmm: error: seccomp: the ");
+    write_stderr(kind.as_bytes());
+    write_stderr(b" thread made system call ");
+    write_stderr(decimal(nr as u32, &mut buf));
+    write_stderr(b", which its filter does not allow (a bug: please report it; --seccomp log lets such calls through and logs them)\n");
+    // SAFETY: _exit(2) ends the process at once; it is async-signal-safe.
+    unsafe { libc::_exit(SECCOMP_EXIT_CODE) };
+}
+
+/// Installs the SIGSYS handler that reports a forbidden syscall (process-wide; call once,
+/// before any filter with [`SeccompLevel::On`] is installed).
+pub fn install_sigsys_handler() -> Result<()> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, handle_sigsys)
+        .map_err(|e| Error::Signals(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+// ioctl request numbers, from the kernel's uapi headers (linux/kvm.h, linux/if_tun.h,
+// asm-generic/ioctls.h).
+const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64;
+const KVM_GET_REGS: u64 = ioctl_expr(
+    _IOC_READ,
+    KVMIO,
+    0x81,
+    std::mem::size_of::<kvm_bindings::kvm_regs>() as u32,
+) as u64;
+const KVM_GET_SREGS: u64 = ioctl_expr(
+    _IOC_READ,
+    KVMIO,
+    0x83,
+    std::mem::size_of::<kvm_bindings::kvm_sregs>() as u32,
+) as u64;
+const KVM_TRANSLATE: u64 = ioctl_expr(
+    _IOC_READ | _IOC_WRITE,
+    KVMIO,
+    0x85,
+    std::mem::size_of::<kvm_bindings::kvm_translation>() as u32,
+) as u64;
+const KVM_SET_GSI_ROUTING: u64 = ioctl_expr(
+    _IOC_WRITE,
+    KVMIO,
+    0x6a,
+    std::mem::size_of::<kvm_bindings::kvm_irq_routing>() as u32,
+) as u64;
+const KVM_IOEVENTFD: u64 = ioctl_expr(
+    _IOC_WRITE,
+    KVMIO,
+    0x79,
+    std::mem::size_of::<kvm_bindings::kvm_ioeventfd>() as u32,
+) as u64;
+const TUNSETOFFLOAD: u64 = ioctl_expr(
+    _IOC_WRITE,
+    b'T' as u32,
+    208,
+    std::mem::size_of::<libc::c_uint>() as u32,
+) as u64;
+const TCSETS: u64 = libc::TCSETS;
+
+type Rules = Vec<(i64, Vec<SeccompRule>)>;
+
+fn seccomp_error(e: impl Into<seccompiler::Error>) -> Error {
+    Error::Seccomp(e.into())
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(seccomp_error)
+}
+
+/// One rule per value: argument `arg` equals one of `values`.
+fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>> {
+    values
+        .iter()
+        .map(|&v| SeccompRule::new(vec![cond(arg, SeccompCmpOp::Eq, v)?]).map_err(seccomp_error))
+        .collect()
+}
+
+/// Memory that is never made executable: `prot` (argument 2 of mmap and mprotect) without
+/// PROT_EXEC.
+fn no_exec() -> Result<Vec<SeccompRule>> {
+    let prot = libc::PROT_EXEC as u64;
+    Ok(vec![SeccompRule::new(vec![cond(
+        2,
+        SeccompCmpOp::MaskedEq(prot),
+        0,
+    )?])
+    .map_err(seccomp_error)?])
+}
+
+/// What every thread needs: the Rust runtime and glibc (allocation, locks, thread exit,
+/// signal return), logging to stderr, the SIGSYS report and the panic path.
+fn common() -> Result<Rules> {
+    let any = Vec::new;
+    Ok(vec![
+        // Logging, eventfd signals, console output.
+        (libc::SYS_write, any()),
+        // Mutexes, condition variables, joins.
+        (libc::SYS_futex, any()),
+        // The allocator: glibc arenas map, grow (mprotect to read-write) and trim memory;
+        // never executable.
+        (libc::SYS_mmap, no_exec()?),
+        (libc::SYS_mprotect, no_exec()?),
+        (libc::SYS_munmap, any()),
+        (libc::SYS_mremap, any()),
+        (libc::SYS_brk, any()),
+        (libc::SYS_madvise, any()),
+        // Timestamps in logs and boot timing when the vDSO falls back to the syscall (it
+        // does under some clock sources, e.g. in a TCG guest); short sleeps.
+        (libc::SYS_clock_gettime, any()),
+        (libc::SYS_clock_nanosleep, any()),
+        (libc::SYS_nanosleep, any()),
+        (libc::SYS_sched_yield, any()),
+        // HashMap seeds are drawn per thread on first use.
+        (libc::SYS_getrandom, any()),
+        // Signal handlers (the vCPU kick, termination signals on any thread) return with
+        // rt_sigreturn; thread exit masks signals and drops the alternate signal stack.
+        (libc::SYS_rt_sigreturn, any()),
+        (libc::SYS_rt_sigprocmask, any()),
+        (libc::SYS_sigaltstack, any()),
+        // abort() on a panic (panic = "abort" in release) raises SIGABRT on itself.
+        (libc::SYS_getpid, any()),
+        (libc::SYS_gettid, any()),
+        (libc::SYS_tgkill, any()),
+        // Putting the terminal back (the SIGSYS report and the panic hook): TCSETS on fd 0.
+        (
+            libc::SYS_ioctl,
+            vec![SeccompRule::new(vec![
+                cond(0, SeccompCmpOp::Eq, libc::STDIN_FILENO as u64)?,
+                cond(1, SeccompCmpOp::Eq, TCSETS)?,
+            ])
+            .map_err(seccomp_error)?],
+        ),
+        (libc::SYS_exit, any()),
+        (libc::SYS_exit_group, any()),
+    ])
+}
+
+/// The syscalls of `kind` beyond [`common`].
+fn specific(kind: ThreadKind) -> Result<Rules> {
+    let any = Vec::new;
+    Ok(match kind {
+        ThreadKind::Vcpu => vec![
+            // KVM_RUN; the register reads and the address translation of a failure report;
+            // MSI-X table writes re-route GSIs; BAR moves re-register queue ioeventfds;
+            // virtio-net activation sets the TAP's offloads.
+            (
+                libc::SYS_ioctl,
+                arg_in(
+                    1,
+                    &[
+                        KVM_RUN,
+                        KVM_GET_REGS,
+                        KVM_GET_SREGS,
+                        KVM_TRANSLATE,
+                        KVM_SET_GSI_ROUTING,
+                        KVM_IOEVENTFD,
+                        TUNSETOFFLOAD,
+                    ],
+                )?,
+            ),
+            // Device activation clones the queue eventfds (F_DUPFD_CLOEXEC); reset drops
+            // them and drains pending kicks. Closing a file descriptor (here the vCPU's own
+            // when the thread ends) checks it with F_GETFD first in debug builds of std.
+            (
+                libc::SYS_fcntl,
+                arg_in(1, &[libc::F_DUPFD_CLOEXEC as u64, libc::F_GETFD as u64])?,
+            ),
+            (libc::SYS_close, any()),
+            (libc::SYS_read, any()),
+        ],
+        ThreadKind::EventLoop => vec![
+            (libc::SYS_epoll_wait, any()),
+            (libc::SYS_epoll_pwait, any()),
+            // Sources leave and rejoin the epoll set (serial input backpressure, errors).
+            (libc::SYS_epoll_ctl, any()),
+            // Eventfds, console input, TAP frames.
+            (libc::SYS_read, any()),
+            (libc::SYS_readv, any()),
+            (libc::SYS_writev, any()),
+            // Disk requests go straight between the image and guest memory.
+            (libc::SYS_pread64, any()),
+            (libc::SYS_pwrite64, any()),
+            (libc::SYS_preadv, any()),
+            (libc::SYS_pwritev, any()),
+            // FLUSH, and every disk at shutdown.
+            (libc::SYS_fdatasync, any()),
+            (libc::SYS_fsync, any()),
+            // DISCARD and WRITE_ZEROES: punch hole / zero range.
+            (libc::SYS_fallocate, any()),
+            // Files and eventfds dropped at shutdown (F_GETFD: std's debug check on close).
+            (libc::SYS_close, any()),
+            (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),
+        ],
+        ThreadKind::SerialOut => vec![],
+    })
+}
+
+/// Compiles the filter of `kind`: the allowed syscalls, `mismatch` for everything else.
+fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram> {
+    // `None`: allowed unconditionally (an empty rule list in seccompiler's terms), which
+    // wins over conditions from another list.
+    let mut merged: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for (nr, r) in common()?.into_iter().chain(specific(kind)?) {
+        let cond = (!r.is_empty()).then_some(r);
+        match (merged.get_mut(&nr), cond) {
+            (None, c) => {
+                merged.insert(nr, c);
+            }
+            (Some(Some(have)), Some(more)) => have.extend(more),
+            (Some(entry), _) => *entry = None,
+        }
+    }
+    let rules = merged
+        .into_iter()
+        .map(|(nr, r)| (nr, r.unwrap_or_default()))
+        .collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(seccomp_error)?;
+    SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+        .and_then(BpfProgram::try_from)
+        .map_err(seccomp_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::process::Command;
+
+    /// Set in the child processes of the tests below.
+    const CHILD_ENV: &str = "TVM_SECCOMP_TEST_CHILD";
+
+    #[test]
+    fn off_builds_nothing_and_on_and_log_build_three_filters() {
+        let off = Filters::new(SeccompLevel::Off).unwrap();
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::EventLoop,
+            ThreadKind::SerialOut,
+        ] {
+            assert!(off.get(kind).is_none());
+        }
+        for level in [SeccompLevel::On, SeccompLevel::Log] {
+            let f = Filters::new(level).unwrap();
+            for kind in [
+                ThreadKind::Vcpu,
+                ThreadKind::EventLoop,
+                ThreadKind::SerialOut,
+            ] {
+                assert!(!f.get(kind).unwrap().is_empty(), "{level:?} {kind:?}");
+            }
+        }
+        // Installing "no filter" is a no-op, not an error.
+        off.installer(ThreadKind::SerialOut)().unwrap();
+    }
+
+    #[test]
+    fn a_syscall_allowed_unconditionally_stays_unconditional() {
+        // write (common, unconditional) and fcntl (vCPU, by command) both compile; the
+        // serial-out thread, with the shortest list, has the shortest program.
+        let len = |k| compile(k, SeccompAction::Trap).unwrap().len();
+        assert!(len(ThreadKind::SerialOut) < len(ThreadKind::Vcpu));
+        assert!(len(ThreadKind::SerialOut) < len(ThreadKind::EventLoop));
+    }
+
+    #[test]
+    fn decimal_formats_without_allocating() {
+        let mut buf = [0u8; 10];
+        assert_eq!(decimal(0, &mut buf), b"0");
+        assert_eq!(decimal(72, &mut buf), b"72");
+        assert_eq!(decimal(u32::MAX, &mut buf), b"4294967295");
+    }
+
+    /// Runs the test `name` of this binary in a child process with [`CHILD_ENV`] set and
+    /// returns (exit code, stderr).
+    fn in_child(name: &str) -> (Option<i32>, String) {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn is_child() -> bool {
+        std::env::var_os(CHILD_ENV).is_some()
+    }
+
+    /// In the child: the vCPU filter, then an allowed ioctl (KVM_RUN on a bad fd: EBADF
+    /// from the kernel, not the filter), then socket(2), which no thread may make.
+    #[test]
+    fn child_vcpu_filter() {
+        if !is_child() {
+            return;
+        }
+        install_sigsys_handler().unwrap();
+        let f = Filters::new(SeccompLevel::On).unwrap();
+        apply(ThreadKind::Vcpu, f.get(ThreadKind::Vcpu).as_deref()).unwrap();
+        // SAFETY: ioctl on an invalid fd touches no memory; it fails with EBADF.
+        let rc = unsafe { libc::ioctl(-1, KVM_RUN as libc::c_ulong, 0) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        write_stderr(format!("ioctl rc {rc} errno {errno:?}\n").as_bytes());
+        // SAFETY: socket(2) has no memory-safety preconditions.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        write_stderr(b"socket was allowed\n");
+    }
+
+    #[test]
+    fn a_forbidden_syscall_ends_the_process_with_a_message_naming_it() {
+        if is_child() {
+            return;
+        }
+        let (code, stderr) = in_child("seccomp::tests::child_vcpu_filter");
+        assert_eq!(code, Some(SECCOMP_EXIT_CODE), "{stderr}");
+        assert!(stderr.contains("ioctl rc -1 errno Some(9)"), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "vmm: error: seccomp: the vcpu thread made system call {}",
+                libc::SYS_socket
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("socket was allowed"), "{stderr}");
+    }
+
+    /// In the child: the vCPU filter forbids an ioctl it has no use for (KVM_CREATE_VM).
+    #[test]
+    fn child_vcpu_filter_ioctl() {
+        if !is_child() {
+            return;
+        }
+        install_sigsys_handler().unwrap();
+        let f = Filters::new(SeccompLevel::On).unwrap();
+        apply(ThreadKind::Vcpu, f.get(ThreadKind::Vcpu).as_deref()).unwrap();
+        let create_vm = ioctl_expr(_IOC_NONE, KVMIO, 0x01, 0);
+        // SAFETY: ioctl on an invalid fd touches no memory.
+        unsafe { libc::ioctl(-1, libc::c_ulong::from(create_vm), 0) };
+        write_stderr(b"KVM_CREATE_VM was allowed\n");
+    }
+
+    #[test]
+    fn the_vcpu_filter_checks_ioctl_commands() {
+        if is_child() {
+            return;
+        }
+        let (code, stderr) = in_child("seccomp::tests::child_vcpu_filter_ioctl");
+        assert_eq!(code, Some(SECCOMP_EXIT_CODE), "{stderr}");
+        assert!(
+            stderr.contains(&format!("system call {}", libc::SYS_ioctl)),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("was allowed"), "{stderr}");
+    }
+
+    /// In the child: the serial-out filter in log mode lets openat through.
+    #[test]
+    fn child_log_mode() {
+        if !is_child() {
+            return;
+        }
+        let f = Filters::new(SeccompLevel::Log).unwrap();
+        apply(
+            ThreadKind::SerialOut,
+            f.get(ThreadKind::SerialOut).as_deref(),
+        )
+        .unwrap();
+        let opened = std::fs::File::open("/proc/self/status").is_ok();
+        write_stderr(format!("open allowed: {opened}\n").as_bytes());
+    }
+
+    #[test]
+    fn log_mode_lets_a_forbidden_syscall_through() {
+        if is_child() {
+            return;
+        }
+        let (code, stderr) = in_child("seccomp::tests::child_log_mode");
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stderr.contains("open allowed: true"), "{stderr}");
+    }
+}
