@@ -653,6 +653,39 @@ fn crc32(data: &[u8]) -> u32 {
     crc32_update(0, data)
 }
 
+/// Every thread of process `pid` runs under exactly one seccomp filter (`Seccomp: 2`,
+/// `Seccomp_filters: 1` in /proc), as the VMM's default `--seccomp on` promises; so every
+/// other check of the run passed with the filters in place.
+fn seccomp_of_threads(pid: u32) -> Result<String, String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    for task in tasks {
+        let path = task.map_err(|e| e.to_string())?.path().join("status");
+        let status = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        let field = |f: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(f))
+                .map(str::trim)
+                .unwrap_or("?")
+        };
+        let name = field("Name:");
+        // KVM's kernel workers (kvm-nx-lpage-recovery, ...) run no user code.
+        if name.starts_with("kvm-") {
+            continue;
+        }
+        let (mode, filters) = (field("Seccomp:"), field("Seccomp_filters:"));
+        if mode != "2" || !matches!(filters, "1" | "?") {
+            return Err(format!(
+                "thread {name}: Seccomp {mode}, Seccomp_filters {filters}"
+            ));
+        }
+        names.push(name.to_string());
+    }
+    names.sort();
+    Ok(format!("one filter on each of {}", names.join(", ")))
+}
+
 /// How long the idle guest is watched for `idle-cpu`.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -681,14 +714,25 @@ fn idle_cpu(pid: u32, window: Duration) -> Option<f64> {
 }
 
 /// Durability: a guest writes 4 MiB of random data to a raw disk with O_DIRECT and
-/// fsync, says so, and the VMM is killed with SIGKILL right then; the host file must hold
-/// exactly those bytes (crc32 compared), so nothing the guest was told is durable was
-/// still only in the VMM.
+/// fsync, and (when the e2e has an ext4 image and e2fsprogs) the same data to a file on an
+/// ext4 disk with fsync, says so, and the VMM is killed with SIGKILL right then. The raw
+/// image must hold exactly those bytes (crc32 compared). The ext4 image, once its journal
+/// is replayed (what a mount would do), must pass `e2fsck -fn` and hold the file with the
+/// same crc32. So nothing the guest was told is durable was still only in the VMM.
 fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("tvm-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let image = dir.join("durability.img");
     std::fs::write(&image, vec![0u8; 8 << 20]).map_err(|e| format!("{}: {e}", image.display()))?;
+    // A copy of the e2e's ext4 disk, clean after the first boot (its checks said so).
+    let ext4 = match (&o.disk, &o.e2fsck, &o.debugfs) {
+        (Some(disk), Some(e2fsck), Some(debugfs)) => {
+            let copy = dir.join("durability.ext4");
+            std::fs::copy(disk, &copy).map_err(|e| format!("copy {disk}: {e}"))?;
+            Some((copy, e2fsck, debugfs))
+        }
+        _ => None,
+    };
     let mut cmd = Command::new(&o.vmm);
     cmd.args([
         "--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", "512M",
@@ -696,13 +740,25 @@ fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
     .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=conf1"])
     .arg("--disk")
     .arg(&image);
+    if let Some((copy, _, _)) = &ext4 {
+        cmd.arg("--disk").arg(copy);
+    }
     let mut g = Guest::spawn(cmd, o.verbose)?;
     let c = g.console.clone();
     let (_, pos) = g.ready_at_prompt("durability boot")?;
+    let to_ext4 = if ext4.is_some() {
+        "mkdir -p /mnt/dur && mount /dev/vdb /mnt/dur && \
+         dd if=/tmp/d of=/mnt/dur/durable bs=1M conv=fsync 2>/dev/null && "
+    } else {
+        ""
+    };
     g.send(
-        b"dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null && \
-          dd if=/tmp/d of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null && \
-          echo dur-$((1+1))-crc=$(crc32 /tmp/d | cut -d' ' -f1)-end\n",
+        format!(
+            "dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null && \
+             dd if=/tmp/d of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null && {to_ext4}\
+             echo dur-$((1+1))-crc=$(crc32 /tmp/d | cut -d' ' -f1)-end\n"
+        )
+        .as_bytes(),
     )?;
     let printed = c.value_until_end("dur-2-crc=", pos, DISK_TIMEOUT);
     // The guest was told its data is durable: kill the VMM before it can do anything more.
@@ -711,11 +767,11 @@ fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
     let on_host = std::fs::read(&image)
         .map(|d| format!("{:08x}", crc32(&d[..4 << 20])))
         .map_err(|e| format!("{}: {e}", image.display()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let printed = printed.map(|(_, p)| p);
     r.check(
         "durability-after-sigkill",
-        match (printed, on_host) {
-            (Some((_, p)), Ok(h)) if p == h => Ok(format!(
+        match (&printed, on_host) {
+            (Some(p), Ok(h)) if *p == h => Ok(format!(
                 "4 MiB written with O_DIRECT + fsync, VMM SIGKILLed, crc32 {h} on the host file"
             )),
             (p, h) => Err(format!(
@@ -724,7 +780,64 @@ fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
             )),
         },
     );
+    if let Some((copy, e2fsck, debugfs)) = &ext4 {
+        r.check(
+            "durability-ext4-after-sigkill",
+            ext4_after_kill(copy, e2fsck, debugfs, printed.as_deref()),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The ext4 half of [`durability_check`]: replay the journal of the image a killed VMM
+/// left mounted, then `e2fsck -fn` must be clean and /durable must have crc32 `want`.
+fn ext4_after_kill(
+    image: &std::path::Path,
+    e2fsck: &str,
+    debugfs: &str,
+    want: Option<&str>,
+) -> Result<String, String> {
+    let want = want.ok_or("the guest printed no crc (write or mount failed)")?;
+    let run = |cmd: &mut Command| cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"));
+    // Only the journal: exit 0 (nothing to do) or 1 (replayed) are both fine.
+    let replay = run(Command::new(e2fsck)
+        .args(["-y", "-E", "journal_only"])
+        .arg(image))?;
+    if !matches!(replay.status.code(), Some(0 | 1)) {
+        return Err(format!(
+            "journal replay: e2fsck exit {:?}: {}",
+            replay.status.code(),
+            String::from_utf8_lossy(&replay.stdout)
+        ));
+    }
+    let fsck = run(Command::new(e2fsck).arg("-fn").arg(image))?;
+    if !fsck.status.success() {
+        return Err(format!(
+            "e2fsck -fn after the replay: exit {:?}: {}",
+            fsck.status.code(),
+            String::from_utf8_lossy(&fsck.stdout)
+        ));
+    }
+    let cat = run(Command::new(debugfs)
+        .args(["-R", "cat /durable"])
+        .arg(image))?;
+    let got = format!("{:08x}", crc32(&cat.stdout));
+    if cat.stdout.len() != 4 << 20 || got != want {
+        return Err(format!(
+            "/durable: {} bytes with crc32 {got}, the guest printed {want}",
+            cat.stdout.len()
+        ));
+    }
+    Ok(format!(
+        "file fsynced on ext4, VMM SIGKILLed, journal {} by e2fsck, e2fsck -fn clean, \
+         crc32 {got} read back with debugfs",
+        if replay.status.code() == Some(1) {
+            "replayed"
+        } else {
+            "clean"
+        }
+    ))
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
@@ -837,6 +950,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         ),
         None => println!("E2E-INFO idle-cpu: /proc/{}/stat unreadable", g.child.id()),
     }
+    r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.
