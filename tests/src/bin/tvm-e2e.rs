@@ -728,7 +728,11 @@ fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
     let ext4 = match (&o.disk, &o.e2fsck, &o.debugfs) {
         (Some(disk), Some(e2fsck), Some(debugfs)) => {
             let copy = dir.join("durability.ext4");
-            std::fs::copy(disk, &copy).map_err(|e| format!("copy {disk}: {e}"))?;
+            // Read and write, not fs::copy: in a nested run the disk is the outer
+            // guest's /dev/vda, a block device.
+            std::fs::read(disk)
+                .and_then(|data| std::fs::write(&copy, data))
+                .map_err(|e| format!("copy {disk} to {}: {e}", copy.display()))?;
             Some((copy, e2fsck, debugfs))
         }
         _ => None,
