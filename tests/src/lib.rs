@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+use std::collections::HashMap;
+
 /// Where tiny guests are loaded and entered (the usual kernel load address).
 pub const GUEST_ENTRY: u64 = 0x10_0000;
 
@@ -45,9 +47,15 @@ pub fn elf_image(code: &[u8]) -> Vec<u8> {
 
 /// A tiny x86 assembler for the handful of instructions the test guests use. The same
 /// bytes mean the same thing in 32- and 64-bit mode unless noted.
+///
+/// Jumps and calls name a label ([`label`](Self::label)) that may come before or after
+/// them; [`finish`](Self::finish) fills in the 32-bit displacements.
 #[derive(Debug, Default)]
 pub struct Asm {
     code: Vec<u8>,
+    labels: HashMap<String, usize>,
+    /// (offset of a rel32 field, label it points to).
+    fixups: Vec<(usize, String)>,
 }
 
 impl Asm {
@@ -178,8 +186,236 @@ impl Asm {
         self
     }
 
-    /// The machine code.
-    pub fn finish(self) -> Vec<u8> {
+    /// `mov rdi, imm64` (64-bit mode only).
+    pub fn mov_rdi(mut self, v: u64) -> Self {
+        self.code.extend_from_slice(&[0x48, 0xbf]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `mov rcx, imm64` (64-bit mode only).
+    pub fn mov_rcx(mut self, v: u64) -> Self {
+        self.code.extend_from_slice(&[0x48, 0xb9]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `mov rsi, imm64` (64-bit mode only).
+    pub fn mov_rsi(mut self, v: u64) -> Self {
+        self.code.extend_from_slice(&[0x48, 0xbe]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `mov r12, imm64` (64-bit mode only).
+    pub fn mov_r12(mut self, v: u64) -> Self {
+        self.code.extend_from_slice(&[0x49, 0xbc]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `dec r12` (64-bit mode only).
+    pub fn dec_r12(mut self) -> Self {
+        self.code.extend_from_slice(&[0x49, 0xff, 0xcc]);
+        self
+    }
+
+    /// `add rdi, imm8` (sign-extended; 64-bit mode only).
+    pub fn add_rdi(mut self, v: i8) -> Self {
+        self.code.extend_from_slice(&[0x48, 0x83, 0xc7, v as u8]);
+        self
+    }
+
+    /// `cmp ax, word [rsi]`.
+    pub fn cmp_ax_at_rsi(mut self) -> Self {
+        self.code.extend_from_slice(&[0x66, 0x3b, 0x06]);
+        self
+    }
+
+    /// `mov byte [rdi], imm8`.
+    pub fn store8_at_rdi(mut self, v: u8) -> Self {
+        self.code.extend_from_slice(&[0xc6, 0x07, v]);
+        self
+    }
+
+    /// `mov word [rdi], imm16`.
+    pub fn store16_at_rdi(mut self, v: u16) -> Self {
+        self.code.extend_from_slice(&[0x66, 0xc7, 0x07]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `mov dword [rdi], imm32`.
+    pub fn store32_at_rdi(mut self, v: u32) -> Self {
+        self.code.extend_from_slice(&[0xc7, 0x07]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `mov qword [rdi], rax` (64-bit mode only).
+    pub fn store_rax_at_rdi(mut self) -> Self {
+        self.code.extend_from_slice(&[0x48, 0x89, 0x07]);
+        self
+    }
+
+    /// `movzx eax, byte [rdi]`.
+    pub fn load8_from_rdi(mut self) -> Self {
+        self.code.extend_from_slice(&[0x0f, 0xb6, 0x07]);
+        self
+    }
+
+    /// `movzx eax, word [rdi]`.
+    pub fn load16_from_rdi(mut self) -> Self {
+        self.code.extend_from_slice(&[0x0f, 0xb7, 0x07]);
+        self
+    }
+
+    /// `mov eax, dword [rdi]`.
+    pub fn load32_from_rdi(mut self) -> Self {
+        self.code.extend_from_slice(&[0x8b, 0x07]);
+        self
+    }
+
+    /// `inc word [rdi]`.
+    pub fn inc16_at_rdi(mut self) -> Self {
+        self.code.extend_from_slice(&[0x66, 0xff, 0x07]);
+        self
+    }
+
+    /// `out dx, eax`.
+    pub fn out_dx_eax(mut self) -> Self {
+        self.code.push(0xef);
+        self
+    }
+
+    /// `in eax, dx`.
+    pub fn in_eax_dx(mut self) -> Self {
+        self.code.push(0xed);
+        self
+    }
+
+    /// `cmp eax, imm32`.
+    pub fn cmp_eax(mut self, v: u32) -> Self {
+        self.code.push(0x3d);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `dec rcx` (64-bit mode only).
+    pub fn dec_rcx(mut self) -> Self {
+        self.code.extend_from_slice(&[0x48, 0xff, 0xc9]);
+        self
+    }
+
+    /// `mov rax, cr3; mov cr3, rax`: flushes the TLB after a page-table change (64-bit
+    /// mode only).
+    pub fn reload_cr3(mut self) -> Self {
+        self.code
+            .extend_from_slice(&[0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8]);
+        self
+    }
+
+    /// Defines `name` at the current position.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is already defined: a bug in the test guest.
+    pub fn label(mut self, name: &str) -> Self {
+        let prev = self.labels.insert(name.to_string(), self.code.len());
+        assert!(prev.is_none(), "label {name} defined twice");
+        self
+    }
+
+    /// A label name unique to this position, for helpers that emit loops more than once.
+    pub fn local(&self, base: &str) -> String {
+        format!("{base}@{:#x}", self.code.len())
+    }
+
+    fn rel32(mut self, opcode: &[u8], target: &str) -> Self {
+        self.code.extend_from_slice(opcode);
+        self.fixups.push((self.code.len(), target.to_string()));
+        self.code.extend_from_slice(&[0; 4]);
+        self
+    }
+
+    /// `jmp rel32` to `target`.
+    pub fn jmp(self, target: &str) -> Self {
+        self.rel32(&[0xe9], target)
+    }
+
+    /// `je rel32` (`jz`) to `target`.
+    pub fn je(self, target: &str) -> Self {
+        self.rel32(&[0x0f, 0x84], target)
+    }
+
+    /// `jne rel32` (`jnz`) to `target`.
+    pub fn jne(self, target: &str) -> Self {
+        self.rel32(&[0x0f, 0x85], target)
+    }
+
+    /// `jb rel32` (unsigned below) to `target`.
+    pub fn jb(self, target: &str) -> Self {
+        self.rel32(&[0x0f, 0x82], target)
+    }
+
+    /// `call rel32` to `target` (needs a stack; the boot stack is set up).
+    pub fn call(self, target: &str) -> Self {
+        self.rel32(&[0xe8], target)
+    }
+
+    /// `ret`.
+    pub fn ret(mut self) -> Self {
+        self.code.push(0xc3);
+        self
+    }
+
+    /// A subroutine at label `name` that writes EAX as 8 lowercase hex digits to the UART
+    /// data register at `port`. It clobbers EAX, EBX, ECX and EDX.
+    pub fn hex32_subroutine(self, name: &str, port: u16) -> Self {
+        let lp = format!("{name}.loop");
+        let digit = format!("{name}.digit");
+        let mut a = self.label(name);
+        // mov ebx, eax; mov ecx, 8
+        a.code.extend_from_slice(&[0x89, 0xc3, 0xb9, 8, 0, 0, 0]);
+        a = a.mov_dx(port).label(&lp);
+        // rol ebx, 4; mov eax, ebx; and eax, 0xf
+        a.code
+            .extend_from_slice(&[0xc1, 0xc3, 0x04, 0x89, 0xd8, 0x83, 0xe0, 0x0f]);
+        a = a.cmp_eax(10).jb(&digit);
+        // add al, 'a' - '0' - 10
+        a.code.extend_from_slice(&[0x04, b'a' - b'0' - 10]);
+        a = a.label(&digit);
+        // add al, '0'; out dx, al; dec ecx
+        a.code.extend_from_slice(&[0x04, b'0', 0xee, 0xff, 0xc9]);
+        a.jne(&lp).ret()
+    }
+
+    /// The current length of the code (where the next instruction goes).
+    pub fn len(&self) -> usize {
+        self.code.len()
+    }
+
+    /// Whether no instruction was emitted yet.
+    pub fn is_empty(&self) -> bool {
+        self.code.is_empty()
+    }
+
+    /// The machine code, with every jump and call resolved.
+    ///
+    /// # Panics
+    ///
+    /// If a jump or call names a label that was never defined: a bug in the test guest.
+    pub fn finish(mut self) -> Vec<u8> {
+        for (at, name) in &self.fixups {
+            let target = *self
+                .labels
+                .get(name)
+                .unwrap_or_else(|| panic!("undefined label {name}"));
+            // Test guests are far smaller than 2 GiB.
+            let rel = target as i64 - (*at as i64 + 4);
+            let rel = i32::try_from(rel).unwrap_or_else(|_| panic!("jump to {name} too far"));
+            self.code[*at..*at + 4].copy_from_slice(&rel.to_le_bytes());
+        }
         self.code
     }
 }
@@ -207,5 +443,79 @@ mod tests {
         assert_eq!(code, vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'A', 0xee]);
         let code = Asm::new().mov_rax(1).shr_rax(32).finish();
         assert_eq!(code.len(), 14);
+    }
+
+    #[test]
+    fn memory_and_port_instructions() {
+        let code = Asm::new()
+            .mov_rdi(0x1122_3344_5566_7788)
+            .store8_at_rdi(0xab)
+            .store16_at_rdi(0x1234)
+            .store32_at_rdi(0xdead_beef)
+            .load8_from_rdi()
+            .load16_from_rdi()
+            .load32_from_rdi()
+            .inc16_at_rdi()
+            .out_dx_eax()
+            .in_eax_dx()
+            .cmp_eax(7)
+            .mov_rsi(1)
+            .cmp_ax_at_rsi()
+            .mov_r12(2)
+            .dec_r12()
+            .add_rdi(-2)
+            .finish();
+        let want: Vec<u8> = [
+            &[0x48, 0xbf, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11][..],
+            &[0xc6, 0x07, 0xab],
+            &[0x66, 0xc7, 0x07, 0x34, 0x12],
+            &[0xc7, 0x07, 0xef, 0xbe, 0xad, 0xde],
+            &[0x0f, 0xb6, 0x07],
+            &[0x0f, 0xb7, 0x07],
+            &[0x8b, 0x07],
+            &[0x66, 0xff, 0x07],
+            &[0xef],
+            &[0xed],
+            &[0x3d, 7, 0, 0, 0],
+            &[0x48, 0xbe, 1, 0, 0, 0, 0, 0, 0, 0],
+            &[0x66, 0x3b, 0x06],
+            &[0x49, 0xbc, 2, 0, 0, 0, 0, 0, 0, 0],
+            &[0x49, 0xff, 0xcc],
+            &[0x48, 0x83, 0xc7, 0xfe],
+        ]
+        .concat();
+        assert_eq!(code, want);
+    }
+
+    #[test]
+    fn jumps_resolve_backwards_and_forwards() {
+        // back: dec rcx (3 bytes); jne back (6); je fwd (6); ret (1); fwd:
+        let code = Asm::new()
+            .label("back")
+            .dec_rcx()
+            .jne("back")
+            .je("fwd")
+            .ret()
+            .label("fwd")
+            .finish();
+        assert_eq!(&code[3..5], &[0x0f, 0x85]);
+        // From the end of the jne (offset 9) back to 0.
+        assert_eq!(i32::from_le_bytes(code[5..9].try_into().unwrap()), -9);
+        // From the end of the je (offset 15) over the ret to 16.
+        assert_eq!(i32::from_le_bytes(code[11..15].try_into().unwrap()), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "undefined label nowhere")]
+    fn an_undefined_label_is_a_bug() {
+        Asm::new().jmp("nowhere").finish();
+    }
+
+    #[test]
+    fn local_labels_differ_by_position() {
+        let a = Asm::new();
+        let first = a.local("poll");
+        let a = a.ret();
+        assert_ne!(first, a.local("poll"));
     }
 }

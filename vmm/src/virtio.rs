@@ -8,7 +8,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use log::{debug, info, warn};
 use tvm_bus::{BarAccess, PciDevice, PciMmioWindow};
 use tvm_irq::GsiRouting;
-use tvm_virtio::{InterruptSink, MsixEntry, VirtioDevice, VirtioPciDevice};
+use tvm_virtio::{warn_once, InterruptSink, MsixEntry, VirtioDevice, VirtioPciDevice, WarnOnce};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{Error, Result};
@@ -166,8 +166,9 @@ impl IoeventRegistrar for VmFd {
 /// differs (memory decoding turned off or on, the BAR reprogrammed), the BAR is unmapped
 /// from the [`PciMmioWindow`] and its queue-notify ioeventfds unregistered, then both are
 /// set up at the new address. A new address outside the window or over another BAR is
-/// refused with one warning: the BAR stays unmapped (reads all ones) until the guest puts
-/// it somewhere valid; the device and the other devices keep working.
+/// refused: the BAR stays unmapped (reads all ones) until the guest puts it somewhere
+/// valid; the device and the other devices keep working. The first refusal is a warning,
+/// later ones are logged at debug level.
 pub struct RelocatableBar<D: VirtioDevice> {
     name: String,
     dev: Arc<Mutex<VirtioPciDevice<D>>>,
@@ -175,6 +176,8 @@ pub struct RelocatableBar<D: VirtioDevice> {
     ioevents: Arc<dyn IoeventRegistrar>,
     /// Where the BAR is mapped (and its ioeventfds registered) now.
     mapped: Option<u64>,
+    /// A move refused.
+    refused: WarnOnce,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for RelocatableBar<D> {
@@ -206,6 +209,7 @@ impl<D: VirtioDevice + 'static> RelocatableBar<D> {
             window,
             ioevents,
             mapped: None,
+            refused: WarnOnce::new(),
         };
         let Some(addr) = bar.lock().bar_decode_addr() else {
             return Err(Error::MapBar(bar.name, "memory decoding is off".into()));
@@ -289,7 +293,8 @@ impl<D: VirtioDevice + 'static> RelocatableBar<D> {
         match want {
             Some(addr) => match self.map_at(addr) {
                 Ok(()) => debug!("{}: bar mapped at {addr:#x}", self.name),
-                Err(why) => warn!(
+                Err(why) => warn_once!(
+                    self.refused,
                     "{}: the guest moved the bar to {addr:#x}, which cannot be mapped ({why}); \
                      it stays unmapped until moved again",
                     self.name
@@ -394,6 +399,7 @@ impl<'a> VirtioPciWiring<'a> {
             intx_gsi,
         )?);
         let mut dev = VirtioPciDevice::new(device, self.mem.clone(), sink.clone())?;
+        dev.set_name(name);
         let bar = self.allocator.allocate(dev.bar_size())?;
         dev.set_bar_addr(bar)?;
         set_interrupt_line(&mut dev, intx_gsi);
@@ -652,6 +658,26 @@ mod tests {
         let c = WINDOW + 0x20_0000;
         write_bar(&mut s.second, c);
         assert_eq!(s.ioevents.addrs(), [notify(A), notify(c)].concat());
+    }
+
+    #[test]
+    fn refused_moves_are_one_warning() {
+        tvm_virtio::test_log::start();
+        let mut s = setup();
+        for _ in 0..3 {
+            write_bar(&mut s.first, 0x10_0000);
+            write_bar(&mut s.first, B);
+        }
+        assert_eq!(s.first.mapped(), None);
+        let w = tvm_virtio::test_log::lines(log::Level::Warn);
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(
+            w[0].starts_with("dev@0xc0000000: the guest moved the bar to 0x100000"),
+            "{}",
+            w[0]
+        );
+        write_bar(&mut s.first, A);
+        assert_eq!(s.first.mapped(), Some(A));
     }
 
     #[test]

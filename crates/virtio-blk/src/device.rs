@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::{warn_once, ActivateContext, VirtioDevice, VirtioInterrupt, WarnOnce};
 
 use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
 use crate::{Error, Result};
@@ -64,16 +64,34 @@ struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+/// Driver errors the device reports once at `warn!` (then at `debug!`), one flag per kind.
+#[derive(Debug, Default)]
+struct DriverWarnings {
+    /// A request that broke the rules (answered IOERR, or not at all).
+    request: WarnOnce,
+    /// An available index too far ahead, or a head index beyond the queue.
+    ring: WarnOnce,
+    /// A write to the read-only config space.
+    config: WarnOnce,
+}
+
 /// A virtio block device over a host file.
 ///
 /// Implements [`VirtioDevice`]; put it in a [`tvm_virtio::VirtioPciDevice`], whose
 /// event-manager subscriber calls [`VirtioDevice::process_queue`] when the guest kicks.
+///
+/// Driver errors (a malformed request, a ring index out of range, a config write) are
+/// logged at `warn!` the first time of each kind, prefixed with `virtio-blk "PATH"`, and at
+/// `debug!` afterwards.
 pub struct Block {
     file: File,
     path: PathBuf,
+    /// `virtio-blk "PATH"`, for log lines.
+    name: String,
     info: DiskInfo,
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
+    warnings: DriverWarnings,
 }
 
 impl std::fmt::Debug for Block {
@@ -186,10 +204,12 @@ impl Block {
         );
         Ok(Block {
             file,
+            name: format!("virtio-blk {path:?}"),
             path,
             info,
             config,
             active: None,
+            warnings: DriverWarnings::default(),
         })
     }
 
@@ -220,11 +240,17 @@ impl Block {
 
     /// Pops every available request, executes it, adds it to the used ring and signals
     /// the queue interrupt when the driver wants one (EVENT_IDX aware).
+    ///
+    /// A ring the driver broke (an available index more than a queue size ahead, a head
+    /// index beyond the queue) is left alone until the driver fixes it or resets the device;
+    /// the chains before the breakage are handled.
     fn run_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             debug!("virtio-blk: queue notification while inactive");
             return;
         };
+        let warnings = &mut self.warnings;
+        let name = &self.name;
         let mem = &active.mem;
         let mut handled = 0usize;
         let mut used_any = false;
@@ -234,14 +260,32 @@ impl Block {
                 break;
             }
             let mut popped = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+            loop {
+                match tvm_virtio::chains_pending(&active.queue, mem) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn_once!(warnings.ring, "{name}: queue left alone: {e}");
+                        break 'outer;
+                    }
+                }
+                let Some(chain) = active.queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
                 popped = true;
                 let head = chain.head_index();
-                let len = handle_request(mem, chain, &self.info, &mut self.file);
-                if let Err(e) = active.queue.add_used(mem, head, len) {
-                    debug!("virtio-blk: add_used for head {head} failed: {e}");
+                let done = handle_request(mem, chain, &self.info, &mut self.file);
+                if let Some(why) = done.driver_error {
+                    warn_once!(
+                        warnings.request,
+                        "{name}: request {head} refused ({} bytes answered): {why}",
+                        done.len
+                    );
                 }
-                used_any = true;
+                match tvm_virtio::add_used(&mut active.queue, mem, head, done.len) {
+                    Ok(()) => used_any = true,
+                    Err(e) => warn_once!(warnings.ring, "{name}: chain not returned: {e}"),
+                }
                 handled += 1;
                 if handled >= MAX_REQUESTS_PER_RUN {
                     // Come back through the event loop rather than starving it.
@@ -305,8 +349,10 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // No writable field: VIRTIO_BLK_F_CONFIG_WCE is not offered.
-        debug!(
-            "virtio-blk: config write at {offset:#x}, {} bytes ignored",
+        warn_once!(
+            self.warnings.config,
+            "{}: write of {} bytes to the read-only config at {offset:#x} ignored",
+            self.name,
             data.len()
         );
     }

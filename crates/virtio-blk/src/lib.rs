@@ -43,7 +43,7 @@ pub use device::{
     Block, BlockConfig, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SEG_MAX,
     SIZE_MAX, VIRTIO_ID_BLOCK,
 };
-pub use request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
+pub use request::{handle_request, BlockBackend, Completion, DiskInfo, ID_LEN, SECTOR_SIZE};
 
 /// Errors of the block device.
 #[derive(Debug, thiserror::Error)]

@@ -308,16 +308,64 @@ pub struct DiskInfo {
     pub max_discard_sectors: u32,
 }
 
-/// Why a request failed: the status to answer.
-struct Failed(u8);
+/// What [`handle_request`] did with a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Bytes written to guest memory (data and status byte), for the used ring.
+    pub len: u32,
+    /// What was wrong with the request when the driver broke the rules (a malformed chain,
+    /// a buffer outside guest memory, a transfer beyond the capacity, a write to a
+    /// read-only disk, ...): the device answered IOERR, or nothing at all when it had no
+    /// usable status byte. `None` for a request that succeeded, one refused as
+    /// unsupported, or one that failed on the host side.
+    pub driver_error: Option<String>,
+}
 
+/// Why a request failed: the status to answer, and the driver's error if it was one.
+struct Failed {
+    status: u8,
+    driver_error: Option<String>,
+}
+
+/// The driver broke the rules: IOERR.
 fn ioerr(msg: std::fmt::Arguments<'_>) -> Failed {
     debug!("virtio-blk: bad request: {msg}");
-    Failed(STATUS_IOERR)
+    Failed {
+        status: STATUS_IOERR,
+        driver_error: Some(msg.to_string()),
+    }
+}
+
+/// The host failed a valid request: IOERR.
+fn host_err(msg: std::fmt::Arguments<'_>) -> Failed {
+    debug!("virtio-blk: i/o error: {msg}");
+    Failed {
+        status: STATUS_IOERR,
+        driver_error: None,
+    }
+}
+
+/// A request type or flag the device does not offer: UNSUPP.
+fn unsupp(msg: std::fmt::Arguments<'_>) -> Failed {
+    debug!("virtio-blk: {msg}");
+    Failed {
+        status: STATUS_UNSUPP,
+        driver_error: None,
+    }
+}
+
+/// A request answered with nothing at all (no usable status descriptor).
+fn unanswered(msg: String) -> Completion {
+    debug!("virtio-blk: bad request: {msg}");
+    Completion {
+        len: 0,
+        driver_error: Some(msg),
+    }
 }
 
 /// Parses, validates and executes the request in `chain`, writes its status byte and
-/// returns the number of bytes written to guest memory (for the used ring).
+/// returns the number of bytes written to guest memory (for the used ring) and, for a
+/// request that broke the rules, what was wrong.
 ///
 /// The layout accepted is the one every known driver uses: the 16-byte header alone in
 /// the first, device-readable descriptor; data descriptors; the status in the last
@@ -332,44 +380,45 @@ pub fn handle_request<M: GuestMemory, B: BlockBackend>(
     chain: DescriptorChain<&M>,
     disk: &DiskInfo,
     backend: &mut B,
-) -> u32 {
+) -> Completion {
     // Header + data + status; one more to notice a chain that is too long.
     let limit = disk.seg_max as usize + 3;
     let descs: Vec<Descriptor> = chain.take(limit).collect();
     let Some((status, rest)) = descs.split_last() else {
-        debug!("virtio-blk: empty descriptor chain");
-        return 0;
+        return unanswered("empty descriptor chain".into());
     };
     if status.has_next() {
-        // virtio-queue stops a chain after queue-size descriptors, so a loop ends here.
-        debug!(
-            "virtio-blk: descriptor chain loops or is longer than {} descriptors",
+        // virtio-queue stops a chain after queue-size descriptors, so a loop ends here;
+        // it also stops before a descriptor that takes the chain past 4 GiB.
+        return unanswered(format!(
+            "descriptor chain loops, or is longer than {} descriptors or 4 GiB",
             limit - 1
-        );
-        return 0;
+        ));
     }
     if !status.is_write_only()
         || status.len() == 0
         || !mem.check_range(status.addr(), 1, Permissions::Write)
     {
-        debug!(
-            "virtio-blk: unusable status descriptor at {:#x}, {} bytes, flags {:#x}",
+        return unanswered(format!(
+            "unusable status descriptor at {:#x}, {} bytes, flags {:#x}",
             status.addr().0,
             status.len(),
             status.flags()
-        );
-        return 0;
+        ));
     }
     let mut written = 0u32;
-    let code = match execute(mem, rest, disk, backend, &mut written) {
-        Ok(()) => STATUS_OK,
-        Err(Failed(code)) => code,
+    let (code, driver_error) = match execute(mem, rest, disk, backend, &mut written) {
+        Ok(()) => (STATUS_OK, None),
+        Err(f) => (f.status, f.driver_error),
     };
-    if let Err(e) = mem.write_obj(code, status.addr()) {
-        debug!("virtio-blk: failed to write the status byte: {e}");
-        return written;
-    }
-    written.saturating_add(1)
+    let len = match mem.write_obj(code, status.addr()) {
+        Ok(()) => written.saturating_add(1),
+        Err(e) => {
+            debug!("virtio-blk: failed to write the status byte: {e}");
+            written
+        }
+    };
+    Completion { len, driver_error }
 }
 
 /// Checks that every data descriptor has the direction `write` (device-writable or not),
@@ -489,19 +538,19 @@ fn execute<M: GuestMemory, B: BlockBackend>(
             if write_to_guest {
                 backend
                     .read_vectored_at(&slices, offset)
-                    .map_err(|e| ioerr(format_args!("read at {offset}: {e}")))?;
+                    .map_err(|e| host_err(format_args!("read at {offset}: {e}")))?;
                 // total <= seg_max * size_max, far below 4 GiB.
                 *written = written.saturating_add(u32::try_from(total).unwrap_or(u32::MAX));
             } else {
                 backend
                     .write_vectored_at(&slices, offset)
-                    .map_err(|e| ioerr(format_args!("write at {offset}: {e}")))?;
+                    .map_err(|e| host_err(format_args!("write at {offset}: {e}")))?;
             }
             Ok(())
         }
         VIRTIO_BLK_T_FLUSH => backend
             .flush()
-            .map_err(|e| ioerr(format_args!("flush: {e}"))),
+            .map_err(|e| host_err(format_args!("flush: {e}"))),
         VIRTIO_BLK_T_GET_ID => {
             if data.is_empty() {
                 return Err(ioerr(format_args!("get-id without a buffer")));
@@ -520,15 +569,11 @@ fn execute<M: GuestMemory, B: BlockBackend>(
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if !disk.discard || disk.read_only {
-                debug!("virtio-blk: discard/write-zeroes not offered");
-                return Err(Failed(STATUS_UNSUPP));
+                return Err(unsupp(format_args!("discard/write-zeroes not offered")));
             }
             discard_or_zero(mem, data, disk, backend, req_type == VIRTIO_BLK_T_DISCARD)
         }
-        other => {
-            debug!("virtio-blk: unsupported request type {other}");
-            Err(Failed(STATUS_UNSUPP))
-        }
+        other => Err(unsupp(format_args!("unsupported request type {other}"))),
     }
 }
 
@@ -569,8 +614,9 @@ fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
             VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
         };
         if flags & !known != 0 {
-            debug!("virtio-blk: discard/write-zeroes flags {flags:#x} unsupported");
-            return Err(Failed(STATUS_UNSUPP));
+            return Err(unsupp(format_args!(
+                "discard/write-zeroes flags {flags:#x} unsupported"
+            )));
         }
         if num > disk.max_discard_sectors {
             return Err(ioerr(format_args!("segment of {num} sectors")));
@@ -590,7 +636,7 @@ fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
         } else {
             backend.write_zeroes(offset, len)
         };
-        res.map_err(|e| ioerr(format_args!("discard/zero {offset}+{len}: {e}")))?;
+        res.map_err(|e| host_err(format_args!("discard/zero {offset}+{len}: {e}")))?;
     }
     Ok(())
 }

@@ -114,15 +114,25 @@ fn write_header(mem: &GuestMemoryMmap<()>, req_type: u32, sector: u64) {
 }
 
 /// Builds `descs` as one chain (NEXT flags filled in) and runs it.
+fn run_request<B: BlockBackend>(
+    mem: &GuestMemoryMmap<()>,
+    descs: &[RawDescriptor],
+    info: &DiskInfo,
+    backend: &mut B,
+) -> Completion {
+    let mock = MockSplitQueue::new(mem, 16);
+    let chain = mock.build_desc_chain(descs).unwrap();
+    handle_request(mem, chain, info, backend)
+}
+
+/// [`run_request`], for the used length only.
 fn run<B: BlockBackend>(
     mem: &GuestMemoryMmap<()>,
     descs: &[RawDescriptor],
     info: &DiskInfo,
     backend: &mut B,
 ) -> u32 {
-    let mock = MockSplitQueue::new(mem, 16);
-    let chain = mock.build_desc_chain(descs).unwrap();
-    handle_request(mem, chain, info, backend)
+    run_request(mem, descs, info, backend).len
 }
 
 fn status(mem: &GuestMemoryMmap<()>) -> u8 {
@@ -494,6 +504,29 @@ fn malformed_requests() {
             vec![hdr, desc(DATA, 20, R), st],
             Some(IOERR),
         ),
+        // virtio-queue ends a chain whose total length passes 4 GiB (virtio 1.2, 2.7.5.2)
+        // before the descriptor that overflows, so no status descriptor is left.
+        case(
+            "4 GiB in total",
+            out,
+            0,
+            vec![hdr, desc(DATA, u32::MAX, R), st],
+            None,
+        ),
+        case(
+            "data just under 4 GiB",
+            out,
+            0,
+            vec![hdr, desc(DATA, u32::MAX - 17, R), st],
+            Some(IOERR),
+        ),
+        case(
+            "data wrapping around the address space",
+            out,
+            0,
+            vec![hdr, desc(u64::MAX - 0xfff, 0x2000, R), st],
+            Some(IOERR),
+        ),
         case(
             "unknown type",
             42,
@@ -506,7 +539,16 @@ fn malformed_requests() {
         let (img, content) = TempImage::with_pattern();
         let mem = test_mem();
         write_header(&mem, c.req_type, c.sector);
-        let len = run(&mem, &c.descs, &info(false), &mut img.open_rw());
+        let done = run_request(&mem, &c.descs, &info(false), &mut img.open_rw());
+        let len = done.len;
+        // Every case but the unsupported type is the driver's fault.
+        assert_eq!(
+            done.driver_error.is_some(),
+            c.name != "unknown type",
+            "{}: {:?}",
+            c.name,
+            done.driver_error
+        );
         match c.expect {
             Some(code) => {
                 let status_addr = SplitDescriptor::from(*c.descs.last().unwrap()).addr().0;
@@ -550,9 +592,11 @@ fn looping_chain_is_dropped() {
     mock.add_desc_chains(&descs, 0).unwrap();
     let mut q: Queue = mock.create_queue().unwrap();
     let chain = q.pop_descriptor_chain(&mem).unwrap();
-    assert_eq!(
-        handle_request(&mem, chain, &info(false), &mut img.open_rw()),
-        0
+    let done = handle_request(&mem, chain, &info(false), &mut img.open_rw());
+    assert_eq!(done.len, 0);
+    assert!(
+        done.driver_error.as_ref().unwrap().contains("loops"),
+        "{done:?}"
     );
     assert_eq!(status(&mem), FILL);
     assert_eq!(img.contents(), content);
@@ -643,6 +687,127 @@ fn process_queue_end_to_end() {
     disk.process_queue(0);
     assert_eq!(mock.used().idx().load(), 2);
     assert_eq!(img.contents(), content);
+}
+
+#[test]
+fn broken_requests_rings_and_config_writes_are_one_warning_each() {
+    tvm_virtio::test_log::start();
+    let (img, content) = TempImage::with_pattern();
+    let mem = test_mem();
+    let mut disk = Block::open(BlockConfig {
+        path: img.path.clone(),
+        read_only: false,
+        id: None,
+    })
+    .unwrap();
+    let mock = MockSplitQueue::new(&mem, 16);
+    write_header(&mem, VIRTIO_BLK_T_OUT, 0);
+    let next = VRING_DESC_F_NEXT as u16;
+    // Chain 0 loops (0 -> 1 -> 2 -> 0); chain 3 is a good read of sector 1.
+    mock.desc_table()
+        .store(
+            0,
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 1)),
+        )
+        .unwrap();
+    mock.desc_table()
+        .store(
+            1,
+            RawDescriptor::from(SplitDescriptor::new(DATA, 512, next, 2)),
+        )
+        .unwrap();
+    mock.desc_table()
+        .store(
+            2,
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, next | W, 0)),
+        )
+        .unwrap();
+    let mut rd = [0u8; 16];
+    rd[8] = 1;
+    mem.write_slice(&rd, GuestAddress(HDR + 0x100)).unwrap();
+    for (i, d) in [
+        SplitDescriptor::new(HDR + 0x100, 16, next, 4),
+        SplitDescriptor::new(DATA + 0x1000, 512, next | W, 5),
+        SplitDescriptor::new(STATUS + 1, 1, W, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        mock.desc_table()
+            .store(3 + i as u16, RawDescriptor::from(d))
+            .unwrap();
+    }
+    let irq = Arc::new(FakeInterrupt::default());
+    disk.activate(ActivateContext {
+        mem: mem.clone(),
+        features: 0,
+        queues: vec![mock.create_queue().unwrap()],
+        queue_evts: vec![EventFd::new(0).unwrap()],
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    let avail = |i: usize, head: u16| {
+        mock.avail().ring().ref_at(i).unwrap().store(head);
+        mock.avail().idx().store(i as u16 + 1);
+    };
+    // Three looping chains: each is returned with nothing written.
+    for i in 0..3 {
+        avail(i, 0);
+        disk.process_queue(0);
+    }
+    assert_eq!(mock.used().idx().load(), 3);
+    assert_eq!(status(&mem), FILL);
+    // Two heads beyond the queue size: popped but not returned.
+    avail(3, 16);
+    disk.process_queue(0);
+    avail(4, 0xffff);
+    disk.process_queue(0);
+    assert_eq!(mock.used().idx().load(), 3);
+    // An available index a queue size and one ahead: nothing popped, twice.
+    mock.avail().idx().store(5 + 17);
+    disk.process_queue(0);
+    disk.process_queue(0);
+    assert_eq!(mock.used().idx().load(), 3);
+    // Writes to the read-only capacity.
+    for _ in 0..3 {
+        disk.write_config(0, &[0xff; 8]);
+    }
+    let mut cap = [0u8; 8];
+    disk.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 16);
+    // The driver fixes its index and sends a good request: the device still works.
+    avail(5, 3);
+    disk.process_queue(0);
+    assert_eq!(mock.used().idx().load(), 4);
+    let e = mock.used().ring().ref_at(3).unwrap().load();
+    assert_eq!((e.id(), e.len()), (3, 513));
+    assert_eq!(guest(&mem, DATA + 0x1000, 512), content[512..1024]);
+    assert_eq!(img.contents(), content);
+
+    // Nothing reached virtio-queue's error! lines; one warning per kind, naming the disk.
+    assert_eq!(
+        tvm_virtio::test_log::lines(log::Level::Error),
+        Vec::<String>::new()
+    );
+    let warnings = tvm_virtio::test_log::lines(log::Level::Warn);
+    let name = format!("virtio-blk {:?}: ", img.path);
+    let expect = [
+        "request 0 refused (0 bytes answered): descriptor chain loops",
+        "chain not returned: head index 16 is beyond the queue size 16",
+        "write of 8 bytes to the read-only config at 0x0 ignored",
+    ];
+    assert_eq!(warnings.len(), expect.len(), "{warnings:#?}");
+    for (w, e) in warnings.iter().zip(expect) {
+        assert!(w.starts_with(&name) && w.contains(e), "{w} lacks {e}");
+    }
+    // A broken available index is the same kind as a broken head: debug only.
+    let debug = tvm_virtio::test_log::lines(log::Level::Debug);
+    let far = "queue left alone: the available index 22 is more than the queue size 16 ahead of 5";
+    assert_eq!(
+        debug.iter().filter(|l| l.contains(far)).count(),
+        2,
+        "{debug:#?}"
+    );
 }
 
 #[test]
@@ -938,8 +1103,15 @@ fn a_read_past_the_end_of_a_shrunken_file_is_an_ioerr() {
     let mem = test_mem();
     write_header(&mem, VIRTIO_BLK_T_IN, 6);
     let descs = [desc(HDR, 16, R), desc(DATA, 2048, W), desc(STATUS, 1, W)];
-    let len = run(&mem, &descs, &info(false), &mut img.open_rw());
+    let done = run_request(&mem, &descs, &info(false), &mut img.open_rw());
     assert_eq!(status(&mem), IOERR);
-    assert_eq!(len, 1);
+    // The host failed a valid request: not the driver's fault.
+    assert_eq!(
+        done,
+        Completion {
+            len: 1,
+            driver_error: None
+        }
+    );
     assert_eq!(img.contents(), content[..8 * 512]);
 }

@@ -91,6 +91,7 @@ fn header(mem: &GuestMemoryMmap<()>, addr: u64, req_type: u32, sector: u64) {
 
 #[test]
 fn guest_driver_round_trip_with_reset() {
+    tvm_virtio::test_log::start();
     let path: PathBuf =
         std::env::temp_dir().join(format!("tvm-pci-blk-{}.img", std::process::id()));
     std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
@@ -194,4 +195,8 @@ fn guest_driver_round_trip_with_reset() {
     assert_eq!(mock2.used().ring().ref_at(0).unwrap().load().len(), 1025);
     dev.lock().unwrap().device_mut().flush().unwrap();
     std::fs::remove_file(&path).unwrap();
+    // A driver that follows the rules is never warned about.
+    for level in [log::Level::Warn, log::Level::Error] {
+        assert_eq!(tvm_virtio::test_log::lines(level), Vec::<String>::new());
+    }
 }

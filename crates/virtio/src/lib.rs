@@ -71,6 +71,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod interrupt;
 mod pci;
+mod ring;
+mod warn_once;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_log;
+
+#[doc(hidden)]
+pub use log as __log;
+pub use ring::{add_used, chains_pending};
+pub use warn_once::WarnOnce;
 
 pub use interrupt::{InterruptSink, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
 pub use pci::{
@@ -218,14 +228,49 @@ pub enum Error {
     #[error("failed to deliver an interrupt")]
     TriggerInterrupt(#[source] io::Error),
     /// An enabled queue has a ring outside guest memory or misaligned.
-    #[error("queue {0} has an invalid size or ring address")]
-    InvalidQueue(u16),
+    #[error(
+        "queue {index} (size {size}) has rings outside guest memory or misaligned: \
+         desc {desc:#x}, avail {avail:#x}, used {used:#x}"
+    )]
+    InvalidRings {
+        /// Queue index.
+        index: u16,
+        /// Queue size the driver chose.
+        size: u16,
+        /// Descriptor table address.
+        desc: u64,
+        /// Available (driver) ring address.
+        avail: u64,
+        /// Used (device) ring address.
+        used: u64,
+    },
     /// The driver set DRIVER_OK without FEATURES_OK.
     #[error("driver_ok set before features were negotiated")]
     FeaturesNotNegotiated,
     /// A queue the device needs was not enabled by the driver.
     #[error("queue {0} was not enabled by the driver")]
     QueueNotReady(u16),
+    /// The driver's available index is more than a queue size ahead of the device's.
+    #[error("the available index {avail} is more than the queue size {size} ahead of {next}")]
+    AvailIndexTooFar {
+        /// The driver's available index.
+        avail: u16,
+        /// The device's next available index.
+        next: u16,
+        /// The queue size.
+        size: u16,
+    },
+    /// The driver put a head index beyond the queue size in the available ring.
+    #[error("head index {head} is beyond the queue size {size}")]
+    HeadOutOfRange {
+        /// The head index.
+        head: u16,
+        /// The queue size.
+        size: u16,
+    },
+    /// A ring could not be read or written.
+    #[error("failed to access a ring")]
+    Ring(#[source] virtio_queue::Error),
     /// The device refused to activate.
     #[error("failed to activate the device")]
     Activate(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -14,7 +14,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupt::{TransportInterrupt, MSIX_ENTRY_SIZE};
 use crate::{
-    features, status, ActivateContext, Error, InterruptSink, Result, VirtioDevice, VirtioInterrupt,
+    features, status, warn_once, ActivateContext, Error, InterruptSink, Result, VirtioDevice,
+    VirtioInterrupt, WarnOnce,
 };
 
 /// Size of BAR 0 (64-bit, prefetchable not set): every region below lives in it.
@@ -96,6 +97,20 @@ impl QueueConfig {
     }
 }
 
+/// Driver errors the transport reports once at `warn!` (then at `debug!`), one flag per
+/// kind.
+#[derive(Debug, Default)]
+struct DriverWarnings {
+    /// DRIVER_OK refused: the device now needs a reset.
+    activation: WarnOnce,
+    /// A queue size or queue address write refused.
+    queue_config: WarnOnce,
+    /// A write to a read-only or unknown common config field.
+    common_write: WarnOnce,
+    /// A queue notification while the device is not live.
+    notify: WarnOnce,
+}
+
 /// A [`VirtioDevice`] behind the virtio 1.x PCI transport.
 ///
 /// # BAR 0 layout
@@ -114,6 +129,13 @@ impl QueueConfig {
 /// The MSI-X table has `num_queues + 1` vectors. Accesses with an unsupported size or
 /// offset read as 0 and are ignored on write (logged at `debug!`).
 ///
+/// # Driver errors
+///
+/// A refused activation (the device then sets DEVICE_NEEDS_RESET), a refused queue size or
+/// queue address, a write to a read-only common config field and a queue notification
+/// while the device is not live are each logged at `warn!` the first time, prefixed with
+/// the device's [`name`](Self::name), and at `debug!` afterwards.
+///
 /// # Wiring
 ///
 /// The VMM places the BAR with [`set_bar_addr`](Self::set_bar_addr) and routes MMIO in
@@ -126,6 +148,8 @@ impl QueueConfig {
 /// [`VirtioDevice::process_queue`] on the active device.
 pub struct VirtioPciDevice<D: VirtioDevice> {
     device: D,
+    name: String,
+    warnings: DriverWarnings,
     mem: GuestMemoryMmap<()>,
     config: PciConfigSpace,
     msix_cap_reg: usize,
@@ -261,6 +285,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
         Ok(VirtioPciDevice {
             device,
+            name: format!("virtio device type {device_type}"),
+            warnings: DriverWarnings::default(),
             mem,
             config,
             msix_cap_reg,
@@ -274,6 +300,17 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_select: 0,
             active: false,
         })
+    }
+
+    /// Names the device in log lines (default: `virtio device type N`); the VMM uses the
+    /// name it gives the device elsewhere, e.g. `virtio-blk "disk.img"`.
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.name = name.into();
+    }
+
+    /// The name used in log lines.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The wrapped device.
@@ -498,9 +535,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 let size = value as u16;
                 if let Some(q) = self.queue_config_mut() {
                     if size == 0 || !size.is_power_of_two() || size > q.max_size {
-                        debug!(
-                            "virtio queue size {size} refused (max {}, power of two)",
-                            q.max_size
+                        let max = q.max_size;
+                        warn_once!(
+                            self.warnings.queue_config,
+                            "{}: queue size {size} refused (not a power of two from 1 to \
+                             {max}); queue_size keeps its value",
+                            self.name
                         );
                     } else {
                         q.size = size;
@@ -540,7 +580,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                     }
                 }
             }
-            (off, len) => debug!("virtio common config write at {off:#x}, {len} bytes ignored"),
+            (off, len) => warn_once!(
+                self.warnings.common_write,
+                "{}: write of {len} bytes to read-only or unknown common config offset \
+                 {off:#x} ignored",
+                self.name
+            ),
         }
     }
 
@@ -549,17 +594,20 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn queue_config_mut(&mut self) -> Option<&mut QueueConfig> {
         let live = self.status & status::DRIVER_OK != 0;
         let sel = self.queue_select;
-        match self.queues.get_mut(usize::from(sel)) {
-            Some(q) if !q.enabled && !live => Some(q),
-            Some(_) => {
-                debug!("virtio queue {sel} config write while enabled ignored");
-                None
-            }
-            None => {
-                debug!("virtio config write for missing queue {sel}");
-                None
-            }
+        let Some(q) = self.queues.get(usize::from(sel)) else {
+            debug!("{}: config write for missing queue {sel}", self.name);
+            return None;
+        };
+        if q.enabled || live {
+            warn_once!(
+                self.warnings.queue_config,
+                "{}: queue {sel} config write while the queue is enabled or the device live \
+                 ignored",
+                self.name
+            );
+            return None;
         }
+        self.queues.get_mut(usize::from(sel))
     }
 
     fn write_driver_features(&mut self, value: u32) {
@@ -602,7 +650,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.status = new;
         if set & status::DRIVER_OK != 0 && !self.active {
             if let Err(e) = self.activate() {
-                debug!("virtio activation failed: {e}");
+                warn_once!(
+                    self.warnings.activation,
+                    "{}: DRIVER_OK refused, the device needs a reset: {e}",
+                    self.name
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.signal_config() {
                     warn!("failed to signal DEVICE_NEEDS_RESET: {e}");
@@ -616,8 +668,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 
     fn build_queue(&self, index: usize, cfg: &QueueConfig, event_idx: bool) -> Result<Queue> {
-        // Index < MAX_QUEUES, fits u16.
-        let err = || Error::InvalidQueue(index as u16);
+        let err = || Error::InvalidRings {
+            // Index < MAX_QUEUES, fits u16.
+            index: index as u16,
+            size: cfg.size,
+            desc: cfg.desc,
+            avail: cfg.driver,
+            used: cfg.device,
+        };
         let mut q = Queue::new(cfg.max_size).map_err(|_| err())?;
         if !cfg.enabled {
             return Ok(q);
@@ -629,10 +687,6 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             || !self.ring_in_memory(cfg.driver, 6 + 2 * size, Permissions::Read)
             || !self.ring_in_memory(cfg.device, 6 + 8 * size, Permissions::Write)
         {
-            debug!(
-                "virtio queue {index}: rings {:#x}/{:#x}/{:#x} (size {size}) outside guest memory",
-                cfg.desc, cfg.driver, cfg.device
-            );
             return Err(err());
         }
         q.try_set_size(cfg.size).map_err(|_| err())?;
@@ -717,13 +771,25 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
     /// Handles a notification on queue `queue`: consumes its EventFd and, if the device is
     /// live, lets it process the queue. The event-manager subscriber calls this.
+    ///
+    /// A kick while the device is not live (before DRIVER_OK, or while it needs a reset) is
+    /// dropped: the device must not consume buffers before DRIVER_OK (virtio 1.2, 3.1.2).
     pub fn process_notification(&mut self, queue: u16) {
-        if let Some(evt) = self.queue_evts.get(usize::from(queue)) {
-            // EAGAIN: a spurious wakeup or a kick already consumed by a reset.
-            let _ = evt.read();
-        }
+        // Err (EAGAIN): a spurious wakeup or a kick already consumed by a reset.
+        let kicked = self
+            .queue_evts
+            .get(usize::from(queue))
+            .is_some_and(|evt| evt.read().is_ok());
         if self.active && self.status & status::DEVICE_NEEDS_RESET == 0 {
             self.device.process_queue(queue);
+        } else if kicked {
+            warn_once!(
+                self.warnings.notify,
+                "{}: queue {queue} notified while the device is not live (status {:#x}): \
+                 ignored",
+                self.name,
+                self.status
+            );
         }
     }
 }

@@ -710,3 +710,78 @@ fn bar_decodes_only_while_memory_space_is_enabled() {
     dev.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
     assert_eq!(dev.bar_decode_addr(), Some(0xd000_0000));
 }
+
+/// This thread's `warn!` lines since `test_log::start()`.
+fn warnings() -> Vec<String> {
+    crate::test_log::lines(log::Level::Warn)
+}
+
+#[test]
+fn each_kind_of_driver_error_is_one_warning_naming_the_device() {
+    crate::test_log::start();
+    let mut h = harness();
+    h.dev.set_name("disk-b");
+    assert_eq!(h.dev.name(), "disk-b");
+    let features_lo = h.r(0x04, 4);
+    for _ in 0..3 {
+        // Read-only fields: device_feature, num_queues, queue_notify_off.
+        h.w(0x04, 4, 0xffff_ffff);
+        h.w(0x12, 2, 7);
+        h.w(0x1e, 2, 5);
+        // A queue size that is not a power of two.
+        h.w(0x18, 2, 100);
+        // Kicks before DRIVER_OK.
+        h.dev.notify_eventfd(0).unwrap().write(1).unwrap();
+        h.dev.process_notification(0);
+        // Rings outside guest memory, then a reset.
+        h.negotiate(features::VERSION_1);
+        h.setup_queue(0, 256, 0x1_0000_0000, 0x3000, 0x4000);
+        h.driver_ok();
+        assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
+        h.set_status(0);
+    }
+    assert_eq!(h.r(0x04, 4), features_lo);
+    assert_eq!(h.r(0x12, 2), 2);
+    assert_eq!(h.r(0x1e, 2), 0);
+    assert_eq!(h.r(0x18, 2), 256);
+    assert!(h.log.lock().unwrap().processed.is_empty());
+    let w = warnings();
+    assert_eq!(w.len(), 4, "{w:#?}");
+    for (line, what) in w.iter().zip([
+        "write of 4 bytes to read-only or unknown common config offset 0x4 ignored",
+        "queue size 100 refused",
+        "queue 0 notified while the device is not live (status 0x0): ignored",
+        "DRIVER_OK refused, the device needs a reset: queue 0 (size 256) has rings outside \
+         guest memory or misaligned: desc 0x100000000, avail 0x3000, used 0x4000",
+    ]) {
+        assert!(line.starts_with("disk-b: "), "{line}");
+        assert!(line.contains(what), "{line} lacks {what}");
+        assert!(
+            line.ends_with("(repeats are logged at debug level)"),
+            "{line}"
+        );
+    }
+    // The repeats went to debug.
+    let debug = crate::test_log::lines(log::Level::Debug);
+    assert!(
+        debug
+            .iter()
+            .filter(|l| l.contains("queue size 100"))
+            .count()
+            == 2,
+        "{debug:#?}"
+    );
+}
+
+#[test]
+fn a_spurious_wakeup_or_a_live_device_is_no_warning() {
+    crate::test_log::start();
+    let mut h = harness();
+    // No kick behind the wakeup.
+    h.dev.process_notification(0);
+    h.full_init();
+    h.dev.notify_eventfd(0).unwrap().write(1).unwrap();
+    h.dev.process_notification(0);
+    assert_eq!(h.log.lock().unwrap().processed, vec![0]);
+    assert_eq!(warnings(), Vec::<String>::new());
+}
