@@ -444,3 +444,125 @@ fn kvm_every_thread_runs_under_exactly_its_own_seccomp_filter() {
         assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     }
 }
+
+/// Runs the vmm with `args` in new user and mount namespaces where `/dev` is an empty
+/// tmpfs: no /dev/kvm, no /dev/net/tun (unshare(1) from util-linux; unprivileged user
+/// namespaces or root).
+fn run_vmm_without_dev(args: &[&str]) -> Output {
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+        .arg(r#"mount -t tmpfs tmpfs /dev && exec "$0" "$@""#)
+        .arg(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux) runs");
+    assert!(
+        !text(&out.stderr).contains("unshare:") && !text(&out.stderr).contains("mount:"),
+        "could not set up the namespace: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn no_dev_kvm_or_no_dev_net_tun_is_one_clear_error() {
+    let kernel = write_kernel("no-dev.elf", &Asm::new().halt_forever().finish());
+    let k = kernel.to_str().unwrap();
+    assert_one_error_line(
+        &run_vmm_without_dev(&["--kernel", k]),
+        "cannot open /dev/kvm (is the kvm module loaded, and may this user use it?)",
+    );
+    let tap = format!("tvmn{}", std::process::id() % 100_000);
+    assert_one_error_line(
+        &run_vmm_without_dev(&["--kernel", k, "--net", &format!("tap={tap}")]),
+        "/dev/net/tun is missing",
+    );
+}
+
+#[test]
+fn a_disk_that_is_a_directory_or_unreadable_is_one_clear_error() {
+    let kernel = write_kernel("disk-perm.elf", &Asm::new().halt_forever().finish());
+    let dir = kernel.parent().unwrap();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let k = kernel.to_str().unwrap();
+    assert_one_error_line(
+        &run_vmm(&["--kernel", k, "--disk", dir.to_str().unwrap()]),
+        "Is a directory",
+    );
+    // An image nobody may read or write (mode 000): as root, run the VMM as nobody.
+    let img = scratch("unreadable.img");
+    std::fs::write(&img, vec![0xa5u8; 1 << 20]).unwrap();
+    std::fs::set_permissions(&img, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        let vmm = dir.join("vmm-disk-perm");
+        std::fs::copy(VMM, &vmm).unwrap();
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&vmm)
+            .args(["--kernel", k, "--disk", img.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv (util-linux) runs the VMM as nobody")
+    } else {
+        run_vmm(&["--kernel", k, "--disk", img.to_str().unwrap()])
+    };
+    assert_one_error_line(&out, "Permission denied");
+    std::fs::set_permissions(&img, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert_eq!(std::fs::read(&img).unwrap(), vec![0xa5u8; 1 << 20]);
+}
+
+#[test]
+fn clap_syntax_errors_print_usage_and_exit_2() {
+    for (args, needle) in [
+        (
+            &["--kernel", "k", "--seccomp", "maybe"][..],
+            "invalid value 'maybe' for '--seccomp",
+        ),
+        (
+            &["--kernel", "k", "--bogus"][..],
+            "unexpected argument '--bogus' found",
+        ),
+        (&["--kernel"][..], "a value is required for '--kernel"),
+    ] {
+        let out = run_vmm(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(stderr.contains("try '--help'"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn a_tap_with_tun_access_but_without_cap_net_admin_is_one_clear_error() {
+    // In a new user namespace root keeps its uid for file access (so /dev/net/tun opens)
+    // but its capabilities do not reach the host's network namespace.
+    let kernel = write_kernel("net-cap.elf", &Asm::new().halt_forever().finish());
+    let tap = format!("tvmc{}", std::process::id() % 100_000);
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user"])
+        .arg(VMM)
+        .args([
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--net",
+            &format!("tap={tap}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux) runs");
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    // Not root: /dev/net/tun itself is refused first (mode 0600 on Debian).
+    assert_one_error_line(
+        &out,
+        if root {
+            "(needs CAP_NET_ADMIN)"
+        } else {
+            "permission"
+        },
+    );
+    assert!(!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
+}
