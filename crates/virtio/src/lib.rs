@@ -227,7 +227,8 @@ pub enum Error {
     /// Delivering an interrupt failed.
     #[error("failed to deliver an interrupt")]
     TriggerInterrupt(#[source] io::Error),
-    /// An enabled queue has a ring outside guest memory or misaligned.
+    /// An enabled queue has a ring outside guest memory or misaligned, or its available
+    /// ring at address 0 (which virtio-queue cannot use).
     #[error(
         "queue {index} (size {size}) has rings outside guest memory or misaligned: \
          desc {desc:#x}, avail {avail:#x}, used {used:#x}"

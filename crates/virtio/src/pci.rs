@@ -682,8 +682,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         let size = u64::from(cfg.size);
         // Split ring sizes, virtio 1.2 2.7: 16 bytes per descriptor; flags, idx, ring,
-        // used_event/avail_event.
-        if !self.ring_in_memory(cfg.desc, 16 * size, Permissions::Read)
+        // used_event/avail_event. virtio-queue takes an available ring at address 0 for
+        // one never set and logs an error on every pop, so the driver may not put it there.
+        if cfg.driver == 0
+            || !self.ring_in_memory(cfg.desc, 16 * size, Permissions::Read)
             || !self.ring_in_memory(cfg.driver, 6 + 2 * size, Permissions::Read)
             || !self.ring_in_memory(cfg.device, 6 + 8 * size, Permissions::Write)
         {

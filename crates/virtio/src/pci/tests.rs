@@ -490,6 +490,29 @@ fn misaligned_ring_needs_reset() {
 }
 
 #[test]
+fn available_ring_at_zero_needs_reset() {
+    crate::test_log::start();
+    let mut h = harness();
+    h.negotiate(features::VERSION_1);
+    // Address 0 is guest RAM, but virtio-queue would refuse to pop from it on every kick,
+    // logging an error each time.
+    h.setup_queue(0, 256, 0x1000, 0, 0x4000);
+    h.driver_ok();
+    assert!(!h.dev.is_active());
+    assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
+    let w = crate::test_log::lines(log::Level::Warn);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(w[0].contains("avail 0x0"), "{w:#?}");
+    // The descriptor table and the used ring may sit at 0.
+    h.set_status(0);
+    h.negotiate(features::VERSION_1);
+    h.setup_queue(0, 256, 0, 0x3000, 0x4000);
+    h.driver_ok();
+    assert!(h.dev.is_active());
+    assert!(crate::test_log::lines(log::Level::Error).is_empty());
+}
+
+#[test]
 fn failed_activation_needs_reset() {
     let mut h = harness_with(true);
     h.enable_msix(false);
