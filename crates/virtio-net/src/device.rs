@@ -20,11 +20,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::{warn_once, ActivateContext, EventSet, VirtioDevice, VirtioInterrupt, WarnOnce};
 
 use crate::backend::NetBackend;
 use crate::mac::{format_mac, generated_mac, mac_problem};
-use crate::ring::{add_used, avail_idx_sane};
 use crate::rx::{deliver_frame, RxScratch, RxStatus};
 use crate::tap::Tap;
 use crate::tx::read_tx_frame;
@@ -50,6 +49,12 @@ pub const MAX_RX_FRAMES_PER_RUN: usize = 256;
 /// Most transmit chains handled per notification before the device yields to the event
 /// loop; it continues through the transmit queue's EventFd.
 pub const MAX_TX_FRAMES_PER_RUN: usize = 256;
+
+/// Why a chain whose last descriptor still has NEXT was refused: virtio-queue's iterator
+/// stopped it rather than follow it further.
+pub(crate) const UNTERMINATED: &str = "the chain does not end: it loops, or has more \
+     descriptors than the queue (or indirect table) holds, a next index beyond it, or more \
+     than 4 GiB";
 
 /// Feature bits the device offers (the transport adds VERSION_1, EVENT_IDX and
 /// INDIRECT_DESC).
@@ -164,6 +169,35 @@ pub struct NetCounters {
     pub tx_errors: u64,
 }
 
+/// Driver errors the device reports once at `warn!` (then at `debug!`), one flag per kind,
+/// never re-armed (not even by a reset).
+#[derive(Debug)]
+pub(crate) struct DriverWarnings {
+    /// How log lines name the device: `virtio-net TAP` (or the MAC, without a TAP).
+    pub name: String,
+    /// A malformed transmit chain.
+    pub tx_chain: WarnOnce,
+    /// A malformed receive chain.
+    pub rx_chain: WarnOnce,
+    /// An available index too far ahead, a head index beyond the queue, a used ring that
+    /// cannot be written.
+    pub ring: WarnOnce,
+    /// A write to the read-only config space.
+    pub config: WarnOnce,
+}
+
+impl DriverWarnings {
+    fn new(name: String) -> Self {
+        DriverWarnings {
+            name,
+            tx_chain: WarnOnce::new(),
+            rx_chain: WarnOnce::new(),
+            ring: WarnOnce::new(),
+            config: WarnOnce::new(),
+        }
+    }
+}
+
 struct Active {
     mem: GuestMemoryMmap<()>,
     rx: Queue,
@@ -180,6 +214,10 @@ struct Active {
 /// Implements [`VirtioDevice`]; put it in a [`tvm_virtio::VirtioPciDevice`], whose
 /// event-manager subscriber watches the backend's descriptor (edge-triggered) and the
 /// queue notifications.
+///
+/// Driver errors (a malformed transmit or receive chain, a broken ring index, a config
+/// write) are logged at `warn!` the first time of each kind, prefixed with the device's
+/// [`name`](Net::name), and at `debug!` afterwards.
 pub struct Net<B: NetBackend> {
     backend: B,
     mac: [u8; 6],
@@ -192,6 +230,7 @@ pub struct Net<B: NetBackend> {
     rx_scratch: RxScratch,
     tx_buf: Vec<u8>,
     active: Option<Active>,
+    warnings: DriverWarnings,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -229,7 +268,9 @@ impl Net<Tap> {
         };
         let tap = Tap::open(&cfg.tap)?;
         info!("net: tap {}, mac {}", tap.name(), format_mac(&mac));
-        Ok(Net::new(tap, mac))
+        let mut net = Net::new(tap, mac);
+        net.warnings.name = format!("virtio-net {}", cfg.tap);
+        Ok(net)
     }
 
     /// The TAP interface's name.
@@ -240,7 +281,8 @@ impl Net<Tap> {
 
 impl<B: NetBackend> Net<B> {
     /// Builds the device over `backend`, with MAC address `mac` (which should be a unicast
-    /// address; see [`parse_mac`](crate::parse_mac)).
+    /// address; see [`parse_mac`](crate::parse_mac)). Its log lines name it
+    /// `virtio-net MAC`.
     pub fn new(backend: B, mac: [u8; 6]) -> Self {
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&mac);
@@ -256,7 +298,21 @@ impl<B: NetBackend> Net<B> {
             rx_scratch: RxScratch::default(),
             tx_buf: vec![0u8; MAX_PACKET_LEN],
             active: None,
+            warnings: DriverWarnings::new(format!("virtio-net {}", format_mac(&mac))),
         }
+    }
+
+    /// How log lines name the device: `virtio-net TAP` for [`Net::open`], `virtio-net MAC`
+    /// for [`Net::new`].
+    pub fn name(&self) -> &str {
+        &self.warnings.name
+    }
+
+    /// Bytes of buffers the device holds (the packet buffers and the receive scratch
+    /// space): a guest must not be able to make this grow.
+    #[cfg(test)]
+    pub(crate) fn buffer_bytes(&self) -> usize {
+        self.rx_buf.capacity() + self.tx_buf.capacity() + self.rx_scratch.capacity_bytes()
     }
 
     /// The guest's MAC address.
@@ -311,6 +367,7 @@ impl<B: NetBackend> Net<B> {
             rx_len,
             rx_scratch,
             active,
+            warnings,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
@@ -369,6 +426,7 @@ impl<B: NetBackend> Net<B> {
                 &mut rx_buf[..len],
                 active.mergeable,
                 rx_scratch,
+                warnings,
             );
             counters.rx_errors += res.bad_chains;
             used |= res.used;
@@ -399,12 +457,17 @@ impl<B: NetBackend> Net<B> {
 
     /// Transmits every available chain (at most [`MAX_TX_FRAMES_PER_RUN`] per call, the
     /// rest through the transmit queue's EventFd), returning each with used length 0.
+    ///
+    /// A malformed chain is returned unsent. A ring the driver broke is left alone: while
+    /// the available index is too far ahead nothing is popped, and a head index beyond the
+    /// queue is skipped (it cannot be returned). Each is a driver error, warned once.
     fn process_tx(&mut self) {
         let Net {
             backend,
             counters,
             tx_buf,
             active,
+            warnings,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
@@ -419,36 +482,51 @@ impl<B: NetBackend> Net<B> {
                 break;
             }
             let mut popped = false;
-            while avail_idx_sane(&active.tx, mem, "tx") {
+            loop {
+                match tvm_virtio::chains_pending(&active.tx, mem) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn_once!(warnings.ring, "{}: tx queue left alone: {e}", warnings.name);
+                        break;
+                    }
+                }
                 let Some(chain) = active.tx.pop_descriptor_chain(mem) else {
                     break;
                 };
                 popped = true;
+                handled += 1;
                 let head = chain.head_index();
-                match read_tx_frame(mem, chain, tx_buf) {
-                    Ok(len) => match write_all_frame(backend, &tx_buf[..len]) {
-                        Ok(n) if n == len => {
-                            counters.tx_packets += 1;
-                            counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
-                        }
-                        Ok(n) => {
-                            counters.tx_dropped += 1;
-                            debug!("virtio-net: short backend write, {n} of {len} bytes");
-                        }
+                if head >= active.tx.size() {
+                    // Nothing to send and nowhere to return it (virtio-queue would log an
+                    // error).
+                    counters.tx_errors += 1;
+                    warn_once!(
+                        warnings.ring,
+                        "{}: tx chain skipped: head index {head} is beyond the queue size {}",
+                        warnings.name,
+                        active.tx.size()
+                    );
+                } else {
+                    match read_tx_frame(mem, chain, tx_buf) {
+                        Ok(len) => transmit(backend, &tx_buf[..len], counters),
                         Err(e) => {
-                            // EAGAIN (the TAP's queue is full) included: a TAP write
-                            // hardly ever blocks, and waiting would stall the guest.
-                            counters.tx_dropped += 1;
-                            debug!("virtio-net: backend refused a {len}-byte frame: {e}");
+                            counters.tx_errors += 1;
+                            warn_once!(
+                                warnings.tx_chain,
+                                "{}: malformed tx chain {head} returned unsent: {e}",
+                                warnings.name
+                            );
                         }
-                    },
-                    Err(e) => {
-                        counters.tx_errors += 1;
-                        debug!("virtio-net: malformed tx chain {head}: {e}");
+                    }
+                    if let Err(e) = tvm_virtio::add_used(&mut active.tx, mem, head, 0) {
+                        warn_once!(
+                            warnings.ring,
+                            "{}: tx chain {head} not returned: {e}",
+                            warnings.name
+                        );
                     }
                 }
-                add_used(&mut active.tx, mem, head, 0);
-                handled += 1;
                 if handled >= MAX_TX_FRAMES_PER_RUN {
                     if let Err(e) = active.queue_evts[usize::from(TX_QUEUE)].write(1) {
                         warn!("virtio-net: failed to re-signal the tx queue: {e}");
@@ -469,6 +547,28 @@ impl<B: NetBackend> Net<B> {
         }
         if handled > 0 {
             signal_used(&mut active.tx, mem, active.interrupt.as_ref(), TX_QUEUE);
+        }
+    }
+}
+
+/// Writes one well-formed frame (vnet header included) to the backend and counts it as
+/// sent or dropped.
+fn transmit<B: NetBackend>(backend: &mut B, frame: &[u8], counters: &mut NetCounters) {
+    let len = frame.len();
+    match write_all_frame(backend, frame) {
+        Ok(n) if n == len => {
+            counters.tx_packets += 1;
+            counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+        }
+        Ok(n) => {
+            counters.tx_dropped += 1;
+            debug!("virtio-net: short backend write, {n} of {len} bytes");
+        }
+        Err(e) => {
+            // EAGAIN (the TAP's queue is full) included: a TAP write hardly ever blocks,
+            // and waiting would stall the guest.
+            counters.tx_dropped += 1;
+            debug!("virtio-net: backend refused a {len}-byte frame: {e}");
         }
     }
 }
@@ -521,8 +621,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is read-only for a VERSION_1 driver, the status always.
-        debug!(
-            "virtio-net: config write at {offset:#x}, {} bytes ignored",
+        warn_once!(
+            self.warnings.config,
+            "{}: write of {} bytes to the read-only config at {offset:#x} ignored",
+            self.warnings.name,
             data.len()
         );
     }

@@ -7,11 +7,11 @@
 use std::ops::Range;
 
 use log::debug;
+use tvm_virtio::warn_once;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::device::VNET_HDR_LEN;
-use crate::ring::{add_used, avail_idx_sane};
+use crate::device::{DriverWarnings, UNTERMINATED, VNET_HDR_LEN};
 
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -31,6 +31,15 @@ struct RxChain {
 pub(crate) struct RxScratch {
     chains: Vec<RxChain>,
     descs: Vec<(GuestAddress, usize)>,
+}
+
+impl RxScratch {
+    /// Bytes the two vectors hold.
+    #[cfg(test)]
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.chains.capacity() * std::mem::size_of::<RxChain>()
+            + self.descs.capacity() * std::mem::size_of::<(GuestAddress, usize)>()
+    }
 }
 
 /// What became of the frame.
@@ -71,6 +80,7 @@ enum BadChain {
     ReadOnly { addr: u64 },
     OutsideMemory { addr: u64, len: u32 },
     TooSmall { capacity: usize },
+    Unterminated,
 }
 
 impl std::fmt::Display for BadChain {
@@ -81,6 +91,7 @@ impl std::fmt::Display for BadChain {
                 write!(f, "descriptor {addr:#x}+{len:#x} outside guest memory")
             }
             BadChain::TooSmall { capacity } => write!(f, "only {capacity} bytes"),
+            BadChain::Unterminated => f.write_str(UNTERMINATED),
         }
     }
 }
@@ -94,9 +105,13 @@ fn collect_writable<M: GuestMemory>(
 ) -> Result<usize, BadChain> {
     let start = descs.len();
     let mut capacity = 0usize;
+    let mut open = false;
     // The chain iterator stops after queue-size descriptors (or the indirect table's
-    // size) and before 4 GiB in total, so this ends and `capacity` cannot overflow.
+    // size) and before 4 GiB in total, so this ends and `capacity` cannot overflow. A
+    // chain it stopped early (a loop, say) is refused, not filled: its last descriptor
+    // still has NEXT.
     for desc in chain {
+        open = desc.has_next();
         let addr = desc.addr();
         let err = if !desc.is_write_only() {
             Some(BadChain::ReadOnly { addr: addr.0 })
@@ -117,7 +132,31 @@ fn collect_writable<M: GuestMemory>(
             capacity += desc.len() as usize;
         }
     }
+    if open {
+        descs.truncate(start);
+        return Err(BadChain::Unterminated);
+    }
     Ok(capacity)
+}
+
+/// Returns `head` to the driver with `len` bytes written; a used ring that cannot take it
+/// is the driver's error, reported once.
+fn give_back<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    head: u16,
+    len: usize,
+    warn: &mut DriverWarnings,
+) {
+    // A chain is below 4 GiB, and `len` at most its capacity.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    if let Err(e) = tvm_virtio::add_used(queue, mem, head, len) {
+        warn_once!(
+            warn.ring,
+            "{}: rx chain {head} not returned: {e}",
+            warn.name
+        );
+    }
 }
 
 /// Undoes the pops of the chains taken for the current frame.
@@ -143,12 +182,18 @@ fn put_back(queue: &mut Queue, scratch: &mut RxScratch) {
 /// consecutive, as the driver expects for mergeable buffers), and the frame moves on to
 /// the next chains. Data is written only into checked descriptors, only up to the frame's
 /// length.
+///
+/// Driver errors (a malformed chain, a head index beyond the queue, an available index
+/// too far ahead) are logged once per kind through `warn`, then at `debug!`. A chain whose
+/// head is beyond the queue cannot be returned: it is skipped and counted. While the
+/// available index is too far ahead the ring is left alone, as if empty.
 pub(crate) fn deliver_frame<M: GuestMemory>(
     mem: &M,
     queue: &mut Queue,
     frame: &mut [u8],
     mergeable: bool,
     scratch: &mut RxScratch,
+    warn: &mut DriverWarnings,
 ) -> RxResult {
     let mut result = RxResult {
         status: RxStatus::Delivered,
@@ -172,10 +217,13 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
             result.status = RxStatus::Yield;
             return result;
         }
-        let popped = if avail_idx_sane(queue, mem, "rx") {
-            queue.pop_descriptor_chain(mem)
-        } else {
-            None
+        let popped = match tvm_virtio::chains_pending(queue, mem) {
+            Ok(0) => None,
+            Ok(_) => queue.pop_descriptor_chain(mem),
+            Err(e) => {
+                warn_once!(warn.ring, "{}: rx queue left alone: {e}", warn.name);
+                None
+            }
         };
         let Some(chain) = popped else {
             if progress {
@@ -199,6 +247,17 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
         pops += 1;
         progress = true;
         let head = chain.head_index();
+        if head >= queue.size() {
+            // Nothing to read and nowhere to return it (virtio-queue would log an error).
+            warn_once!(
+                warn.ring,
+                "{}: rx chain skipped: head index {head} is beyond the queue size {}",
+                warn.name,
+                queue.size()
+            );
+            result.bad_chains += 1;
+            continue;
+        }
         let start = scratch.descs.len();
         let checked = collect_writable(mem, chain, &mut scratch.descs).and_then(|capacity| {
             let min = if scratch.chains.is_empty() {
@@ -233,12 +292,16 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
                 have = have.saturating_add(capacity);
             }
             Err(e) => {
-                debug!("virtio-net: malformed rx chain {head}: {e}; returned unused");
+                warn_once!(
+                    warn.rx_chain,
+                    "{}: malformed rx chain {head} returned unused: {e}",
+                    warn.name
+                );
                 for c in scratch.chains.drain(..) {
-                    add_used(queue, mem, c.head, 0);
+                    give_back(queue, mem, c.head, 0, warn);
                 }
                 scratch.descs.clear();
-                add_used(queue, mem, head, 0);
+                give_back(queue, mem, head, 0, warn);
                 result.bad_chains += 1;
                 result.used = true;
                 have = 0;
@@ -269,7 +332,7 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
     }
     for c in &scratch.chains {
         let len = if copy_failed { 0 } else { c.written };
-        add_used(queue, mem, c.head, len);
+        give_back(queue, mem, c.head, len, warn);
     }
     result.used = true;
     if copy_failed {

@@ -216,6 +216,25 @@ impl<'a> Ring<'a> {
         head
     }
 
+    /// Writes descriptors `(addr, len, flags, next)` as they are at consecutive indices,
+    /// `next` counted from the first of them (so `(.., F_NEXT, 0)` points back at the
+    /// head), and makes the first available.
+    fn add_linked(&mut self, descs: &[Linked]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let idx = (head + i as u16) % self.size;
+            let next = (head + next) % self.size;
+            let desc = SplitDescriptor::new(addr, len, flags, next);
+            self.mock
+                .desc_table()
+                .store(idx, RawDescriptor::from(desc))
+                .unwrap();
+        }
+        self.next_desc = (head + descs.len() as u16) % self.size;
+        self.add_raw_head(head);
+        head
+    }
+
     /// Makes `head` available as is, whatever it is.
     fn add_raw_head(&self, head: u16) {
         let avail = self.mock.avail();
@@ -1266,4 +1285,311 @@ fn counters_are_logged() {
     // Only checks that it does not panic without a logger.
     net.log_counters();
     assert!(format!("{net:?}").contains("02:11:22:33:44:55"));
+}
+
+// ---------------------------------------------------------------- driver errors
+
+const N: u16 = VRING_DESC_F_NEXT as u16;
+
+/// A descriptor with its own flags and next index: address, length, flags, next (counted
+/// from the chain's head).
+type Linked = (u64, u32, u16, u16);
+
+/// This thread's log lines at `level` since `test_log::start()`.
+fn logged(level: log::Level) -> Vec<String> {
+    tvm_virtio::test_log::lines(level)
+}
+
+#[test]
+fn tx_loops_and_chains_that_do_not_end_are_refused() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, 0);
+    // A valid-looking frame in the buffer every bad chain points at: were a chain sent,
+    // it would reach the host.
+    let f = frame(48, 20);
+    mem.write_slice(&f, GuestAddress(BUF)).unwrap();
+    let len = f.len() as u32;
+    let cases: Vec<(&str, Vec<Linked>)> = vec![
+        ("its own successor", vec![(BUF, len, R | N, 0)]),
+        (
+            "a cycle of two",
+            vec![(BUF, 12, R | N, 1), (BUF + 12, len - 12, R | N, 0)],
+        ),
+        // Index 16 is beyond the queue of 16: the iterator stops after the header.
+        ("a next index beyond the queue", vec![(BUF, len, R | N, 16)]),
+    ];
+    for (i, (what, descs)) in cases.iter().enumerate() {
+        let head = h.tx.add_linked(descs);
+        h.kick_tx();
+        assert_eq!(h.tx.used().last(), Some(&(u32::from(head), 0)), "{what}");
+        assert_eq!(h.host_recv(), Vec::<Vec<u8>>::new(), "{what}: nothing sent");
+        assert_eq!(h.net.counters().tx_errors, i as u64 + 1, "{what}");
+    }
+    // The queue still works.
+    h.tx.add(&[(BUF, len, R)]);
+    h.kick_tx();
+    assert_eq!(h.host_recv(), vec![f]);
+    assert_eq!(h.net.counters().tx_packets, 1);
+}
+
+#[test]
+fn rx_loops_are_returned_unused() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, MRG);
+    let looped = h.rx.add_linked(&[(BUF, 1500, W | N, 0)]);
+    let good = h.rx.add(&[(BUF + 0x1000, 1500, W)]);
+    let f = frame(2000, 21);
+    h.host_send(&f);
+    let small = frame(100, 22);
+    h.host_send(&small);
+    h.tap_event();
+    // The loop would have held the 2012 bytes (1500 bytes over and over); it goes back
+    // unused, and the big frame waits for buffers.
+    assert_eq!(h.rx.used(), vec![(u32::from(looped), 0)]);
+    assert_eq!(guest(&mem, BUF, 1500), vec![FILL; 1500]);
+    assert_eq!(h.net.rx_pending_len(), f.len());
+    let more = h.rx.add(&[(BUF + 0x2000, 1500, W)]);
+    h.kick_rx();
+    assert_eq!(
+        h.rx.used()[1..],
+        [(u32::from(good), 1500), (u32::from(more), 512)]
+    );
+    let c = h.net.counters();
+    assert_eq!((c.rx_errors, c.rx_packets), (1, 1));
+}
+
+#[test]
+fn each_kind_of_driver_error_is_one_warning_naming_the_device() {
+    tvm_virtio::test_log::start();
+    let mem = test_mem();
+    let mut h = Harness::with_size(&mem, MRG, 64);
+    assert_eq!(h.net.name(), "virtio-net 02:11:22:33:44:55");
+    let good = frame(60, 23);
+    mem.write_slice(&good, GuestAddress(BUF)).unwrap();
+    let far = MEM_SIZE as u64;
+    for round in 0..3u64 {
+        // TX: every kind of malformed chain.
+        for chain in [
+            vec![(BUF, 12, R), (BUF + 0x1_0000, 100, W)],
+            vec![(BUF, 8, R)],
+            vec![(BUF, 40_000, R), (BUF + 0x2_0000, 40_000, R)],
+            vec![(far, 100, R)],
+        ] {
+            h.tx.add(&chain);
+        }
+        h.tx.add_linked(&[(BUF, 60, R | N, 0)]);
+        h.kick_tx();
+        // RX: every kind of malformed chain, each met by a frame.
+        for chain in [
+            vec![(BUF + 0x3_0000, 1500, R)],
+            vec![(far, 1500, W)],
+            vec![(BUF + 0x3_0000, 11, W)],
+        ] {
+            h.rx.add(&chain);
+        }
+        h.rx.add_linked(&[(BUF + 0x3_0000, 1500, W | N, 0)]);
+        h.rx.add(&[(BUF + 0x4_0000, 1500, W)]);
+        h.host_send(&frame(100, round as u8));
+        h.tap_event();
+        // Rings: a head beyond the queue on both queues, then an available index too far
+        // ahead, fixed again.
+        h.tx.add_raw_head(300);
+        h.kick_tx();
+        h.rx.add_raw_head(64);
+        h.rx.add(&[(BUF + 0x4_0000, 1500, W)]);
+        h.host_send(&frame(100, 0x40 + round as u8));
+        h.tap_event();
+        for ring in [&h.tx, &h.rx] {
+            let idx = ring.avail_idx();
+            ring.set_avail_idx(idx.wrapping_add(65));
+        }
+        h.kick_tx();
+        h.host_send(&frame(100, 0x80 + round as u8));
+        h.tap_event();
+        h.kick_rx();
+        assert_eq!(h.net.rx_pending_len(), 112, "the frame waits");
+        for ring in [&h.tx, &h.rx] {
+            let idx = ring.avail_idx();
+            ring.set_avail_idx(idx.wrapping_sub(65));
+        }
+        h.rx.add(&[(BUF + 0x4_0000, 1500, W)]);
+        h.kick_rx();
+        assert_eq!(h.net.rx_pending_len(), 0);
+        // Config writes.
+        h.net.write_config(0, &[0; 6]);
+    }
+    // The device kept working: only good frames moved, the bad chains were counted.
+    assert_eq!(h.host_recv(), Vec::<Vec<u8>>::new());
+    let c = h.net.counters();
+    assert_eq!((c.tx_errors, c.tx_packets), (3 * 6, 0));
+    assert_eq!((c.rx_errors, c.rx_packets), (3 * 5, 3 * 3));
+    let w = logged(log::Level::Warn);
+    assert_eq!(w.len(), 4, "{w:#?}");
+    for (line, what) in w.iter().zip([
+        "malformed tx chain 0 returned unsent: device-writable descriptor at 0x110000",
+        "malformed rx chain 0 returned unused: device-readable descriptor at 0x130000",
+        "tx chain skipped: head index 300 is beyond the queue size 64",
+        "write of 6 bytes to the read-only config at 0x0 ignored",
+    ]) {
+        assert!(line.starts_with("virtio-net 02:11:22:33:44:55: "), "{line}");
+        assert!(line.contains(what), "{line} lacks {what}");
+        assert!(
+            line.ends_with("(repeats are logged at debug level)"),
+            "{line}"
+        );
+    }
+    // virtio-queue never got to log its own errors.
+    assert_eq!(logged(log::Level::Error), Vec::<String>::new());
+    // The repeats went to debug, the other kinds too.
+    let debug = logged(log::Level::Debug);
+    for what in [
+        "returned unsent: 8 bytes, shorter than the vnet header",
+        "returned unsent: longer than 65803 bytes",
+        "returned unsent: descriptor 0x800000+0x64 outside guest memory",
+        "returned unsent: the chain does not end",
+        "returned unused: descriptor 0x800000+0x5dc outside guest memory",
+        "returned unused: only 11 bytes",
+        "returned unused: the chain does not end",
+        "rx chain skipped: head index 64 is beyond the queue size 64",
+        "tx queue left alone: the available index",
+        "rx queue left alone: the available index",
+    ] {
+        assert!(
+            debug.iter().any(|l| l.contains(what)),
+            "no {what} in {debug:#?}"
+        );
+    }
+}
+
+/// Kicks in each flood test.
+const FLOOD: u32 = 5000;
+
+#[test]
+fn a_tx_flood_of_malformed_chains_is_one_warning_and_allocates_nothing() {
+    tvm_virtio::test_log::start();
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, 0);
+    let f = frame(48, 24);
+    mem.write_slice(&f, GuestAddress(BUF)).unwrap();
+    let bytes = h.net.buffer_bytes();
+    for i in 0..FLOOD {
+        // A loop, then a chain with a device-writable descriptor, in turn.
+        if i % 2 == 0 {
+            h.tx.add_linked(&[(BUF, 60, R | N, 0)]);
+        } else {
+            h.tx.add(&[(BUF, 60, W)]);
+        }
+        h.kick_tx();
+    }
+    assert_eq!(u32::from(h.tx.used_idx()), FLOOD % 0x1_0000);
+    assert_eq!(h.net.counters().tx_errors, u64::from(FLOOD));
+    assert_eq!(h.host_recv(), Vec::<Vec<u8>>::new());
+    assert_eq!(h.net.buffer_bytes(), bytes);
+    assert_eq!(logged(log::Level::Warn).len(), 1);
+    assert_eq!(logged(log::Level::Error), Vec::<String>::new());
+    // Still working.
+    h.tx.add(&[(BUF, 60, R)]);
+    h.kick_tx();
+    assert_eq!(h.host_recv(), vec![f]);
+}
+
+#[test]
+fn an_rx_flood_of_malformed_chains_is_one_warning_and_queues_no_frames() {
+    tvm_virtio::test_log::start();
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, MRG);
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(200, 30 + i)).collect();
+    for f in &frames {
+        h.host_send(f);
+    }
+    h.tap_event();
+    // One frame read and pending, the others still in the backend.
+    assert_eq!(h.net.rx_pending_len(), frames[0].len());
+    let bytes = h.net.buffer_bytes();
+    for i in 0..FLOOD {
+        // Outside guest memory, or device-readable, in turn.
+        if i % 2 == 0 {
+            h.rx.add(&[(MEM_SIZE as u64, 1500, W)]);
+        } else {
+            h.rx.add(&[(BUF, 1500, R)]);
+        }
+        h.kick_rx();
+        h.tap_event();
+    }
+    assert_eq!(u32::from(h.rx.used_idx()), FLOOD);
+    assert!(h.rx.used().iter().all(|&(_, len)| len == 0));
+    assert_eq!(h.net.counters().rx_errors, u64::from(FLOOD));
+    // Nothing more was read from the backend, nothing was queued in the device.
+    assert_eq!(h.state.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(h.net.rx_pending_len(), frames[0].len());
+    assert_eq!(h.net.buffer_bytes(), bytes);
+    assert_eq!(logged(log::Level::Warn).len(), 1);
+    assert_eq!(logged(log::Level::Error), Vec::<String>::new());
+    // Good buffers: the three frames arrive in order.
+    for i in 0..3 {
+        h.rx.add(&[(BUF + 0x1000 * i, 1500, W)]);
+    }
+    h.kick_rx();
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(
+            guest(&mem, BUF + 0x1000 * i as u64, f.len()),
+            with_num_buffers(f, 1)
+        );
+    }
+    assert_eq!(h.net.counters().rx_packets, 3);
+}
+
+#[test]
+fn a_kick_flood_on_a_broken_ring_is_one_warning_and_no_virtio_queue_error() {
+    tvm_virtio::test_log::start();
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, MRG);
+    let f = frame(48, 25);
+    mem.write_slice(&f, GuestAddress(BUF)).unwrap();
+    h.host_send(&f);
+    let bytes = h.net.buffer_bytes();
+    // Available indices far ahead on both queues.
+    let (tx_idx, rx_idx) = (h.tx.avail_idx(), h.rx.avail_idx());
+    h.tx.set_avail_idx(tx_idx.wrapping_add(1000));
+    h.rx.set_avail_idx(rx_idx.wrapping_add(1000));
+    for _ in 0..FLOOD {
+        h.kick_tx();
+        h.kick_rx();
+        h.tap_event();
+    }
+    assert_eq!((h.tx.used_idx(), h.rx.used_idx()), (0, 0));
+    assert_eq!(h.net.rx_pending_len(), f.len());
+    // Sane indices, but every head beyond the queue (16).
+    h.tx.set_avail_idx(tx_idx);
+    h.rx.set_avail_idx(rx_idx);
+    for i in 0..FLOOD {
+        h.tx.add_raw_head(16 + (i % 100) as u16);
+        h.kick_tx();
+        h.rx.add_raw_head(16);
+        h.kick_rx();
+    }
+    assert_eq!((h.tx.used_idx(), h.rx.used_idx()), (0, 0));
+    let c = h.net.counters();
+    assert_eq!(
+        (c.tx_errors, c.rx_errors),
+        (u64::from(FLOOD), u64::from(FLOOD))
+    );
+    assert_eq!(h.net.buffer_bytes(), bytes);
+    let w = logged(log::Level::Warn);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(
+        w[0].contains(
+            "queue left alone: the available index 1000 is more than the queue \
+             size 16 ahead of 0"
+        ),
+        "{w:#?}"
+    );
+    assert_eq!(logged(log::Level::Error), Vec::<String>::new());
+    // Both queues still work.
+    h.tx.add(&[(BUF, f.len() as u32, R)]);
+    h.kick_tx();
+    h.rx.add(&[(BUF + 0x1000, 1500, W)]);
+    h.kick_rx();
+    assert_eq!(h.host_recv(), vec![f.clone()]);
+    assert_eq!(guest(&mem, BUF + 0x1000, f.len()), with_num_buffers(&f, 1));
 }

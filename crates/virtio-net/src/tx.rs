@@ -7,7 +7,7 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemory};
 
-use crate::device::{MAX_PACKET_LEN, VNET_HDR_LEN};
+use crate::device::{MAX_PACKET_LEN, UNTERMINATED, VNET_HDR_LEN};
 
 /// Why a transmit chain was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub(crate) enum TxError {
         /// Its length.
         len: u32,
     },
+    /// The last descriptor still has NEXT: the chain loops, or the iterator stopped it
+    /// (more descriptors than the queue holds, a next index beyond it, 4 GiB in total).
+    Unterminated,
 }
 
 impl std::fmt::Display for TxError {
@@ -41,6 +44,7 @@ impl std::fmt::Display for TxError {
             TxError::BadAddress { addr, len } => {
                 write!(f, "descriptor {addr:#x}+{len:#x} outside guest memory")
             }
+            TxError::Unterminated => f.write_str(UNTERMINATED),
         }
     }
 }
@@ -48,7 +52,9 @@ impl std::fmt::Display for TxError {
 /// Copies the frame in `chain` into `buf` and returns its length (vnet header included).
 ///
 /// Every descriptor must be device-readable and inside guest memory; the total must be at
-/// least the 12-byte header and at most `buf.len()`. Nothing past the frame's length in
+/// least the 12-byte header and at most `buf.len()`; the chain must end (a loop, which
+/// virtio-queue's iterator cuts after queue-size descriptors, is refused rather than sent
+/// as a frame of repeated bytes). Nothing past the frame's length in
 /// `buf` is meaningful after an error. Guest memory is only read, through vm-memory's
 /// checked accessors, and each byte once, so a guest changing the buffers meanwhile only
 /// changes its own frame.
@@ -58,9 +64,11 @@ pub(crate) fn read_tx_frame<M: GuestMemory>(
     buf: &mut [u8],
 ) -> Result<usize, TxError> {
     let mut total = 0usize;
+    let mut open = false;
     // The chain iterator stops after queue-size descriptors (or the indirect table's
-    // size), so a looping chain ends.
+    // size), so a looping chain ends, with NEXT still set on its last descriptor.
     for desc in chain {
+        open = desc.has_next();
         if desc.is_write_only() {
             return Err(TxError::WriteOnly {
                 addr: desc.addr().0,
@@ -77,6 +85,9 @@ pub(crate) fn read_tx_frame<M: GuestMemory>(
                 len: desc.len(),
             })?;
         total = end;
+    }
+    if open {
+        return Err(TxError::Unterminated);
     }
     if total < VNET_HDR_LEN {
         return Err(TxError::TooShort(total));

@@ -231,6 +231,7 @@ fn frame(payload_len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn guest_driver_tx_and_rx_with_msix() {
+    tvm_virtio::test_log::start();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let mut s = setup(&mem, true);
     let rx = Ring::new(&mem, 0x0);
@@ -331,10 +332,19 @@ fn guest_driver_tx_and_rx_with_msix() {
     s.peer.send(&frame(10, 4)).unwrap();
     s.manager.run_with_timeout(50).unwrap();
     assert_eq!(rx.used_idx(), 2);
+    assert_no_warning();
+}
+
+/// A driver that follows the rules is never warned about.
+fn assert_no_warning() {
+    for level in [log::Level::Warn, log::Level::Error] {
+        assert_eq!(tvm_virtio::test_log::lines(level), Vec::<String>::new());
+    }
 }
 
 #[test]
 fn guest_driver_rx_with_intx() {
+    tvm_virtio::test_log::start();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let mut s = setup(&mem, false);
     let rx = Ring::new(&mem, 0x0);
@@ -362,4 +372,5 @@ fn guest_driver_rx_with_intx() {
     // The driver reads the ISR: queue interrupt, line deasserted.
     assert_eq!(r(&s.dev, 0x1000, 1), 1);
     assert_eq!(*s.sink.intx.lock().unwrap(), vec![true, false]);
+    assert_no_warning();
 }
