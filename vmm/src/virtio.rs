@@ -14,17 +14,61 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::{Error, Result};
 
 /// Interrupts of one virtio-pci device, delivered by KVM.
+///
+/// A guest write to the MSI-X table updates the vector's route. Should the table or KVM
+/// refuse it, that is logged at `warn!` once per kind and device, then at `debug!`: the
+/// guest can rewrite the table as often as it likes.
 pub struct KvmInterruptSink {
+    /// The device, for log lines.
+    name: String,
     vm: Arc<VmFd>,
     routing: Arc<Mutex<GsiRouting>>,
     /// (GSI, irqfd) per MSI-X vector.
     vectors: Vec<(u32, EventFd)>,
     intx: EventFd,
+    warnings: Mutex<RouteWarnings>,
+}
+
+/// Route updates that failed, each kind warned once.
+#[derive(Debug, Default)]
+struct RouteWarnings {
+    /// The routing table refused the vector's route.
+    route: WarnOnce,
+    /// KVM refused the table.
+    apply: WarnOnce,
+}
+
+/// Routes `gsi` (vector `vector` of device `name`) to `msg`, or unroutes it, in `routing`,
+/// then installs the table with `apply`. A refusal is logged through `warnings`; the
+/// vector then keeps its old route (or none), and the device goes on.
+fn update_msi_route(
+    routing: &mut GsiRouting,
+    gsi: u32,
+    msg: Option<(u64, u32)>,
+    apply: impl FnOnce(&GsiRouting) -> tvm_irq::Result<()>,
+    warnings: &mut RouteWarnings,
+    name: &str,
+    vector: u16,
+) {
+    if let Err(e) = routing.set_msi(gsi, msg) {
+        warn_once!(
+            warnings.route,
+            "{name}: cannot route msi-x vector {vector}: {e}"
+        );
+        return;
+    }
+    if let Err(e) = apply(routing) {
+        warn_once!(
+            warnings.apply,
+            "{name}: cannot update the gsi routing for msi-x vector {vector}: {e}"
+        );
+    }
 }
 
 impl std::fmt::Debug for KvmInterruptSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmInterruptSink")
+            .field("name", &self.name)
             .field("vectors", &self.vectors.len())
             .finish_non_exhaustive()
     }
@@ -32,8 +76,9 @@ impl std::fmt::Debug for KvmInterruptSink {
 
 impl KvmInterruptSink {
     /// Allocates a GSI and an irqfd for each of `num_vectors` MSI-X vectors and binds INTx to
-    /// `intx_gsi`.
+    /// `intx_gsi`; `name` is the device's, for log lines.
     pub fn new(
+        name: &str,
         vm: Arc<VmFd>,
         routing: Arc<Mutex<GsiRouting>>,
         num_vectors: usize,
@@ -52,10 +97,12 @@ impl KvmInterruptSink {
         vm.register_irqfd(&intx, intx_gsi)
             .map_err(|e| Error::Irq(tvm_irq::Error::RegisterIrqfd(intx_gsi, e)))?;
         Ok(KvmInterruptSink {
+            name: name.to_string(),
             vm,
             routing,
             vectors,
             intx,
+            warnings: Mutex::new(RouteWarnings::default()),
         })
     }
 
@@ -96,13 +143,16 @@ impl InterruptSink for KvmInterruptSink {
         };
         let msg = (!entry.masked()).then(|| (entry.msg_addr(), entry.msg_data));
         let mut routing = self.routing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = routing.set_msi(*gsi, msg) {
-            warn!("virtio: cannot route msi-x vector {vector}: {e}");
-            return;
-        }
-        if let Err(e) = routing.apply(&self.vm) {
-            warn!("virtio: cannot update the gsi routing: {e}");
-        }
+        let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+        update_msi_route(
+            &mut routing,
+            *gsi,
+            msg,
+            |r| r.apply(&self.vm),
+            &mut warnings,
+            &self.name,
+            vector,
+        );
     }
 }
 
@@ -393,6 +443,7 @@ impl<'a> VirtioPciWiring<'a> {
         let num_vectors = device.queue_max_sizes().len() + 1;
         let intx_gsi = VIRTIO_INTX_GSIS[self.sinks.len() % VIRTIO_INTX_GSIS.len()];
         let sink = Arc::new(KvmInterruptSink::new(
+            name,
             self.vm.clone(),
             self.routing.clone(),
             num_vectors,
@@ -678,6 +729,77 @@ mod tests {
         );
         write_bar(&mut s.first, A);
         assert_eq!(s.first.mapped(), Some(A));
+    }
+
+    #[test]
+    fn refused_msix_routes_are_one_warning_per_kind() {
+        tvm_virtio::test_log::start();
+        let mut routing = GsiRouting::new();
+        let gsi = routing.allocate_msi_gsi().unwrap();
+        let mut warnings = RouteWarnings::default();
+        let applied = std::cell::Cell::new(0);
+        for i in 0..3u32 {
+            // A GSI the table does not know: refused before KVM is asked.
+            update_msi_route(
+                &mut routing,
+                gsi + 1,
+                Some((0xfee0_0000, i)),
+                |_| panic!("applied a refused route"),
+                &mut warnings,
+                "disk-b",
+                1,
+            );
+            // KVM refusing the table.
+            update_msi_route(
+                &mut routing,
+                gsi,
+                Some((0xfee0_0000, i)),
+                |_| {
+                    applied.set(applied.get() + 1);
+                    Err(tvm_irq::Error::GsiExhausted)
+                },
+                &mut warnings,
+                "disk-b",
+                0,
+            );
+        }
+        assert_eq!(applied.get(), 3);
+        let w = tvm_virtio::test_log::lines(log::Level::Warn);
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(
+            w[0].starts_with("disk-b: cannot route msi-x vector 1: "),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].starts_with("disk-b: cannot update the gsi routing for msi-x vector 0: "),
+            "{}",
+            w[1]
+        );
+        assert!(w
+            .iter()
+            .all(|l| l.ends_with("(repeats are logged at debug level)")));
+        let debug = tvm_virtio::test_log::lines(log::Level::Debug);
+        assert_eq!(debug.len(), 4, "{debug:#?}");
+        // A route KVM takes is no warning, and the table holds it.
+        let mut fresh = RouteWarnings::default();
+        update_msi_route(
+            &mut routing,
+            gsi,
+            Some((0xfee0_0000, 0x41)),
+            |_| Ok(()),
+            &mut fresh,
+            "disk-b",
+            0,
+        );
+        assert!(!fresh.route.warned() && !fresh.apply.warned());
+        assert!(routing.routes().contains(&(
+            gsi,
+            tvm_irq::Route::Msi {
+                address: 0xfee0_0000,
+                data: 0x41
+            }
+        )));
     }
 
     #[test]
