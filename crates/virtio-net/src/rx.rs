@@ -81,6 +81,7 @@ enum BadChain {
     OutsideMemory { addr: u64, len: u32 },
     TooSmall { capacity: usize },
     Unterminated,
+    HeadBeyondQueue { head: u16, size: u16 },
 }
 
 impl std::fmt::Display for BadChain {
@@ -92,6 +93,9 @@ impl std::fmt::Display for BadChain {
             }
             BadChain::TooSmall { capacity } => write!(f, "only {capacity} bytes"),
             BadChain::Unterminated => f.write_str(UNTERMINATED),
+            BadChain::HeadBeyondQueue { head, size } => {
+                write!(f, "head index {head} is beyond the queue size {size}")
+            }
         }
     }
 }
@@ -247,19 +251,16 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
         pops += 1;
         progress = true;
         let head = chain.head_index();
-        if head >= queue.size() {
-            // Nothing to read and nowhere to return it (virtio-queue would log an error).
-            warn_once!(
-                warn.ring,
-                "{}: rx chain skipped: head index {head} is beyond the queue size {}",
-                warn.name,
-                queue.size()
-            );
-            result.bad_chains += 1;
-            continue;
-        }
         let start = scratch.descs.len();
-        let checked = collect_writable(mem, chain, &mut scratch.descs).and_then(|capacity| {
+        let checked = if head >= queue.size() {
+            Err(BadChain::HeadBeyondQueue {
+                head,
+                size: queue.size(),
+            })
+        } else {
+            collect_writable(mem, chain, &mut scratch.descs)
+        };
+        let checked = checked.and_then(|capacity| {
             let min = if scratch.chains.is_empty() {
                 VNET_HDR_LEN
             } else {
@@ -292,16 +293,29 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
                 have = have.saturating_add(capacity);
             }
             Err(e) => {
-                warn_once!(
-                    warn.rx_chain,
-                    "{}: malformed rx chain {head} returned unused: {e}",
-                    warn.name
-                );
+                let beyond = matches!(e, BadChain::HeadBeyondQueue { .. });
+                if beyond {
+                    // A broken ring rather than a bad chain: there is no such chain,
+                    // nothing to read and nowhere to return it (virtio-queue would log an
+                    // error); it is skipped.
+                    warn_once!(warn.ring, "{}: rx chain skipped: {e}", warn.name);
+                } else {
+                    warn_once!(
+                        warn.rx_chain,
+                        "{}: malformed rx chain {head} returned unused: {e}",
+                        warn.name
+                    );
+                }
+                // The chains taken for this frame go back with it, so that the frame's own
+                // used entries stay consecutive and `put_back` only ever undoes the
+                // frame's chains.
                 for c in scratch.chains.drain(..) {
                     give_back(queue, mem, c.head, 0, warn);
                 }
                 scratch.descs.clear();
-                give_back(queue, mem, head, 0, warn);
+                if !beyond {
+                    give_back(queue, mem, head, 0, warn);
+                }
                 result.bad_chains += 1;
                 result.used = true;
                 have = 0;

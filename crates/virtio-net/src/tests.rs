@@ -1593,3 +1593,36 @@ fn a_kick_flood_on_a_broken_ring_is_one_warning_and_no_virtio_queue_error() {
     assert_eq!(h.host_recv(), vec![f.clone()]);
     assert_eq!(guest(&mem, BUF + 0x1000, f.len()), with_num_buffers(&f, 1));
 }
+
+#[test]
+fn rx_head_beyond_the_queue_inside_a_mergeable_frame() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, MRG);
+    let a = h.rx.add(&[(BUF, 1500, W)]);
+    h.rx.add_raw_head(200);
+    let f = frame(3000, 26);
+    h.host_send(&f);
+    h.tap_event();
+    // A was taken for the frame when the bad head came: A goes back unused (the bad head
+    // cannot), and the frame waits for more buffers.
+    assert_eq!(h.rx.used(), vec![(u32::from(a), 0)]);
+    assert_eq!(h.net.rx_pending_len(), f.len());
+    let more: Vec<u16> = (1..=3)
+        .map(|i| h.rx.add(&[(BUF + 0x1000 * i, 1500, W)]))
+        .collect();
+    h.kick_rx();
+    assert_eq!(
+        h.rx.used()[1..],
+        [
+            (u32::from(more[0]), 1500),
+            (u32::from(more[1]), 1500),
+            (u32::from(more[2]), 12)
+        ]
+    );
+    let mut got = guest(&mem, BUF + 0x1000, 1500);
+    got.extend(guest(&mem, BUF + 0x2000, 1500));
+    got.extend(guest(&mem, BUF + 0x3000, 12));
+    assert_eq!(got, with_num_buffers(&f, 3));
+    let c = h.net.counters();
+    assert_eq!((c.rx_errors, c.rx_packets), (1, 1));
+}
