@@ -266,7 +266,9 @@ impl Block {
                     Ok(_) => {}
                     Err(e) => {
                         warn_once!(warnings.ring, "{name}: queue left alone: {e}");
-                        break 'outer;
+                        // Leave the inner loop only: notifications are re-enabled below, so
+                        // a driver without EVENT_IDX that fixes its index can kick again.
+                        break;
                     }
                 }
                 let Some(chain) = active.queue.pop_descriptor_chain(mem) else {

@@ -768,6 +768,10 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
     disk.process_queue(0);
     disk.process_queue(0);
     assert_eq!(mock.used().idx().load(), 3);
+    // ... and notifications stay enabled, so a driver without EVENT_IDX can kick again.
+    let no_notify = virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
+    let flags: u16 = mem.read_obj(mock.used_addr()).unwrap();
+    assert_eq!(flags & no_notify, 0);
     // Writes to the read-only capacity.
     for _ in 0..3 {
         disk.write_config(0, &[0xff; 8]);
