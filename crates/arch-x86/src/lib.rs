@@ -4,7 +4,8 @@
 //! way the x86 boot protocol promises: the guest memory map ([`layout`]), the GDT and
 //! segment registers, CR0/CR4/EFER and identity-mapping page tables for the 64-bit entry,
 //! the CPUID the vCPU reports, its boot MSRs, LAPIC LINT0/LINT1, the FPU, the kernel and
-//! initrd loaded into memory, and the zero page with its e820 map.
+//! initrd loaded into memory, the zero page with its e820 map, and the ACPI tables
+//! ([`acpi`]).
 //!
 //! Each piece is a pure function over guest memory and `kvm_bindings` structs (testable
 //! without /dev/kvm) plus a thin `setup_*` wrapper that issues the ioctl. This crate does not
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod acpi;
 mod boot;
 mod cpuid;
 mod gdt;
@@ -149,6 +151,17 @@ pub enum Error {
     /// The zero page did not read back.
     #[error("boot_params did not read back from guest memory")]
     ZeroPageMissing,
+    /// The ACPI tables do not fit in the room reserved for them.
+    #[error("the acpi tables need {size} bytes, more than the {room} bytes reserved for them")]
+    AcpiTablesTooLarge {
+        /// Bytes needed.
+        size: u64,
+        /// Bytes available.
+        room: u64,
+    },
+    /// An ACPI table could not be written into guest memory.
+    #[error("failed to write an acpi table into guest memory at {0:#x}")]
+    WriteAcpiTables(u64),
 }
 
 /// Result of this crate.
