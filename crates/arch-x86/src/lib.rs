@@ -41,7 +41,10 @@ pub use boot::{
     load_cmdline, load_initrd, load_kernel, write_boot_params, BootParamsConfig, KernelFormat,
     LoadedKernel, E820_RAM, E820_RESERVED,
 };
-pub use cpuid::{filter_cpuid, find_entry, setup_cpuid, KVM_CPUID_FEATURES, KVM_CPUID_SIGNATURE};
+pub use cpuid::{
+    enable_tsc_deadline, filter_cpuid, find_entry, setup_cpuid, KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
+};
 pub use gdt::{boot_gdt, gdt_entry, kvm_segment_from_gdt, BootMode};
 pub use lapic::{configure_lint, setup_lint};
 pub use msr::{boot_msr_entries, setup_msrs};
@@ -182,7 +185,8 @@ pub struct VcpuBootConfig {
     pub irqchip: bool,
 }
 
-/// Sets all boot state of `vcpu`: CPUID, MSRs, registers, special registers, FPU and, with
+/// Sets all boot state of `vcpu`: CPUID (with the TSC-deadline timer when there is an
+/// irqchip), MSRs, registers, special registers, FPU and, with
 /// an irqchip, LINT0/LINT1. Only the boot vCPU gets the entry registers.
 pub fn configure_vcpu<M: GuestMemoryBackend>(
     kvm: &Kvm,
@@ -190,7 +194,7 @@ pub fn configure_vcpu<M: GuestMemoryBackend>(
     mem: &M,
     cfg: &VcpuBootConfig,
 ) -> Result<()> {
-    setup_cpuid(kvm, vcpu, cfg.cpu_id, cfg.cpu_count)?;
+    setup_cpuid(kvm, vcpu, cfg.cpu_id, cfg.cpu_count, cfg.irqchip)?;
     setup_msrs(vcpu)?;
     setup_regs(vcpu, cfg.entry, layout::ZERO_PAGE_START)?;
     setup_sregs(vcpu, mem, cfg.mode)?;
