@@ -598,6 +598,24 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
 const ACPI_TROUBLE: &str = "acpi (bios )?(error|warning)|ae_not_found|firmware bug|\
                             madt or mp tables|timer doesn.t work|mp-bios bug";
 
+/// Prints the guest's interrupt counts of the PIT, the SCI and the LAPIC timer (E2E-INFO,
+/// tagged `when`); returns the console position after them.
+fn print_interrupts(g: &mut Guest, pos: usize, when: &str) -> Result<usize, String> {
+    let c = g.console.clone();
+    g.send(
+        b"grep -E 'timer|acpi|LOC' /proc/interrupts | while read -r l; do echo \"irq-$((1+1)): $l\"; done; \
+          echo irq-$((1+2))-done-end\n",
+    )?;
+    let irqs = c.value_until_end("irq-3-", pos, STEP_TIMEOUT);
+    let end = irqs.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
+    for line in c.text_from(pos)[..end - pos].lines() {
+        if let Some((_, l)) = line.split_once("irq-2: ") {
+            println!("E2E-INFO interrupts {when}: {}", l.trim());
+        }
+    }
+    Ok(end)
+}
+
 /// ACPI: the guest found the tables, its clock events come from the LAPIC timer (not the
 /// PIT, as without a MADT), and its kernel log has no ACPI errors or firmware-bug lines
 /// (each one found is printed). Returns the console position after the checks.
@@ -639,19 +657,7 @@ fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<usize, Strin
     );
     let pos = clock.map(|(e, _)| e).unwrap_or(c.len());
 
-    // The interrupt counts of the timer, the SCI and the LAPIC timer, for the log.
-    g.send(
-        b"grep -E 'timer|acpi|LOC' /proc/interrupts | while read -r l; do echo \"irq-$((1+1)): $l\"; done; \
-          echo irq-$((1+2))-done-end\n",
-    )?;
-    let irqs = c.value_until_end("irq-3-", pos, STEP_TIMEOUT);
-    let end = irqs.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
-    for line in c.text_from(pos)[..end - pos].lines() {
-        if let Some((_, l)) = line.split_once("irq-2: ") {
-            println!("E2E-INFO interrupts: {}", l.trim());
-        }
-    }
-    let pos = end;
+    let pos = print_interrupts(g, pos, "after boot")?;
 
     let cmd = format!(
         "dmesg | grep -iE '{ACPI_TROUBLE}' | while read -r l; do echo \"dmesg-$((1+1)): $l\"; done; \
@@ -1048,6 +1054,8 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         ),
         None => println!("E2E-INFO idle-cpu: /proc/{}/stat unreadable", g.child.id()),
     }
+    // The counts again: what changed is what the idle guest took.
+    pos = print_interrupts(g, pos, "after the idle window")?;
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
