@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod acpi;
 pub mod config;
 pub mod legacy;
 pub mod logger;

@@ -16,8 +16,7 @@ use tvm_vmm::{error_chain, logger, run_vm, terminal};
 /// A KVM virtual machine monitor for x86_64 Linux guests.
 ///
 /// The guest's serial console (ttyS0) is this terminal; press Ctrl-A x to quit. A guest
-/// `reboot` (or a triple fault) ends the VMM with exit code 0. There is no ACPI yet, so a
-/// guest cannot power off: use `reboot`.
+/// `reboot` or `poweroff` (or a triple fault) ends the VMM with exit code 0.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]
 struct Cli {

@@ -399,6 +399,7 @@ pub struct VirtioPciWiring<'a> {
     /// The GSI routing table, shared with the interrupt sinks.
     pub routing: Arc<Mutex<GsiRouting>>,
     sinks: Vec<Arc<KvmInterruptSink>>,
+    pci_irqs: Vec<tvm_arch_x86::acpi::PciIrq>,
 }
 
 impl std::fmt::Debug for VirtioPciWiring<'_> {
@@ -427,6 +428,7 @@ impl<'a> VirtioPciWiring<'a> {
             window,
             routing: Arc::new(Mutex::new(GsiRouting::new())),
             sinks: Vec::new(),
+            pci_irqs: Vec::new(),
         }
     }
 
@@ -468,7 +470,18 @@ impl<'a> VirtioPciWiring<'a> {
             bar.0
         );
         self.sinks.push(sink);
+        // The transport's interrupt pin is INTA.
+        self.pci_irqs.push(tvm_arch_x86::acpi::PciIrq {
+            slot,
+            pin: 0,
+            gsi: intx_gsi,
+        });
         Ok(dev)
+    }
+
+    /// Each device's INTx wiring so far, for the ACPI `_PRT`.
+    pub fn pci_irqs(&self) -> &[tvm_arch_x86::acpi::PciIrq] {
+        &self.pci_irqs
     }
 
     /// Applies the routing table and binds every MSI-X irqfd.

@@ -250,8 +250,15 @@ impl Vmm {
             kernel: &kernel,
             cmdline_len: cfg.cmdline.len(),
             initrd,
+            acpi_rsdp: Some(layout::RSDP_START),
         })?;
         tvm_arch_x86::write_boot_params(&mem, &params)?;
+
+        // Why the VM stops, recorded by the vCPUs and the ACPI power-off.
+        let exit_evt = eventfd()?;
+        let exit = Arc::new(ExitSignal::new(
+            exit_evt.try_clone().map_err(Error::EventFd)?,
+        ));
 
         // Devices on the port bus.
         let mut io = IoManager::new();
@@ -303,14 +310,12 @@ impl Vmm {
             let name = format!("virtio-net {}", net.tap_name());
             nets.push(wiring.add(net, &name)?);
         }
+        let pci_irqs = wiring.pci_irqs().to_vec();
         wiring.finish()?;
+        crate::acpi::setup_acpi(&mut io, &mem, cfg.vcpus, &pci_irqs, exit.clone())?;
         let io = Arc::new(io);
 
         // vCPUs.
-        let exit_evt = eventfd()?;
-        let exit = Arc::new(ExitSignal::new(
-            exit_evt.try_clone().map_err(Error::EventFd)?,
-        ));
         let stop = Arc::new(AtomicBool::new(false));
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {

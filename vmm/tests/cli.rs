@@ -89,6 +89,44 @@ fn kvm_uart_text_and_i8042_reset_end_the_run_cleanly() {
 
 #[test]
 #[ignore = "needs /dev/kvm"]
+fn kvm_acpi_rsdp_is_in_memory_and_s5_powers_off() {
+    // Print the first 4 bytes at 0xE0000 ("RSD " of the RSDP signature), then enter S5
+    // through the high byte of PM1a control (0x605): SLP_TYP 5 in bits 2..4, SLP_EN bit 5.
+    let mut asm = Asm::new().load_eax(0xe_0000).mov_dx(0x3f8);
+    for _ in 0..4 {
+        asm = asm.out_dx_al().shr_rax(8);
+    }
+    let code = asm
+        .print(0x3f8, b"|\n")
+        .mov_dx(0x605)
+        .mov_al((5 << 2) | (1 << 5))
+        .out_dx_al()
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel("s5.elf", &code);
+    let out = run_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--log-level",
+        "info",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains("RSD |"),
+        "stdout {stdout:?} stderr {stderr:?}"
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(
+        stderr.contains("guest powered off through acpi"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("GuestPowerOff"), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
 fn kvm_triple_fault_ends_the_run_cleanly() {
     // 1 GiB is just past the boot identity map: #PF, and with the boot IDT's 8-byte limit
     // that becomes #DF and then a triple fault (KVM_EXIT_SHUTDOWN).

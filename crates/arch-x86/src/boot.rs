@@ -230,6 +230,9 @@ pub struct BootParamsConfig<'a> {
     pub cmdline_len: usize,
     /// Address and size of the initrd, if any.
     pub initrd: Option<(GuestAddress, u64)>,
+    /// Where the ACPI RSDP is, if there are ACPI tables (`boot_params.acpi_rsdp_addr`,
+    /// read by kernels of boot protocol 2.14 and newer; older ones scan the BIOS area).
+    pub acpi_rsdp: Option<GuestAddress>,
 }
 
 /// Fills the zero page: the kernel's own setup header (bzImage) or a minimal one (ELF),
@@ -254,6 +257,9 @@ pub fn build_boot_params(cfg: &BootParamsConfig<'_>) -> Result<boot_params> {
             size,
             available: u64::from(u32::MAX),
         })?;
+    }
+    if let Some(rsdp) = cfg.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp.raw_value();
     }
     let entries = e820_entries(cfg.ram);
     if entries.len() > params.e820_table.len() {
@@ -404,6 +410,7 @@ mod tests {
             kernel: &kernel,
             cmdline_len: 37,
             initrd: Some((GuestAddress(0x3000_0000), 4096)),
+            acpi_rsdp: Some(crate::layout::RSDP_START),
         };
         let p = build_boot_params(&cfg).unwrap();
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
@@ -415,6 +422,7 @@ mod tests {
         assert_eq!(p.hdr.loadflags & LOADED_HIGH, LOADED_HIGH);
         assert_eq!(p.e820_entries, 3);
         assert_eq!({ p.e820_table[2].size }, (1 << 30) - 0x10_0000);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
 
         let mem = test_mem(0x10_0000);
         write_boot_params(&mem, &p).unwrap();
@@ -432,12 +440,14 @@ mod tests {
             kernel: &kernel,
             cmdline_len: 10,
             initrd: None,
+            acpi_rsdp: None,
         };
         let p = build_boot_params(&cfg).unwrap();
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.kernel_alignment }, 0x100_0000);
         assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0, 0));
+        assert_eq!({ p.acpi_rsdp_addr }, 0);
         assert_eq!(p.e820_entries, 4);
     }
 

@@ -2,15 +2,18 @@
 //!
 //! Start from `KVM_GET_SUPPORTED_CPUID`, then set what only the VMM knows: the APIC id and
 //! topology, the hypervisor bit, and the KVM signature leaf (Linux looks for "KVMKVMKV" at
-//! 0x4000_0000 to enable kvmclock and the other paravirt features).
+//! 0x4000_0000 to enable kvmclock and the other paravirt features), and the LAPIC's
+//! TSC-deadline mode when KVM emulates it.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
 use crate::{Error, Result};
 
 /// Leaf 0x1 ECX bit 31: running under a hypervisor.
 pub const ECX_HYPERVISOR_BIT: u32 = 1 << 31;
+/// Leaf 0x1 ECX bit 24: the local APIC timer has TSC-deadline mode.
+pub const ECX_TSC_DEADLINE_BIT: u32 = 1 << 24;
 /// Leaf 0x1 EDX bit 28: HTT (more than one logical processor per package).
 pub const EDX_HTT_BIT: u32 = 1 << 28;
 /// The KVM signature leaf.
@@ -109,6 +112,21 @@ pub fn filter_cpuid(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) -> Result<()> 
     Ok(())
 }
 
+/// Advertises the local APIC timer's TSC-deadline mode in leaf 0x1.
+///
+/// KVM emulates it in its in-kernel LAPIC whenever it has `KVM_CAP_TSC_DEADLINE_TIMER`,
+/// but leaves the bit out of `KVM_GET_SUPPORTED_CPUID` because it depends on that LAPIC;
+/// the VMM sets it, as QEMU and Firecracker do. With it Linux uses the LAPIC timer without
+/// calibrating it against the PIT first: that calibration's verification fails now and
+/// then under nested TCG, and the kernel then falls back to the PIT's periodic tick.
+pub fn enable_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice().iter_mut() {
+        if entry.function == 0x1 {
+            entry.ecx |= ECX_TSC_DEADLINE_BIT;
+        }
+    }
+}
+
 /// Looks up leaf `function`/`index` in `cpuid`.
 pub fn find_entry(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
     cpuid.as_slice().iter().find(|e| {
@@ -117,12 +135,23 @@ pub fn find_entry(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid
     })
 }
 
-/// Reads KVM's supported CPUID, filters it for `cpu_id` and sets it on `vcpu`.
-pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, cpu_id: u8, cpu_count: u8) -> Result<()> {
+/// Reads KVM's supported CPUID, filters it for `cpu_id` and sets it on `vcpu`. With an
+/// in-kernel LAPIC (`lapic_in_kernel`) and KVM's support, the TSC-deadline timer is
+/// advertised too ([`enable_tsc_deadline`]).
+pub fn setup_cpuid(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    cpu_id: u8,
+    cpu_count: u8,
+    lapic_in_kernel: bool,
+) -> Result<()> {
     let mut cpuid = kvm
         .get_supported_cpuid(MAX_CPUID_ENTRIES)
         .map_err(Error::GetSupportedCpuid)?;
     filter_cpuid(&mut cpuid, cpu_id, cpu_count)?;
+    if lapic_in_kernel && kvm.check_extension(Cap::TscDeadlineTimer) {
+        enable_tsc_deadline(&mut cpuid);
+    }
     vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)
 }
 
@@ -223,6 +252,23 @@ mod tests {
         let pm = find_entry(&c, 0xa, 0).unwrap();
         assert_eq!((pm.eax, pm.ebx, pm.ecx, pm.edx), (0, 0, 0, 0));
         assert_eq!(find_entry(&c, 0x6, 0).unwrap().eax, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_sets_only_its_bit() {
+        let mut c = fixed_input();
+        filter_cpuid(&mut c, 0, 1).unwrap();
+        let before = *find_entry(&c, 1, 0).unwrap();
+        assert_eq!(before.ecx & ECX_TSC_DEADLINE_BIT, 0);
+        enable_tsc_deadline(&mut c);
+        let after = find_entry(&c, 1, 0).unwrap();
+        assert_eq!(after.ecx, before.ecx | ECX_TSC_DEADLINE_BIT);
+        assert_eq!(
+            (after.eax, after.ebx, after.edx),
+            (before.eax, before.ebx, before.edx)
+        );
+        // Other leaves unchanged.
+        assert_eq!(find_entry(&c, 0x6, 0).unwrap().ecx, 0x1);
     }
 
     #[test]

@@ -30,6 +30,15 @@ pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Start of the Extended BIOS Data Area: usable low RAM ends here (e820).
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI Root System Description Pointer. Linux scans 0xE_0000..0x10_0000 on 16-byte
+/// boundaries for it (ACPI 6.5, 5.2.5.1), and `boot_params.acpi_rsdp_addr` points here too.
+/// It lies in the e820-reserved area below 1 MiB.
+pub const RSDP_START: GuestAddress = GuestAddress(0xe_0000);
+/// The other ACPI tables (FACS, DSDT, FADT, MADT, XSDT) follow the RSDP, in the same
+/// reserved area; 64-byte aligned, as the FACS must be.
+pub const ACPI_TABLES_START: GuestAddress = GuestAddress(0xe_0040);
+/// End (exclusive) of the room for ACPI tables: 1 MiB, the end of the reserved area.
+pub const ACPI_TABLES_END: u64 = 0x10_0000;
 /// Start of high memory, where a bzImage's protected-mode kernel is loaded (`code32_start`).
 pub const HIMEM_START: GuestAddress = GuestAddress(0x10_0000);
 /// Start of the 32-bit MMIO hole: guest RAM stops here and resumes at 4 GiB.
@@ -73,6 +82,11 @@ const _: () = {
     assert!(BOOT_STACK_POINTER.0 < PML4_START.0);
     assert!(PDE_START.0 + 4096 <= CMDLINE_START.0);
     assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(EBDA_START <= RSDP_START.0);
+    // The RSDP (36 bytes) before the tables, which start 64-byte aligned.
+    assert!(RSDP_START.0 + 36 <= ACPI_TABLES_START.0);
+    assert!(ACPI_TABLES_START.0 % 64 == 0);
+    assert!(ACPI_TABLES_END <= HIMEM_START.0);
     assert!(KVM_IDENTITY_MAP_START.0 + 4096 <= KVM_TSS_ADDRESS.0);
     assert!(KVM_IDENTITY_MAP_START.0 >= APIC_START.0 + 4096);
     assert!(PCI_MMIO_END <= IOAPIC_START.0);

@@ -4,7 +4,8 @@
 //! way the x86 boot protocol promises: the guest memory map ([`layout`]), the GDT and
 //! segment registers, CR0/CR4/EFER and identity-mapping page tables for the 64-bit entry,
 //! the CPUID the vCPU reports, its boot MSRs, LAPIC LINT0/LINT1, the FPU, the kernel and
-//! initrd loaded into memory, and the zero page with its e820 map.
+//! initrd loaded into memory, the zero page with its e820 map, and the ACPI tables
+//! ([`acpi`]).
 //!
 //! Each piece is a pure function over guest memory and `kvm_bindings` structs (testable
 //! without /dev/kvm) plus a thin `setup_*` wrapper that issues the ioctl. This crate does not
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod acpi;
 mod boot;
 mod cpuid;
 mod gdt;
@@ -39,7 +41,10 @@ pub use boot::{
     load_cmdline, load_initrd, load_kernel, write_boot_params, BootParamsConfig, KernelFormat,
     LoadedKernel, E820_RAM, E820_RESERVED,
 };
-pub use cpuid::{filter_cpuid, find_entry, setup_cpuid, KVM_CPUID_FEATURES, KVM_CPUID_SIGNATURE};
+pub use cpuid::{
+    enable_tsc_deadline, filter_cpuid, find_entry, setup_cpuid, KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
+};
 pub use gdt::{boot_gdt, gdt_entry, kvm_segment_from_gdt, BootMode};
 pub use lapic::{configure_lint, setup_lint};
 pub use msr::{boot_msr_entries, setup_msrs};
@@ -149,6 +154,17 @@ pub enum Error {
     /// The zero page did not read back.
     #[error("boot_params did not read back from guest memory")]
     ZeroPageMissing,
+    /// The ACPI tables do not fit in the room reserved for them.
+    #[error("the acpi tables need {size} bytes, more than the {room} bytes reserved for them")]
+    AcpiTablesTooLarge {
+        /// Bytes needed.
+        size: u64,
+        /// Bytes available.
+        room: u64,
+    },
+    /// An ACPI table could not be written into guest memory.
+    #[error("failed to write an acpi table into guest memory at {0:#x}")]
+    WriteAcpiTables(u64),
 }
 
 /// Result of this crate.
@@ -169,7 +185,8 @@ pub struct VcpuBootConfig {
     pub irqchip: bool,
 }
 
-/// Sets all boot state of `vcpu`: CPUID, MSRs, registers, special registers, FPU and, with
+/// Sets all boot state of `vcpu`: CPUID (with the TSC-deadline timer when there is an
+/// irqchip), MSRs, registers, special registers, FPU and, with
 /// an irqchip, LINT0/LINT1. Only the boot vCPU gets the entry registers.
 pub fn configure_vcpu<M: GuestMemoryBackend>(
     kvm: &Kvm,
@@ -177,7 +194,7 @@ pub fn configure_vcpu<M: GuestMemoryBackend>(
     mem: &M,
     cfg: &VcpuBootConfig,
 ) -> Result<()> {
-    setup_cpuid(kvm, vcpu, cfg.cpu_id, cfg.cpu_count)?;
+    setup_cpuid(kvm, vcpu, cfg.cpu_id, cfg.cpu_count, cfg.irqchip)?;
     setup_msrs(vcpu)?;
     setup_regs(vcpu, cfg.entry, layout::ZERO_PAGE_START)?;
     setup_sregs(vcpu, mem, cfg.mode)?;

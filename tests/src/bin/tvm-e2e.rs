@@ -593,6 +593,99 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
     Ok(printed.map(|(e, _)| e).unwrap_or(c.len()))
 }
 
+/// Kernel log lines that mean the ACPI tables or the interrupt wiring they describe are
+/// wrong (`grep -iE`).
+const ACPI_TROUBLE: &str = "acpi (bios )?(error|warning)|ae_not_found|firmware bug|\
+                            madt or mp tables|timer doesn.t work|mp-bios bug";
+
+/// Prints the guest's interrupt counts of the PIT, the SCI and the LAPIC timer (E2E-INFO,
+/// tagged `when`); returns the console position after them.
+fn print_interrupts(g: &mut Guest, pos: usize, when: &str) -> Result<usize, String> {
+    let c = g.console.clone();
+    g.send(
+        b"grep -E 'timer|acpi|LOC' /proc/interrupts | while read -r l; do echo \"irq-$((1+1)): $l\"; done; \
+          echo irq-$((1+2))-done-end\n",
+    )?;
+    let irqs = c.value_until_end("irq-3-", pos, STEP_TIMEOUT);
+    let end = irqs.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
+    for line in c.text_from(pos)[..end - pos].lines() {
+        if let Some((_, l)) = line.split_once("irq-2: ") {
+            println!("E2E-INFO interrupts {when}: {}", l.trim());
+        }
+    }
+    Ok(end)
+}
+
+/// ACPI: the guest found the tables, its clock events come from the LAPIC timer (not the
+/// PIT, as without a MADT), and its kernel log has no ACPI errors or firmware-bug lines
+/// (each one found is printed). Returns the console position after the checks.
+fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<usize, String> {
+    let c = g.console.clone();
+    g.send(b"echo acpi-$((1+1))-$(ls /sys/firmware/acpi/tables)-end\n")?;
+    let tables = c.value_until_end("acpi-2-", pos, STEP_TIMEOUT);
+    r.check(
+        "acpi-tables-found",
+        match &tables {
+            Some((_, t)) => {
+                let names: Vec<&str> = t.split_whitespace().collect();
+                let missing: Vec<&str> = ["APIC", "DSDT", "FACP", "FACS"]
+                    .into_iter()
+                    .filter(|n| !names.contains(n))
+                    .collect();
+                if missing.is_empty() {
+                    Ok(format!("/sys/firmware/acpi/tables: {}", names.join(" ")))
+                } else {
+                    Err(format!("{missing:?} missing from {t:?}"))
+                }
+            }
+            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
+        },
+    );
+    let pos = tables.map(|(e, _)| e).unwrap_or(c.len());
+
+    g.send(
+        b"echo clk-$((1+1))-$(cat /sys/devices/system/clockevents/clockevent0/current_device)-end\n",
+    )?;
+    let clock = c.value_until_end("clk-2-", pos, STEP_TIMEOUT);
+    r.check(
+        "clockevent-is-lapic-timer",
+        match &clock {
+            Some((_, d)) if d.contains("lapic") => Ok(format!("clockevent0 is {d}")),
+            Some((_, d)) => Err(format!("clockevent0 is {d:?}, not the LAPIC timer")),
+            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
+        },
+    );
+    let pos = clock.map(|(e, _)| e).unwrap_or(c.len());
+
+    let pos = print_interrupts(g, pos, "after boot")?;
+
+    let cmd = format!(
+        "dmesg | grep -iE '{ACPI_TROUBLE}' | while read -r l; do echo \"dmesg-$((1+1)): $l\"; done; \
+         echo dmesg-$((1+2))-$(dmesg | grep -ciE '{ACPI_TROUBLE}')-end\n"
+    );
+    g.send(cmd.as_bytes())?;
+    let count = c.value_until_end("dmesg-3-", pos, STEP_TIMEOUT);
+    let end = count.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
+    let found: Vec<String> = c.text_from(pos)[..end - pos]
+        .lines()
+        .filter_map(|l| l.split_once("dmesg-2: ").map(|(_, m)| m.trim().to_string()))
+        .collect();
+    for l in &found {
+        println!("E2E-INFO acpi-dmesg: {l}");
+    }
+    r.check(
+        "dmesg-no-acpi-errors",
+        match count {
+            Some((_, n)) if n.trim() == "0" => {
+                Ok("no ACPI error, firmware-bug or missing-MADT line in dmesg".into())
+            }
+            Some((_, n)) => Err(format!("{} matching line(s): {found:?}", n.trim())),
+            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
+        },
+    );
+    Ok(end)
+}
+
 struct Report {
     failed: usize,
 }
@@ -950,6 +1043,8 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     );
     pos = rel.map(|(_, e)| e).unwrap_or(c.len());
 
+    pos = acpi_checks(g, &mut r, pos)?;
+
     // What the VMM costs while the guest sits idle at its prompt. Reported, not asserted:
     // figures belong to benchmarks, not to pass/fail checks.
     match idle_cpu(g.child.id(), IDLE_WINDOW) {
@@ -959,6 +1054,8 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         ),
         None => println!("E2E-INFO idle-cpu: /proc/{}/stat unreadable", g.child.id()),
     }
+    // The counts again: what changed is what the idle guest took.
+    pos = print_interrupts(g, pos, "after the idle window")?;
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
