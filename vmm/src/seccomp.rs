@@ -263,6 +263,20 @@ fn no_exec() -> Result<Vec<SeccompRule>> {
     .map_err(seccomp_error)?])
 }
 
+/// `ioctl(0, TCSETS)` and `ioctl(0, TCGETS)`: the terminal put back on fd 0.
+fn terminal_ioctls() -> Result<Vec<SeccompRule>> {
+    [TCSETS, libc::TCGETS]
+        .into_iter()
+        .map(|cmd| {
+            SeccompRule::new(vec![
+                cond(0, SeccompCmpOp::Eq, libc::STDIN_FILENO as u64)?,
+                cond(1, SeccompCmpOp::Eq, cmd)?,
+            ])
+            .map_err(seccomp_error)
+        })
+        .collect()
+}
+
 /// What every thread needs: the Rust runtime and glibc (allocation, locks, thread exit,
 /// signal return), logging to stderr, the SIGSYS report and the panic path.
 fn common() -> Result<Rules> {
@@ -297,15 +311,10 @@ fn common() -> Result<Rules> {
         (libc::SYS_getpid, any()),
         (libc::SYS_gettid, any()),
         (libc::SYS_tgkill, any()),
-        // Putting the terminal back (the SIGSYS report and the panic hook): TCSETS on fd 0.
-        (
-            libc::SYS_ioctl,
-            vec![SeccompRule::new(vec![
-                cond(0, SeccompCmpOp::Eq, libc::STDIN_FILENO as u64)?,
-                cond(1, SeccompCmpOp::Eq, TCSETS)?,
-            ])
-            .map_err(seccomp_error)?],
-        ),
+        // Putting the terminal back (at exit, in the SIGSYS report and the panic hook):
+        // glibc's tcsetattr issues TCSETS and then reads the result back with TCGETS; both
+        // on fd 0 only.
+        (libc::SYS_ioctl, terminal_ioctls()?),
         (libc::SYS_exit, any()),
         (libc::SYS_exit_group, any()),
     ])

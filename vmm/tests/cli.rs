@@ -604,3 +604,27 @@ fn a_tap_with_tun_access_but_without_cap_net_admin_is_one_clear_error() {
     );
     assert!(!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
 }
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_terminal_on_stdin_is_put_back_under_seccomp() {
+    // script(1) gives the VMM a pseudo-terminal: raw mode on entry, and at exit the
+    // terminal is restored from the main thread, inside its seccomp filter.
+    let code = Asm::new()
+        .print(0x3f8, b"on a tty\r\n")
+        .mov_al(0xfe)
+        .out_al(0x64)
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel("tty.elf", &code);
+    let cmd = format!("{VMM} --kernel {} --memory 64M", kernel.display());
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("on a tty"), "{all}");
+    assert!(!all.contains("seccomp"), "{all}");
+}
