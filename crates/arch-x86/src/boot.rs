@@ -15,7 +15,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::gdt::BootMode;
 use crate::layout::{
@@ -82,8 +82,13 @@ pub fn detect_kernel_format<R: Read + Seek>(image: &mut R) -> Result<KernelForma
     Err(Error::UnknownKernelFormat)
 }
 
-/// Loads a bzImage or an ELF vmlinux from `image` into `mem`.
-pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, image: &mut File) -> Result<LoadedKernel> {
+/// Loads a bzImage or an ELF vmlinux from `image` (a [`File`] in the VMM, any seekable
+/// reader in tests and fuzzing) into `mem`.
+pub fn load_kernel<M, F>(mem: &M, image: &mut F) -> Result<LoadedKernel>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
     match detect_kernel_format(image)? {
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, image, Some(HIMEM_START)).map_err(Error::LoadKernel)?;
