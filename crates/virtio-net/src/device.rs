@@ -20,11 +20,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use tvm_virtio::queue::{add_used, avail_idx_sane};
 use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
 
 use crate::backend::NetBackend;
 use crate::mac::{format_mac, generated_mac, mac_problem};
-use crate::ring::{add_used, avail_idx_sane};
 use crate::rx::{deliver_frame, RxScratch, RxStatus};
 use crate::tap::Tap;
 use crate::tx::read_tx_frame;
@@ -419,7 +419,7 @@ impl<B: NetBackend> Net<B> {
                 break;
             }
             let mut popped = false;
-            while avail_idx_sane(&active.tx, mem, "tx") {
+            while avail_idx_sane(&active.tx, mem, "virtio-net tx") {
                 let Some(chain) = active.tx.pop_descriptor_chain(mem) else {
                     break;
                 };
@@ -447,7 +447,7 @@ impl<B: NetBackend> Net<B> {
                         debug!("virtio-net: malformed tx chain {head}: {e}");
                     }
                 }
-                add_used(&mut active.tx, mem, head, 0);
+                add_used(&mut active.tx, mem, head, 0, "virtio-net tx");
                 handled += 1;
                 if handled >= MAX_TX_FRAMES_PER_RUN {
                     if let Err(e) = active.queue_evts[usize::from(TX_QUEUE)].write(1) {

@@ -46,7 +46,6 @@ use std::io;
 mod backend;
 mod device;
 mod mac;
-mod ring;
 mod rx;
 mod tap;
 mod tx;

@@ -11,7 +11,16 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::device::VNET_HDR_LEN;
-use crate::ring::{add_used, avail_idx_sane};
+
+/// The receive queue, as named in `debug!` lines.
+const RX: &str = "virtio-net rx";
+
+/// [`tvm_virtio::queue::add_used`] with a length in bytes (a chain is below 4 GiB, and
+/// `len` at most its capacity).
+fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: usize) {
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    tvm_virtio::queue::add_used(queue, mem, head, len, RX);
+}
 
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -172,7 +181,7 @@ pub(crate) fn deliver_frame<M: GuestMemory>(
             result.status = RxStatus::Yield;
             return result;
         }
-        let popped = if avail_idx_sane(queue, mem, "rx") {
+        let popped = if tvm_virtio::queue::avail_idx_sane(queue, mem, RX) {
             queue.pop_descriptor_chain(mem)
         } else {
             None

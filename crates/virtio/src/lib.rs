@@ -71,6 +71,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod interrupt;
 mod pci;
+pub mod queue;
 
 pub use interrupt::{InterruptSink, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
 pub use pci::{
