@@ -19,6 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use tvm_virtio::queue::{add_used, avail_idx_sane};
 use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
 
 use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
@@ -234,13 +235,17 @@ impl Block {
                 break;
             }
             let mut popped = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+            // The guards keep a driver's bogus available index or head index at debug!:
+            // virtio-queue itself logs both at error!, on every notification (found by
+            // the virtio_blk fuzz target).
+            while avail_idx_sane(&active.queue, mem, "virtio-blk") {
+                let Some(chain) = active.queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
                 popped = true;
                 let head = chain.head_index();
                 let len = handle_request(mem, chain, &self.info, &mut self.file);
-                if let Err(e) = active.queue.add_used(mem, head, len) {
-                    debug!("virtio-blk: add_used for head {head} failed: {e}");
-                }
+                add_used(&mut active.queue, mem, head, len, "virtio-blk");
                 used_any = true;
                 handled += 1;
                 if handled >= MAX_REQUESTS_PER_RUN {
