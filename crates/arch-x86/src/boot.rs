@@ -224,7 +224,13 @@ pub fn build_cmdline(text: &str, header: Option<&setup_header>) -> Result<Cmdlin
         });
     }
     // Capacity counts the NUL.
-    Cmdline::try_from(text, max + 1).map_err(Error::Cmdline)
+    let cmdline = Cmdline::try_from(text, max + 1).map_err(Error::Cmdline)?;
+    // `try_from` checks only the length; `load_cmdline` needs the C string, which a NUL
+    // in the text or init args without boot args (" -- init=/bin/sh") cannot give. Refuse
+    // those here, as an invalid command line, rather than as a failed write into guest
+    // memory later (found by the `cmdline` fuzz target).
+    cmdline.as_cstring().map_err(Error::Cmdline)?;
+    Ok(cmdline)
 }
 
 /// Writes `cmdline` at [`CMDLINE_START`].
@@ -616,6 +622,30 @@ mod tests {
         let good = elf_with_segment(0x20_0000, 0x1000, 0x3000);
         let k = load_kernel(&mem, &mut Cursor::new(good)).unwrap();
         assert_eq!((k.entry.0, k.kernel_end), (0x20_0000, 0x20_3000));
+    }
+
+    /// Regression (fuzz target `cmdline`, fuzz/regressions/cmdline/nul-byte): linux-loader's
+    /// `Cmdline::try_from` checks only the length, so a NUL in the text or init args
+    /// without boot args passed `build_cmdline` and failed later as "failed to write the
+    /// kernel command line into guest memory".
+    #[test]
+    fn cmdline_that_cannot_be_loaded_is_refused() {
+        for text in [
+            "\0",
+            "console=ttyS0\0quiet",
+            " -- init=/bin/sh",
+            "   --   x",
+        ] {
+            assert!(
+                matches!(build_cmdline(text, None), Err(Error::Cmdline(_))),
+                "{text:?}"
+            );
+        }
+        let mem = test_mem(0x10_0000);
+        let c = build_cmdline("console=ttyS0 -- init=/bin/sh", None).unwrap();
+        load_cmdline(&mem, &c).unwrap();
+        let c = build_cmdline("", None).unwrap();
+        load_cmdline(&mem, &c).unwrap();
     }
 
     fn tempfile() -> File {
