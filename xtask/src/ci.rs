@@ -1,7 +1,7 @@
 //! `cargo xtask ci`: everything CI runs, in order, cheapest first: format, lints, docs,
-//! unit tests, the TAP tests (root), the /dev/kvm tests, then the real-Linux end-to-end
-//! tests. Stops at the first
-//! failure and prints how long each step took.
+//! unit tests, the TAP tests (root), a short fuzzing pass (nightly), the /dev/kvm tests,
+//! then the real-Linux end-to-end tests. Stops at the first failure and prints how long
+//! each step took.
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -17,6 +17,9 @@ pub struct Args {
     #[arg(long)]
     pub no_e2e: bool,
 }
+
+/// Seconds each fuzz target runs in CI.
+const FUZZ_SECONDS: u64 = 45;
 
 /// A cargo step: name, arguments, environment.
 type CargoStep<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
@@ -84,6 +87,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
         if !cargo_step(name, a, env)? {
             return Ok(ExitCode::FAILURE);
         }
+    }
+    // Every fuzz target for FUZZ_SECONDS after the committed crash inputs replay: about
+    // 10 minutes on a cold machine with cargo-fuzz and the sanitizer build included.
+    let seconds = FUZZ_SECONDS.to_string();
+    if !step("fuzz", xtask_cmd(&["fuzz", "--seconds", &seconds]))? {
+        return Ok(ExitCode::FAILURE);
     }
     if !step("kvm-test", xtask_cmd(&["kvm-test"]))? {
         return Ok(ExitCode::FAILURE);

@@ -10,6 +10,7 @@ mod bench;
 mod ci;
 mod cpio;
 mod e2e;
+mod fuzz;
 mod guest;
 mod kvm_test;
 mod modules;
@@ -42,9 +43,11 @@ enum Cmd {
     E2e(e2e::Args),
     /// Run the tests that need /dev/kvm (tiny hand-made guests).
     KvmTest(kvm_test::Args),
+    /// Run the cargo-fuzz targets for a bounded time (nightly); replay committed crashes.
+    Fuzz(fuzz::Args),
     /// Benchmarks against QEMU in the same run (boot time).
     Bench(bench::Args),
-    /// Everything CI runs: fmt, clippy, doc, test, kvm-test, e2e.
+    /// Everything CI runs: fmt, clippy, doc, test, tap-test, fuzz, kvm-test, e2e.
     Ci(ci::Args),
 }
 
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::main(args),
         Cmd::E2e(args) => e2e::main(args),
         Cmd::KvmTest(args) => kvm_test::main(args),
+        Cmd::Fuzz(args) => fuzz::main(args),
         Cmd::Ci(args) => ci::main(args),
         Cmd::Bench(args) => bench::main(args),
     };

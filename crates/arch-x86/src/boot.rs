@@ -12,10 +12,11 @@ use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::gdt::BootMode;
 use crate::layout::{
@@ -82,10 +83,16 @@ pub fn detect_kernel_format<R: Read + Seek>(image: &mut R) -> Result<KernelForma
     Err(Error::UnknownKernelFormat)
 }
 
-/// Loads a bzImage or an ELF vmlinux from `image` into `mem`.
-pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, image: &mut File) -> Result<LoadedKernel> {
+/// Loads a bzImage or an ELF vmlinux from `image` (a [`File`] in the VMM, any seekable
+/// reader in tests and fuzzing) into `mem`.
+pub fn load_kernel<M, F>(mem: &M, image: &mut F) -> Result<LoadedKernel>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
     match detect_kernel_format(image)? {
         KernelFormat::Elf => {
+            check_elf_segments(image)?;
             let r = Elf::load(mem, None, image, Some(HIMEM_START)).map_err(Error::LoadKernel)?;
             Ok(LoadedKernel {
                 entry: r.kernel_load,
@@ -106,6 +113,42 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, image: &mut File) -> Result<L
             })
         }
     }
+}
+
+/// Checks the program headers of an ELF kernel before linux-loader copies it, which
+/// checks only the entry point against 1 MiB (found by the `kernel_loader` fuzz target).
+/// Every segment it loads (PT_LOAD with file bytes) must start at or above
+/// [`HIMEM_START`]: below it the VMM writes the zero page, the command line, the GDT and
+/// the page tables after the kernel, over it. And it must not copy more bytes than its
+/// memory size: linux-loader copies `p_filesz` bytes but reports the kernel's end from
+/// `p_memsz`, and the initrd is placed from that end on. Headers that cannot be read are
+/// left to linux-loader, which reports them.
+fn check_elf_segments<F: Read + Seek>(image: &mut F) -> Result<()> {
+    let mut ehdr = Elf64_Ehdr::default();
+    let read_ehdr = image
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| image.read_exact(ehdr.as_mut_slice()));
+    if read_ehdr.is_err() || image.seek(SeekFrom::Start(ehdr.e_phoff)).is_err() {
+        return Ok(());
+    }
+    for _ in 0..ehdr.e_phnum {
+        let mut phdr = Elf64_Phdr::default();
+        if image.read_exact(phdr.as_mut_slice()).is_err() {
+            return Ok(());
+        }
+        // linux-loader skips the others (and a PT_LOAD without file bytes) too.
+        if phdr.p_type != PT_LOAD || phdr.p_filesz == 0 {
+            continue;
+        }
+        if phdr.p_paddr < HIMEM_START.raw_value() || phdr.p_filesz > phdr.p_memsz {
+            return Err(Error::InvalidElfSegment {
+                paddr: phdr.p_paddr,
+                filesz: phdr.p_filesz,
+                memsz: phdr.p_memsz,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where an initrd of `size` bytes goes: as high as possible below both the end of low RAM
@@ -181,7 +224,13 @@ pub fn build_cmdline(text: &str, header: Option<&setup_header>) -> Result<Cmdlin
         });
     }
     // Capacity counts the NUL.
-    Cmdline::try_from(text, max + 1).map_err(Error::Cmdline)
+    let cmdline = Cmdline::try_from(text, max + 1).map_err(Error::Cmdline)?;
+    // `try_from` checks only the length; `load_cmdline` needs the C string, which a NUL
+    // in the text or init args without boot args (" -- init=/bin/sh") cannot give. Refuse
+    // those here, as an invalid command line, rather than as a failed write into guest
+    // memory later (found by the `cmdline` fuzz target).
+    cmdline.as_cstring().map_err(Error::Cmdline)?;
+    Ok(cmdline)
 }
 
 /// Writes `cmdline` at [`CMDLINE_START`].
@@ -504,6 +553,109 @@ mod tests {
             load_kernel(&mem, &mut f),
             Err(Error::LoadKernel(_))
         ));
+    }
+
+    /// An ELF64 vmlinux entered at 2 MiB with one PT_LOAD of `filesz` bytes (from file
+    /// offset 0x1000) at `paddr`, `memsz` in memory.
+    fn elf_with_segment(paddr: u64, filesz: u64, memsz: u64) -> Vec<u8> {
+        let mut e = vec![0u8; 0x1000 + filesz as usize];
+        e[0..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+        e[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        e[0x18..0x20].copy_from_slice(&0x20_0000u64.to_le_bytes()); // entry
+        e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
+        e[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes()); // phentsize
+        e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = 0x40;
+        e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        e[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes());
+        e[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+        e[ph + 32..ph + 40].copy_from_slice(&filesz.to_le_bytes());
+        e[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
+        e[0x1000..].fill(0x90);
+        e
+    }
+
+    /// Regression (fuzz target `kernel_loader`,
+    /// fuzz/regressions/kernel_loader/elf-segment-below-1mib): linux-loader checks only
+    /// an ELF kernel's entry point against 1 MiB, so a segment at 0 loaded (over where
+    /// the zero page, command line, GDT and page tables go next), and a segment larger in
+    /// the file than in memory wrote past the `kernel_end` the initrd is placed after.
+    #[test]
+    fn elf_segments_below_1mib_or_larger_than_memory_are_refused() {
+        // The minimized fuzz input: entry 0x6c..., one PT_LOAD of 0x20 file bytes at
+        // physical 0 with memsz 0.
+        const FUZZ_ELF: [u8; 120] = [
+            0x7f, 0x45, 0x4c, 0x46, 0x02, 0x01, 0x01, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0x6c, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x40, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x6d, 0x00, 0x00, 0x00, 0x00, 0x00, 0x40, 0x00, 0x38, 0x00,
+            0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x90, 0x00, 0x00, 0x90,
+        ];
+        let mem = test_mem(0x40_0000);
+        let low = |mem: &vm_memory::GuestMemoryMmap<()>| {
+            let mut b = vec![0u8; 0x100];
+            mem.read_slice(&mut b, GuestAddress(0)).unwrap();
+            b
+        };
+        assert!(matches!(
+            load_kernel(&mem, &mut Cursor::new(FUZZ_ELF.to_vec())),
+            Err(Error::InvalidElfSegment {
+                paddr: 0,
+                filesz: 0x20,
+                memsz: 0
+            })
+        ));
+        assert_eq!(
+            low(&mem),
+            vec![0u8; 0x100],
+            "nothing was copied below 1 MiB"
+        );
+
+        let below = elf_with_segment(0xf_f000, 0x2000, 0x2000);
+        assert!(matches!(
+            load_kernel(&mem, &mut Cursor::new(below)),
+            Err(Error::InvalidElfSegment {
+                paddr: 0xf_f000,
+                ..
+            })
+        ));
+        let too_big = elf_with_segment(0x20_0000, 0x2000, 0x1000);
+        assert!(matches!(
+            load_kernel(&mem, &mut Cursor::new(too_big)),
+            Err(Error::InvalidElfSegment { memsz: 0x1000, .. })
+        ));
+        let good = elf_with_segment(0x20_0000, 0x1000, 0x3000);
+        let k = load_kernel(&mem, &mut Cursor::new(good)).unwrap();
+        assert_eq!((k.entry.0, k.kernel_end), (0x20_0000, 0x20_3000));
+    }
+
+    /// Regression (fuzz target `cmdline`, fuzz/regressions/cmdline/nul-byte): linux-loader's
+    /// `Cmdline::try_from` checks only the length, so a NUL in the text or init args
+    /// without boot args passed `build_cmdline` and failed later as "failed to write the
+    /// kernel command line into guest memory".
+    #[test]
+    fn cmdline_that_cannot_be_loaded_is_refused() {
+        for text in [
+            "\0",
+            "console=ttyS0\0quiet",
+            " -- init=/bin/sh",
+            "   --   x",
+        ] {
+            assert!(
+                matches!(build_cmdline(text, None), Err(Error::Cmdline(_))),
+                "{text:?}"
+            );
+        }
+        let mem = test_mem(0x10_0000);
+        let c = build_cmdline("console=ttyS0 -- init=/bin/sh", None).unwrap();
+        load_cmdline(&mem, &c).unwrap();
+        let c = build_cmdline("", None).unwrap();
+        load_cmdline(&mem, &c).unwrap();
     }
 
     fn tempfile() -> File {

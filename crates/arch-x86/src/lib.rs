@@ -111,6 +111,17 @@ pub enum Error {
     /// Neither an ELF vmlinux nor a bzImage.
     #[error("the kernel image is neither an ELF vmlinux nor a bzImage")]
     UnknownKernelFormat,
+    /// An ELF kernel segment would be loaded below 1 MiB, where the boot structures go, or
+    /// copies more bytes than its memory size.
+    #[error("the ELF kernel has a segment at {paddr:#x} of {filesz:#x} bytes ({memsz:#x} in memory): segments must start at or above 1 MiB and not be larger in the file than in memory")]
+    InvalidElfSegment {
+        /// Its physical address.
+        paddr: u64,
+        /// Bytes in the file.
+        filesz: u64,
+        /// Bytes in memory.
+        memsz: u64,
+    },
     /// linux-loader refused or failed to load the kernel.
     #[error("failed to load the kernel image into guest memory")]
     LoadKernel(#[source] linux_loader::loader::Error),

@@ -1,0 +1,544 @@
+// Copyright the tvm authors.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Well-formed inputs for every harness, in the layout each one reads, so that a short
+//! fuzzing run starts from requests that work. `fuzz/corpus/<target>/seed-*` are these,
+//! written by `cargo test --test replay -- --ignored write_seeds` (and checked against
+//! this file by `seeds_on_disk_are_current`).
+
+use tvm_virtio::{features, NOTIFY_OFFSET};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+
+use crate::guest::{raw_desc, F_INDIRECT, F_NEXT, F_WRITE};
+use crate::SeedWriter;
+
+/// The fuzz targets, by name (the files in `fuzz_targets/`).
+pub const TARGETS: [&str; 9] = [
+    "virtqueue",
+    "virtio_blk",
+    "virtio_net_tx",
+    "virtio_net_rx",
+    "virtio_pci",
+    "pci_config",
+    "serial",
+    "kernel_loader",
+    "cmdline",
+];
+
+/// Runs the harness of `target` on `data`.
+///
+/// # Panics
+///
+/// When an invariant breaks, and for an unknown target.
+pub fn run_target(target: &str, data: &[u8]) {
+    match target {
+        "virtqueue" => crate::virtqueue::run(data),
+        "virtio_blk" => crate::virtio_blk::run(data),
+        "virtio_net_tx" => crate::net::run_tx(data),
+        "virtio_net_rx" => crate::net::run_rx(data),
+        "virtio_pci" => crate::virtio_pci::run(data),
+        "pci_config" => crate::pci::run(data),
+        "serial" => crate::serial::run(data),
+        "kernel_loader" => crate::kernel::run(data),
+        "cmdline" => crate::cmdline::run(data),
+        other => panic!("unknown fuzz target {other}"),
+    }
+}
+
+/// The seeds of `target`: (file name, contents).
+pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
+    match target {
+        "virtqueue" => virtqueue(),
+        "virtio_blk" => virtio_blk(),
+        "virtio_net_tx" => virtio_net_tx(),
+        "virtio_net_rx" => virtio_net_rx(),
+        "virtio_pci" => virtio_pci(),
+        "pci_config" => pci_config(),
+        "serial" => serial(),
+        "kernel_loader" => kernel_loader(),
+        "cmdline" => cmdline(),
+        _ => Vec::new(),
+    }
+}
+
+const HDR: u64 = 0x8000;
+const DATA: u64 = 0x9000;
+const STATUS: u64 = 0xa000;
+const TABLE: u64 = 0xb000;
+
+fn descs(w: &mut SeedWriter, d: &[[u8; 16]]) {
+    w.u16(d.len() as u16);
+    for x in d {
+        w.bytes(x);
+    }
+}
+
+fn blk_header(req: u32, sector: u64) -> Vec<u8> {
+    let mut h = req.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&sector.to_le_bytes());
+    h
+}
+
+/// One blk request per descriptor triple: header, data, status.
+fn blk_seed(read_only: bool, reqs: &[(u32, u64, u32, u16)], indirect: bool) -> Vec<u8> {
+    let mut w = SeedWriter::new();
+    w.u8(4)
+        .u64(u64::MAX)
+        .u8(64)
+        .bool(false)
+        .bool(read_only)
+        .u16(0);
+    let mut table = Vec::new();
+    let mut blobs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (i, &(req, sector, len, data_flags)) in reqs.iter().enumerate() {
+        let i = i as u64;
+        let (hdr, data, status) = (HDR + 0x20 * i, DATA + 0x1000 * i, STATUS + 0x10 * i);
+        let base = 3 * i as u16;
+        if len > 0 {
+            table.push(raw_desc(hdr, 16, F_NEXT, base + 1));
+            table.push(raw_desc(data, len, data_flags | F_NEXT, base + 2));
+        } else {
+            table.push(raw_desc(hdr, 16, F_NEXT, base + 2));
+            table.push(raw_desc(data, 0, 0, 0));
+        }
+        table.push(raw_desc(status, 1, F_WRITE, 0));
+        blobs.push((hdr, blk_header(req, sector)));
+    }
+    if indirect {
+        // The whole first request through an indirect table; descriptor 0 points at it.
+        let mut t = Vec::new();
+        for (k, d) in table[..3].iter().enumerate() {
+            let mut d = *d;
+            let next = if k < 2 { k as u16 + 1 } else { 0 };
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            t.extend_from_slice(&d);
+        }
+        blobs.push((TABLE, t));
+        table[0] = raw_desc(TABLE, 48, F_INDIRECT, 0);
+    }
+    descs(&mut w, &table);
+    let n = reqs.len() as u16;
+    w.u16(n);
+    for i in 0..n {
+        w.u16(3 * i);
+    }
+    for (addr, b) in blobs {
+        w.u32(addr as u32).u8(b.len() as u8).bytes(&b);
+    }
+    w.finish()
+}
+
+fn virtio_blk() -> Vec<(&'static str, Vec<u8>)> {
+    let discard_segment = {
+        let mut s = 8u64.to_le_bytes().to_vec();
+        s.extend_from_slice(&4u32.to_le_bytes());
+        s.extend_from_slice(&0u32.to_le_bytes());
+        s
+    };
+    let mut discard = blk_seed(false, &[(VIRTIO_BLK_T_DISCARD, 0, 16, 0)], false);
+    // The segment goes where the data descriptor points.
+    SeedWriter::new()
+        .u32(DATA as u32)
+        .u8(16)
+        .bytes(&discard_segment)
+        .finish()
+        .into_iter()
+        .for_each(|b| discard.push(b));
+    vec![
+        (
+            "seed-read-write-flush-id",
+            blk_seed(
+                false,
+                &[
+                    (VIRTIO_BLK_T_IN, 2, 1024, F_WRITE),
+                    (VIRTIO_BLK_T_OUT, 4, 512, 0),
+                    (VIRTIO_BLK_T_FLUSH, 0, 0, 0),
+                    (VIRTIO_BLK_T_GET_ID, 0, 20, F_WRITE),
+                ],
+                false,
+            ),
+        ),
+        (
+            "seed-indirect-read",
+            blk_seed(false, &[(VIRTIO_BLK_T_IN, 0, 4096, F_WRITE)], true),
+        ),
+        (
+            "seed-read-only-write",
+            blk_seed(true, &[(VIRTIO_BLK_T_OUT, 0, 512, 0)], false),
+        ),
+        ("seed-discard", discard),
+    ]
+}
+
+/// A frame for the backend or the guest: vnet header (flags, gso) and a payload.
+fn frame(flags: u8, gso: u8, payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f[0] = flags;
+    f[1] = gso;
+    f.extend((0..payload).map(|i| (i * 7) as u8));
+    f
+}
+
+fn virtio_net_tx() -> Vec<(&'static str, Vec<u8>)> {
+    let f1 = frame(0, 0, 60);
+    let f2 = frame(1, 0, 1000);
+    let mut w = SeedWriter::new();
+    w.u8(4).u64(u64::MAX).u8(0);
+    descs(
+        &mut w,
+        &[
+            raw_desc(DATA, f1.len() as u32, 0, 0),
+            raw_desc(DATA + 0x1000, 12, F_NEXT, 2),
+            raw_desc(DATA + 0x1100, 500, F_NEXT, 3),
+            raw_desc(DATA + 0x1400, 500, 0, 0),
+            raw_desc(DATA + 0x2000, 64, F_WRITE, 0),
+        ],
+    );
+    w.u16(3).u16(0).u16(1).u16(4);
+    w.u32(DATA as u32).u16(f1.len() as u16).bytes(&f1);
+    w.u32((DATA + 0x1000) as u32).u16(12).bytes(&f2[..12]);
+    w.u32((DATA + 0x1100) as u32).u16(500).bytes(&f2[12..512]);
+    w.u32((DATA + 0x1400) as u32).u16(500).bytes(&f2[512..]);
+    let simple = w.finish();
+
+    let mut w = SeedWriter::new();
+    w.u8(3).u64(u64::MAX).u8(2);
+    let mut table = Vec::new();
+    table.extend_from_slice(&raw_desc(DATA, 12, F_NEXT, 1));
+    table.extend_from_slice(&raw_desc(DATA + 0x100, 100, 0, 0));
+    descs(
+        &mut w,
+        &[
+            raw_desc(TABLE, 32, F_INDIRECT, 0),
+            raw_desc(DATA, 112, 0, 0),
+        ],
+    );
+    w.u16(2).u16(0).u16(1);
+    w.u32(TABLE as u32).u16(32).bytes(&table);
+    vec![
+        ("seed-three-frames", simple),
+        ("seed-indirect-refused", w.finish()),
+    ]
+}
+
+fn virtio_net_rx() -> Vec<(&'static str, Vec<u8>)> {
+    let one = |w: &mut SeedWriter, hdr_flags: u8, gso: u8, len: u32, seed: u8| {
+        let mut h = [0u8; 12];
+        h[0] = hdr_flags;
+        h[1] = gso;
+        w.bytes(&h).u32(len).u8(seed);
+    };
+    let mut seeds = Vec::new();
+    for (name, size_log2, mergeable, buf_len) in [
+        ("seed-mergeable", 4u8, true, 1024u32),
+        ("seed-big-buffers", 3, false, 4096),
+    ] {
+        let wanted = if mergeable {
+            u64::MAX
+        } else {
+            !(1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF)
+        };
+        let mut w = SeedWriter::new();
+        w.u8(size_log2).u64(wanted).u8(3);
+        one(&mut w, 0, 0, 74, 1);
+        one(&mut w, 1, 0, 1526, 2);
+        one(&mut w, 0, 1, 3000, 3);
+        let n = 1u16 << size_log2;
+        let list: Vec<[u8; 16]> = (0..n)
+            .map(|i| {
+                raw_desc(
+                    DATA + u64::from(buf_len) * u64::from(i),
+                    buf_len,
+                    F_WRITE,
+                    0,
+                )
+            })
+            .collect();
+        descs(&mut w, &list);
+        // Round 1: two buffers; round 2: the rest.
+        w.u8(2).u16(0).u16(1).u8(0);
+        w.u8(4);
+        for i in 2..6u16 {
+            w.u16(i);
+        }
+        w.u8(0);
+        seeds.push((name, w.finish()));
+    }
+    seeds
+}
+
+/// The dword index of the MSI-X capability of a virtio-pci device (the transport's fixed
+/// capability layout).
+fn msix_cap_reg() -> u8 {
+    use tvm_bus::PciDevice;
+    let (backend, _) = crate::net::MemBackend::new();
+    let mut dev = tvm_virtio::VirtioPciDevice::new(
+        tvm_virtio_net::Net::new(backend, [2, 0, 0, 0, 0, 1]),
+        crate::guest::new_mem(0),
+        std::sync::Arc::new(crate::guest::RecordingSink::default()),
+    )
+    .expect("transport");
+    let mut ptr = dev.config_read(13) & 0xfc;
+    loop {
+        let reg = dev.config_read(ptr as usize / 4);
+        if reg & 0xff == 0x11 {
+            return (ptr / 4) as u8;
+        }
+        ptr = (reg >> 8) & 0xfc;
+    }
+}
+
+fn virtio_pci() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::virtio_pci::Op;
+    let msix = msix_cap_reg();
+    let op = |w: &mut SeedWriter, o: Op| {
+        w.u8(o as u8);
+    };
+    let mut seeds = Vec::new();
+    for (name, kind) in [("seed-net", 0u8), ("seed-blk", 1)] {
+        let mut w = SeedWriter::new();
+        w.u8(kind);
+        let queues = if kind == 0 { 2 } else { 1 };
+        op(&mut w, Op::BringUp);
+        w.u64(u64::MAX);
+        for _ in 0..queues {
+            w.u8(4);
+        }
+        // MSI-X on, vectors: config 0, queue 0 -> 1, queue 1 -> 2, all unmasked.
+        op(&mut w, Op::ConfigWrite);
+        w.u8(msix).u8(2).u8(1).u32(0x8000);
+        for v in 0..3u8 {
+            op(&mut w, Op::MsixWrite);
+            w.u8(16 * v + 12).u8(2).u64(0);
+        }
+        op(&mut w, Op::CommonWrite);
+        w.u8(0x10).u8(1).u64(0);
+        for q in 0..queues as u64 {
+            op(&mut w, Op::CommonWrite);
+            w.u8(0x16).u8(1).u64(q);
+            op(&mut w, Op::CommonWrite);
+            w.u8(0x1a).u8(1).u64(q + 1);
+        }
+        // A transmit frame (net) or a flush request (blk) on the last queue, kicked.
+        let q = if kind == 0 { 1u16 } else { 0 };
+        let ring = 0x4000 * u64::from(q);
+        op(&mut w, Op::Memory);
+        let mut table = raw_desc(HDR, 16, F_NEXT, 1).to_vec();
+        table.extend_from_slice(&raw_desc(STATUS, 1, F_WRITE, 0));
+        if kind == 0 {
+            table = raw_desc(HDR, 60, 0, 0).to_vec();
+        }
+        w.u16(ring as u16).u8(table.len() as u8).bytes(&table);
+        op(&mut w, Op::Memory);
+        w.u16(HDR as u16)
+            .u8(16)
+            .bytes(&blk_header(VIRTIO_BLK_T_FLUSH, 0));
+        op(&mut w, Op::Memory);
+        w.u16((ring + 0x1000) as u16)
+            .u8(6)
+            .bytes(&[0, 0, 1, 0, 0, 0]);
+        op(&mut w, Op::Notify);
+        w.u8((NOTIFY_OFFSET as u8).wrapping_add(4 * q as u8)).u8(1);
+        op(&mut w, Op::Frame);
+        let f = frame(0, 0, 50);
+        w.u8(f.len() as u8).bytes(&f);
+        // Reset in the middle, then again from the start.
+        op(&mut w, Op::Status);
+        w.u8(0);
+        op(&mut w, Op::BringUp);
+        w.u64(features::VERSION_1);
+        for s in [8, 0].iter().take(queues) {
+            w.u8(*s);
+        }
+        op(&mut w, Op::Process);
+        w.u8(0);
+        seeds.push((name, w.finish()));
+    }
+    seeds
+}
+
+fn pci_config() -> Vec<(&'static str, Vec<u8>)> {
+    let latch = |w: &mut SeedWriter, slot: u32, reg: u32| {
+        w.u8(2).u32(0x8000_0000 | slot << 11 | reg << 2);
+    };
+    let mut w = SeedWriter::new();
+    for slot in 0..4 {
+        latch(&mut w, slot, 0);
+        w.u8(1).u8(4).u8(2);
+    }
+    // Size and program every BAR of slot 1 and the virtio BAR of slot 2.
+    for (slot, reg) in [(1, 4), (1, 5), (1, 6), (1, 7), (2, 4), (2, 5)] {
+        latch(&mut w, slot, reg);
+        w.u8(0).u8(4).u8(2).u32(u32::MAX);
+        w.u8(1).u8(4).u8(2);
+        w.u8(0).u8(4).u8(2).u32(0xc000_0000);
+    }
+    // Command register, byte and word writes.
+    latch(&mut w, 2, 1);
+    w.u8(0).u8(4).u8(1).u32(0x0406);
+    w.u8(0).u8(6).u8(0).u32(0xff);
+    // The window: map, access, move, unmap.
+    w.u8(3).u32(0xc000_0000).u8(15).u8(0);
+    w.u8(3).u32(0xc000_8000).u8(12).u8(1);
+    w.u8(5).u32(0xc000_0010).u8(2);
+    w.u8(6).u32(0xc000_8ffc).u8(3);
+    w.u8(4).u32(0xc000_0000);
+    w.u8(5).u32(0xc000_0010).u8(2);
+    vec![("seed-bars-and-window", w.finish())]
+}
+
+fn serial() -> Vec<(&'static str, Vec<u8>)> {
+    let mut w = SeedWriter::new();
+    // IER: receive and THRE interrupts; LCR 8N1; "hi" out.
+    w.u8(0).u8(1).u8(0x03);
+    w.u8(0).u8(3).u8(0x03);
+    for &b in b"hi\n" {
+        w.u8(0).u8(0).u8(b);
+    }
+    // Input with escapes, the loop, then the guest reads LSR and RBR.
+    let input = b"ls\r\x01\x01a\x01b";
+    w.u8(3).u8(input.len() as u8).bytes(input);
+    w.u8(4);
+    for _ in 0..8 {
+        w.u8(1).u8(5);
+        w.u8(1).u8(0);
+    }
+    w.u8(1).u8(2);
+    // Divisor latch access, odd widths, then close.
+    w.u8(0).u8(3).u8(0x83);
+    w.u8(0).u8(0).u8(0x01);
+    w.u8(0).u8(3).u8(0x03);
+    w.u8(2).u8(0).u8(1).u8(1);
+    w.u8(5);
+    w.u8(4);
+    let plain = w.finish();
+
+    let mut w = SeedWriter::new();
+    let big: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
+    w.u8(3).u8(200).bytes(&big);
+    w.u8(4).u8(4);
+    w.u8(3).u8(3).bytes(b"\x01x!");
+    w.u8(4);
+    vec![
+        ("seed-registers-and-input", plain),
+        ("seed-fill-and-exit", w.finish()),
+    ]
+}
+
+/// A minimal bzImage: the setup header at 0x1f1 and 4 KiB of "kernel".
+fn bzimage() -> Vec<u8> {
+    let mut img = vec![0u8; 5 * 512 + 4096];
+    img[0x1f1] = 4; // setup_sects
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 1; // loadflags: LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    img[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+    img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+    img
+}
+
+/// A minimal ELF64 vmlinux: one PT_LOAD of 4 KiB at 2 MiB, entered there.
+fn elf() -> Vec<u8> {
+    let mut e = vec![0u8; 0x78];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // 64-bit
+    e[5] = 1; // little endian
+    e[6] = 1; // version
+    e[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+    e[0x18..0x20].copy_from_slice(&0x20_0000u64.to_le_bytes()); // entry
+    e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
+    e[0x34..0x36].copy_from_slice(&0x40u16.to_le_bytes()); // ehsize
+    e[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes()); // phentsize
+    e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = 0x40;
+    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    e[ph + 16..ph + 24].copy_from_slice(&0x20_0000u64.to_le_bytes()); // vaddr
+    e[ph + 24..ph + 32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // paddr
+    e[ph + 32..ph + 40].copy_from_slice(&0x1000u64.to_le_bytes()); // filesz
+    e[ph + 40..ph + 48].copy_from_slice(&0x2000u64.to_le_bytes()); // memsz
+    e.resize(0x2000, 0x90);
+    e
+}
+
+fn kernel_loader() -> Vec<(&'static str, Vec<u8>)> {
+    let cmd = b"console=ttyS0 reboot=k panic=1 pci=conf1";
+    let with = |img: Vec<u8>, ram_mib: u16, initrd_pages: u32| {
+        SeedWriter::new()
+            .u16(ram_mib)
+            .u32(initrd_pages)
+            .u8(cmd.len() as u8)
+            .bytes(cmd)
+            .bytes(&img)
+            .finish()
+    };
+    vec![
+        ("seed-bzimage", with(bzimage(), 512, 256)),
+        ("seed-elf", with(elf(), 4096, 1)),
+        ("seed-elf-huge-initrd", with(elf(), 16, 4000)),
+    ]
+}
+
+fn cmdline() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |header: bool, version: u16, size: u32, text: &[u8]| {
+        SeedWriter::new()
+            .bool(header)
+            .u16(version)
+            .u32(size)
+            .bytes(text)
+            .finish()
+    };
+    vec![
+        (
+            "seed-default",
+            with(false, 0, 0, b"console=ttyS0 reboot=k panic=1 pci=conf1"),
+        ),
+        (
+            "seed-header-init-args",
+            with(
+                true,
+                0x020f,
+                64,
+                b"console=ttyS0 quiet -- init=/bin/sh \"a -- b\"",
+            ),
+        ),
+        ("seed-old-protocol", with(true, 0x0205, 0, &[b'x'; 255])),
+    ]
+}
+
+fn virtqueue() -> Vec<(&'static str, Vec<u8>)> {
+    let mut w = SeedWriter::new();
+    w.u8(4).bool(true).u16(0xfffe).u16(0xfffe);
+    descs(
+        &mut w,
+        &[
+            raw_desc(DATA, 100, F_NEXT, 1),
+            raw_desc(DATA + 0x100, 200, F_WRITE, 0),
+            raw_desc(TABLE, 48, F_INDIRECT, 0),
+            raw_desc(DATA + 0x200, 10, F_NEXT, 2),
+        ],
+    );
+    // flags, idx (three pending from 0xfffe), used_event; entries 0, 2, 3.
+    w.u16(0).u16(1).u16(0).u16(0).u16(2).u16(3);
+    let mut table = Vec::new();
+    table.extend_from_slice(&raw_desc(DATA + 0x300, 16, F_NEXT, 1));
+    table.extend_from_slice(&raw_desc(DATA + 0x400, 32, F_WRITE | F_NEXT, 2));
+    table.extend_from_slice(&raw_desc(DATA + 0x500, 64, F_WRITE, 0));
+    w.u8(1).u32(TABLE as u32).u16(48).bytes(&table);
+    // pop x3, return x2, rewind, pop, notifications, more entries, pop, return.
+    w.u8(0).u8(0).u8(0);
+    w.u8(1).u32(300).u8(1).u32(0);
+    w.u8(2).u8(0);
+    w.u8(3).bool(true).u8(4).u8(3).bool(false);
+    w.u8(5).u8(2).u16(1).u16(0);
+    w.u8(0).u8(0).u8(1).u32(7).u8(1).u32(8).u8(4);
+    vec![("seed-wrap-indirect", w.finish())]
+}
