@@ -194,43 +194,19 @@ pub fn install_sigsys_handler() -> Result<()> {
 
 // ioctl request numbers, from the kernel's uapi headers (linux/kvm.h, linux/if_tun.h,
 // asm-generic/ioctls.h).
-const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64;
-const KVM_GET_REGS: u64 = ioctl_expr(
-    _IOC_READ,
-    KVMIO,
-    0x81,
-    std::mem::size_of::<kvm_bindings::kvm_regs>() as u32,
-) as u64;
-const KVM_GET_SREGS: u64 = ioctl_expr(
-    _IOC_READ,
-    KVMIO,
-    0x83,
-    std::mem::size_of::<kvm_bindings::kvm_sregs>() as u32,
-) as u64;
-const KVM_TRANSLATE: u64 = ioctl_expr(
-    _IOC_READ | _IOC_WRITE,
-    KVMIO,
-    0x85,
-    std::mem::size_of::<kvm_bindings::kvm_translation>() as u32,
-) as u64;
-const KVM_SET_GSI_ROUTING: u64 = ioctl_expr(
-    _IOC_WRITE,
-    KVMIO,
-    0x6a,
-    std::mem::size_of::<kvm_bindings::kvm_irq_routing>() as u32,
-) as u64;
-const KVM_IOEVENTFD: u64 = ioctl_expr(
-    _IOC_WRITE,
-    KVMIO,
-    0x79,
-    std::mem::size_of::<kvm_bindings::kvm_ioeventfd>() as u32,
-) as u64;
-const TUNSETOFFLOAD: u64 = ioctl_expr(
-    _IOC_WRITE,
-    b'T' as u32,
-    208,
-    std::mem::size_of::<libc::c_uint>() as u32,
-) as u64;
+/// `_IOC(dir, type, nr, size_of::<T>())` as the filter compares it.
+const fn ioc<T>(dir: u32, ty: u32, nr: u32) -> u64 {
+    ioctl_expr(dir, ty, nr, std::mem::size_of::<T>() as u32) as u64
+}
+
+const KVM_RUN: u64 = ioc::<()>(_IOC_NONE, KVMIO, 0x80);
+const KVM_GET_REGS: u64 = ioc::<kvm_bindings::kvm_regs>(_IOC_READ, KVMIO, 0x81);
+const KVM_GET_SREGS: u64 = ioc::<kvm_bindings::kvm_sregs>(_IOC_READ, KVMIO, 0x83);
+const KVM_TRANSLATE: u64 =
+    ioc::<kvm_bindings::kvm_translation>(_IOC_READ | _IOC_WRITE, KVMIO, 0x85);
+const KVM_SET_GSI_ROUTING: u64 = ioc::<kvm_bindings::kvm_irq_routing>(_IOC_WRITE, KVMIO, 0x6a);
+const KVM_IOEVENTFD: u64 = ioc::<kvm_bindings::kvm_ioeventfd>(_IOC_WRITE, KVMIO, 0x79);
+const TUNSETOFFLOAD: u64 = ioc::<libc::c_uint>(_IOC_WRITE, b'T' as u32, 208);
 const TCSETS: u64 = libc::TCSETS;
 
 type Rules = Vec<(i64, Vec<SeccompRule>)>;
@@ -445,6 +421,18 @@ mod tests {
         let len = |k| compile(k, SeccompAction::Trap).unwrap().len();
         assert!(len(ThreadKind::SerialOut) < len(ThreadKind::Vcpu));
         assert!(len(ThreadKind::SerialOut) < len(ThreadKind::EventLoop));
+    }
+
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        // The values in the kernel's uapi headers on x86_64.
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
     }
 
     #[test]
