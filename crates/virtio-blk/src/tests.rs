@@ -80,6 +80,16 @@ impl Drop for TempImage {
     }
 }
 
+/// `img` opened read-write, with no id.
+fn open_disk(img: &TempImage) -> Block {
+    Block::open(BlockConfig {
+        path: img.path.clone(),
+        read_only: false,
+        id: None,
+    })
+    .unwrap()
+}
+
 fn test_mem() -> GuestMemoryMmap<()> {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     mem.write_slice(&vec![FILL; 0x30_0000], GuestAddress(HDR))
@@ -621,12 +631,7 @@ impl VirtioInterrupt for FakeInterrupt {
 fn process_queue_end_to_end() {
     let (img, content) = TempImage::with_pattern();
     let mem = test_mem();
-    let mut disk = Block::open(BlockConfig {
-        path: img.path.clone(),
-        read_only: false,
-        id: None,
-    })
-    .unwrap();
+    let mut disk = open_disk(&img);
     assert_eq!(disk.info().capacity_sectors, 16);
     // virtio_blk_config: capacity, size_max, seg_max, blk_size.
     let mut cfg = [0u8; 24];
@@ -694,12 +699,7 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
     tvm_virtio::test_log::start();
     let (img, content) = TempImage::with_pattern();
     let mem = test_mem();
-    let mut disk = Block::open(BlockConfig {
-        path: img.path.clone(),
-        read_only: false,
-        id: None,
-    })
-    .unwrap();
+    let mut disk = open_disk(&img);
     let mock = MockSplitQueue::new(&mem, 16);
     write_header(&mem, VIRTIO_BLK_T_OUT, 0);
     let next = VRING_DESC_F_NEXT as u16;
@@ -818,12 +818,7 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
 fn activate_requires_queue_zero() {
     let (img, _) = TempImage::with_pattern();
     let mem = test_mem();
-    let mut disk = Block::open(BlockConfig {
-        path: img.path.clone(),
-        read_only: false,
-        id: None,
-    })
-    .unwrap();
+    let mut disk = open_disk(&img);
     let queue = Queue::new(QUEUE_SIZE).unwrap();
     let res = disk.activate(ActivateContext {
         mem,
@@ -908,12 +903,7 @@ fn discard_and_write_zeroes() {
     assert_eq!(img.contents(), expected);
     assert_eq!(img.contents().len(), IMAGE_LEN);
 
-    let disk = Block::open(BlockConfig {
-        path: img.path.clone(),
-        read_only: false,
-        id: None,
-    })
-    .unwrap();
+    let disk = open_disk(&img);
     let f = disk.device_features();
     assert_ne!(f & 1 << VIRTIO_BLK_F_DISCARD, 0);
     assert_ne!(f & 1 << VIRTIO_BLK_F_WRITE_ZEROES, 0);
@@ -1131,12 +1121,7 @@ fn bogus_avail_index_and_head_index_log_no_errors() {
     let errors_logged_here = || tvm_virtio::test_log::lines(log::Level::Error);
     let (img, content) = TempImage::with_pattern();
     let mem = test_mem();
-    let mut disk = Block::open(BlockConfig {
-        path: img.path.clone(),
-        read_only: false,
-        id: None,
-    })
-    .unwrap();
+    let mut disk = open_disk(&img);
     let mock = MockSplitQueue::new(&mem, 16);
     write_header(&mem, VIRTIO_BLK_T_IN, 0);
     let next = VRING_DESC_F_NEXT as u16;
