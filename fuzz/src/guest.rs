@@ -299,6 +299,10 @@ pub struct Desc {
     pub len: u32,
     /// Device-writable.
     pub write: bool,
+    /// NEXT is set. On the last descriptor of a walked chain this means virtio-queue cut
+    /// the walk short (a loop, a next index beyond the table, the length limit): the chain
+    /// never ends, and the devices refuse it.
+    pub next: bool,
 }
 
 /// One available chain, walked.
@@ -311,6 +315,11 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// Whether the walk reached a descriptor without NEXT (see [`Desc::next`]).
+    pub fn ends(&self) -> bool {
+        self.descs.last().is_some_and(|d| !d.next)
+    }
+
     /// Total bytes of its device-writable descriptors.
     pub fn writable_len(&self) -> u64 {
         self.descs
@@ -350,6 +359,7 @@ pub fn walk(mem: &GuestMemoryMmap<()>, ring: &Ring, next_avail: u16) -> Option<V
                     addr: d.addr().0,
                     len: d.len(),
                     write: d.is_write_only(),
+                    next: d.has_next(),
                 })
                 .collect(),
         })

@@ -255,10 +255,11 @@ pub fn run_tx(data: &[u8]) {
         assert_eq!(len, 0, "tx used length must be 0");
     }
 
-    // Well-formed: only device-readable descriptors, all in RAM, a header's worth of bytes
-    // and no more than the largest packet.
+    // Well-formed: a chain that ends, only device-readable descriptors, all in RAM, a
+    // header's worth of bytes and no more than the largest packet.
     let well_formed: Vec<Vec<u8>> = expected
         .iter()
+        .filter(|c| c.ends())
         .filter(|c| c.descs.iter().all(|d| !d.write))
         .filter_map(|c| gather(&before, &c.descs))
         .filter(|f| (VNET_HDR_LEN..=MAX_PACKET_LEN).contains(&f.len()))
