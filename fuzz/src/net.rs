@@ -419,13 +419,17 @@ pub fn run_rx(data: &[u8]) {
         used_prev = used;
 
         // Rebuild the delivered frames and find them, in order, among the backend's; not
-        // when two chains share buffers (a later frame overwrote an earlier one).
+        // when buffers overlap, in one chain or across chains (later bytes overwrote
+        // earlier ones).
         let mut seen = guest::Ranges::new();
         let mut shared = false;
-        for (c, _) in &entries {
-            let w = c.writable();
-            shared |= seen.overlaps_any(&w);
-            seen.extend(&w);
+        for d in entries
+            .iter()
+            .flat_map(|(c, _)| &c.descs)
+            .filter(|d| d.write)
+        {
+            shared |= seen.overlaps(d.addr, u64::from(d.len));
+            seen.add(d.addr, u64::from(d.len));
         }
         track_frames &= !shared;
         if !track_frames {
