@@ -187,6 +187,40 @@ impl<W: Write + Send> SerialDevice<W> {
         self.serial.events().tx_lost_bytes.load(Ordering::Relaxed)
     }
 
+    /// The UART's registers and receive FIFO fill in words, for a diagnostic dump, e.g.
+    /// `ier 0x02 iir 0x02 (thr empty pending) lcr 0x03 mcr 0x0b lsr 0x60 msr 0xb0, rx fifo
+    /// 0 of 64 bytes, 0 tx bytes lost`. Unlike a guest read, looking does not acknowledge
+    /// an interrupt or take a byte. `iir` is the identification without the FIFO bits
+    /// (0x01: nothing pending, 0x02: transmitter empty, 0x04: data received).
+    pub fn debug_state(&self) -> String {
+        let s = self.serial.state();
+        let iir = s.interrupt_identification;
+        let pending = if iir & 0x01 != 0 {
+            "nothing pending".to_string()
+        } else {
+            let mut what = Vec::new();
+            if iir & 0x04 != 0 {
+                what.push("rx data");
+            }
+            if iir & 0x02 != 0 {
+                what.push("thr empty");
+            }
+            format!("{} pending", what.join(" and "))
+        };
+        format!(
+            "ier {:#04x} iir {iir:#04x} ({pending}) lcr {:#04x} mcr {:#04x} lsr {:#04x} \
+             msr {:#04x}, rx fifo {} of {} bytes, {} tx bytes lost",
+            s.interrupt_enable,
+            s.line_control,
+            s.modem_control,
+            s.line_status,
+            s.modem_status,
+            s.in_buffer.len(),
+            s.in_buffer.len() + self.serial.fifo_capacity(),
+            self.tx_lost_bytes()
+        )
+    }
+
     /// The output sink.
     pub fn writer(&self) -> &W {
         self.serial.writer()
@@ -446,6 +480,28 @@ mod tests {
         assert_eq!(dev.interrupt_evt().read().unwrap(), 1);
         dev.write_register(0, b'b');
         assert_eq!(dev.tx_lost_bytes(), 2);
+    }
+
+    #[test]
+    fn test_debug_state_looks_without_side_effects() {
+        let mut dev = device();
+        assert_eq!(
+            dev.debug_state(),
+            "ier 0x00 iir 0x01 (nothing pending) lcr 0x03 mcr 0x08 lsr 0x60 msr 0xb0, \
+             rx fifo 0 of 64 bytes, 0 tx bytes lost"
+        );
+        wr(&mut dev, IER, 0x03);
+        dev.enqueue_input(b"ab");
+        let state = dev.debug_state();
+        assert!(
+            state.starts_with("ier 0x03 iir 0x06 (rx data and thr empty pending)"),
+            "{state}"
+        );
+        assert!(state.contains("lsr 0x61"), "{state}");
+        assert!(state.contains("rx fifo 2 of 64 bytes"), "{state}");
+        // Looking acknowledged nothing: the guest still sees both.
+        assert_eq!(rd(&mut dev, IIR), 0xC6);
+        assert_eq!(rd(&mut dev, THR), b'a');
     }
 
     #[test]

@@ -853,5 +853,6 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioPciDevice<D> {
     }
 }
 
+mod debug;
 #[cfg(test)]
 mod tests;
