@@ -609,6 +609,24 @@ mod tests {
     }
 
     #[test]
+    fn a_kick_sets_immediate_exit_so_that_it_is_not_lost() {
+        install_kick_handler().unwrap();
+        let mut flag = 0u8;
+        IMMEDIATE_EXIT.with(|f| f.set(&mut flag));
+        // SAFETY: the kick handler is installed; a signal sent to this very thread runs
+        // it before pthread_kill returns. `flag` outlives the call.
+        let rc = unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        assert_eq!(rc, 0);
+        // SAFETY: reading a local byte the handler may have written.
+        assert_eq!(unsafe { std::ptr::read_volatile(&flag) }, 1);
+        // A thread that runs no vCPU takes a kick harmlessly.
+        // SAFETY: the handler is installed and finds no flag to set.
+        let rc = unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+        assert_eq!(rc, 0);
+    }
+
+    #[test]
     fn a_dump_is_pending_until_answered() {
         let m = VcpuMonitor::default();
         assert_eq!(m.pending_dump(), None);
