@@ -39,15 +39,26 @@ fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
     text
 }
 
-/// Waits up to 20 s for `needle` in `text`.
-fn wait_for(text: &Mutex<String>, needle: &str) -> String {
+/// Waits up to 20 s for `needle` in `text`; gives up early when `child` has exited
+/// (unless `needle` is what it prints last).
+fn wait_for(child: &mut Child, text: &Mutex<String>, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut exited_at = None;
     loop {
         let t = text.lock().unwrap().clone();
         if t.contains(needle) {
             return t;
         }
-        assert!(Instant::now() < deadline, "no {needle:?} in {t}");
+        if exited_at.is_none() && child.try_wait().unwrap().is_some() {
+            exited_at = Some(Instant::now());
+        }
+        // Give the stderr reader a moment to catch up with an exited child.
+        let gone = exited_at.is_some_and(|at| at.elapsed() > Duration::from_secs(1));
+        assert!(
+            Instant::now() < deadline && !gone,
+            "no {needle:?} (vmm exited: {}) in {t}",
+            exited_at.is_some()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -107,7 +118,7 @@ fn kvm_sigusr2_dumps_a_spinning_guest_and_it_keeps_running() {
     std::thread::sleep(Duration::from_millis(200));
 
     signal(&child, libc::SIGUSR2);
-    let text = wait_for(&stderr, "dump 1: end");
+    let text = wait_for(&mut child, &stderr, "dump 1: end");
     // At the default log level (warn).
     assert!(
         line_with(&text, "dump 1: state of the vm on SIGUSR2").contains(" WARN "),
@@ -132,7 +143,7 @@ fn kvm_sigusr2_dumps_a_spinning_guest_and_it_keeps_running() {
     // Still running, and a second dump finds it in the same loop.
     assert!(child.try_wait().unwrap().is_none(), "{text}");
     signal(&child, libc::SIGUSR2);
-    let text = wait_for(&stderr, "dump 2: end");
+    let text = wait_for(&mut child, &stderr, "dump 2: end");
     assert!(line_with(&text, "dump 2: vcpu0: rip ").contains(&format!("rip {spin:#x}")));
     assert!(child.try_wait().unwrap().is_none(), "{text}");
 
@@ -145,7 +156,7 @@ fn kvm_sigusr2_dumps_a_spinning_guest_and_it_keeps_running() {
         assert!(Instant::now() < deadline, "vmm did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let text = wait_for(&stderr, "TVM-BOOT-TIMES ");
+    let text = wait_for(&mut child, &stderr, "TVM-BOOT-TIMES ");
     assert_eq!(status.code(), Some(0), "{text}");
     assert!(text.contains("exit_reason=signal"), "{text}");
     // Nothing else was wrong: every warning is part of a dump.
