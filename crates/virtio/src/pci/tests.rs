@@ -9,8 +9,11 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::layout::*;
 use super::*;
-use crate::{MsixEntry, VIRTIO_MSI_NO_VECTOR};
+use crate::{
+    features, status, ActivateContext, EventSet, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum SinkCall {
