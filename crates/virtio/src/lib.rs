@@ -15,10 +15,14 @@
 //!   memory.
 //! - Interrupts through MSI-X (masking and the pending-bit array included) or INTx, both
 //!   delivered through an [`InterruptSink`] that the VMM implements with KVM irqfds.
+//! - BAR 0 that follows the guest: [`RelocatableBar`] is what the PCI slot holds; it maps
+//!   the BAR on a [`tvm_bus::PciMmioWindow`] (through [`BarMmio`]) where it decodes, with
+//!   the queue-notify ioeventfds, and moves both when the guest reprograms the BAR.
 //!
 //! What it does not do: touch KVM. Queue notifications arrive on one [`EventFd`] per queue
-//! ([`VirtioPciDevice::notify_eventfd`]) that the VMM registers as an ioeventfd; interrupts
-//! leave through the [`InterruptSink`]. Everything is therefore unit-testable without
+//! ([`VirtioPciDevice::notify_eventfd`]) that [`RelocatableBar`] registers as an ioeventfd
+//! through an [`IoeventRegistrar`] the VMM implements with KVM_IOEVENTFD; interrupts leave
+//! through the [`InterruptSink`]. Everything is therefore unit-testable without
 //! /dev/kvm. Legacy (0.9.5) virtio and the `VIRTIO_PCI_CAP_PCI_CFG` window are not
 //! implemented.
 //!
@@ -84,8 +88,9 @@ pub use warn_once::WarnOnce;
 
 pub use interrupt::{InterruptSink, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
 pub use pci::{
-    VirtioPciDevice, BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET,
-    MSIX_TABLE_OFFSET, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
+    BarMmio, IoeventRegistrar, RelocatableBar, VirtioPciDevice, BAR_SIZE, COMMON_CFG_OFFSET,
+    DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFFSET,
+    NOTIFY_OFF_MULTIPLIER,
 };
 
 /// The device status bits (virtio 1.2, 2.1).
@@ -275,6 +280,9 @@ pub enum Error {
     /// The device refused to activate.
     #[error("failed to activate the device")]
     Activate(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A BAR could not be mapped where it decodes: named by the device, with the reason.
+    #[error("cannot map the bar of {0}: {1}")]
+    MapBar(String, String),
 }
 
 /// Result of the virtio transport's fallible operations.

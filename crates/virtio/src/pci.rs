@@ -22,6 +22,7 @@ mod activation;
 mod common;
 mod dispatch;
 mod layout;
+mod relocation;
 
 pub use layout::{
     BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET,
@@ -31,6 +32,7 @@ use layout::{
     COMMAND_REG, MAX_QUEUES, MSIX_CTRL_ENABLE, MSIX_CTRL_FUNCTION_MASK, PCI_COMMAND_INTX_DISABLE,
     PCI_COMMAND_MEMORY,
 };
+pub use relocation::{BarMmio, IoeventRegistrar, RelocatableBar};
 
 /// Largest queue size of the split ring (virtio 1.2, 2.7).
 const MAX_QUEUE_SIZE: u16 = 32768;
@@ -100,14 +102,18 @@ struct DriverWarnings {
 ///
 /// # Wiring
 ///
-/// The VMM places the BAR with [`set_bar_addr`](Self::set_bar_addr) and routes MMIO in
-/// `bar_addr() .. bar_addr() + bar_size()` to [`bar_read`](Self::bar_read) /
-/// [`bar_write`](Self::bar_write); after any config-space write it compares
-/// [`bar_addr`](Self::bar_addr) with the old value and moves the MMIO range and the
-/// ioeventfds when the guest reprogrammed the BAR. Each [`notify_eventfd`](Self::notify_eventfd)
-/// is registered as an ioeventfd at `bar_addr() + notify_offset(i)`. The transport is its own
-/// event-manager subscriber: it watches those EventFds and calls
-/// [`VirtioDevice::process_queue`] on the active device.
+/// The VMM places the BAR with [`set_bar_addr`](Self::set_bar_addr), as firmware would,
+/// and puts the device in a PCI slot behind a [`RelocatableBar`]. That maps BAR 0 on a
+/// [`tvm_bus::PciMmioWindow`] where it decodes ([`bar_decode_addr`](Self::bar_decode_addr)),
+/// so that guest accesses reach [`bar_read`](Self::bar_read) /
+/// [`bar_write`](Self::bar_write) through a [`BarMmio`], and registers each queue's
+/// [`notify_eventfd`](Self::notify_eventfd) as an ioeventfd at the BAR's address plus
+/// [`notify_offset`](Self::notify_offset) through an [`IoeventRegistrar`]. After every
+/// config-space write it compares the decode address with where the BAR is mapped, and
+/// moves the mapping and the ioeventfds when the guest reprogrammed the BAR or turned memory
+/// decoding off or on. Interrupts leave through the [`InterruptSink`] given to
+/// [`new`](Self::new). The transport is its own event-manager subscriber: it watches the
+/// notification EventFds and calls [`VirtioDevice::process_queue`] on the active device.
 pub struct VirtioPciDevice<D: VirtioDevice> {
     device: D,
     name: String,
