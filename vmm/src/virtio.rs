@@ -1,20 +1,21 @@
-//! Glue between the virtio-pci transport (sans KVM) and KVM: MSI-X vectors as irqfds on
-//! MSI routes, INTx as an irqfd on a legacy GSI, queue notifications as ioeventfds, the BAR
-//! on the MMIO bus.
+//! Glue between the virtio-pci transport (sans KVM) and KVM: MSI-X vectors and INTx as
+//! tvm-irq [`IrqLine`]s (irqfds on MSI routes and on a legacy GSI), queue notifications as
+//! ioeventfds ([`KvmIoevents`], for the transport's [`RelocatableBar`]), and
+//! [`VirtioPciWiring`], which puts the devices on the PCI bus as firmware would.
 
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use log::{debug, info};
 use tvm_bus::{PciDevice, PciMmioWindow};
-use tvm_irq::GsiRouting;
+use tvm_irq::{GsiRouting, IrqLine};
 use tvm_virtio::{
     warn_once, InterruptSink, IoeventRegistrar, MsixEntry, RelocatableBar, VirtioDevice,
     VirtioPciDevice, WarnOnce,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// Interrupts of one virtio-pci device, delivered by KVM.
 ///
@@ -26,9 +27,10 @@ pub struct KvmInterruptSink {
     name: String,
     vm: Arc<VmFd>,
     routing: Arc<Mutex<GsiRouting>>,
-    /// (GSI, irqfd) per MSI-X vector.
-    vectors: Vec<(u32, EventFd)>,
-    intx: EventFd,
+    /// One line per MSI-X vector, on a GSI with an MSI route.
+    vectors: Vec<IrqLine>,
+    /// INTx, on a legacy GSI.
+    intx: IrqLine,
     warnings: Mutex<RouteWarnings>,
 }
 
@@ -87,18 +89,14 @@ impl KvmInterruptSink {
         num_vectors: usize,
         intx_gsi: u32,
     ) -> Result<Self> {
-        let mut vectors = Vec::with_capacity(num_vectors);
-        {
+        let vectors = {
             let mut r = routing.lock().unwrap_or_else(|e| e.into_inner());
-            for _ in 0..num_vectors {
-                let gsi = r.allocate_msi_gsi()?;
-                let evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-                vectors.push((gsi, evt));
-            }
-        }
-        let intx = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&intx, intx_gsi)
-            .map_err(|e| Error::Irq(tvm_irq::Error::RegisterIrqfd(intx_gsi, e)))?;
+            (0..num_vectors)
+                .map(|_| r.allocate_msi_line())
+                .collect::<tvm_irq::Result<Vec<_>>>()?
+        };
+        let intx = IrqLine::new(intx_gsi)?;
+        intx.register(&vm)?;
         Ok(KvmInterruptSink {
             name: name.to_string(),
             vm,
@@ -111,10 +109,8 @@ impl KvmInterruptSink {
 
     /// Binds each vector's irqfd to its GSI (call after the routing table is applied).
     pub fn register_irqfds(&self) -> Result<()> {
-        for (gsi, evt) in &self.vectors {
-            self.vm
-                .register_irqfd(evt, *gsi)
-                .map_err(|e| Error::Irq(tvm_irq::Error::RegisterIrqfd(*gsi, e)))?;
+        for line in &self.vectors {
+            line.register(&self.vm)?;
         }
         Ok(())
     }
@@ -123,7 +119,7 @@ impl KvmInterruptSink {
 impl InterruptSink for KvmInterruptSink {
     fn msix(&self, vector: u16) -> std::io::Result<()> {
         match self.vectors.get(usize::from(vector)) {
-            Some((_, evt)) => evt.write(1),
+            Some(line) => line.trigger(),
             None => {
                 debug!("virtio: msi-x vector {vector} out of range");
                 Ok(())
@@ -134,14 +130,14 @@ impl InterruptSink for KvmInterruptSink {
     fn intx(&self, level: bool) -> std::io::Result<()> {
         // The PIC in virtual-wire mode takes edges: assert on the rising edge only.
         if level {
-            self.intx.write(1)
+            self.intx.trigger()
         } else {
             Ok(())
         }
     }
 
     fn msix_table_changed(&self, vector: u16, entry: MsixEntry) {
-        let Some((gsi, _)) = self.vectors.get(usize::from(vector)) else {
+        let Some(gsi) = self.vectors.get(usize::from(vector)).map(IrqLine::gsi) else {
             return;
         };
         let msg = (!entry.masked()).then(|| (entry.msg_addr(), entry.msg_data));
@@ -149,7 +145,7 @@ impl InterruptSink for KvmInterruptSink {
         let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
         update_msi_route(
             &mut routing,
-            *gsi,
+            gsi,
             msg,
             |r| r.apply(&self.vm),
             &mut warnings,
