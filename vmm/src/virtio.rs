@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use log::{debug, info};
+use tvm_arch_x86::layout::VIRTIO_INTX_GSIS;
 use tvm_bus::{PciDevice, PciMmioWindow};
 use tvm_irq::{GsiRouting, IrqLine};
 use tvm_virtio::{
@@ -179,9 +180,6 @@ fn set_interrupt_line<D: VirtioDevice>(dev: &mut VirtioPciDevice<D>, gsi: u32) {
     // Register 15: interrupt line in byte 0.
     dev.config_write(15, 0, &[gsi as u8]);
 }
-
-/// Legacy GSIs handed to virtio devices' INTx, in order.
-const VIRTIO_INTX_GSIS: [u32; 4] = [10, 11, 5, 9];
 
 /// Puts virtio devices on the PCI bus the way firmware would, and wires them to KVM: a
 /// slot, a BAR in the PCI MMIO window (followed when the guest moves it), ioeventfds for

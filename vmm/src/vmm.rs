@@ -262,7 +262,7 @@ impl Vmm {
 
         // Devices on the port bus.
         let mut io = IoManager::new();
-        let com1 = IrqLine::new(tvm_irq::COM1_GSI)?;
+        let com1 = IrqLine::new(tvm_arch_x86::layout::COM1_GSI)?;
         com1.register(&vm)?;
         // The serial-out thread installs its filter before it writes anything.
         let install = seccomp.installer(ThreadKind::SerialOut);

@@ -20,8 +20,6 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-/// GSI of the first serial port (COM1, ISA IRQ 4).
-pub const COM1_GSI: u32 = 4;
 /// Number of IOAPIC pins (KVM's IOAPIC has 24).
 pub const IOAPIC_PINS: u32 = 24;
 
@@ -143,7 +141,8 @@ mod tests {
 
     #[test]
     fn irq_line_shares_its_eventfd() {
-        let line = IrqLine::new(COM1_GSI).unwrap();
+        // COM1's GSI.
+        let line = IrqLine::new(4).unwrap();
         assert_eq!(line.gsi(), 4);
         let dev_side = line.eventfd().unwrap();
         dev_side.write(1).unwrap();
