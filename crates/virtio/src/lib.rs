@@ -37,7 +37,7 @@
 //!
 //! struct Dummy;
 //! impl VirtioDevice for Dummy {
-//!     fn device_type(&self) -> u32 { 2 }
+//!     fn device_type(&self) -> u32 { virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK }
 //!     fn queue_max_sizes(&self) -> &[u16] { &[256] }
 //!     fn device_features(&self) -> u64 { 0 }
 //!     fn read_config(&self, _offset: u64, data: &mut [u8]) { data.fill(0) }
@@ -93,30 +93,39 @@ pub use pci::{
     NOTIFY_OFF_MULTIPLIER,
 };
 
-/// The device status bits (virtio 1.2, 2.1).
+/// The device status bits (virtio 1.2, 2.1), as the one-byte `device_status` field holds
+/// them; the values are virtio-bindings' `VIRTIO_CONFIG_S_*`.
 pub mod status {
+    use virtio_bindings::virtio_config as cfg;
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
+    pub const ACKNOWLEDGE: u8 = cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
     /// The guest knows how to drive the device.
-    pub const DRIVER: u8 = 2;
+    pub const DRIVER: u8 = cfg::VIRTIO_CONFIG_S_DRIVER as u8;
     /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
+    pub const DRIVER_OK: u8 = cfg::VIRTIO_CONFIG_S_DRIVER_OK as u8;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
+    pub const FEATURES_OK: u8 = cfg::VIRTIO_CONFIG_S_FEATURES_OK as u8;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u8 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// The guest gave up on the device.
-    pub const FAILED: u8 = 0x80;
+    pub const FAILED: u8 = cfg::VIRTIO_CONFIG_S_FAILED as u8;
+
+    // Every bit fits the byte, so the conversions above keep them.
+    const _: () = assert!(cfg::VIRTIO_CONFIG_S_FAILED <= 0x80);
 }
 
-/// Feature bits the transport itself offers (virtio 1.2, 6).
+/// Feature bits the transport itself offers (virtio 1.2, 6), as masks of virtio-bindings'
+/// bit numbers.
 pub mod features {
+    use virtio_bindings::{virtio_config, virtio_ring};
+
     /// VIRTIO_F_VERSION_1: the modern interface; required.
-    pub const VERSION_1: u64 = 1 << 32;
+    pub const VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
     /// VIRTIO_RING_F_INDIRECT_DESC: indirect descriptor tables.
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// VIRTIO_RING_F_EVENT_IDX: used_event/avail_event notification suppression.
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const RING_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     /// Everything the transport adds to a device's own bits.
     pub const TRANSPORT: u64 = VERSION_1 | RING_INDIRECT_DESC | RING_EVENT_IDX;
 }
@@ -287,3 +296,25 @@ pub enum Error {
 
 /// Result of the virtio transport's fallible operations.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::{features, status};
+
+    #[test]
+    fn constants_from_virtio_bindings_keep_the_spec_values() {
+        // virtio 1.2, 2.1 and 6.
+        assert_eq!(
+            [
+                status::ACKNOWLEDGE,
+                status::DRIVER,
+                status::DRIVER_OK,
+                status::FEATURES_OK,
+                status::DEVICE_NEEDS_RESET,
+                status::FAILED
+            ],
+            [1, 2, 4, 8, 0x40, 0x80]
+        );
+        assert_eq!(features::TRANSPORT, 1 << 32 | 1 << 28 | 1 << 29);
+    }
+}

@@ -5,6 +5,7 @@
 //! the capability list that points the driver at the regions (virtio 1.2, 4.1.4).
 
 use tvm_bus::{PciBarKind, PciConfigSpace, PciHeaderConfig};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 
 use crate::{Error, Result};
 
@@ -76,9 +77,9 @@ fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 pub(super) fn config_space(device_type: u32, num_vectors: u16) -> Result<(PciConfigSpace, usize)> {
     let (class_code, subclass) = match device_type {
         // Network controller, ethernet.
-        1 => (0x02, 0x00),
+        VIRTIO_ID_NET => (0x02, 0x00),
         // Mass storage controller, other.
-        2 => (0x01, 0x80),
+        VIRTIO_ID_BLOCK => (0x01, 0x80),
         // Unclassified.
         _ => (0xff, 0x00),
     };

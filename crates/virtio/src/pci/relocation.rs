@@ -247,7 +247,7 @@ mod tests {
 
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
-            2
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16, 16]
