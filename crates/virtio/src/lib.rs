@@ -140,8 +140,8 @@ pub struct ActivateContext {
     /// driver did not enable has `ready() == false`; an enabled one has been checked with
     /// `is_valid` against `mem` and has EVENT_IDX set as negotiated.
     pub queues: Vec<Queue>,
-    /// One notification [`EventFd`] per queue, clones of the transport's (the same ones the
-    /// VMM registers as ioeventfds).
+    /// One notification [`EventFd`] per queue, clones of the transport's (the same ones
+    /// [`RelocatableBar`] registers as ioeventfds).
     pub queue_evts: Vec<EventFd>,
     /// Raises queue and config interrupts.
     pub interrupt: Arc<dyn VirtioInterrupt>,
@@ -161,7 +161,7 @@ impl std::fmt::Debug for ActivateContext {
 /// Every method is called with the transport's lock held, from a vCPU thread (config
 /// accesses, activation, reset) or the event loop ([`process_queue`](Self::process_queue)).
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (1 net, 2 block, ...).
+    /// The virtio device ID (`virtio_bindings::virtio_ids`: 1 net, 2 block, ...).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; the length is the number of queues. Each size must
     /// be a power of two, at most 32768.
