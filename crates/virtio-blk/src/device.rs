@@ -19,7 +19,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{warn_once, ActivateContext, VirtioDevice, VirtioInterrupt, WarnOnce};
+use tvm_util::{warn_once, WarnOnce};
+use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
 
 use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
 use crate::{Error, Result};

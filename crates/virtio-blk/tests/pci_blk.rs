@@ -91,7 +91,7 @@ fn header(mem: &GuestMemoryMmap<()>, addr: u64, req_type: u32, sector: u64) {
 
 #[test]
 fn guest_driver_round_trip_with_reset() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let path: PathBuf =
         std::env::temp_dir().join(format!("tvm-pci-blk-{}.img", std::process::id()));
     std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
@@ -197,6 +197,6 @@ fn guest_driver_round_trip_with_reset() {
     std::fs::remove_file(&path).unwrap();
     // A driver that follows the rules is never warned about.
     for level in [log::Level::Warn, log::Level::Error] {
-        assert_eq!(tvm_virtio::test_log::lines(level), Vec::<String>::new());
+        assert_eq!(tvm_util::test_log::lines(level), Vec::<String>::new());
     }
 }

@@ -20,7 +20,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{warn_once, ActivateContext, EventSet, VirtioDevice, VirtioInterrupt, WarnOnce};
+use tvm_util::{warn_once, WarnOnce};
+use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
 
 use crate::backend::NetBackend;
 use crate::mac::{format_mac, generated_mac, mac_problem};

@@ -7,7 +7,7 @@
 use std::ops::Range;
 
 use log::debug;
-use tvm_virtio::warn_once;
+use tvm_util::warn_once;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 

@@ -231,7 +231,7 @@ fn frame(payload_len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn guest_driver_tx_and_rx_with_msix() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let mut s = setup(&mem, true);
     let rx = Ring::new(&mem, 0x0);
@@ -338,13 +338,13 @@ fn guest_driver_tx_and_rx_with_msix() {
 /// A driver that follows the rules is never warned about.
 fn assert_no_warning() {
     for level in [log::Level::Warn, log::Level::Error] {
-        assert_eq!(tvm_virtio::test_log::lines(level), Vec::<String>::new());
+        assert_eq!(tvm_util::test_log::lines(level), Vec::<String>::new());
     }
 }
 
 #[test]
 fn guest_driver_rx_with_intx() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let mut s = setup(&mem, false);
     let rx = Ring::new(&mem, 0x0);
