@@ -44,18 +44,20 @@
 use std::io;
 
 mod backend;
+mod consts;
 mod device;
 mod mac;
 mod rx;
 mod tap;
 mod tx;
+mod warnings;
 
 pub use backend::NetBackend;
-pub use device::{
-    offload_flags, Net, NetConfig, NetCounters, DEVICE_FEATURES, MAX_PACKET_LEN,
-    MAX_RX_FRAMES_PER_RUN, MAX_TX_FRAMES_PER_RUN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET,
-    VNET_HDR_LEN,
+pub use consts::{
+    DEVICE_FEATURES, MAX_PACKET_LEN, MAX_RX_FRAMES_PER_RUN, MAX_TX_FRAMES_PER_RUN, QUEUE_SIZE,
+    RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET, VNET_HDR_LEN,
 };
+pub use device::{offload_flags, Net, NetConfig, NetCounters};
 pub use mac::{format_mac, generated_mac, parse_mac};
 pub use tap::{validate_tap_name, Tap};
 
