@@ -117,8 +117,9 @@ pub struct NetCounters {
     /// mergeable buffers), truncated or shorter than the header, or carrying offloads the
     /// guest did not accept.
     pub rx_dropped: u64,
-    /// Malformed receive chains (device-readable or out-of-memory descriptors, no room),
-    /// and backend read errors other than EAGAIN.
+    /// Malformed receive chains (device-readable or out-of-memory descriptors, no room,
+    /// chains that do not end, head indices beyond the queue), frames that could not be
+    /// copied into checked buffers, and backend read errors other than EAGAIN.
     pub rx_errors: u64,
     /// Frames sent to the backend.
     pub tx_packets: u64,
@@ -128,7 +129,8 @@ pub struct NetCounters {
     /// for a header the kernel rejects, EIO when the interface is down, short writes).
     pub tx_dropped: u64,
     /// Malformed transmit chains (device-writable or out-of-memory descriptors, shorter
-    /// than the header, longer than [`MAX_PACKET_LEN`]).
+    /// than the header, longer than [`MAX_PACKET_LEN`], chains that do not end) and head
+    /// indices beyond the queue.
     pub tx_errors: u64,
 }
 
