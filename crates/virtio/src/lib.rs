@@ -73,6 +73,10 @@ mod interrupt;
 mod pci;
 mod ring;
 
+/// Fakes and a guest-driver harness for device tests (the `test-utils` feature).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
 /// The per-thread log capture for tests, [`tvm_util::test_log`], re-exported for the
 /// transport's own tests and for callers that already depend on this crate.
 #[cfg(any(test, feature = "test-utils"))]
