@@ -76,15 +76,19 @@ use vmm_sys_util::eventfd::EventFd;
 mod interrupt;
 mod pci;
 mod ring;
-mod warn_once;
 
+/// Fakes and a guest-driver harness for device tests (the `test-utils` feature).
 #[cfg(any(test, feature = "test-utils"))]
-pub mod test_log;
+pub mod test_utils;
 
-#[doc(hidden)]
-pub use log as __log;
+/// The per-thread log capture for tests, [`tvm_util::test_log`], re-exported for the
+/// transport's own tests and for callers that already depend on this crate.
+#[cfg(any(test, feature = "test-utils"))]
+pub use tvm_util::test_log;
+
 pub use ring::{add_used, chains_pending};
-pub use warn_once::WarnOnce;
+/// Warn-once logging for guest-triggerable paths, re-exported from [`tvm_util`].
+pub use tvm_util::{warn_once, WarnOnce};
 
 pub use interrupt::{InterruptSink, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
 pub use pci::{
