@@ -92,32 +92,64 @@ pub use pci::{
     MSIX_TABLE_OFFSET, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
 };
 
-/// The device status bits (virtio 1.2, 2.1).
+/// The device status bits (virtio 1.2, 2.1), from virtio-bindings' `VIRTIO_CONFIG_S_*`.
 pub mod status {
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    };
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
+    pub const ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
     /// The guest knows how to drive the device.
-    pub const DRIVER: u8 = 2;
+    pub const DRIVER: u8 = VIRTIO_CONFIG_S_DRIVER as u8;
     /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
+    pub const DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
+    pub const FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// The guest gave up on the device.
-    pub const FAILED: u8 = 0x80;
+    pub const FAILED: u8 = VIRTIO_CONFIG_S_FAILED as u8;
 }
 
-/// Feature bits the transport itself offers (virtio 1.2, 6).
+/// Feature bits the transport itself offers (virtio 1.2, 6), as masks of virtio-bindings'
+/// bit numbers.
 pub mod features {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
     /// VIRTIO_F_VERSION_1: the modern interface; required.
-    pub const VERSION_1: u64 = 1 << 32;
+    pub const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
     /// VIRTIO_RING_F_INDIRECT_DESC: indirect descriptor tables.
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
     /// VIRTIO_RING_F_EVENT_IDX: used_event/avail_event notification suppression.
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const RING_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
     /// Everything the transport adds to a device's own bits.
     pub const TRANSPORT: u64 = VERSION_1 | RING_INDIRECT_DESC | RING_EVENT_IDX;
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn bits_are_the_spec_values() {
+            assert_eq!(VERSION_1, 1 << 32);
+            assert_eq!(RING_INDIRECT_DESC, 1 << 28);
+            assert_eq!(RING_EVENT_IDX, 1 << 29);
+            assert_eq!(
+                [
+                    crate::status::ACKNOWLEDGE,
+                    crate::status::DRIVER,
+                    crate::status::DRIVER_OK,
+                    crate::status::FEATURES_OK,
+                    crate::status::DEVICE_NEEDS_RESET,
+                    crate::status::FAILED,
+                ],
+                [1, 2, 4, 8, 0x40, 0x80]
+            );
+        }
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
