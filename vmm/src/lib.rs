@@ -131,12 +131,6 @@ pub enum Error {
     /// A TAP could not be opened.
     #[error(transparent)]
     Net(#[from] tvm_virtio_net::Error),
-    /// A BAR could not be mapped where the VMM placed it.
-    #[error("cannot map the bar of {0}: {1}")]
-    MapBar(String, String),
-    /// KVM_IOEVENTFD failed.
-    #[error("failed to register a queue notification ioeventfd")]
-    RegisterIoevent(#[source] kvm_ioctls::Error),
     /// An EventFd could not be created.
     #[error("failed to create an eventfd")]
     EventFd(#[source] std::io::Error),

@@ -252,7 +252,13 @@ impl Vmm {
         // Guest RAM.
         let ram = layout::ram_ranges(cfg.mem_size);
         let mem = tvm_memory::create_guest_memory(&ram)?;
-        tvm_memory::register_memory_slots(&vm, &mem)?;
+        // SAFETY: `register_memory_slots` needs `mem`'s regions mapped for as long as the VM
+        // can use the slots. `mem` moves into the returned `Vmm` (its clones into the
+        // devices), which lives until `run` returns; the guest only touches its memory from
+        // a vCPU in KVM_RUN, and `run` joins every vCPU thread before it returns, except a
+        // thread that does not stop in time: then `stop_vcpus` keeps a clone of `mem` for
+        // the rest of the process.
+        unsafe { tvm_memory::register_memory_slots(&vm, &mem)? };
 
         // Kernel, command line, initrd, zero page.
         let kernel = tvm_arch_x86::load_kernel(&mem, &mut kernel_file)?;
@@ -287,7 +293,7 @@ impl Vmm {
 
         // Devices on the port bus.
         let mut io = IoManager::new();
-        let com1 = IrqLine::new(tvm_irq::COM1_GSI)?;
+        let com1 = IrqLine::new(tvm_arch_x86::layout::COM1_GSI)?;
         com1.register(&vm)?;
         // The serial-out thread installs its filter before it writes anything.
         let install = seccomp.installer(ThreadKind::SerialOut);
@@ -450,7 +456,7 @@ impl Vmm {
                     // Threads already started are waiting on the barrier: stop them first.
                     self.stop.store(true, Ordering::Release);
                     barrier.wait();
-                    stop_vcpus(threads, &self.stop);
+                    stop_vcpus(threads, &self.stop, &self.mem);
                     drop(raw);
                     return Err(Error::SpawnVcpu(e));
                 }
@@ -466,7 +472,7 @@ impl Vmm {
         if let Err(e) = filtered {
             self.stop.store(true, Ordering::Release);
             barrier.wait();
-            stop_vcpus(threads, &self.stop);
+            stop_vcpus(threads, &self.stop, &self.mem);
             drop(raw);
             return Err(e);
         }
@@ -487,7 +493,7 @@ impl Vmm {
         self.times.mark(Phase::Exit);
         let reason = self.exit.reason();
         info!("shutting down: {reason:?}");
-        stop_vcpus(threads, &self.stop);
+        stop_vcpus(threads, &self.stop, &self.mem);
         self.flush_disks();
         for net in &self.nets {
             net.lock()
@@ -605,7 +611,11 @@ impl Vmm {
 }
 
 /// Asks every vCPU thread to stop, kicks it out of KVM_RUN until it does, and joins it.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) {
+///
+/// A thread that does not stop may still run the guest, so guest memory must stay mapped
+/// (the contract of [`tvm_memory::register_memory_slots`]): a clone of `mem` is then kept
+/// until the process exits.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool, mem: &GuestMemoryMmap) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     for t in threads {
@@ -622,6 +632,9 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) {
             }
         } else {
             warn!("a vcpu thread did not stop within {SHUTDOWN_GRACE:?}");
+            // Leaking the mapping is the only way to keep it valid for a thread we cannot
+            // join; the process is about to exit anyway.
+            std::mem::forget(mem.clone());
         }
     }
 }

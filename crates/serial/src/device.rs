@@ -7,7 +7,8 @@ use std::io::{self, Write};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use log::{debug, warn};
+use log::debug;
+use tvm_util::{warn_once, WarnOnce};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::{Error as SerialError, SerialEvents};
@@ -110,7 +111,7 @@ impl SerialEvents for SerialEventsImpl {
 pub struct SerialDevice<W: Write + Send> {
     serial: Serial<EventFdTrigger, SerialEventsImpl, W>,
     /// Whether a failed interrupt trigger was already reported, so a guest cannot flood the log.
-    trigger_error_reported: bool,
+    trigger_error: WarnOnce,
 }
 
 impl<W: Write + Send> SerialDevice<W> {
@@ -138,7 +139,7 @@ impl<W: Write + Send> SerialDevice<W> {
                 SerialEventsImpl::new()?,
                 out,
             ),
-            trigger_error_reported: false,
+            trigger_error: WarnOnce::new(),
         })
     }
 
@@ -252,12 +253,10 @@ impl<W: Write + Send> SerialDevice<W> {
     }
 
     fn report_trigger_error(&mut self, e: &io::Error) {
-        if !self.trigger_error_reported {
-            self.trigger_error_reported = true;
-            warn!("serial: cannot raise the interrupt: {e}");
-        } else {
-            debug!("serial: cannot raise the interrupt: {e}");
-        }
+        warn_once!(
+            self.trigger_error,
+            "serial: cannot raise the interrupt: {e}"
+        );
     }
 }
 
@@ -517,5 +516,43 @@ mod tests {
         let clone = trigger.try_clone().unwrap();
         trigger.trigger().unwrap();
         assert_eq!(clone.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn test_failed_interrupt_is_one_warning() {
+        tvm_util::test_log::start();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev =
+            SerialDevice::with_interrupt_evt(evt.try_clone().unwrap(), SharedBuf::default())
+                .unwrap();
+        // A full eventfd counter: every further write fails with EAGAIN.
+        evt.write(u64::MAX - 1).unwrap();
+        // Enabling THRI raises the interrupt at once, or tries to...
+        dev.write_register(1, 0x02);
+        // ...and so does every transmitted byte, once the last one was acknowledged.
+        for b in *b"ab" {
+            dev.read_register(2);
+            dev.write_register(0, b);
+        }
+        assert_eq!(dev.writer().contents(), b"ab");
+        let warnings = tvm_util::test_log::lines(log::Level::Warn);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("serial: cannot raise the interrupt: "),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[0].ends_with("(repeats are logged at debug level)"),
+            "{warnings:?}"
+        );
+        let debug = tvm_util::test_log::lines(log::Level::Debug);
+        assert_eq!(
+            debug
+                .iter()
+                .filter(|l| l.starts_with("serial: cannot raise the interrupt"))
+                .count(),
+            2,
+            "{debug:?}"
+        );
     }
 }
