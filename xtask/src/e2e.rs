@@ -33,6 +33,10 @@ pub struct Args {
     /// Limit for the whole run, in seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Run only the durability power cut (nested runs: one outer boot, one inner boot), to
+    /// check a change to how the VMM flushes its disks without the whole run.
+    #[arg(long)]
+    pub durability_only: bool,
 }
 
 /// The driver's arguments, with the three paths it needs.
@@ -54,7 +58,7 @@ fn driver_args(
 /// and for the durability phase after the checks: the checks' driver gets the rest as its
 /// own `--timeout`, so that it reports its own overrun, with the console, before the outer
 /// guest is killed.
-const NESTED_RESERVE: Duration = Duration::from_secs(300);
+const NESTED_RESERVE: Duration = Duration::from_secs(150);
 /// The power-cut driver's `--timeout`: one inner boot and 8 MiB of fsync'ed writes.
 const POWER_CUT_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long the power-cut driver waits to be killed after asking for it.
@@ -63,19 +67,23 @@ const POWER_CUT_WAIT: Duration = Duration::from_secs(60);
 /// directly on this host before killing it.
 const DIRECT_GRACE: Duration = Duration::from_secs(60);
 
-/// The payload of a nested run: the driver with `main_args`, `sync`, its status on the
-/// console as `E2E-MAIN-EXIT <n>`; then, when `power_cut_args` is given and the checks
+/// The payload of a nested run: the driver with `main_args` (none: status 0), `sync`, its
+/// status on the console as `E2E-MAIN-EXIT <n>`; then, when `power_cut_args` is given and the checks
 /// passed, the durability phase: the outer guest stops writing back dirty pages on its own
 /// (no periodic flusher, nothing expires for an hour), so that what the inner VMM writes
 /// to the durability drives reaches the host files only through its FLUSH (fdatasync on the
 /// outer block device), and the driver in `power-cut` mode, which prints
 /// [`POWER_CUT_MARK`] for xtask to kill the outer QEMU.
-fn nested_payload(main_args: &[String], power_cut_args: Option<&[String]>) -> String {
-    let mut script = format!(
-        "{pin} /tvm/tvm-e2e {main}\nrc=$?\nsync\necho \"E2E-MAIN-EXIT $rc\"\n",
-        pin = outer::PIN_TO_ONE_CPU,
-        main = util::shell_join(main_args),
-    );
+fn nested_payload(main_args: Option<&[String]>, power_cut_args: Option<&[String]>) -> String {
+    let mut script = match main_args {
+        Some(args) => format!(
+            "{pin} /tvm/tvm-e2e {main}\nrc=$?\nsync\n",
+            pin = outer::PIN_TO_ONE_CPU,
+            main = util::shell_join(args),
+        ),
+        None => "rc=0\n".to_string(),
+    };
+    script.push_str("echo \"E2E-MAIN-EXIT $rc\"\n");
     if let Some(args) = power_cut_args {
         script.push_str(&format!(
             "if [ $rc -eq 0 ]; then\n\
@@ -209,6 +217,28 @@ pub fn run_driver(
     verbose: bool,
     timeout: Duration,
 ) -> Result<(i32, String)> {
+    run_driver_with(
+        mode,
+        extra_args,
+        extra_files,
+        initrd,
+        verbose,
+        timeout,
+        false,
+    )
+}
+
+/// [`run_driver`]; with `durability_only` (nested, checks mode only) the payload skips
+/// the checks and runs only the durability power cut.
+fn run_driver_with(
+    mode: &[&str],
+    extra_args: &[&str],
+    extra_files: &[(std::path::PathBuf, String)],
+    initrd: Option<&std::path::Path>,
+    verbose: bool,
+    timeout: Duration,
+    durability_only: bool,
+) -> Result<(i32, String)> {
     let vmm = outer::build_static("tvm-vmm", "vmm")?;
     let driver = outer::build_static("tvm-tests", "tvm-e2e")?;
     let images = guest::ensure_prepared()?;
@@ -234,6 +264,12 @@ pub fn run_driver(
         extra.extend(kernel.iter().map(String::as_str));
     }
     if outer::kvm_is_usable_directly() {
+        if durability_only {
+            bail!(
+                "--durability-only needs the nested run: the power cut is of the outer guest \
+                 (this host's /dev/kvm runs the VMM directly)"
+            );
+        }
         let disk = scratch_disk.to_string_lossy().into_owned();
         let ro = scratch_ro.to_string_lossy().into_owned();
         let limit = timeout.as_secs().to_string();
@@ -307,7 +343,8 @@ pub fn run_driver(
             &more,
         )
     });
-    let mut run = OuterRun::new(nested_payload(&args, power_cut_args.as_deref()))
+    let main_args = (!durability_only).then_some(args.as_slice());
+    let mut run = OuterRun::new(nested_payload(main_args, power_cut_args.as_deref()))
         .file(&vmm, "vmm")
         .file(&driver, "tvm-e2e")
         .with_test_guest(&images);
@@ -374,7 +411,9 @@ pub fn run_driver(
     };
     let mut checks = Vec::new();
     if let Some(ro_before) = ro_before {
-        checks = host_disk_checks(&report, &scratch_disk, &scratch_ro, ro_before, &fs_tools);
+        if !durability_only {
+            checks = host_disk_checks(&report, &scratch_disk, &scratch_ro, ro_before, &fs_tools);
+        }
         if code == 0 {
             checks.extend(power_cut_checks(
                 &report, &outcome, &dur_raw, &dur_ext4, &fs_tools,
@@ -661,13 +700,14 @@ fn tail(text: &str, lines: usize) -> String {
 pub fn main(args: Args) -> Result<ExitCode> {
     let flood = args.flood_kib.to_string();
     let net_mib = args.net_mib.to_string();
-    let (code, _) = run_driver(
+    let (code, _) = run_driver_with(
         &[],
         &["--flood-kib", &flood, "--net-mib", &net_mib],
         &[],
         None,
         args.verbose,
         Duration::from_secs(args.timeout),
+        args.durability_only,
     )?;
     if code == 0 {
         println!("xtask: end-to-end tests passed");
@@ -695,7 +735,7 @@ mod tests {
     fn nested_payload_cuts_the_power_only_after_passing_checks() {
         let main = vec!["--vmm".to_string(), "/tvm/vmm".to_string()];
         let cut = vec!["power-cut".to_string(), "--dur-raw".to_string()];
-        let script = nested_payload(&main, Some(&cut));
+        let script = nested_payload(Some(&main), Some(&cut));
         let st = Command::new("sh")
             .args(["-n", "-c", &script])
             .status()
@@ -712,7 +752,17 @@ mod tests {
         assert!(script.contains("if [ $rc -eq 0 ]"), "{script}");
         assert!(script.contains("360000 >/proc/sys/vm/dirty_expire_centisecs"));
         assert!(script.contains(outer::PIN_TO_ONE_CPU));
-        let plain = nested_payload(&main, None);
+        let plain = nested_payload(Some(&main), None);
+        let only = nested_payload(None, Some(&cut));
+        assert!(
+            !only.contains("--vmm") && only.contains("/tvm/tvm-e2e power-cut"),
+            "{only}"
+        );
+        let st = Command::new("sh")
+            .args(["-n", "-c", &only])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{only}");
         assert!(
             !plain.contains("power-cut") && !plain.contains("dirty_"),
             "{plain}"
