@@ -86,12 +86,12 @@ fn nested_payload(main_args: Option<&[String]>, power_cut_args: Option<&[String]
     script.push_str("echo \"E2E-MAIN-EXIT $rc\"\n");
     if let Some(args) = power_cut_args {
         script.push_str(&format!(
-            "if [ $rc -eq 0 ]; then\n\
-             \x20   echo 0 >/proc/sys/vm/dirty_writeback_centisecs\n\
-             \x20   echo 360000 >/proc/sys/vm/dirty_expire_centisecs\n\
+            "if [ $rc -eq 0 ]; then\n{}fi\n\
+             if [ $rc -eq 0 ]; then\n\
              \x20   {pin} /tvm/tvm-e2e {args}\n\
              \x20   rc=$?\n\
              fi\n",
+            outer::no_writeback_script(&DURABILITY_DEVICES),
             pin = outer::PIN_TO_ONE_CPU,
             args = util::shell_join(args),
         ));
@@ -101,6 +101,9 @@ fn nested_payload(main_args: Option<&[String]>, power_cut_args: Option<&[String]
     script.push_str("sync\nexit $rc\n");
     script
 }
+
+/// The outer guest's devices of the durability drives (its third and fourth).
+const DURABILITY_DEVICES: [&str; 2] = ["vdc", "vdd"];
 
 /// The text the power-cut driver prints when the guest's writes are fsync'ed (the
 /// driver's `POWER_CUT_MARK`).
@@ -330,6 +333,7 @@ fn run_driver_with(
             POWER_CUT_TIMEOUT.as_secs().to_string(),
             POWER_CUT_WAIT.as_secs().to_string(),
         );
+        debug_assert_eq!(drives[2], format!("/dev/{}", DURABILITY_DEVICES[0]));
         let mut more = vec!["--dur-raw", &drives[2], "--dur-ext4", &drives[3]];
         more.extend(["--timeout", &limit, "--power-cut-wait", &wait]);
         if verbose {
@@ -751,6 +755,7 @@ mod tests {
         );
         assert!(script.contains("if [ $rc -eq 0 ]"), "{script}");
         assert!(script.contains("360000 >/proc/sys/vm/dirty_expire_centisecs"));
+        assert!(script.contains("for d in vdc vdd; do"), "{script}");
         assert!(script.contains(outer::PIN_TO_ONE_CPU));
         let plain = nested_payload(Some(&main), None);
         let only = nested_payload(None, Some(&cut));

@@ -79,6 +79,27 @@ pub fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
 /// between them sees its clock stall or jump, and dies at random.
 pub const PIN_TO_ONE_CPU: &str = "taskset -c 1";
 
+/// Shell lines (for a payload) that stop the outer guest from writing dirty pages of
+/// `devices` (`vdc`, ...) back on its own, so that they reach the drives' host files only
+/// when a process flushes them (fsync, fdatasync, sync, the last close of the device):
+/// no periodic flusher (`dirty_writeback_centisecs=0`), nothing expires for an hour, and
+/// each device gets a reserved share of the background threshold (`min_ratio` 20%, about
+/// 30 MiB or more here). Without the reserve, a device that has written nothing yet has a
+/// share of 0, and its first dirty pages start background writeback at once (seen: the
+/// first 1 MiB of an unflushed 4 MiB reached the host file). A step that fails prints
+/// `E2E FAIL durability-setup` and sets `rc=1`.
+pub fn no_writeback_script(devices: &[&str]) -> String {
+    format!(
+        "echo 0 >/proc/sys/vm/dirty_writeback_centisecs || rc=1\n\
+         echo 360000 >/proc/sys/vm/dirty_expire_centisecs || rc=1\n\
+         for d in {}; do\n\
+         \x20   echo 20 >/sys/class/bdi/$(cat /sys/block/$d/dev)/min_ratio || rc=1\n\
+         done\n\
+         [ $rc -eq 0 ] || echo \"E2E FAIL durability-setup: cannot stop the outer writeback\"\n",
+        devices.join(" ")
+    )
+}
+
 /// The outer guest's CPU model (`TVM_OUTER_CPU` overrides it).
 const OUTER_CPU: &str = "max";
 
@@ -572,16 +593,16 @@ mod tests {
             .iter()
             .map(|n| dir.join(format!("power-cut-test-{}-{n}.img", std::process::id())))
             .collect();
-        let mut run = OuterRun::new(
-            "echo 0 >/proc/sys/vm/dirty_writeback_centisecs\n\
-             echo 360000 >/proc/sys/vm/dirty_expire_centisecs\n\
+        let mut run = OuterRun::new(format!(
+            "rc=0\n{}[ $rc -eq 0 ] || exit 1\n\
              exec 3</dev/vda 4</dev/vdb\n\
              yes tvm-power-cut | head -c 1048576 >/tmp/data\n\
              dd if=/tmp/data of=/dev/vda bs=1M 2>/dev/null\n\
              dd if=/tmp/data of=/dev/vdb bs=1M conv=fsync 2>/dev/null\n\
              echo CUT-THE-POWER-NOW\n\
              sleep 600\n",
-        );
+            no_writeback_script(&["vda", "vdb"])
+        ));
         for image in &images {
             fs::write(image, vec![0u8; 4 << 20]).unwrap();
             run.drive(image, false);
