@@ -16,7 +16,8 @@ use tvm_vmm::{error_chain, logger, run_vm, terminal};
 /// A KVM virtual machine monitor for x86_64 Linux guests.
 ///
 /// The guest's serial console (ttyS0) is this terminal; press Ctrl-A x to quit. A guest
-/// `reboot` or `poweroff` (or a triple fault) ends the VMM with exit code 0.
+/// `reboot` or `poweroff` (or a triple fault) ends the VMM with exit code 0; a guest kernel
+/// panic reported through pvpanic ends it with exit code 2.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]
 struct Cli {
@@ -104,6 +105,9 @@ fn main() -> ExitCode {
             match &reason {
                 ExitReason::Error(text) => {
                     eprintln!("vmm: error: {text}");
+                }
+                ExitReason::GuestPanic => {
+                    log::error!("guest panicked (pvpanic); exit code {}", reason.exit_code())
                 }
                 other => log::info!("guest stopped: {other:?}"),
             }

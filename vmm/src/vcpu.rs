@@ -19,13 +19,18 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::seccomp::ThreadKind;
 use crate::timing::{BootTimes, Phase};
 
+/// The process exit code of a run that ended in a guest panic.
+pub const GUEST_PANIC_EXIT_CODE: i32 = 2;
+
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
     /// The guest reset the machine (i8042 0xFE, or a KVM reset event).
     GuestReset,
-    /// The guest powered off (KVM shutdown system event).
+    /// The guest powered off (ACPI S5, or a KVM shutdown system event).
     GuestPowerOff,
+    /// The guest kernel panicked and said so through the pvpanic device.
+    GuestPanic,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN), how a reboot without reset hardware ends.
     TripleFault,
     /// The guest halted with no way to wake up (only without the in-kernel irqchip).
@@ -43,6 +48,7 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::Error(_) => 1,
+            ExitReason::GuestPanic => GUEST_PANIC_EXIT_CODE,
             _ => 0,
         }
     }
@@ -390,5 +396,6 @@ mod tests {
         assert_eq!(evt.read().unwrap(), 2);
         assert_eq!(ExitReason::GuestReset.exit_code(), 0);
         assert_eq!(ExitReason::Error("x".into()).exit_code(), 1);
+        assert_eq!(ExitReason::GuestPanic.exit_code(), 2);
     }
 }
