@@ -17,7 +17,7 @@ use tvm_vmm::{error_chain, logger, run_vm, terminal};
 ///
 /// The guest's serial console (ttyS0) is this terminal; press Ctrl-A x to quit. A guest
 /// `reboot` or `poweroff` (or a triple fault) ends the VMM with exit code 0; a guest kernel
-/// panic reported through pvpanic ends it with exit code 2.
+/// panic reported through pvpanic ends it with exit code 3.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]
 struct Cli {

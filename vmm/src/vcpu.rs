@@ -19,8 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::seccomp::ThreadKind;
 use crate::timing::{BootTimes, Phase};
 
-/// The process exit code of a run that ended in a guest panic.
-pub const GUEST_PANIC_EXIT_CODE: i32 = 2;
+/// The process exit code of a run that ended in a guest panic (1 is a VMM error, 2 is
+/// clap's command-line syntax error).
+pub const GUEST_PANIC_EXIT_CODE: i32 = 3;
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,6 +397,6 @@ mod tests {
         assert_eq!(evt.read().unwrap(), 2);
         assert_eq!(ExitReason::GuestReset.exit_code(), 0);
         assert_eq!(ExitReason::Error("x".into()).exit_code(), 1);
-        assert_eq!(ExitReason::GuestPanic.exit_code(), 2);
+        assert_eq!(ExitReason::GuestPanic.exit_code(), 3);
     }
 }

@@ -155,7 +155,7 @@ fn kvm_pvpanic_ends_the_run_as_a_guest_panic() {
         stdout.contains("pvpanic offers 3"),
         "stdout {stdout:?} stderr {stderr:?}"
     );
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
     // At the default log level, an error naming the panic.
     assert!(stderr.contains("ERROR"), "{stderr}");
     assert!(stderr.contains("guest panicked"), "{stderr}");
