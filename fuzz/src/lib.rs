@@ -23,6 +23,7 @@
 pub mod cmdline;
 pub mod guest;
 pub mod kernel;
+pub mod legacy;
 pub mod logger;
 pub mod net;
 pub mod pci;

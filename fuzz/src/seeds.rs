@@ -16,7 +16,7 @@ use crate::guest::{raw_desc, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::SeedWriter;
 
 /// The fuzz targets, by name (the files in `fuzz_targets/`).
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "virtqueue",
     "virtio_blk",
     "virtio_net_tx",
@@ -24,6 +24,7 @@ pub const TARGETS: [&str; 9] = [
     "virtio_pci",
     "pci_config",
     "serial",
+    "legacy",
     "kernel_loader",
     "cmdline",
 ];
@@ -42,6 +43,7 @@ pub fn run_target(target: &str, data: &[u8]) {
         "virtio_pci" => crate::virtio_pci::run(data),
         "pci_config" => crate::pci::run(data),
         "serial" => crate::serial::run(data),
+        "legacy" => crate::legacy::run(data),
         "kernel_loader" => crate::kernel::run(data),
         "cmdline" => crate::cmdline::run(data),
         other => panic!("unknown fuzz target {other}"),
@@ -58,6 +60,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "virtio_pci" => virtio_pci(),
         "pci_config" => pci_config(),
         "serial" => serial(),
+        "legacy" => legacy(),
         "kernel_loader" => kernel_loader(),
         "cmdline" => cmdline(),
         _ => Vec::new(),
@@ -426,6 +429,84 @@ fn serial() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("seed-registers-and-input", plain),
         ("seed-fill-and-exit", w.finish()),
+    ]
+}
+
+/// One port access in `tvm_fuzz::legacy`'s layout (a one-byte access unless `width` says).
+fn port_access(w: &mut SeedWriter, port: u16, width: u8, write: Option<u32>) {
+    let sel = crate::legacy::PORTS
+        .iter()
+        .position(|&p| p == port)
+        .expect("a listed port") as u8;
+    let width_sel = match width {
+        1 => 0,
+        2 => 1,
+        _ => 2,
+    };
+    w.u8(u8::from(write.is_some())).u8(sel).u8(width_sel);
+    if let Some(v) = write {
+        w.u32(v);
+    }
+}
+
+fn legacy() -> Vec<(&'static str, Vec<u8>)> {
+    // Linux's i8042 probe: flush, self test, read and write the control register, the aux
+    // loopback with its status bit, the mux probe, then a reset.
+    let mut w = SeedWriter::new();
+    let (data, cmd) = (0x60, 0x64);
+    port_access(&mut w, cmd, 1, None);
+    port_access(&mut w, data, 1, None);
+    for (c, param) in [(0xaa, None), (0x20, None), (0x60, Some(0x65)), (0x20, None)] {
+        port_access(&mut w, cmd, 1, Some(c));
+        if let Some(p) = param {
+            port_access(&mut w, data, 1, Some(p));
+        }
+        port_access(&mut w, cmd, 1, None);
+        port_access(&mut w, data, 1, None);
+    }
+    for v in [0x5a, 0xf0, 0x56, 0xa4] {
+        port_access(&mut w, cmd, 1, Some(0xd3));
+        port_access(&mut w, data, 1, Some(v));
+        port_access(&mut w, cmd, 1, None);
+        port_access(&mut w, data, 1, None);
+    }
+    for c in [0xa7, 0xa8, 0xad, 0xae, 0xa9, 0xab, 0xd2] {
+        port_access(&mut w, cmd, 1, Some(c));
+        port_access(&mut w, cmd, 1, None);
+    }
+    port_access(&mut w, data, 1, Some(0x42));
+    port_access(&mut w, data, 1, None);
+    port_access(&mut w, cmd, 1, Some(0xfe));
+    let i8042 = w.finish();
+
+    // rtc-cmos: the clock registers with the NMI bit set, NVRAM, then the PM1 block as
+    // ACPICA drives it (enable, SLP_TYP, SLP_TYP | SLP_EN as a word), and pvpanic.
+    let mut w = SeedWriter::new();
+    for reg in [
+        0x0d, 0x0a, 0x00, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32, 0x0b, 0x0c,
+    ] {
+        port_access(&mut w, 0x70, 1, Some(0x80 | reg));
+        port_access(&mut w, 0x71, 1, None);
+    }
+    port_access(&mut w, 0x70, 1, Some(0x40));
+    port_access(&mut w, 0x71, 1, Some(0xab));
+    port_access(&mut w, 0x71, 1, None);
+    port_access(&mut w, 0x70, 1, None);
+    port_access(&mut w, 0x80, 1, Some(0));
+    port_access(&mut w, 0x600, 4, None);
+    port_access(&mut w, 0x602, 2, Some(0x0120));
+    port_access(&mut w, 0x604, 2, Some(0x1401));
+    port_access(&mut w, 0x604, 2, None);
+    port_access(&mut w, 0x604, 2, Some(0x3401));
+    port_access(&mut w, 0x605, 1, Some(0x34));
+    port_access(&mut w, 0x505, 1, None);
+    port_access(&mut w, 0x505, 1, Some(2));
+    port_access(&mut w, 0x505, 1, Some(1));
+    port_access(&mut w, 0x606, 1, Some(0));
+    port_access(&mut w, 0x604, 4, Some(0));
+    vec![
+        ("seed-i8042-probe", i8042),
+        ("seed-rtc-pm-pvpanic", w.finish()),
     ]
 }
 

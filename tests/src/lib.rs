@@ -288,6 +288,12 @@ impl Asm {
         self
     }
 
+    /// `in al, dx`.
+    pub fn in_al_dx(mut self) -> Self {
+        self.code.push(0xec);
+        self
+    }
+
     /// `in eax, dx`.
     pub fn in_eax_dx(mut self) -> Self {
         self.code.push(0xed);

@@ -2,7 +2,8 @@
 //! Linux kernel and runs it until the guest or the user ends it.
 //!
 //! Threads: the main thread runs the event loop (event-manager over epoll: console input,
-//! the exit requests of vCPUs, the i8042 reset line, Ctrl-A x and termination signals); one
+//! the exit requests of vCPUs, the i8042 reset line, the ACPI power-off and pvpanic
+//! signals of tvm-legacy's devices, Ctrl-A x and termination signals); one
 //! thread per vCPU runs KVM_RUN and dispatches port and MMIO exits to the bus; a
 //! "serial-out" thread writes the console to stdout so that a stalled terminal never blocks
 //! a vCPU.
@@ -13,7 +14,6 @@
 mod acpi;
 pub mod config;
 pub mod dump;
-pub mod legacy;
 pub mod logger;
 pub mod seccomp;
 pub mod terminal;
@@ -122,6 +122,9 @@ pub enum Error {
     /// Serial console set-up.
     #[error(transparent)]
     Serial(#[from] tvm_serial::Error),
+    /// Legacy device set-up.
+    #[error(transparent)]
+    Legacy(#[from] tvm_legacy::Error),
     /// A virtio device could not be set up.
     #[error(transparent)]
     Virtio(#[from] tvm_virtio::Error),

@@ -16,7 +16,8 @@ use tvm_vmm::{error_chain, logger, run_vm, terminal};
 /// A KVM virtual machine monitor for x86_64 Linux guests.
 ///
 /// The guest's serial console (ttyS0) is this terminal; press Ctrl-A x to quit. A guest
-/// `reboot` or `poweroff` (or a triple fault, with a warning) ends the VMM with exit code 0.
+/// `reboot` or `poweroff` (or a triple fault, with a warning) ends the VMM with exit code 0;
+/// a guest kernel panic reported through pvpanic ends it with exit code 3.
 /// `kill -USR2` logs each vCPU's and device's state and lets the guest run on.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]

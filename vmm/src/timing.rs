@@ -201,6 +201,7 @@ mod tests {
         for reason in [
             ExitReason::GuestReset,
             ExitReason::GuestPowerOff,
+            ExitReason::GuestPanic,
             ExitReason::TripleFault,
             ExitReason::Halted,
             ExitReason::ConsoleEscape,
@@ -217,6 +218,7 @@ mod tests {
             [
                 "exit_reason=reboot",
                 "exit_reason=poweroff",
+                "exit_reason=panic",
                 "exit_reason=triple_fault",
                 "exit_reason=halted",
                 "exit_reason=console_escape",

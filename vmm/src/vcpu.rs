@@ -21,13 +21,19 @@ use crate::dump::{ExitKind, ExitStats, SymbolMap, VcpuSnapshot};
 use crate::seccomp::ThreadKind;
 use crate::timing::{BootTimes, Phase};
 
+/// The process exit code of a run that ended in a guest panic (1 is a VMM error, 2 is
+/// clap's command-line syntax error).
+pub const GUEST_PANIC_EXIT_CODE: i32 = 3;
+
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
     /// The guest reset the machine (i8042 0xFE, or a KVM reset event).
     GuestReset,
-    /// The guest powered off (KVM shutdown system event).
+    /// The guest powered off (ACPI S5, or a KVM shutdown system event).
     GuestPowerOff,
+    /// The guest kernel panicked and said so through the pvpanic device.
+    GuestPanic,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN), how a reboot without reset hardware ends.
     TripleFault,
     /// The guest halted with no way to wake up (only without the in-kernel irqchip).
@@ -45,6 +51,7 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::Error(_) => 1,
+            ExitReason::GuestPanic => GUEST_PANIC_EXIT_CODE,
             _ => 0,
         }
     }
@@ -57,6 +64,7 @@ impl ExitReason {
         match self {
             ExitReason::GuestReset => "reboot",
             ExitReason::GuestPowerOff => "poweroff",
+            ExitReason::GuestPanic => "panic",
             ExitReason::TripleFault => "triple_fault",
             ExitReason::Halted => "halted",
             ExitReason::ConsoleEscape => "console_escape",
@@ -72,6 +80,9 @@ impl ExitReason {
                 "the guest rebooted (cpu reset through the i8042, or a kvm reset event)".into()
             }
             ExitReason::GuestPowerOff => "the guest powered off (acpi s5)".into(),
+            ExitReason::GuestPanic => {
+                format!("the guest panicked (pvpanic); exit code {GUEST_PANIC_EXIT_CODE}")
+            }
             ExitReason::TripleFault => "the guest triple-faulted (KVM_EXIT_SHUTDOWN): a crash, \
                  unless it rebooted with reboot=t; its state is in the warning above"
                 .into(),
@@ -87,7 +98,7 @@ impl ExitReason {
     pub fn log_level(&self) -> Level {
         match self {
             ExitReason::TripleFault => Level::Warn,
-            ExitReason::Error(_) => Level::Error,
+            ExitReason::Error(_) | ExitReason::GuestPanic => Level::Error,
             ExitReason::GuestReset
             | ExitReason::GuestPowerOff
             | ExitReason::Halted
@@ -552,6 +563,12 @@ mod tests {
                 "powered off",
             ),
             (
+                ExitReason::GuestPanic,
+                "panic",
+                Level::Error,
+                "the guest panicked (pvpanic); exit code 3",
+            ),
+            (
                 ExitReason::TripleFault,
                 "triple_fault",
                 Level::Warn,
@@ -651,5 +668,6 @@ mod tests {
         assert_eq!(evt.read().unwrap(), 2);
         assert_eq!(ExitReason::GuestReset.exit_code(), 0);
         assert_eq!(ExitReason::Error("x".into()).exit_code(), 1);
+        assert_eq!(ExitReason::GuestPanic.exit_code(), 3);
     }
 }

@@ -14,6 +14,10 @@ use tvm_bus::{
     register_pio_device, IoManager, PciMmioWindow, PciRoot, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
 use tvm_irq::IrqLine;
+use tvm_legacy::{
+    Cmos, DebugPort, Pvpanic, CMOS_PORT, CMOS_PORT_LEN, DEBUG_PORT, I8042, I8042_COMMAND_PORT,
+    I8042_DATA_PORT,
+};
 use tvm_memory::GuestMemoryMmap;
 use tvm_serial::{
     stdin_source, NonBlockingWriter, OutputThread, SerialDevice, SerialInput, COM1_PORT_BASE,
@@ -28,9 +32,6 @@ use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
 use crate::dump::SymbolMap;
-use crate::legacy::{
-    Cmos, DebugPort, CMOS_PORT, DEBUG_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT,
-};
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
@@ -86,6 +87,8 @@ const RESET_EVT: u32 = 2;
 const ESCAPE_EVT: u32 = 3;
 const SIGNAL_EVT: u32 = 4;
 const DUMP_EVT: u32 = 5;
+const POWEROFF_EVT: u32 = 6;
+const PANIC_EVT: u32 = 7;
 
 /// The event-loop subscriber that turns stop requests into an exit reason.
 #[derive(Debug)]
@@ -97,6 +100,10 @@ struct Control {
     signal_evt: EventFd,
     /// Written by the SIGUSR2 handler.
     dump_evt: EventFd,
+    /// The ACPI PM1a block's S5 signal.
+    poweroff_evt: EventFd,
+    /// The pvpanic device's signal.
+    panic_evt: EventFd,
     done: Arc<AtomicBool>,
     /// Set when a state dump was asked for; `Vmm::run` does it between two event batches.
     dump: Arc<AtomicBool>,
@@ -106,7 +113,14 @@ impl MutEventSubscriber for Control {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let (evt, reason) = match events.data() {
             EXIT_EVT => (&self.exit_evt, None),
+            // A panicking guest goes on to reboot (panic=N): when both are pending, the
+            // panic is the reason.
+            RESET_EVT | POWEROFF_EVT if self.panic_evt.read().is_ok() => {
+                (&self.panic_evt, Some(ExitReason::GuestPanic))
+            }
             RESET_EVT => (&self.reset_evt, Some(ExitReason::GuestReset)),
+            POWEROFF_EVT => (&self.poweroff_evt, Some(ExitReason::GuestPowerOff)),
+            PANIC_EVT => (&self.panic_evt, Some(ExitReason::GuestPanic)),
             ESCAPE_EVT => (&self.escape_evt, Some(ExitReason::ConsoleEscape)),
             SIGNAL_EVT => (
                 &self.signal_evt,
@@ -136,6 +150,8 @@ impl MutEventSubscriber for Control {
             (&self.escape_evt, ESCAPE_EVT),
             (&self.signal_evt, SIGNAL_EVT),
             (&self.dump_evt, DUMP_EVT),
+            (&self.poweroff_evt, POWEROFF_EVT),
+            (&self.panic_evt, PANIC_EVT),
         ] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 error!("failed to watch control event {data}: {e}");
@@ -285,7 +301,8 @@ impl Vmm {
         })?;
         tvm_arch_x86::write_boot_params(&mem, &params)?;
 
-        // Why the VM stops, recorded by the vCPUs and the ACPI power-off.
+        // Why the VM stops, recorded by the vCPUs (and by the event loop for the devices'
+        // signals).
         let exit_evt = eventfd()?;
         let exit = Arc::new(ExitSignal::new(
             exit_evt.try_clone().map_err(Error::EventFd)?,
@@ -308,14 +325,18 @@ impl Vmm {
         )?));
         register_pio_device(&mut io, COM1_PORT_BASE, SERIAL_PORT_SIZE, serial.clone())?;
 
-        let reset_evt = eventfd()?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            reset_evt.try_clone().map_err(Error::EventFd)?,
-        )));
+        let i8042 = I8042::new()?;
+        let reset_evt = i8042.reset_evt().try_clone().map_err(Error::EventFd)?;
+        let i8042 = Arc::new(Mutex::new(i8042));
         register_pio_device(&mut io, I8042_DATA_PORT, 1, i8042.clone())?;
         register_pio_device(&mut io, I8042_COMMAND_PORT, 1, i8042)?;
-        register_pio_device(&mut io, CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new())))?;
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
+        register_pio_device(&mut io, CMOS_PORT, CMOS_PORT_LEN, cmos)?;
         register_pio_device(&mut io, DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort)))?;
+        let pvpanic = Pvpanic::new()?;
+        let panic_evt = pvpanic.panic_evt().try_clone().map_err(Error::EventFd)?;
+        let pvpanic = Arc::new(Mutex::new(pvpanic));
+        register_pio_device(&mut io, tvm_arch_x86::acpi::PVPANIC_PORT, 1, pvpanic)?;
         let pci = Arc::new(Mutex::new(PciRoot::new()));
         register_pio_device(&mut io, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, pci.clone())?;
 
@@ -343,7 +364,7 @@ impl Vmm {
         }
         let pci_irqs = wiring.pci_irqs().to_vec();
         wiring.finish()?;
-        crate::acpi::setup_acpi(&mut io, &mem, cfg.vcpus, &pci_irqs, exit.clone())?;
+        let poweroff_evt = crate::acpi::setup_acpi(&mut io, &mem, cfg.vcpus, &pci_irqs)?;
         let io = Arc::new(io);
 
         // vCPUs.
@@ -394,6 +415,8 @@ impl Vmm {
             escape_evt: eventfd()?,
             signal_evt: eventfd()?,
             dump_evt: eventfd()?,
+            poweroff_evt,
+            panic_evt,
             done: Arc::new(AtomicBool::new(false)),
             dump: Arc::new(AtomicBool::new(false)),
         };

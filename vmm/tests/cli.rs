@@ -143,6 +143,43 @@ fn exit_reason(stderr: &str) -> &str {
 
 #[test]
 #[ignore = "needs /dev/kvm"]
+fn kvm_pvpanic_ends_the_run_as_a_guest_panic() {
+    // What Linux's pvpanic driver does: read the supported events at 0x505 (3), then write
+    // PVPANIC_PANICKED. Then reboot through the i8042 as `panic=1` would: the panic must
+    // still be the reason.
+    let code = Asm::new()
+        .mov_eax(0)
+        .mov_dx(0x505)
+        .in_al_dx()
+        .cmp_eax(3)
+        .jne("bad")
+        .print(0x3f8, b"pvpanic offers 3\n")
+        .mov_dx(0x505)
+        .mov_al(1)
+        .out_dx_al()
+        .mov_al(0xfe)
+        .out_al(0x64)
+        .halt_forever()
+        .label("bad")
+        .print(0x3f8, b"pvpanic offers something else\n")
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel("pvpanic.elf", &code);
+    let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains("pvpanic offers 3"),
+        "stdout {stdout:?} stderr {stderr:?}"
+    );
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    // At the default log level, an error naming the panic.
+    assert!(stderr.contains("ERROR"), "{stderr}");
+    assert!(stderr.contains("guest panicked"), "{stderr}");
+    assert_eq!(exit_reason(&stderr), "panic");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
 fn kvm_triple_fault_ends_the_run_with_a_warning_naming_rip() {
     // 1 GiB is just past the boot identity map: #PF, and with the boot IDT's 8-byte limit
     // that becomes #DF and then a triple fault (KVM_EXIT_SHUTDOWN).

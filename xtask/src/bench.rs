@@ -42,6 +42,10 @@ pub struct Args {
     /// guest-to-host TCP runs at about 0.2 MiB/s).
     #[arg(long, default_value_t = 16)]
     pub net_mib: u64,
+    /// Words added to both guests' kernel command line, e.g. `--append "initcall_debug
+    /// loglevel=8"` with `--verbose` to compare driver initcall times (docs/performance.md).
+    #[arg(long, default_value = "")]
+    pub append: String,
 }
 
 /// A dynamically linked host binary and the shared libraries `ldd` lists for it, as
@@ -105,9 +109,13 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let runs = args.runs.to_string();
     let mut summary = Vec::new();
     if boot {
+        let mut boot_args = vec!["--qemu", qemu.as_str(), "--runs", runs.as_str()];
+        if !args.append.is_empty() {
+            boot_args.extend(["--append", args.append.as_str()]);
+        }
         let (code, report) = run_driver(
             &["boot-time"],
-            &["--qemu", &qemu, "--runs", &runs],
+            &boot_args,
             &files,
             None,
             args.verbose,

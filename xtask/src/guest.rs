@@ -45,6 +45,10 @@ pub const INNER_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    // The pvpanic driver for the ACPI QEMU0001 device: a guest panic ends the VMM with
+    // its own exit reason instead of looking like a reboot.
+    "pvpanic",
+    "pvpanic_mmio",
 ];
 
 /// Modules the outer guest loads: KVM on the emulated AMD SVM, tun for TAP devices, and
@@ -91,6 +95,16 @@ if [ -n "$tvm_ip" ]; then
         echo "init: cannot configure eth0 with $tvm_ip" >&2
     fi
 fi
+# tvm.initcalls=NAME[,NAME...] with initcall_debug prints those initcalls' durations
+# from the kernel log (they are KERN_DEBUG, so not on the console at the default level).
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    tvm.initcalls=*)
+        for name in $(echo "${arg#tvm.initcalls=}" | tr , ' '); do
+            dmesg | grep "initcall $name+" || echo "init: no initcall $name in the log"
+        done ;;
+    esac
+done
 read -r up _ < /proc/uptime
 echo "TVM-READY uptime=$up"
 cd /root

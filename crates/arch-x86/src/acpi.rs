@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! RSDP -> XSDT -> FADT -> FACS
-//!              |       -> DSDT  \_SB.PCI0 (PNP0A03, _CRS, _PRT), COM1, PS/2, RTC; \_S5
+//!              |       -> DSDT  \_SB.PCI0 (PNP0A03, _CRS, _PRT), COM1, PS/2 keyboard,
+//!              |                RTC, pvpanic; \_S5
 //!              -> MADT  local APIC per vCPU, IOAPIC, SCI override, LINT1 NMI
 //! ```
 //!
@@ -27,7 +28,8 @@
 //! - **DSDT**: the PCI host bridge `\_SB.PCI0` with bus 0, the configuration ports
 //!   0xCF8..0xCFF, the I/O windows around them, the memory window [`MMIO_GAP_START`] ..
 //!   [`PCI_MMIO_END`] and a `_PRT` entry for each device's INTx; COM1, the i8042 keyboard
-//!   and mouse ports and the CMOS RTC as PNP devices; and `\_S5` for power-off through
+//!   port (no PS/2 mouse: none is attached) and the CMOS RTC as PNP devices; QEMU's
+//!   pvpanic device (`QEMU0001`) at [`PVPANIC_PORT`]; and `\_S5` for power-off through
 //!   PM1a control.
 //!
 //! There is no MCFG (the PCI bus has no ECAM), no HPET, SRAT or SLIT.
@@ -66,16 +68,11 @@ pub const PM1_EVT_LEN: u8 = 4;
 pub const PM1A_CNT_BLK_PORT: u16 = 0x604;
 /// Length of the PM1a control block.
 pub const PM1_CNT_LEN: u8 = 2;
-/// PM1 control: SCI_EN, the machine is in ACPI mode (always set).
-pub const PM1_CNT_SCI_EN: u16 = 1 << 0;
-/// PM1 control: the sleep type field, bits 10..12.
-pub const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;
-/// PM1 control: mask of the sleep type field.
-pub const PM1_CNT_SLP_TYP_MASK: u16 = 0x7 << PM1_CNT_SLP_TYP_SHIFT;
-/// PM1 control: SLP_EN, enter the sleep state in SLP_TYP (write-only).
-pub const PM1_CNT_SLP_EN: u16 = 1 << 13;
 /// The SLP_TYP value `\_S5` gives for soft-off.
 pub const SLP_TYP_S5: u16 = 5;
+/// The pvpanic port, where QEMU's ISA pvpanic device has it: the DSDT's `\_SB.PEVT`
+/// (`_HID` `QEMU0001`) names it, and the guest writes 1 there when its kernel panics.
+pub const PVPANIC_PORT: u16 = 0x505;
 
 /// The IOAPIC's id (KVM's IOAPIC resets its id register to 0).
 const IOAPIC_ID: u8 = 0;
@@ -205,7 +202,21 @@ fn pnp_device(name: &str, hid: &str, uid: u8, ports: &[(u16, u8)], irq: u32) -> 
     aml_bytes(&aml::Device::new(name.into(), vec![&hid, &uid, &crs]))
 }
 
+/// QEMU's pvpanic device as QEMU's own DSDT describes it (`hw/misc/pvpanic-isa.c`):
+/// `_HID` is the string "QEMU0001" (not an EISA id), and `_CRS` the one I/O port. Linux's
+/// `pvpanic-mmio` driver binds to that `_HID` and takes the port from `_CRS`.
+fn pvpanic_device() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &"QEMU0001");
+    let io = aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io]));
+    aml_bytes(&aml::Device::new("PEVT".into(), vec![&hid, &crs]))
+}
+
 /// The DSDT: the devices under `\_SB` and the `\_S5` sleep object.
+///
+/// The i8042 is described with its keyboard port only: no mouse is attached, and a PS/2
+/// mouse device here would make Linux probe the aux port, which waits 250 ms for an IRQ 12
+/// the controller never raises (docs/performance.md).
 pub fn build_dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
     let pci = pci_host_bridge(pci_irqs);
     let com1 = pnp_device("COM1", "PNP0501", 1, &[(0x3f8, 8)], layout::COM1_GSI);
@@ -216,10 +227,10 @@ pub fn build_dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
         &[(0x60, 1), (0x64, 1)],
         layout::I8042_KBD_GSI,
     );
-    let mouse = pnp_device("PS2M", "PNP0F13", 0, &[], layout::I8042_AUX_GSI);
     let rtc = pnp_device("RTC_", "PNP0B00", 0, &[(0x70, 2)], layout::RTC_GSI);
+    let pvpanic = pvpanic_device();
     let mut devices = Vec::new();
-    for d in [pci, com1, kbd, mouse, rtc] {
+    for d in [pci, com1, kbd, rtc, pvpanic] {
         devices.extend_from_slice(&d);
     }
     let mut body = aml::Scope::raw("\\_SB_".into(), devices);
@@ -610,11 +621,26 @@ mod tests {
         assert!(contains(aml, b"\\_SB_"));
         assert!(contains(aml, b"PCI0"));
         // EISAID("PNP0A03") and the others, as encoded DWords.
-        for id in ["PNP0A03", "PNP0501", "PNP0303", "PNP0F13", "PNP0B00"] {
+        for id in ["PNP0A03", "PNP0501", "PNP0303", "PNP0B00"] {
             let mut enc = vec![0x0c];
             enc.extend_from_slice(&aml_bytes(&aml::EISAName::new(id))[1..]);
             assert!(contains(aml, &enc), "{id}");
         }
+        // No PS/2 mouse (PNP0F13): Linux would probe an aux port that is not there.
+        let mut mouse = vec![0x0c];
+        mouse.extend_from_slice(&aml_bytes(&aml::EISAName::new("PNP0F13"))[1..]);
+        assert!(!contains(aml, &mouse), "no PS/2 mouse");
+        assert!(!contains(aml, b"PS2M"));
+        // pvpanic: Device (PEVT) { Name (_HID, "QEMU0001"), Name (_CRS, ResourceTemplate
+        // () { IO (Decode16, 0x505, 0x505, 1, 1) }) }.
+        let mut hid = b"\x08_HID\x0dQEMU0001\x00".to_vec();
+        hid.extend_from_slice(b"\x08_CRS\x11");
+        assert!(contains(aml, b"PEVT"));
+        assert!(contains(aml, &hid), "pvpanic _HID string, then _CRS");
+        assert!(contains(
+            aml,
+            &[0x47, 1, 0x05, 0x05, 0x05, 0x05, 1, 1, 0x79, 0]
+        ));
         // _CRS: bus 0..0, I/O 0xCF8 x8, I/O windows around it, memory window.
         let bus = [0x88, 0x0d, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
         assert!(contains(aml, &bus), "WordBusNumber 0..0");
