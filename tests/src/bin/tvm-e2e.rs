@@ -86,6 +86,35 @@ impl Console {
         let len = self.len();
         self.text_from(len.saturating_sub(n))
     }
+
+    /// The text in `from..to` (byte offsets, clamped).
+    fn text_between(&self, from: usize, to: usize) -> String {
+        let buf = self.buf.lock().map(|b| b.clone()).unwrap_or_default();
+        let to = to.min(buf.len());
+        String::from_utf8_lossy(&buf[from.min(to)..to]).into_owned()
+    }
+
+    /// Waits until `done` holds for the text after `from`; false when `timeout` passed or
+    /// the stream closed first.
+    fn wait_until(&self, from: usize, timeout: Duration, done: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut buf) = self.buf.lock() else {
+            return false;
+        };
+        loop {
+            if done(&String::from_utf8_lossy(&buf[from.min(buf.len())..])) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.closed.lock().map(|c| *c).unwrap_or(true) {
+                return false;
+            }
+            match self.more.wait_timeout(buf, deadline - now) {
+                Ok((b, _)) => buf = b,
+                Err(_) => return false,
+            }
+        }
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -148,6 +177,9 @@ struct Opts {
     dur_ext4: Option<String>,
     /// `power-cut` mode: how long to wait for the host to end the VMM's host.
     power_cut_wait: Duration,
+    /// The guest kernel's System.map, passed on to the VMM (`--system-map`) so that the
+    /// state dumps of [`request_dump`] name the kernel function each vCPU is in.
+    system_map: Option<String>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -175,6 +207,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         dur_raw: None,
         dur_ext4: None,
         power_cut_wait: Duration::from_secs(60),
+        system_map: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -211,6 +244,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--sigkill-durability" => o.sigkill_durability = true,
             "--dur-raw" => o.dur_raw = Some(val()?),
             "--dur-ext4" => o.dur_ext4 = Some(val()?),
+            "--system-map" => o.system_map = Some(val()?),
             "--power-cut-wait" => {
                 let secs: u64 = val()?
                     .parse()
@@ -221,23 +255,42 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--verbose]".into());
     }
     Ok(o)
 }
 
 struct Guest {
     child: Child,
+    runner: Runner,
     stdin: Option<ChildStdin>,
     console: Arc<Console>,
     stderr: Arc<Console>,
     started: Instant,
 }
 
+/// What runs a guest: our VMM, which logs a state dump on SIGUSR2 (docs/debugging.md), or
+/// the peer the benchmarks compare it with (QEMU, which SIGUSR2 would just end).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Runner {
+    Vmm,
+    Qemu,
+}
+
+impl Runner {
+    fn name(self) -> &'static str {
+        match self {
+            Runner::Vmm => "vmm",
+            Runner::Qemu => "qemu",
+        }
+    }
+}
+
 /// A VMM (or QEMU) this process runs: what the watchdog kills and shows when the run
 /// outlives `--timeout`.
 struct LiveGuest {
     pid: u32,
+    runner: Runner,
     console: Arc<Console>,
     stderr: Arc<Console>,
 }
@@ -245,9 +298,84 @@ struct LiveGuest {
 /// The guests alive right now (registered by [`Guest::spawn`], removed on drop).
 static LIVE: Mutex<Vec<LiveGuest>> = Mutex::new(Vec::new());
 
-/// Prints the end of a guest's console and of its VMM's stderr as `E2E-DIAG` lines (the
-/// only lines xtask shows from a nested run without `--verbose`).
-fn print_diag(console: &Console, stderr: &Console) {
+/// How long [`request_dump`] waits for the VMM's `dump N: end` line.
+const DUMP_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `line` is the last line of a state dump: `... dump N: end` (vmm/src/vmm.rs
+/// `dump_state`).
+fn is_dump_end(line: &str) -> bool {
+    line.trim_end()
+        .strip_suffix(": end")
+        .and_then(|head| head.rsplit_once("dump "))
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold any byte.
+    stat.rsplit(')')
+        .next()
+        .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+}
+
+/// Asks VMM `pid`, whose stderr is `stderr`, for its state dump (SIGUSR2; it logs the
+/// state of every vCPU and device and keeps running) and waits up to [`DUMP_WAIT`] for
+/// the dump's last line, `dump N: end`. Returns the stderr offset from which the dump
+/// was logged and what to print about it: the lines the VMM logged since (the dump's
+/// among them), or why there is no dump. Never signals a process that is gone or a zombie,
+/// and never waits longer than [`DUMP_WAIT`], nor on a stderr that has closed.
+fn request_dump(pid: u32, stderr: &Console) -> (usize, Vec<String>) {
+    let from = stderr.len();
+    let Ok(ipid) = i32::try_from(pid) else {
+        return (from, vec![format!("no dump: pid {pid} out of range")]);
+    };
+    if !running(pid) {
+        return (from, vec!["no dump: the vmm is no longer running".into()]);
+    }
+    // SAFETY: kill has no memory effects; `pid` is a child of this process that has not
+    // been reaped (a reaped one is gone from /proc, or a zombie until reaped).
+    if unsafe { libc::kill(ipid, libc::SIGUSR2) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return (from, vec![format!("no dump: SIGUSR2 to pid {pid}: {e}")]);
+    }
+    let ended = stderr.wait_until(from, DUMP_WAIT, |t| t.lines().any(is_dump_end));
+    let mut lines: Vec<String> = stderr
+        .text_from(from)
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect();
+    if let Some(end) = lines.iter().position(|l| is_dump_end(l)) {
+        lines.truncate(end + 1);
+    }
+    if !ended {
+        lines.push(format!(
+            "no `dump N: end` within {} ms of SIGUSR2 (vmm {})",
+            DUMP_WAIT.as_millis(),
+            if running(pid) {
+                "still running"
+            } else {
+                "gone; one still building its VM ends on SIGUSR2"
+            }
+        ));
+    }
+    (from, lines)
+}
+
+/// Prints why a run is being given up on, as `E2E-DIAG` lines (the only lines xtask shows
+/// from a nested run without `--verbose`): with `dump` (a VMM of ours that is still
+/// running), first its state dump ([`request_dump`]); then the end of the guest's console,
+/// the end of the VMM's stderr before the dump, and the dump as `E2E-DIAG vmm dump:`
+/// lines. Every path that gives up on a running VMM calls this before killing it.
+fn print_diag(pid: u32, dump: bool, console: &Console, stderr: &Console) {
+    let (before, dumped) = if dump {
+        let (from, lines) = request_dump(pid, stderr);
+        (from, Some(lines))
+    } else {
+        (usize::MAX, None)
+    };
     for line in console
         .tail(3000)
         .lines()
@@ -259,8 +387,15 @@ fn print_diag(console: &Console, stderr: &Console) {
     {
         println!("E2E-DIAG console: {}", line.trim_end_matches('\r'));
     }
-    for line in stderr.tail(4000).lines() {
+    let before = before.min(stderr.len());
+    for line in stderr
+        .text_between(before.saturating_sub(4000), before)
+        .lines()
+    {
         println!("E2E-DIAG vmm stderr: {line}");
+    }
+    for line in dumped.unwrap_or_default() {
+        println!("E2E-DIAG vmm dump: {line}");
     }
 }
 
@@ -276,7 +411,7 @@ fn start_watchdog(limit: Duration) {
         if let Ok(live) = LIVE.lock() {
             for g in live.iter() {
                 println!("E2E-DIAG guest pid {} still running", g.pid);
-                print_diag(&g.console, &g.stderr);
+                print_diag(g.pid, g.runner == Runner::Vmm, &g.console, &g.stderr);
                 if let Ok(pid) = i32::try_from(g.pid) {
                     // SAFETY: kill has no memory effects; `pid` is a child of this process
                     // that has not been reaped (it is removed from LIVE before the wait).
@@ -295,7 +430,7 @@ fn start_watchdog(limit: Duration) {
 }
 
 impl Guest {
-    fn spawn(mut cmd: Command, echo: bool) -> Result<Guest, String> {
+    fn spawn(mut cmd: Command, runner: Runner, echo: bool) -> Result<Guest, String> {
         use std::os::unix::process::CommandExt as _;
         let started = Instant::now();
         // SAFETY: the closure runs in the child between fork and exec and calls only
@@ -326,6 +461,7 @@ impl Guest {
         if let Ok(mut live) = LIVE.lock() {
             live.push(LiveGuest {
                 pid: child.id(),
+                runner,
                 console: console.clone(),
                 stderr: stderr.clone(),
             });
@@ -333,10 +469,23 @@ impl Guest {
         Ok(Guest {
             stdin: child.stdin.take(),
             child,
+            runner,
             console,
             stderr,
             started,
         })
+    }
+
+    /// [`print_diag`] for this guest, with the VMM's state dump if it is ours and still
+    /// running: what every failure path that gives up on a guest calls before it is killed.
+    fn print_diag(&mut self) {
+        let running = matches!(self.child.try_wait(), Ok(None));
+        print_diag(
+            self.child.id(),
+            running && self.runner == Runner::Vmm,
+            &self.console,
+            &self.stderr,
+        );
     }
 
     fn send(&mut self, text: &[u8]) -> Result<(), String> {
@@ -356,15 +505,17 @@ impl Guest {
     /// Waits for the readiness marker, moves the VMM's I/O threads off a pinned CPU
     /// ([`unpin_io_threads`]) and waits for the shell prompt; returns the spawn-to-marker
     /// time and the console position after the prompt (after the marker if no prompt came).
-    fn ready_at_prompt(&self, what: &str) -> Result<(Duration, usize), String> {
-        let c = &self.console;
-        let ready = c.wait_for(READY, 0, BOOT_TIMEOUT).ok_or_else(|| {
-            format!(
+    fn ready_at_prompt(&mut self, what: &str) -> Result<(Duration, usize), String> {
+        let c = self.console.clone();
+        let Some(ready) = c.wait_for(READY, 0, BOOT_TIMEOUT) else {
+            let why = format!(
                 "{what}: no readiness marker; stderr: {}; console: {}",
                 self.stderr.tail(2000),
                 c.tail(2000)
-            )
-        })?;
+            );
+            self.print_diag();
+            return Err(why);
+        };
         let took = self.started.elapsed();
         unpin_io_threads(self.child.id());
         Ok((took, c.wait_for("# ", ready, STEP_TIMEOUT).unwrap_or(ready)))
@@ -374,6 +525,12 @@ impl Guest {
     fn reboot_or_kill(&mut self) -> Result<(), String> {
         self.send(b"reboot\n")?;
         if self.wait_exit(STEP_TIMEOUT).is_none() {
+            println!(
+                "E2E-DIAG pid {}: still running {} s after `reboot`; killed",
+                self.child.id(),
+                STEP_TIMEOUT.as_secs()
+            );
+            self.print_diag();
             let _ = self.child.kill();
         }
         Ok(())
@@ -429,6 +586,9 @@ fn vmm_command(o: &Opts) -> Command {
     }
     if let Some(tap) = &o.tap {
         c.args(["--net", &format!("tap={tap}")]);
+    }
+    if let Some(map) = &o.system_map {
+        c.args(["--system-map", map]);
     }
     c
 }
@@ -1219,7 +1379,10 @@ fn durable_write(
     if let Some(ext4) = ext4 {
         cmd.arg("--disk").arg(ext4);
     }
-    let mut g = Guest::spawn(cmd, o.verbose)?;
+    if let Some(map) = &o.system_map {
+        cmd.args(["--system-map", map]);
+    }
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     let c = g.console.clone();
     let (_, pos) = g.ready_at_prompt("durability boot")?;
     let to_ext4 = if ext4.is_some() {
@@ -1239,7 +1402,7 @@ fn durable_write(
     match c.value_until_end("dur-2-crc=", pos, DISK_TIMEOUT) {
         Some((_, crc)) => Ok((g, crc)),
         None => {
-            print_diag(&g.console, &g.stderr);
+            g.print_diag();
             Err(format!(
                 "the guest did not report its fsync'ed write within {} s",
                 DISK_TIMEOUT.as_secs()
@@ -1272,7 +1435,7 @@ fn power_cut(o: &Opts) -> Result<bool, String> {
     // its dirty pages back: a power cut then would prove nothing.
     if let Ok(Some(status)) = g.child.try_wait() {
         println!("E2E FAIL durability-power-cut: the VMM exited ({status}) before the power cut");
-        print_diag(&g.console, &g.stderr);
+        g.print_diag();
         return Ok(false);
     }
     println!("E2E-DURABLE crc32={crc} {POWER_CUT_MARK}");
@@ -1282,6 +1445,7 @@ fn power_cut(o: &Opts) -> Result<bool, String> {
         "E2E FAIL durability-power-cut: still running {} s after asking for the power cut",
         o.power_cut_wait.as_secs()
     );
+    g.print_diag();
     drop(g);
     Ok(false)
 }
@@ -1403,7 +1567,7 @@ fn ext4_after_kill(
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
-    let mut g = Guest::spawn(vmm_command(o), o.verbose)?;
+    let mut g = Guest::spawn(vmm_command(o), Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
@@ -1416,7 +1580,7 @@ fn boot_checks(o: &Opts) -> Result<bool, String> {
             "E2E-DIAG vmm status: {:?}",
             g.child.try_wait().ok().flatten()
         );
-        print_diag(&g.console, &g.stderr);
+        g.print_diag();
         return result;
     }
     if o.sigkill_durability && o.disk.is_some() {
@@ -1889,8 +2053,8 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
 /// Boots `cmd` until the readiness marker; returns spawn-to-marker and, once the shell
 /// prompt is up, the CPU the process used over [`IDLE_WINDOW`] with the guest idle (percent
 /// of one CPU; the I/O threads moved off a pinned CPU first, as in the other benchmarks).
-fn time_to_ready(cmd: Command, verbose: bool) -> Result<(Duration, f64), String> {
-    let g = Guest::spawn(cmd, verbose)?;
+fn time_to_ready(cmd: Command, runner: Runner, verbose: bool) -> Result<(Duration, f64), String> {
+    let mut g = Guest::spawn(cmd, runner, verbose)?;
     let (took, _) = g.ready_at_prompt("boot")?;
     // Let the shell settle (ash asks the terminal for the cursor position once).
     thread::sleep(Duration::from_secs(2));
@@ -1955,8 +2119,9 @@ type DiskFigures = (f64, f64, f64, u64);
 
 /// Boots `cmd` (a guest with the bench disk as /dev/vda and `tvm-iobench` in its
 /// initramfs), runs the three measurements and returns the figures.
-fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, String> {
-    let mut g = Guest::spawn(cmd, o.verbose)?;
+fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures, String> {
+    let what = runner.name();
+    let mut g = Guest::spawn(cmd, runner, o.verbose)?;
     let c = g.console.clone();
     let (_, pos) = g.ready_at_prompt(what)?;
     let mib = o.bench_mib;
@@ -1968,14 +2133,14 @@ fn disk_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<DiskFigures, Str
         )
         .as_bytes(),
     )?;
-    let done = c
-        .wait_for("bench-2-done", pos, Duration::from_secs(600))
-        .ok_or_else(|| {
-            format!(
-                "{what}: the benchmark did not finish; console: {}",
-                c.tail(2000)
-            )
-        })?;
+    let Some(done) = c.wait_for("bench-2-done", pos, Duration::from_secs(600)) else {
+        let why = format!(
+            "{what}: the benchmark did not finish; console: {}",
+            c.tail(2000)
+        );
+        g.print_diag();
+        return Err(why);
+    };
     let text = c.text_from(pos);
     let text = &text[..done - pos];
     let field = |op: &str, key: &str| -> Result<f64, String> {
@@ -2008,9 +2173,10 @@ type NetFigures = (f64, f64, u64);
 /// Boots `cmd` (a guest whose eth0 is on TAP `o.tap`), times `o.net_mib` MiB over TCP in
 /// each direction (the host end is this process: `tcp_peer`, timed from accept to EOF; the
 /// guest end is busybox `nc`), and returns the figures.
-fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, String> {
+fn net_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<NetFigures, String> {
+    let what = runner.name();
     let tap = o.tap.as_deref().ok_or("net-bench needs --tap")?;
-    let mut g = Guest::spawn(cmd, o.verbose)?;
+    let mut g = Guest::spawn(cmd, runner, o.verbose)?;
     tap_up(tap)?;
     let c = g.console.clone();
     let (_, mut pos) = g.ready_at_prompt(what)?;
@@ -2035,12 +2201,15 @@ fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, Strin
         g.send(script.as_bytes())?;
         let done = c.wait_for("nb-2-done", pos, Duration::from_secs(1200));
         let result = peer.finish(if done.is_some() { STEP_TIMEOUT } else { Duration::ZERO });
-        pos = done.ok_or_else(|| {
-            format!(
+        let Some(done) = done else {
+            let why = format!(
                 "{what}: transfer on port {port} did not finish ({result:?}); console: {}",
                 c.tail(2000)
-            )
-        })?;
+            );
+            g.print_diag();
+            return Err(why);
+        };
+        pos = done;
         let (bytes, _, secs) = result?;
         if bytes != mib << 20 {
             return Err(format!("{what}: {bytes} bytes moved on port {port}, expected {}", mib << 20));
@@ -2084,7 +2253,7 @@ fn net_bench(o: &Opts) -> Result<bool, String> {
         println!("BENCH-NET run {run}");
         keep(
             "BENCH-NET",
-            net_bench_one(vmm_command(o), o, "vmm"),
+            net_bench_one(vmm_command(o), Runner::Vmm, o),
             &mut ours,
         );
         let mut q = qemu_command(&qemu, o, None);
@@ -2094,7 +2263,7 @@ fn net_bench(o: &Opts) -> Result<bool, String> {
             ))
             // No option ROM: nothing PXE-boots, and the outer guest carries no ROM files.
             .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
-        keep("BENCH-NET", net_bench_one(q, o, "qemu"), &mut peer);
+        keep("BENCH-NET", net_bench_one(q, Runner::Qemu, o), &mut peer);
     }
     if ours.is_empty() || peer.is_empty() {
         return Err("no complete sample for one of the two".into());
@@ -2143,12 +2312,12 @@ fn disk_bench(o: &Opts) -> Result<bool, String> {
         println!("BENCH-DISK run {run}");
         keep(
             "BENCH-DISK",
-            disk_bench_one(vmm_command(o), o, "vmm"),
+            disk_bench_one(vmm_command(o), Runner::Vmm, o),
             &mut ours,
         );
         keep(
             "BENCH-DISK",
-            disk_bench_one(qemu_command(&qemu, o, Some(&disk)), o, "qemu"),
+            disk_bench_one(qemu_command(&qemu, o, Some(&disk)), Runner::Qemu, o),
             &mut peer,
         );
     }
@@ -2173,11 +2342,11 @@ fn boot_time(o: &Opts) -> Result<bool, String> {
     let mut idle_peer = Vec::new();
     for run in 0..o.runs {
         // Interleave the two so drift in the machine's speed hits both alike.
-        let (t, idle) = time_to_ready(vmm_command(o), o.verbose)?;
+        let (t, idle) = time_to_ready(vmm_command(o), Runner::Vmm, o.verbose)?;
         ours.push(t.as_secs_f64() * 1000.0);
         idle_ours.push(idle);
         let q = qemu_command(&qemu, o, None);
-        let (t, idle) = time_to_ready(q, o.verbose)?;
+        let (t, idle) = time_to_ready(q, Runner::Qemu, o.verbose)?;
         peer.push(t.as_secs_f64() * 1000.0);
         idle_peer.push(idle);
         println!(
@@ -2413,6 +2582,8 @@ mod tests {
             "/dev/vdd",
             "--power-cut-wait",
             "5",
+            "--system-map",
+            "/tvm/System.map",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -2424,6 +2595,38 @@ mod tests {
         assert_eq!(o.dur_raw.as_deref(), Some("/dev/vdc"));
         assert_eq!(o.dur_ext4.as_deref(), Some("/dev/vdd"));
         assert_eq!(o.power_cut_wait, Duration::from_secs(5));
+        assert_eq!(o.system_map.as_deref(), Some("/tvm/System.map"));
+        let vmm: Vec<String> = vmm_command(&o)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(vmm
+            .windows(2)
+            .any(|w| w == ["--system-map", "/tvm/System.map"]));
         assert!(parse_opts(&["--timeout".to_string(), "x".to_string()]).is_err());
+    }
+
+    #[test]
+    fn dump_end_line() {
+        assert!(is_dump_end("dump 1: end"));
+        assert!(is_dump_end(
+            "[  0.534458] WARN  tvm_vmm::vmm: dump 12: end\r"
+        ));
+        assert!(!is_dump_end("dump 1: vcpu0: exits 9 (io-out 8); last: end"));
+        assert!(!is_dump_end("dump : end"));
+        assert!(!is_dump_end("dump x1: end"));
+        assert!(!is_dump_end("dump 1: endless"));
+    }
+
+    #[test]
+    fn a_dump_is_never_requested_from_a_process_that_is_gone() {
+        let mut child = Command::new("true").spawn().expect("true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let stderr = Console::default();
+        let started = Instant::now();
+        let (_, lines) = request_dump(pid, &stderr);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(lines, ["no dump: the vmm is no longer running"]);
     }
 }
