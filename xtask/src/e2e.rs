@@ -75,7 +75,7 @@ pub fn run_driver(
     for tool in ["e2fsck", "debugfs"] {
         let path =
             util::which(tool).ok_or_else(|| anyhow::anyhow!("{tool} not found (e2fsprogs)"))?;
-        fs_tools.push(crate::bench::binary_with_libs(&path)?);
+        fs_tools.push(util::binary_with_libs(&path)?);
     }
     let (e2fsck, debugfs) = (fs_tools[0][0].1.clone(), fs_tools[1][0].1.clone());
     let mut extra: Vec<&str> = extra_args.to_vec();
