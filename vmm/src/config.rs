@@ -179,7 +179,7 @@ impl VmConfig {
             }
         }
         let mut kernel = open_regular_file(&self.kernel, "kernel")?;
-        tvm_arch_x86::detect_kernel_format(&mut kernel)?;
+        tvm_arch_x86::check_kernel(&mut kernel)?;
         if let Some(initrd) = &self.initrd {
             open_regular_file(initrd, "initrd")?;
         }
