@@ -153,6 +153,36 @@ impl Snapshot {
         Some(out)
     }
 
+    /// Writes `data` at `addr`, if it is all RAM (it may span regions): the harness's
+    /// model of what the device should write. Returns whether it was.
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> bool {
+        if self.read(addr, data.len()).is_none() {
+            return false;
+        }
+        for (at, &b) in (addr..).zip(data) {
+            if let Some((base, v)) = self
+                .0
+                .iter_mut()
+                .find(|(base, v)| at >= *base && at - *base < v.len() as u64)
+            {
+                v[(at - *base) as usize] = b;
+            }
+        }
+        true
+    }
+
+    /// The first address where `other` differs from `self`, with both bytes.
+    pub fn first_difference(&self, other: &Snapshot) -> Option<(u64, u8, u8)> {
+        for ((base, mine), (_, theirs)) in self.0.iter().zip(&other.0) {
+            if mine == theirs {
+                continue;
+            }
+            let i = mine.iter().zip(theirs).position(|(a, b)| a != b)?;
+            return Some((base + i as u64, mine[i], theirs[i]));
+        }
+        None
+    }
+
     /// Panics, naming `what` and the first offending address, if `after` differs from
     /// `self` anywhere outside `allowed`.
     pub fn assert_writes_within(&self, after: &Snapshot, allowed: &Ranges, what: &str) {
