@@ -11,6 +11,11 @@
 set -eu
 if [ "${1:-}" != --inside ]; then
     [ $# -gt 0 ] || { echo "usage: $0 COMMAND [ARG]..." >&2; exit 2; }
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "$0: needs root (it maps uids 0-65535 into a user namespace)" >&2
+        exit 1
+    fi
+    command -v unshare >/dev/null || { echo "$0: needs unshare (util-linux)" >&2; exit 1; }
     # unshare(1) of util-linux 2.38 maps more than one id only through newuidmap, so a
     # helper writes the maps once this process ($$, which execs unshare) is inside.
     me=$$
