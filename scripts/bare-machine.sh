@@ -7,7 +7,7 @@
 # can neither create a TAP nor open devices it cannot see.
 #
 # Usage: scripts/bare-machine.sh COMMAND [ARG]...   (needs root and util-linux's unshare)
-# `cargo xtask ci` runs `cargo test --workspace` through it (its `test-bare` step).
+# `cargo xtask ci` runs `cargo test --workspace` through it (its `test` step).
 set -eu
 if [ "${1:-}" != --inside ]; then
     [ $# -gt 0 ] || { echo "usage: $0 COMMAND [ARG]..." >&2; exit 2; }
