@@ -156,17 +156,40 @@ impl Snapshot {
     /// Writes `data` at `addr`, if it is all RAM (it may span regions): the harness's
     /// model of what the device should write. Returns whether it was.
     pub fn write(&mut self, addr: u64, data: &[u8]) -> bool {
-        if self.read(addr, data.len()).is_none() {
+        if !self.is_ram(addr, data.len()) {
             return false;
         }
-        for (at, &b) in (addr..).zip(data) {
-            if let Some((base, v)) = self
+        let (mut at, mut rest) = (addr, data);
+        while let Some((base, v)) = self
+            .0
+            .iter_mut()
+            .find(|(base, v)| !rest.is_empty() && at >= *base && at - *base < v.len() as u64)
+        {
+            let off = (at - *base) as usize;
+            let n = (v.len() - off).min(rest.len());
+            v[off..off + n].copy_from_slice(&rest[..n]);
+            at += n as u64;
+            rest = &rest[n..];
+        }
+        true
+    }
+
+    /// Whether the `len` bytes at `addr` are all RAM (they may span regions).
+    pub fn is_ram(&self, addr: u64, len: usize) -> bool {
+        let mut at = addr;
+        let end = addr.checked_add(len as u64);
+        let Some(end) = end else {
+            return false;
+        };
+        while at < end {
+            let Some((base, v)) = self
                 .0
-                .iter_mut()
+                .iter()
                 .find(|(base, v)| at >= *base && at - *base < v.len() as u64)
-            {
-                v[(at - *base) as usize] = b;
-            }
+            else {
+                return false;
+            };
+            at = base + v.len() as u64;
         }
         true
     }

@@ -78,7 +78,7 @@ impl Model {
         let Some((status, rest)) = c.descs.split_last() else {
             return Ok(0);
         };
-        if !status.write || status.len == 0 || self.mem.read(status.addr, 1).is_none() {
+        if !status.write || status.len == 0 || !self.mem.is_ram(status.addr, 1) {
             return Ok(0);
         }
         let (code, written) = match self.execute(rest)? {
@@ -102,10 +102,7 @@ impl Model {
             if d.len == 0 {
                 return Err(Unsure);
             }
-            if d.write != write
-                || d.len > size_max
-                || self.mem.read(d.addr, d.len as usize).is_none()
-            {
+            if d.write != write || d.len > size_max || !self.mem.is_ram(d.addr, d.len as usize) {
                 return Ok(Err(IOERR));
             }
             total += u64::from(d.len);
@@ -342,7 +339,7 @@ pub fn run(data: &[u8]) {
         image: image.clone(),
         capacity_sectors: capacity,
         read_only,
-        mem: before.clone(),
+        mem: before,
     };
     let mut lens = Vec::with_capacity(expected.len());
     for c in &expected {
