@@ -31,7 +31,10 @@ fn tiny_vm(code: &[u8], mode: BootMode, prepare: impl FnOnce(&GuestMemoryMmap)) 
         .unwrap();
     let ram = layout::ram_ranges(64 << 20);
     let mem = tvm_memory::create_guest_memory(&ram).unwrap();
-    tvm_memory::register_memory_slots(&vm, &mem).unwrap();
+    // SAFETY: `register_memory_slots` needs `mem`'s regions mapped for as long as the VM
+    // can use the slots: `mem` moves into the returned `TinyVm`, whose `_mem` field is
+    // declared after `_vm` and `vcpu`, so it is dropped after every fd of the VM is closed.
+    unsafe { tvm_memory::register_memory_slots(&vm, &mem) }.unwrap();
     mem.write_slice(code, GuestAddress(GUEST_ENTRY)).unwrap();
     prepare(&mem);
     let vcpu = vm.create_vcpu(0).unwrap();

@@ -125,6 +125,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The seccomp filters to install.
     pub seccomp: crate::seccomp::SeccompLevel,
+    /// The guest kernel's System.map, to name RIP in state dumps (SIGUSR2).
+    pub system_map: Option<PathBuf>,
 }
 
 /// Parses a memory size: a number with an optional unit K, M, G or T (optionally followed by
@@ -305,6 +307,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             seccomp: Default::default(),
+            system_map: None,
         }
     }
 

@@ -12,6 +12,7 @@
 
 mod acpi;
 pub mod config;
+pub mod dump;
 pub mod legacy;
 pub mod logger;
 pub mod seccomp;
@@ -83,6 +84,11 @@ pub enum Error {
         /// Its path.
         path: PathBuf,
     },
+    /// A `--system-map` file holds no symbol.
+    #[error(
+        "the system map {0:?} holds no symbols (expected lines like `ffffffff81000000 T _text`)"
+    )]
+    EmptySystemMap(PathBuf),
     /// /dev/kvm cannot be opened.
     #[error("cannot open /dev/kvm (is the kvm module loaded, and may this user use it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -125,12 +131,6 @@ pub enum Error {
     /// A TAP could not be opened.
     #[error(transparent)]
     Net(#[from] tvm_virtio_net::Error),
-    /// A BAR could not be mapped where the VMM placed it.
-    #[error("cannot map the bar of {0}: {1}")]
-    MapBar(String, String),
-    /// KVM_IOEVENTFD failed.
-    #[error("failed to register a queue notification ioeventfd")]
-    RegisterIoevent(#[source] kvm_ioctls::Error),
     /// An EventFd could not be created.
     #[error("failed to create an eventfd")]
     EventFd(#[source] std::io::Error),

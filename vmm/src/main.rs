@@ -10,13 +10,14 @@ use log::LevelFilter;
 use tvm_vmm::config::{parse_disk, parse_mem_size, parse_net, VmConfig, DEFAULT_CMDLINE};
 use tvm_vmm::seccomp::SeccompLevel;
 use tvm_vmm::timing::BootTimes;
-use tvm_vmm::vcpu::ExitReason;
+use tvm_vmm::vcpu::{log_stop, ExitReason};
 use tvm_vmm::{error_chain, logger, run_vm, terminal};
 
 /// A KVM virtual machine monitor for x86_64 Linux guests.
 ///
 /// The guest's serial console (ttyS0) is this terminal; press Ctrl-A x to quit. A guest
-/// `reboot` or `poweroff` (or a triple fault) ends the VMM with exit code 0.
+/// `reboot` or `poweroff` (or a triple fault, with a warning) ends the VMM with exit code 0.
+/// `kill -USR2` logs each vCPU's and device's state and lets the guest run on.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]
 struct Cli {
@@ -48,6 +49,10 @@ struct Cli {
     /// log (such syscalls are allowed and logged by the kernel), or off.
     #[arg(long, value_name = "on|off|log", default_value = "on")]
     seccomp: SeccompLevel,
+    /// The guest kernel's System.map: state dumps (SIGUSR2) then name the function each
+    /// vCPU is in.
+    #[arg(long, value_name = "PATH")]
+    system_map: Option<PathBuf>,
     /// Log level on stderr: off, error, warn, info, debug, trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: LevelFilter,
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
         disks,
         nets,
         seccomp: cli.seccomp,
+        system_map: cli.system_map,
     };
     let times = Arc::new(BootTimes::new(start));
     let result = run_vm(&cfg, times.clone());
@@ -100,18 +106,18 @@ fn main() -> ExitCode {
     terminal::restore();
     match result {
         Ok(reason) => {
-            eprintln!("{}", times.summary_line());
+            eprintln!("{}", times.summary_line(reason.name()));
             match &reason {
                 ExitReason::Error(text) => {
                     eprintln!("vmm: error: {text}");
                 }
-                other => log::info!("guest stopped: {other:?}"),
+                other => log_stop(other),
             }
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {
             if times.get(tvm_vmm::timing::Phase::FirstKvmRun).is_some() {
-                eprintln!("{}", times.summary_line());
+                eprintln!("{}", times.summary_line("error"));
             }
             eprintln!("vmm: error: {}", error_chain(&e));
             ExitCode::from(1)

@@ -202,6 +202,9 @@ const fn ioc<T>(dir: u32, ty: u32, nr: u32) -> u64 {
 const KVM_RUN: u64 = ioc::<()>(_IOC_NONE, KVMIO, 0x80);
 const KVM_GET_REGS: u64 = ioc::<kvm_bindings::kvm_regs>(_IOC_READ, KVMIO, 0x81);
 const KVM_GET_SREGS: u64 = ioc::<kvm_bindings::kvm_sregs>(_IOC_READ, KVMIO, 0x83);
+const KVM_GET_LAPIC: u64 = ioc::<kvm_bindings::kvm_lapic_state>(_IOC_READ, KVMIO, 0x8e);
+const KVM_GET_MP_STATE: u64 = ioc::<kvm_bindings::kvm_mp_state>(_IOC_READ, KVMIO, 0x98);
+const KVM_GET_VCPU_EVENTS: u64 = ioc::<kvm_bindings::kvm_vcpu_events>(_IOC_READ, KVMIO, 0x9f);
 const KVM_TRANSLATE: u64 =
     ioc::<kvm_bindings::kvm_translation>(_IOC_READ | _IOC_WRITE, KVMIO, 0x85);
 const KVM_SET_GSI_ROUTING: u64 = ioc::<kvm_bindings::kvm_irq_routing>(_IOC_WRITE, KVMIO, 0x6a);
@@ -302,6 +305,7 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
     Ok(match kind {
         ThreadKind::Vcpu => vec![
             // KVM_RUN; the register reads and the address translation of a failure report;
+            // the state a dump (SIGUSR2) shows: MP state, pending events, the local APIC;
             // MSI-X table writes re-route GSIs; BAR moves re-register queue ioeventfds;
             // virtio-net activation sets the TAP's offloads.
             (
@@ -313,6 +317,9 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
                         KVM_GET_REGS,
                         KVM_GET_SREGS,
                         KVM_TRANSLATE,
+                        KVM_GET_MP_STATE,
+                        KVM_GET_VCPU_EVENTS,
+                        KVM_GET_LAPIC,
                         KVM_SET_GSI_ROUTING,
                         KVM_IOEVENTFD,
                         TUNSETOFFLOAD,
@@ -430,6 +437,9 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+        assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
+        assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
+        assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
         assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);

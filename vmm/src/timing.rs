@@ -77,9 +77,11 @@ impl BootTimes {
     }
 
     /// The machine-readable summary line printed at exit:
-    /// `TVM-BOOT-TIMES vmm_start_ms=0.0 first_kvm_run_ms=12.3 ... exit_ms=4567.8`, with `-`
-    /// for a phase never reached.
-    pub fn summary_line(&self) -> String {
+    /// `TVM-BOOT-TIMES vmm_start_ms=0.0 first_kvm_run_ms=12.3 ... exit_ms=4567.8
+    /// exit_reason=reboot`, with `-` for a phase never reached. `exit_reason` is
+    /// [`ExitReason::name`](crate::vcpu::ExitReason::name) (`reboot`, `poweroff`,
+    /// `triple_fault`, ...), so that a crash never reads like a clean reboot here either.
+    pub fn summary_line(&self, exit_reason: &str) -> String {
         let mut line = String::from("TVM-BOOT-TIMES vmm_start_ms=0.0");
         for (phase, name) in PHASES {
             match self.get(phase) {
@@ -87,6 +89,7 @@ impl BootTimes {
                 None => line.push_str(&format!(" {name}=-")),
             }
         }
+        line.push_str(&format!(" exit_reason={exit_reason}"));
         line
     }
 }
@@ -183,10 +186,43 @@ mod tests {
         let first = times.get(Phase::FirstKvmRun);
         times.mark(Phase::FirstKvmRun);
         assert_eq!(times.get(Phase::FirstKvmRun), first, "first mark wins");
-        let line = times.summary_line();
+        let line = times.summary_line("reboot");
         assert!(line.starts_with("TVM-BOOT-TIMES vmm_start_ms=0.0 first_kvm_run_ms="));
         assert!(line.contains(" first_serial_byte_ms=- "));
-        assert!(line.ends_with(" exit_ms=-"));
-        assert_eq!(line.split(' ').count(), 7);
+        assert!(line.ends_with(" exit_ms=- exit_reason=reboot"));
+        assert_eq!(line.split(' ').count(), 8);
+    }
+
+    #[test]
+    fn summary_line_names_each_way_out() {
+        use crate::vcpu::ExitReason;
+        let times = BootTimes::new(Instant::now());
+        let mut seen = Vec::new();
+        for reason in [
+            ExitReason::GuestReset,
+            ExitReason::GuestPowerOff,
+            ExitReason::TripleFault,
+            ExitReason::Halted,
+            ExitReason::ConsoleEscape,
+            ExitReason::Signal(libc::SIGTERM),
+            ExitReason::Error("x".into()),
+        ] {
+            let line = times.summary_line(reason.name());
+            let field = line.rsplit(' ').next().unwrap().to_string();
+            assert!(!seen.contains(&field), "{field} twice");
+            seen.push(field);
+        }
+        assert_eq!(
+            seen,
+            [
+                "exit_reason=reboot",
+                "exit_reason=poweroff",
+                "exit_reason=triple_fault",
+                "exit_reason=halted",
+                "exit_reason=console_escape",
+                "exit_reason=signal",
+                "exit_reason=error",
+            ]
+        );
     }
 }

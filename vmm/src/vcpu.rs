@@ -4,18 +4,20 @@
 //! exits. [`Vcpu::start`] runs KVM_RUN in a loop on its own thread (`vcpu{N}`) until the guest stops
 //! or the VMM asks it to; either way it reports through the shared [`ExitSignal`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use log::{debug, error, info, trace};
+use log::{debug, error, info, trace, warn, Level};
 use tvm_bus::{IoManager, MmioAddress, MmioManager, PioAddress, PioManager};
 use tvm_memory::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::dump::{ExitKind, ExitStats, SymbolMap, VcpuSnapshot};
 use crate::seccomp::ThreadKind;
 use crate::timing::{BootTimes, Phase};
 
@@ -46,6 +48,64 @@ impl ExitReason {
             _ => 0,
         }
     }
+
+    /// A short, stable name: the `exit_reason=` of the `TVM-BOOT-TIMES` line.
+    ///
+    /// A new reason adds one arm here, in [`describe`](Self::describe) and in
+    /// [`log_level`](Self::log_level).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExitReason::GuestReset => "reboot",
+            ExitReason::GuestPowerOff => "poweroff",
+            ExitReason::TripleFault => "triple_fault",
+            ExitReason::Halted => "halted",
+            ExitReason::ConsoleEscape => "console_escape",
+            ExitReason::Signal(_) => "signal",
+            ExitReason::Error(_) => "error",
+        }
+    }
+
+    /// What happened, in words, for the log line `guest stopped: ...`.
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::GuestReset => {
+                "the guest rebooted (cpu reset through the i8042, or a kvm reset event)".into()
+            }
+            ExitReason::GuestPowerOff => "the guest powered off (acpi s5)".into(),
+            ExitReason::TripleFault => "the guest triple-faulted (KVM_EXIT_SHUTDOWN): a crash, \
+                 unless it rebooted with reboot=t; its state is in the warning above"
+                .into(),
+            ExitReason::Halted => "the guest halted with no way to wake up".into(),
+            ExitReason::ConsoleEscape => "Ctrl-A x on the console".into(),
+            ExitReason::Signal(n) => format!("the vmm got signal {n}"),
+            ExitReason::Error(text) => text.clone(),
+        }
+    }
+
+    /// The level at which the end of the run is logged: `info` for an orderly end, `warn`
+    /// for one that may hide a crash (a triple fault), `error` for a failure.
+    pub fn log_level(&self) -> Level {
+        match self {
+            ExitReason::TripleFault => Level::Warn,
+            ExitReason::Error(_) => Level::Error,
+            ExitReason::GuestReset
+            | ExitReason::GuestPowerOff
+            | ExitReason::Halted
+            | ExitReason::ConsoleEscape
+            | ExitReason::Signal(_) => Level::Info,
+        }
+    }
+
+    /// Whether the vCPU that saw this reason logs its registers and instruction bytes at
+    /// `warn!` as it stops (a triple fault is a crash as often as a reboot).
+    pub fn wants_diagnosis(&self) -> bool {
+        matches!(self, ExitReason::TripleFault)
+    }
+}
+
+/// Logs the end of the run at the reason's level: `guest stopped: ...`.
+pub fn log_stop(reason: &ExitReason) {
+    log::log!(reason.log_level(), "guest stopped: {}", reason.describe());
 }
 
 /// The first exit reason wins; whoever records it also wakes the event loop.
@@ -238,6 +298,50 @@ pub struct Vcpu {
     pub times: Arc<BootTimes>,
     /// The seccomp filter this vCPU's thread installs before it first enters the guest.
     pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    /// Exit statistics and dump requests, shared with the event loop.
+    pub monitor: Arc<VcpuMonitor>,
+    /// The guest's symbols, to name RIP in dumps.
+    pub symbols: Option<Arc<SymbolMap>>,
+}
+
+/// What a vCPU thread shares with the event loop for diagnostics: its exit statistics and
+/// the dump handshake (the loop asks with [`request_dump`](Self::request_dump) and a kick,
+/// the vCPU thread answers between two `KVM_RUN`s).
+#[derive(Debug, Default)]
+pub struct VcpuMonitor {
+    /// Exits so far, by kind, and the last few.
+    pub stats: ExitStats,
+    dump_requested: AtomicU64,
+    dump_answered: AtomicU64,
+}
+
+impl VcpuMonitor {
+    /// Asks for dump number `seq` (numbers grow from 1); kick the thread afterwards.
+    pub fn request_dump(&self, seq: u64) {
+        self.dump_requested.store(seq, Ordering::Release);
+    }
+
+    /// Whether dump `seq` was answered.
+    pub fn answered(&self, seq: u64) -> bool {
+        self.dump_answered.load(Ordering::Acquire) >= seq
+    }
+
+    /// The dump number asked for and not yet answered, if any.
+    fn pending_dump(&self) -> Option<u64> {
+        let want = self.dump_requested.load(Ordering::Acquire);
+        (want > self.dump_answered.load(Ordering::Relaxed)).then_some(want)
+    }
+}
+
+/// Reads what a dump shows from the vCPU (on its own thread).
+fn snapshot(fd: &VcpuFd) -> VcpuSnapshot {
+    VcpuSnapshot {
+        regs: fd.get_regs().ok(),
+        sregs: fd.get_sregs().ok(),
+        mp_state: fd.get_mp_state().ok().map(|m| m.mp_state),
+        events: fd.get_vcpu_events().ok(),
+        lapic: fd.get_lapic().ok(),
+    }
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -253,10 +357,26 @@ pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit` byte while it runs a vCPU (null otherwise).
+    /// A `const` thread local without a destructor: the kick handler reads it without
+    /// allocating or locking.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// Installs the (empty) handler for [`kick_signal`]: its only job is to make KVM_RUN return
-/// EINTR.
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: `flag` points into this thread's own vCPU's kvm_run mapping, set by
+        // `Vcpu::run` and reset to null before that mapping goes away; the signal was sent
+        // to this thread, so the vCPU is alive. A volatile byte store is async-signal-safe.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// Installs the handler for [`kick_signal`]. A kick makes KVM_RUN return EINTR; one that
+/// lands just before KVM_RUN is entered sets `kvm_run.immediate_exit`, so the next KVM_RUN
+/// returns EINTR at once instead of the kick being lost.
 pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
@@ -280,16 +400,37 @@ impl Vcpu {
 
     fn run(mut self) {
         info!("vcpu{} started", self.id);
+        let flag = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|f| f.set(flag));
+        self.run_loop();
+        // Before the vCPU (and its kvm_run mapping) is dropped.
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        debug!("vcpu{} left its run loop", self.id);
+    }
+
+    fn run_loop(&mut self) {
         loop {
+            // Clear a kick's immediate_exit first, then look at what the kick was for: a
+            // kick after this point finds its flag already set, or re-arms immediate_exit.
+            self.fd.set_kvm_immediate_exit(0);
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            if let Some(seq) = self.monitor.pending_dump() {
+                self.answer_dump(seq);
             }
             if self.id == 0 {
                 self.times.mark(Phase::FirstKvmRun);
             }
+            let stats = &self.monitor.stats;
             let action = match self.fd.run() {
-                Ok(exit) => handle_exit(exit, &self.io),
+                Ok(exit) => {
+                    let (kind, detail) = ExitKind::of(&exit);
+                    stats.record(kind, detail);
+                    handle_exit(exit, &self.io)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    stats.record(ExitKind::Interrupted, e.errno() as u64);
                     VcpuAction::Continue
                 }
                 Err(e) => VcpuAction::Fail(format!("KVM_RUN failed: {e}")),
@@ -297,7 +438,14 @@ impl Vcpu {
             match action {
                 VcpuAction::Continue => {}
                 VcpuAction::Stop(reason) => {
-                    info!("vcpu{}: {reason:?}", self.id);
+                    if reason.wants_diagnosis() {
+                        warn!(
+                            "{}",
+                            diagnose(&mut self.fd, &self.mem, self.id, reason.name())
+                        );
+                    } else {
+                        info!("vcpu{}: {reason:?}", self.id);
+                    }
                     self.exit.request(reason);
                     break;
                 }
@@ -308,7 +456,21 @@ impl Vcpu {
                 }
             }
         }
-        debug!("vcpu{} left its run loop", self.id);
+    }
+
+    /// Logs this vCPU's part of dump `seq` and marks it answered.
+    fn answer_dump(&mut self, seq: u64) {
+        let snap = snapshot(&self.fd);
+        for line in crate::dump::vcpu_lines(
+            seq,
+            self.id,
+            &snap,
+            &self.monitor.stats,
+            self.symbols.as_deref(),
+        ) {
+            warn!("{line}");
+        }
+        self.monitor.dump_answered.store(seq, Ordering::Release);
     }
 }
 
@@ -377,6 +539,105 @@ mod tests {
             handle_exit(VcpuExit::FailEntry(0x80000021, 1), &io),
             VcpuAction::Fail(s) if s.contains("0x80000021")
         ));
+    }
+
+    #[test]
+    fn each_way_out_has_its_own_name_level_and_text() {
+        let all = [
+            (ExitReason::GuestReset, "reboot", Level::Info, "rebooted"),
+            (
+                ExitReason::GuestPowerOff,
+                "poweroff",
+                Level::Info,
+                "powered off",
+            ),
+            (
+                ExitReason::TripleFault,
+                "triple_fault",
+                Level::Warn,
+                "triple-faulted (KVM_EXIT_SHUTDOWN): a crash",
+            ),
+            (ExitReason::Halted, "halted", Level::Info, "halted"),
+            (
+                ExitReason::ConsoleEscape,
+                "console_escape",
+                Level::Info,
+                "Ctrl-A x",
+            ),
+            (ExitReason::Signal(15), "signal", Level::Info, "signal 15"),
+            (
+                ExitReason::Error("vcpu0 stopped: boom".into()),
+                "error",
+                Level::Error,
+                "vcpu0 stopped: boom",
+            ),
+        ];
+        let mut names = std::collections::HashSet::new();
+        for (reason, name, level, text) in all {
+            assert_eq!(reason.name(), name);
+            assert!(names.insert(name), "{name} twice");
+            tvm_virtio::test_log::start();
+            log_stop(&reason);
+            let lines = tvm_virtio::test_log::lines(level);
+            assert_eq!(lines.len(), 1, "{reason:?}: {lines:?}");
+            assert!(lines[0].starts_with("guest stopped: "), "{lines:?}");
+            assert!(lines[0].contains(text), "{reason:?}: {lines:?}");
+            // Only a triple fault is worth a diagnosis on the vcpu thread.
+            assert_eq!(reason.wants_diagnosis(), name == "triple_fault");
+        }
+        // A reboot and a crash are told apart at the default level (warn).
+        assert!(ExitReason::GuestReset.log_level() > Level::Warn);
+        assert!(ExitReason::TripleFault.log_level() <= Level::Warn);
+        assert_eq!(ExitReason::TripleFault.exit_code(), 0);
+    }
+
+    #[test]
+    fn kvm_shutdown_and_reset_events_are_different_stops() {
+        let io = IoManager::new();
+        let stops: Vec<_> = [
+            VcpuExit::Shutdown,
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]),
+        ]
+        .into_iter()
+        .map(|e| match handle_exit(e, &io) {
+            VcpuAction::Stop(r) => r.name(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+        assert_eq!(stops, ["triple_fault", "reboot", "poweroff"]);
+    }
+
+    #[test]
+    fn a_kick_sets_immediate_exit_so_that_it_is_not_lost() {
+        install_kick_handler().unwrap();
+        let mut flag = 0u8;
+        IMMEDIATE_EXIT.with(|f| f.set(&mut flag));
+        // SAFETY: the kick handler is installed; a signal sent to this very thread runs
+        // it before pthread_kill returns. `flag` outlives the call.
+        let rc = unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        assert_eq!(rc, 0);
+        // SAFETY: reading a local byte the handler may have written.
+        assert_eq!(unsafe { std::ptr::read_volatile(&flag) }, 1);
+        // A thread that runs no vCPU takes a kick harmlessly.
+        // SAFETY: the handler is installed and finds no flag to set.
+        let rc = unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+        assert_eq!(rc, 0);
+    }
+
+    #[test]
+    fn a_dump_is_pending_until_answered() {
+        let m = VcpuMonitor::default();
+        assert_eq!(m.pending_dump(), None);
+        m.request_dump(1);
+        assert_eq!(m.pending_dump(), Some(1));
+        assert!(!m.answered(1));
+        m.dump_answered.store(1, Ordering::Release);
+        assert!(m.answered(1));
+        assert_eq!(m.pending_dump(), None);
+        m.request_dump(2);
+        assert_eq!(m.pending_dump(), Some(2));
     }
 
     #[test]

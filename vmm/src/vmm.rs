@@ -27,13 +27,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
+use crate::dump::SymbolMap;
 use crate::legacy::{
     Cmos, DebugPort, CMOS_PORT, DEBUG_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT,
 };
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
-use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu};
+use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu, VcpuMonitor};
 use crate::virtio::VirtioPciWiring;
 use crate::{Error, Result};
 
@@ -47,6 +48,8 @@ type Serial = SerialDevice<ConsoleWriter>;
 
 /// How long shutdown waits for vCPU threads and for the console to drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long a state dump waits for each vCPU thread to answer.
+const DUMP_GRACE: Duration = Duration::from_secs(1);
 
 /// The raw fd of the EventFd that termination signals write (-1 until installed).
 static SIGNAL_EVT_FD: AtomicI32 = AtomicI32::new(-1);
@@ -82,6 +85,7 @@ const EXIT_EVT: u32 = 1;
 const RESET_EVT: u32 = 2;
 const ESCAPE_EVT: u32 = 3;
 const SIGNAL_EVT: u32 = 4;
+const DUMP_EVT: u32 = 5;
 
 /// The event-loop subscriber that turns stop requests into an exit reason.
 #[derive(Debug)]
@@ -91,7 +95,11 @@ struct Control {
     reset_evt: EventFd,
     escape_evt: EventFd,
     signal_evt: EventFd,
+    /// Written by the SIGUSR2 handler.
+    dump_evt: EventFd,
     done: Arc<AtomicBool>,
+    /// Set when a state dump was asked for; `Vmm::run` does it between two event batches.
+    dump: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for Control {
@@ -104,6 +112,11 @@ impl MutEventSubscriber for Control {
                 &self.signal_evt,
                 Some(ExitReason::Signal(LAST_SIGNAL.load(Ordering::Relaxed))),
             ),
+            DUMP_EVT => {
+                let _ = self.dump_evt.read();
+                self.dump.store(true, Ordering::Release);
+                return;
+            }
             other => {
                 warn!("unexpected event data {other}");
                 return;
@@ -122,6 +135,7 @@ impl MutEventSubscriber for Control {
             (&self.reset_evt, RESET_EVT),
             (&self.escape_evt, ESCAPE_EVT),
             (&self.signal_evt, SIGNAL_EVT),
+            (&self.dump_evt, DUMP_EVT),
         ] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 error!("failed to watch control event {data}: {e}");
@@ -138,6 +152,8 @@ pub struct Vmm {
     nets: Vec<NetDevice>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
+    /// Each vCPU's statistics and dump handshake, in vCPU order.
+    monitors: Vec<Arc<VcpuMonitor>>,
     exit: Arc<ExitSignal>,
     /// The control subscriber; the event loop gets this same instance.
     control: Arc<Mutex<Control>>,
@@ -210,6 +226,15 @@ impl Vmm {
             })?);
         }
 
+        let symbols = match &cfg.system_map {
+            Some(path) => {
+                let map = SymbolMap::load(path)?;
+                info!("{} symbols from {path:?}", map.len());
+                Some(Arc::new(map))
+            }
+            None => None,
+        };
+
         let seccomp = Filters::new(cfg.seccomp)?;
         if cfg.seccomp == SeccompLevel::On {
             crate::seccomp::install_sigsys_handler()?;
@@ -227,7 +252,13 @@ impl Vmm {
         // Guest RAM.
         let ram = layout::ram_ranges(cfg.mem_size);
         let mem = tvm_memory::create_guest_memory(&ram)?;
-        tvm_memory::register_memory_slots(&vm, &mem)?;
+        // SAFETY: `register_memory_slots` needs `mem`'s regions mapped for as long as the VM
+        // can use the slots. `mem` moves into the returned `Vmm` (its clones into the
+        // devices), which lives until `run` returns; the guest only touches its memory from
+        // a vCPU in KVM_RUN, and `run` joins every vCPU thread before it returns, except a
+        // thread that does not stop in time: then `stop_vcpus` keeps a clone of `mem` for
+        // the rest of the process.
+        unsafe { tvm_memory::register_memory_slots(&vm, &mem)? };
 
         // Kernel, command line, initrd, zero page.
         let kernel = tvm_arch_x86::load_kernel(&mem, &mut kernel_file)?;
@@ -262,7 +293,7 @@ impl Vmm {
 
         // Devices on the port bus.
         let mut io = IoManager::new();
-        let com1 = IrqLine::new(tvm_irq::COM1_GSI)?;
+        let com1 = IrqLine::new(tvm_arch_x86::layout::COM1_GSI)?;
         com1.register(&vm)?;
         // The serial-out thread installs its filter before it writes anything.
         let install = seccomp.installer(ThreadKind::SerialOut);
@@ -318,6 +349,7 @@ impl Vmm {
         // vCPUs.
         let stop = Arc::new(AtomicBool::new(false));
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        let mut monitors = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
@@ -343,7 +375,10 @@ impl Vmm {
                 stop: stop.clone(),
                 times: times.clone(),
                 seccomp: seccomp.get(ThreadKind::Vcpu),
+                monitor: Arc::new(VcpuMonitor::default()),
+                symbols: symbols.clone(),
             });
+            monitors.extend(vcpus.last().map(|v| v.monitor.clone()));
         }
         info!(
             "vm built: {} MiB, {} vcpu(s), kernel {:?}",
@@ -358,7 +393,9 @@ impl Vmm {
             reset_evt,
             escape_evt: eventfd()?,
             signal_evt: eventfd()?,
+            dump_evt: eventfd()?,
             done: Arc::new(AtomicBool::new(false)),
+            dump: Arc::new(AtomicBool::new(false)),
         };
         Ok(Vmm {
             _kvm: kvm,
@@ -367,6 +404,7 @@ impl Vmm {
             nets,
             mem,
             vcpus,
+            monitors,
             exit,
             control: Arc::new(Mutex::new(control)),
             serial,
@@ -385,11 +423,12 @@ impl Vmm {
 
     /// Runs the VM until it stops; returns why.
     pub fn run(mut self) -> Result<ExitReason> {
-        let (escape_evt, done) = {
+        let (escape_evt, done, dump) = {
             let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
             install_termination_handlers(&control.signal_evt)?;
+            crate::dump::install_dump_handler(&control.dump_evt)?;
             let escape = control.escape_evt.try_clone().map_err(Error::EventFd)?;
-            (escape, control.done.clone())
+            (escape, control.done.clone(), control.dump.clone())
         };
         install_kick_handler().map_err(Error::Signals)?;
 
@@ -417,7 +456,7 @@ impl Vmm {
                     // Threads already started are waiting on the barrier: stop them first.
                     self.stop.store(true, Ordering::Release);
                     barrier.wait();
-                    stop_vcpus(threads, &self.stop);
+                    stop_vcpus(threads, &self.stop, &self.mem);
                     drop(raw);
                     return Err(Error::SpawnVcpu(e));
                 }
@@ -433,23 +472,28 @@ impl Vmm {
         if let Err(e) = filtered {
             self.stop.store(true, Ordering::Release);
             barrier.wait();
-            stop_vcpus(threads, &self.stop);
+            stop_vcpus(threads, &self.stop, &self.mem);
             drop(raw);
             return Err(e);
         }
         barrier.wait();
 
         let mut loop_error = None;
+        let mut dumps = 0u64;
         while !done.load(Ordering::Acquire) {
             if let Err(e) = em.run() {
                 loop_error = Some(e);
                 break;
             }
+            if dump.swap(false, Ordering::AcqRel) && !done.load(Ordering::Acquire) {
+                dumps += 1;
+                self.dump_state(dumps, &threads);
+            }
         }
         self.times.mark(Phase::Exit);
         let reason = self.exit.reason();
         info!("shutting down: {reason:?}");
-        stop_vcpus(threads, &self.stop);
+        stop_vcpus(threads, &self.stop, &self.mem);
         self.flush_disks();
         for net in &self.nets {
             net.lock()
@@ -463,6 +507,75 @@ impl Vmm {
             return Err(Error::EventManager(e));
         }
         Ok(reason.unwrap_or(ExitReason::Error("the vm stopped without a reason".into())))
+    }
+
+    /// Logs dump number `seq` (see [`crate::dump`]): asks each vCPU thread for its part
+    /// and kicks it out of KVM_RUN, waits up to [`DUMP_GRACE`] for the answers, then logs
+    /// the UART and every virtio device. The guest runs on.
+    fn dump_state(&self, seq: u64, threads: &[JoinHandle<()>]) {
+        warn!(
+            "dump {seq}: state of the vm on SIGUSR2 ({} vcpu(s)); the guest keeps running",
+            self.monitors.len()
+        );
+        for m in &self.monitors {
+            m.request_dump(seq);
+        }
+        let deadline = Instant::now() + DUMP_GRACE;
+        loop {
+            let mut waiting = false;
+            for (m, t) in self.monitors.iter().zip(threads) {
+                if !m.answered(seq) && !t.is_finished() {
+                    waiting = true;
+                    // immediate_exit makes a kick stick, but one could still race a vCPU
+                    // thread between two checks; kicking again is cheap.
+                    if let Err(e) = t.kill(kick_signal()) {
+                        debug!("failed to kick a vcpu thread: {e}");
+                    }
+                }
+            }
+            if !waiting || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for (id, m) in self.monitors.iter().enumerate() {
+            if !m.answered(seq) {
+                warn!(
+                    "dump {seq}: vcpu{id}: did not answer within {DUMP_GRACE:?} (blocked outside \
+                     KVM_RUN, or stopped); {}",
+                    m.stats.summary()
+                );
+            }
+        }
+        match self.serial.lock() {
+            Ok(serial) => warn!("dump {seq}: serial: {}", serial.debug_state()),
+            Err(_) => warn!("dump {seq}: serial: lock poisoned"),
+        }
+        for disk in &self.disks {
+            for line in disk.lock().unwrap_or_else(|e| e.into_inner()).debug_state() {
+                warn!("dump {seq}: {line}");
+            }
+        }
+        for net in &self.nets {
+            let net = net.lock().unwrap_or_else(|e| e.into_inner());
+            for line in net.debug_state() {
+                warn!("dump {seq}: {line}");
+            }
+            let c = net.device().counters();
+            warn!(
+                "dump {seq}: {}: rx {} packets, {} dropped, {} errors, {} bytes waiting for \
+                 buffers; tx {} packets, {} dropped, {} errors",
+                net.name(),
+                c.rx_packets,
+                c.rx_dropped,
+                c.rx_errors,
+                net.device().rx_pending_len(),
+                c.tx_packets,
+                c.tx_dropped,
+                c.tx_errors
+            );
+        }
+        warn!("dump {seq}: end");
     }
 
     fn flush_disks(&self) {
@@ -498,7 +611,11 @@ impl Vmm {
 }
 
 /// Asks every vCPU thread to stop, kicks it out of KVM_RUN until it does, and joins it.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) {
+///
+/// A thread that does not stop may still run the guest, so guest memory must stay mapped
+/// (the contract of [`tvm_memory::register_memory_slots`]): a clone of `mem` is then kept
+/// until the process exits.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool, mem: &GuestMemoryMmap) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     for t in threads {
@@ -515,6 +632,9 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) {
             }
         } else {
             warn!("a vcpu thread did not stop within {SHUTDOWN_GRACE:?}");
+            // Leaking the mapping is the only way to keep it valid for a thread we cannot
+            // join; the process is about to exit anyway.
+            std::mem::forget(mem.clone());
         }
     }
 }

@@ -88,6 +88,9 @@ fn kvm_uart_text_and_i8042_reset_end_the_run_cleanly() {
             .unwrap();
         assert!(v.parse::<f64>().is_ok(), "{field} missing in {line}");
     }
+    // A clean reboot: named as such, and nothing to warn about.
+    assert_eq!(exit_reason(&stderr), "reboot");
+    assert!(!stderr.contains(" WARN "), "{stderr}");
 }
 
 #[test]
@@ -125,23 +128,52 @@ fn kvm_acpi_rsdp_is_in_memory_and_s5_powers_off() {
         stderr.contains("guest powered off through acpi"),
         "{stderr}"
     );
-    assert!(stderr.contains("GuestPowerOff"), "{stderr}");
+    assert!(
+        stderr.contains("guest stopped: the guest powered off"),
+        "{stderr}"
+    );
+    assert_eq!(exit_reason(&stderr), "poweroff");
+}
+
+/// The `exit_reason=` of the `TVM-BOOT-TIMES` line in `stderr`.
+fn exit_reason(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("TVM-BOOT-TIMES "))
+        .and_then(|l| l.split(' ').find_map(|kv| kv.strip_prefix("exit_reason=")))
+        .unwrap_or_else(|| panic!("no exit_reason in {stderr:?}"))
 }
 
 #[test]
 #[ignore = "needs /dev/kvm"]
-fn kvm_triple_fault_ends_the_run_cleanly() {
+fn kvm_triple_fault_ends_the_run_with_a_warning_naming_rip() {
     // 1 GiB is just past the boot identity map: #PF, and with the boot IDT's 8-byte limit
     // that becomes #DF and then a triple fault (KVM_EXIT_SHUTDOWN).
-    let code = Asm::new()
-        .print(0x3f8, b"faulting\n")
-        .load_eax(0x4000_0000)
-        .halt_forever()
-        .finish();
+    let before = Asm::new().print(0x3f8, b"faulting\n");
+    let rip = tvm_tests::GUEST_ENTRY + before.len() as u64;
+    let code = before.load_eax(0x4000_0000).halt_forever().finish();
     let kernel = write_kernel("triple.elf", &code);
+    // The default log level: a crash must not pass for a clean reboot there.
     let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"]);
+    let stderr = text(&out.stderr);
     assert!(text(&out.stdout).contains("faulting"));
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains(" WARN ") && l.contains("vcpu0 stopped: triple_fault"))
+        .unwrap_or_else(|| panic!("no triple-fault warning in {stderr:?}"));
+    assert!(warning.contains(&format!("rip {rip:#x}")), "{warning}");
+    assert!(warning.contains("cr3 0x9000"), "{warning}");
+    // mov eax, [0x40000000]
+    assert!(
+        warning.contains("instruction bytes at") && warning.contains(": 8b 04 25 00 00 00 40"),
+        "{warning}"
+    );
+    assert!(
+        stderr.contains("WARN  tvm_vmm::vcpu: guest stopped: the guest triple-faulted"),
+        "{stderr}"
+    );
+    assert_eq!(exit_reason(&stderr), "triple_fault");
 }
 
 #[test]
@@ -348,6 +380,7 @@ fn help_names_every_option() {
         "--disk",
         "--net",
         "--seccomp",
+        "--system-map",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }

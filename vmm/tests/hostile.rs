@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tvm_tests::{elf_image, Asm, GUEST_ENTRY};
+use virtio_bindings::{virtio_blk, virtio_config, virtio_ring};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
@@ -72,15 +73,16 @@ const NOTIFY: u64 = 0x3000;
 /// `queue_notify_off` is its index).
 const NOTIFY_MULTIPLIER: u64 = 4;
 
-const ACKNOWLEDGE: u8 = 1;
-const DRIVER: u8 = 2;
-const DRIVER_OK: u8 = 4;
-const FEATURES_OK: u8 = 8;
+// The spec's values, from virtio-bindings rather than from the device under test.
+const ACKNOWLEDGE: u8 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+const DRIVER: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER as u8;
+const DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const BLK_T_IN: u32 = 0;
-const BLK_T_OUT: u32 = 1;
+const F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const BLK_T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
+const BLK_T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
 /// What the guest's status bytes hold until the device writes them.
 const STATUS_FILL: u8 = 0xee;
 /// What the guest's data buffers hold until the device writes them.

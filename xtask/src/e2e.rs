@@ -5,10 +5,10 @@
 //! inside the outer QEMU guest (where kvm-amd gives one). Running the driver beside the VMM
 //! keeps the console on fast local pipes and lets it read the VMM's RSS from /proc.
 
-use std::process::{Command, ExitCode};
-use std::time::Duration;
+use std::process::{Command, ExitCode, Output};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::guest;
 use crate::outer::{self, OuterRun};
@@ -33,6 +33,10 @@ pub struct Args {
     /// Limit for the whole run, in seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Run only the durability power cut (nested runs: one outer boot, one inner boot), to
+    /// check a change to how the VMM flushes its disks without the whole run.
+    #[arg(long)]
+    pub durability_only: bool,
 }
 
 /// The driver's arguments, with the three paths it needs.
@@ -50,10 +54,164 @@ fn driver_args(
         .collect()
 }
 
+/// What the nested run keeps of its limit for the outer boot before the payload starts
+/// and for the durability phase after the checks: the checks' driver gets the rest as its
+/// own `--timeout`, so that it reports its own overrun, with the console, before the outer
+/// guest is killed.
+const NESTED_RESERVE: Duration = Duration::from_secs(150);
+/// The power-cut driver's `--timeout`: one inner boot and 8 MiB of fsync'ed writes.
+const POWER_CUT_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long the power-cut driver waits to be killed after asking for it.
+const POWER_CUT_WAIT: Duration = Duration::from_secs(60);
+/// How much longer than the driver's own `--timeout` xtask waits for a driver that runs
+/// directly on this host before killing it.
+const DIRECT_GRACE: Duration = Duration::from_secs(60);
+
+/// The payload of a nested run: the driver with `main_args` (none: status 0), `sync`, its
+/// status on the console as `E2E-MAIN-EXIT <n>`; then, when `power_cut_args` is given and the checks
+/// passed, the durability phase: the outer guest stops writing back dirty pages on its own
+/// (no periodic flusher, nothing expires for an hour), so that what the inner VMM writes
+/// to the durability drives reaches the host files only through its FLUSH (fdatasync on the
+/// outer block device), and the driver in `power-cut` mode, which prints
+/// [`POWER_CUT_MARK`] for xtask to kill the outer QEMU.
+fn nested_payload(main_args: Option<&[String]>, power_cut_args: Option<&[String]>) -> String {
+    let mut script = match main_args {
+        Some(args) => format!(
+            "{pin} /tvm/tvm-e2e {main}\nrc=$?\nsync\n",
+            pin = outer::PIN_TO_ONE_CPU,
+            main = util::shell_join(args),
+        ),
+        None => "rc=0\n".to_string(),
+    };
+    script.push_str("echo \"E2E-MAIN-EXIT $rc\"\n");
+    if let Some(args) = power_cut_args {
+        script.push_str(&format!(
+            "if [ $rc -eq 0 ]; then\n{}fi\n\
+             if [ $rc -eq 0 ]; then\n\
+             \x20   {pin} /tvm/tvm-e2e {args}\n\
+             \x20   rc=$?\n\
+             fi\n",
+            outer::no_writeback_script(&DURABILITY_DEVICES),
+            pin = outer::PIN_TO_ONE_CPU,
+            args = util::shell_join(args),
+        ));
+    }
+    // `sync`: a payload that ends is followed by a forced power-off, so nothing may stay in
+    // the outer page cache (the checks' disks were synced above already).
+    script.push_str("sync\nexit $rc\n");
+    script
+}
+
+/// The outer guest's devices of the durability drives (its third and fourth).
+const DURABILITY_DEVICES: [&str; 2] = ["vdc", "vdd"];
+
+/// The text the power-cut driver prints when the guest's writes are fsync'ed (the
+/// driver's `POWER_CUT_MARK`).
+pub const POWER_CUT_MARK: &str = "E2E-POWER-CUT-NOW";
+
+/// The status in the last `E2E-MAIN-EXIT <n>` line of a nested run's console.
+fn main_exit(console: &str) -> Option<i32> {
+    console
+        .lines()
+        .rev()
+        .filter_map(|l| l.trim_end_matches('\r').split("E2E-MAIN-EXIT ").nth(1))
+        .find_map(|n| n.trim().parse().ok())
+}
+
+/// `--kernel-release` (the release of the unpacked vmlinuz) and, when the pinned kernel
+/// package is the one in the download cache, `--kernel-version` (its Debian version, which
+/// `uname -v` names): what the guest's `uname` must say.
+fn kernel_args(images: &guest::GuestImages) -> Vec<String> {
+    let mut args = vec![
+        "--kernel-release".to_string(),
+        images.kernel_release.clone(),
+    ];
+    let pinned = format!(
+        "{}_{}_",
+        guest::KERNEL_PACKAGE,
+        guest::KERNEL_VERSION.replace(':', "%3a")
+    );
+    let cached = std::fs::read_dir(images.dir.join("debs"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(&pinned))
+        })
+        .unwrap_or(false);
+    if cached {
+        args.extend([
+            "--kernel-version".to_string(),
+            guest::KERNEL_VERSION.to_string(),
+        ]);
+    }
+    args
+}
+
+/// Runs `cmd`, its output copied to ours as it comes, and kills it if it has not ended
+/// within `limit`. Returns its exit code (1 for a signal) and its stdout.
+fn run_with_limit(cmd: &mut Command, limit: Duration) -> Result<(i32, String)> {
+    use std::io::{Read, Write};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", util::display_cmd(cmd)))?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("the driver's stdout is not piped"))?;
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+            all.extend_from_slice(&buf[..n]);
+        }
+        all
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The driver's VMMs die with it (PR_SET_PDEATHSIG), so the pipe closes; never wait
+    // for ever all the same.
+    let join_deadline = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() && Instant::now() < join_deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = if reader.is_finished() {
+        reader.join().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let text = String::from_utf8_lossy(&text).into_owned();
+    match status {
+        Some(status) => Ok((status.code().unwrap_or(1), text)),
+        None => bail!(
+            "the end-to-end driver was still running after {limit:?} and was killed; its \
+             output ends:\n{}",
+            tail(&text, 40)
+        ),
+    }
+}
+
 /// Runs the driver with `mode` (e.g. `[]` for the checks, `["boot-time"]` for timing)
 /// beside the VMM; `extra_files` are carried into the outer guest as `(host, guest)`.
 /// Returns the driver's exit code and its output.
 /// `initrd` replaces the test guest's initramfs (a host path; carried into the outer guest).
+/// `timeout` limits the whole run, wherever the driver runs: the driver gets it (less
+/// what the outer boot needs) as its own `--timeout`, and xtask kills what is left after it.
 pub fn run_driver(
     mode: &[&str],
     extra_args: &[&str],
@@ -61,6 +219,28 @@ pub fn run_driver(
     initrd: Option<&std::path::Path>,
     verbose: bool,
     timeout: Duration,
+) -> Result<(i32, String)> {
+    run_driver_with(
+        mode,
+        extra_args,
+        extra_files,
+        initrd,
+        verbose,
+        timeout,
+        false,
+    )
+}
+
+/// [`run_driver`]; with `durability_only` (nested, checks mode only) the payload skips
+/// the checks and runs only the durability power cut.
+fn run_driver_with(
+    mode: &[&str],
+    extra_args: &[&str],
+    extra_files: &[(std::path::PathBuf, String)],
+    initrd: Option<&std::path::Path>,
+    verbose: bool,
+    timeout: Duration,
+    durability_only: bool,
 ) -> Result<(i32, String)> {
     let vmm = outer::build_static("tvm-vmm", "vmm")?;
     let driver = outer::build_static("tvm-tests", "tvm-e2e")?;
@@ -78,18 +258,32 @@ pub fn run_driver(
         fs_tools.push(util::binary_with_libs(&path)?);
     }
     let (e2fsck, debugfs) = (fs_tools[0][0].1.clone(), fs_tools[1][0].1.clone());
+    let kernel = kernel_args(&images);
     let mut extra: Vec<&str> = extra_args.to_vec();
     if verbose {
         extra.push("--verbose");
     }
+    if mode.is_empty() {
+        extra.extend(kernel.iter().map(String::as_str));
+    }
     if outer::kvm_is_usable_directly() {
+        if durability_only {
+            bail!(
+                "--durability-only needs the nested run: the power cut is of the outer guest \
+                 (this host's /dev/kvm runs the VMM directly)"
+            );
+        }
         let disk = scratch_disk.to_string_lossy().into_owned();
         let ro = scratch_ro.to_string_lossy().into_owned();
+        let limit = timeout.as_secs().to_string();
         let mut extra = extra.clone();
+        extra.extend(["--timeout", &limit]);
         if mode.is_empty() {
             extra.extend(["--disk", &disk, "--ro-disk", &ro]);
             extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
             extra.extend(["--tap", E2E_TAP]);
+            // No outer guest to cut the power of: the SIGKILL variant (see docs/testing.md).
+            extra.push("--sigkill-durability");
         }
         let args = driver_args(
             mode,
@@ -101,52 +295,71 @@ pub fn run_driver(
         let mut cmd = Command::new(&driver);
         cmd.args(&args);
         println!("xtask: {}", util::display_cmd(&cmd));
-        let out = cmd.output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        print!("{text}");
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
-        return Ok((out.status.code().unwrap_or(1), text));
+        return run_with_limit(&mut cmd, timeout + DIRECT_GRACE);
     }
     println!("note: /dev/kvm here is PVM (or missing); running the end-to-end tests inside a QEMU TCG outer guest");
     // The images are the outer guest's virtio disks, so what the inner guest writes
     // crosses our VMM and the outer QEMU into the host files, which are checked below.
     let mut drives = Vec::new();
+    let main_limit = timeout
+        .saturating_sub(NESTED_RESERVE)
+        .max(Duration::from_secs(60));
+    let main_limit = main_limit.as_secs().to_string();
+    extra.extend(["--timeout", &main_limit]);
+    // The durability drives: an 8 MiB raw image of zeros and a clean ext4 image.
+    let dur_raw = images.dir.join("e2e-dur.raw");
+    let dur_ext4 = images.dir.join("e2e-dur.ext4");
     let ro_before = if mode.is_empty() {
-        drives.push(outer::outer_disk_path(0));
-        drives.push(outer::outer_disk_path(1));
+        for i in 0..4 {
+            drives.push(outer::outer_disk_path(i));
+        }
         extra.extend(["--disk", &drives[0], "--ro-disk", &drives[1]]);
         extra.extend(["--e2fsck", &e2fsck, "--debugfs", &debugfs]);
         extra.extend(["--tap", E2E_TAP]);
+        std::fs::write(&dur_raw, vec![0u8; 8 << 20])?;
+        std::fs::copy(&images.disk, &dur_ext4)?;
         Some(crc32_file(&scratch_ro)?)
     } else {
         None
     };
-    let args = driver_args(
-        mode,
-        "/tvm/vmm",
-        "/tvm/vmlinuz",
-        if initrd.is_some() {
-            "/tvm/initramfs-alt.cpio.gz"
-        } else {
-            "/tvm/initramfs.cpio.gz"
-        },
-        &extra,
-    );
-    // `sync`: the payload ends with a forced power-off, so nothing may stay in the outer
-    // page cache.
-    let mut run = OuterRun::new(format!(
-        "{} /tvm/tvm-e2e {}\nrc=$?\nsync\nexit $rc\n",
-        outer::PIN_TO_ONE_CPU,
-        util::shell_join(args)
-    ))
-    .file(&vmm, "vmm")
-    .file(&driver, "tvm-e2e")
-    .with_test_guest(&images);
+    let guest_initrd = if initrd.is_some() {
+        "/tvm/initramfs-alt.cpio.gz"
+    } else {
+        "/tvm/initramfs.cpio.gz"
+    };
+    let args = driver_args(mode, "/tvm/vmm", "/tvm/vmlinuz", guest_initrd, &extra);
+    let power_cut_args = mode.is_empty().then(|| {
+        let (limit, wait) = (
+            POWER_CUT_TIMEOUT.as_secs().to_string(),
+            POWER_CUT_WAIT.as_secs().to_string(),
+        );
+        debug_assert_eq!(drives[2], format!("/dev/{}", DURABILITY_DEVICES[0]));
+        let mut more = vec!["--dur-raw", &drives[2], "--dur-ext4", &drives[3]];
+        more.extend(["--timeout", &limit, "--power-cut-wait", &wait]);
+        if verbose {
+            more.push("--verbose");
+        }
+        driver_args(
+            &["power-cut"],
+            "/tvm/vmm",
+            "/tvm/vmlinuz",
+            guest_initrd,
+            &more,
+        )
+    });
+    let main_args = (!durability_only).then_some(args.as_slice());
+    let mut run = OuterRun::new(nested_payload(main_args, power_cut_args.as_deref()))
+        .file(&vmm, "vmm")
+        .file(&driver, "tvm-e2e")
+        .with_test_guest(&images);
     if mode.is_empty() {
         // The read-write attachment is deliberate for the read-only disk too: our VMM's
         // readonly=on is what must keep it unchanged.
         run.drive(&scratch_disk, false);
         run.drive(&scratch_ro, false);
+        run.drive(&dur_raw, false);
+        run.drive(&dur_ext4, false);
+        run.kill_on = Some(POWER_CUT_MARK.to_string());
         // Both tools load libc and friends: carry each path once.
         let unique: std::collections::BTreeMap<&String, &std::path::PathBuf> =
             fs_tools.iter().flatten().map(|(h, g)| (g, h)).collect();
@@ -164,10 +377,15 @@ pub fn run_driver(
     run.quiet = !verbose;
     let outcome = run.run()?;
     println!(
-        "xtask: outer guest ran {:.0} s ({} boot{})",
+        "xtask: outer guest ran {:.0} s ({} boot{}{})",
         outcome.elapsed.as_secs_f64(),
         outcome.attempts,
-        if outcome.attempts == 1 { "" } else { "s" }
+        if outcome.attempts == 1 { "" } else { "s" },
+        if outcome.power_cut {
+            ", ended by the power cut"
+        } else {
+            ""
+        }
     );
     let report: String = outcome
         .console_output
@@ -189,25 +407,217 @@ pub fn run_driver(
             tail(&outcome.console_output, 40)
         );
     }
-    let Some(mut code) = outcome.exit_code else {
-        bail!("the driver did not report an exit status");
+    let Some(mut code) = main_exit(&outcome.console_output).or(outcome.exit_code) else {
+        bail!(
+            "the driver did not report an exit status; console tail:\n{}",
+            tail(&outcome.console_output, 40)
+        );
     };
+    let mut checks = Vec::new();
+    if let Some(ro_before) = ro_before {
+        if !durability_only {
+            checks = host_disk_checks(&report, &scratch_disk, &scratch_ro, ro_before, &fs_tools);
+        }
+        if code == 0 {
+            checks.extend(power_cut_checks(
+                &report, &outcome, &dur_raw, &dur_ext4, &fs_tools,
+            ));
+        } else {
+            println!("xtask: the durability power cut did not run: the checks before it failed");
+        }
+    }
+    for (name, result) in &checks {
+        match result {
+            Ok(detail) => println!("E2E PASS {name}: {detail}"),
+            Err(why) => println!("E2E FAIL {name}: {why}"),
+        }
+    }
+    if checks.iter().any(|(_, r)| r.is_err()) && code == 0 {
+        code = 1;
+    }
     if code != 0 && !verbose {
         eprintln!("console tail:\n{}", tail(&outcome.console_output, 60));
     }
-    if let Some(ro_before) = ro_before {
-        let checks = host_disk_checks(&report, &scratch_disk, &scratch_ro, ro_before, &fs_tools);
-        for (name, result) in &checks {
-            match result {
-                Ok(detail) => println!("E2E PASS {name}: {detail}"),
-                Err(why) => println!("E2E FAIL {name}: {why}"),
+    Ok((code, report))
+}
+
+/// The durability checks after the power cut, on the host files behind the outer guest's
+/// durability drives: the raw image holds the 4 MiB the guest wrote with O_DIRECT and
+/// fsync (crc32 from the `E2E-DURABLE` line), and the ext4 image, once `e2fsck` has
+/// replayed its journal (what the next mount would do), is clean under `e2fsck -fn` and
+/// has /durable with that crc32. Without a power cut (the payload ended instead), one
+/// failure that says why.
+fn power_cut_checks(
+    report: &str,
+    outcome: &outer::OuterOutcome,
+    raw: &std::path::Path,
+    ext4: &std::path::Path,
+    fs_tools: &[Vec<(std::path::PathBuf, String)>],
+) -> Vec<(&'static str, std::result::Result<String, String>)> {
+    if !outcome.power_cut {
+        return vec![(
+            "durability-power-cut",
+            Err(format!(
+                "the outer guest was not killed: the power-cut phase ended with status {:?} \
+                 before asking for it (see its E2E FAIL line)",
+                outcome.exit_code
+            )),
+        )];
+    }
+    let printed = report
+        .lines()
+        .find_map(|l| l.split("E2E-DURABLE crc32=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string);
+    let Some(want) = printed else {
+        return vec![(
+            "durability-power-cut",
+            Err("killed, but no E2E-DURABLE crc32 line was seen".into()),
+        )];
+    };
+    let raw_check = match std::fs::read(raw) {
+        Ok(data) if data.len() >= 4 << 20 => {
+            let mut crc = flate2::Crc::new();
+            crc.update(&data[..4 << 20]);
+            let got = format!("{:08x}", crc.sum());
+            if got == want {
+                Ok(format!(
+                    "4 MiB written with O_DIRECT + fsync, outer QEMU killed, crc32 {got} in \
+                     the host file"
+                ))
+            } else {
+                Err(format!(
+                    "the guest fsync'ed 4 MiB with crc32 {want}, the host file's first 4 MiB \
+                     have crc32 {got} after the power cut"
+                ))
             }
         }
-        if checks.iter().any(|(_, r)| r.is_err()) && code == 0 {
-            code = 1;
+        Ok(data) => Err(format!("the host file has only {} bytes", data.len())),
+        Err(e) => Err(format!("{}: {e}", raw.display())),
+    };
+    let ext4_check = ext4_after_power_cut(ext4, &fs_tools[0][0].0, &fs_tools[1][0].0, &want);
+    vec![
+        ("durability-power-cut-raw", raw_check),
+        ("durability-power-cut-ext4", ext4_check),
+    ]
+}
+
+/// Limit for e2fsck and debugfs on the host images.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `cmd`'s output, killed after `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> std::result::Result<Output, String> {
+    use std::io::Read;
+    let shown = util::display_cmd(cmd);
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let read_all = |src: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut src) = src {
+                let _ = src.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read_all(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = read_all(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{shown}: still running after {limit:?}; killed"));
+            }
+            Err(e) => return Err(format!("{shown}: {e}")),
         }
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// The ext4 half of [`power_cut_checks`]: replay the journal of the image the guest left
+/// mounted (`e2fsck -y -E journal_only`: exit 0, nothing to do, or 1, replayed), then
+/// `e2fsck -fn` must be clean and /durable must be 4 MiB with crc32 `want`.
+fn ext4_after_power_cut(
+    image: &std::path::Path,
+    e2fsck: &std::path::Path,
+    debugfs: &std::path::Path,
+    want: &str,
+) -> std::result::Result<String, String> {
+    let replay = output_within(
+        Command::new(e2fsck)
+            .args(["-y", "-E", "journal_only"])
+            .arg(image),
+        TOOL_TIMEOUT,
+    )?;
+    if !matches!(replay.status.code(), Some(0 | 1)) {
+        return Err(format!(
+            "journal replay: e2fsck exit {:?}: {}",
+            replay.status.code(),
+            String::from_utf8_lossy(&replay.stdout)
+        ));
     }
-    Ok((code, report))
+    let fsck = output_within(Command::new(e2fsck).arg("-fn").arg(image), TOOL_TIMEOUT)?;
+    if !fsck.status.success() {
+        return Err(format!(
+            "e2fsck -fn after the replay: exit {:?}: {}",
+            fsck.status.code(),
+            String::from_utf8_lossy(&fsck.stdout)
+        ));
+    }
+    let cat = output_within(
+        Command::new(debugfs)
+            .args(["-R", "cat /durable"])
+            .arg(image),
+        TOOL_TIMEOUT,
+    )?;
+    let mut crc = flate2::Crc::new();
+    crc.update(&cat.stdout);
+    let got = format!("{:08x}", crc.sum());
+    if cat.stdout.len() != 4 << 20 || got != want {
+        return Err(format!(
+            "after the power cut /durable has {} bytes with crc32 {got}; the guest fsync'ed \
+             4 MiB with crc32 {want}",
+            cat.stdout.len()
+        ));
+    }
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    Ok(format!(
+        "file fsync'ed on ext4, outer QEMU killed, {}, e2fsck -fn clean, crc32 {got} read \
+         back with debugfs",
+        if said.contains("recovering journal") {
+            "journal replayed by e2fsck"
+        } else {
+            "no journal replay needed"
+        }
+    ))
 }
 
 /// CRC-32 (zlib's) of a whole file, as busybox `crc32` prints it.
@@ -229,7 +639,7 @@ fn host_disk_checks(
 ) -> Vec<(&'static str, std::result::Result<String, String>)> {
     let (e2fsck, debugfs) = (&fs_tools[0][0].0, &fs_tools[1][0].0);
     let mut checks = Vec::new();
-    let fsck = Command::new(e2fsck).arg("-fn").arg(disk).output();
+    let fsck = output_within(Command::new(e2fsck).arg("-fn").arg(disk), TOOL_TIMEOUT);
     checks.push((
         "host-file-e2fsck-clean",
         match fsck {
@@ -239,7 +649,7 @@ fn host_disk_checks(
                 out.status.code(),
                 String::from_utf8_lossy(&out.stdout)
             )),
-            Err(e) => Err(format!("cannot run {}: {e}", e2fsck.display())),
+            Err(e) => Err(e),
         },
     ));
     let printed = report
@@ -247,10 +657,10 @@ fn host_disk_checks(
         // In verbose runs the line may follow console text on the same line.
         .find_map(|l| l.split("E2E-DATA path=/data crc32=").nth(1))
         .map(|c| c.trim().to_string());
-    let cat = Command::new(debugfs)
-        .args(["-R", "cat /data"])
-        .arg(disk)
-        .output();
+    let cat = output_within(
+        Command::new(debugfs).args(["-R", "cat /data"]).arg(disk),
+        TOOL_TIMEOUT,
+    );
     checks.push((
         "host-file-debugfs-crc",
         match (cat, printed) {
@@ -271,7 +681,7 @@ fn host_disk_checks(
                 }
             }
             (Ok(_), None) => Err("the guest printed no E2E-DATA crc32 line".into()),
-            (Err(e), _) => Err(format!("cannot run {}: {e}", debugfs.display())),
+            (Err(e), _) => Err(e),
         },
     ));
     checks.push((
@@ -294,13 +704,14 @@ fn tail(text: &str, lines: usize) -> String {
 pub fn main(args: Args) -> Result<ExitCode> {
     let flood = args.flood_kib.to_string();
     let net_mib = args.net_mib.to_string();
-    let (code, _) = run_driver(
+    let (code, _) = run_driver_with(
         &[],
         &["--flood-kib", &flood, "--net-mib", &net_mib],
         &[],
         None,
         args.verbose,
         Duration::from_secs(args.timeout),
+        args.durability_only,
     )?;
     if code == 0 {
         println!("xtask: end-to-end tests passed");
@@ -308,5 +719,75 @@ pub fn main(args: Args) -> Result<ExitCode> {
     } else {
         eprintln!("xtask: end-to-end tests failed (driver exit code {code})");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn main_exit_is_the_last_mark() {
+        assert_eq!(main_exit("x\r\nE2E-MAIN-EXIT 0\r\nmore\r\n"), Some(0));
+        assert_eq!(main_exit("E2E-MAIN-EXIT 3\nE2E-MAIN-EXIT 1\n"), Some(1));
+        assert_eq!(main_exit("E2E RESULT ok\n"), None);
+    }
+
+    /// The payload parses as sh, runs the power-cut phase only after a passing run, with
+    /// the outer guest's writeback off, and always reports the checks' status first.
+    #[test]
+    fn nested_payload_cuts_the_power_only_after_passing_checks() {
+        let main = vec!["--vmm".to_string(), "/tvm/vmm".to_string()];
+        let cut = vec!["power-cut".to_string(), "--dur-raw".to_string()];
+        let script = nested_payload(Some(&main), Some(&cut));
+        let st = Command::new("sh")
+            .args(["-n", "-c", &script])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+        let main_at = script.find("/tvm/tvm-e2e --vmm").unwrap();
+        let mark = script.find("E2E-MAIN-EXIT").unwrap();
+        let writeback = script.find("dirty_writeback_centisecs").unwrap();
+        let cut_at = script.find("/tvm/tvm-e2e power-cut").unwrap();
+        assert!(
+            main_at < mark && mark < writeback && writeback < cut_at,
+            "{script}"
+        );
+        assert!(script.contains("if [ $rc -eq 0 ]"), "{script}");
+        assert!(script.contains("360000 >/proc/sys/vm/dirty_expire_centisecs"));
+        assert!(script.contains("for d in vdc vdd; do"), "{script}");
+        assert!(script.contains(outer::PIN_TO_ONE_CPU));
+        let plain = nested_payload(Some(&main), None);
+        let only = nested_payload(None, Some(&cut));
+        assert!(
+            !only.contains("--vmm") && only.contains("/tvm/tvm-e2e power-cut"),
+            "{only}"
+        );
+        let st = Command::new("sh")
+            .args(["-n", "-c", &only])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{only}");
+        assert!(
+            !plain.contains("power-cut") && !plain.contains("dirty_"),
+            "{plain}"
+        );
+        assert!(plain.ends_with("sync\nexit $rc\n"));
+    }
+
+    #[test]
+    fn tools_are_killed_at_their_limit() {
+        let err =
+            output_within(Command::new("sleep").arg("30"), Duration::from_millis(200)).unwrap_err();
+        assert!(err.contains("killed"), "{err}");
+        let (code, text) = run_with_limit(
+            Command::new("sh").args(["-c", "echo hi; exit 3"]),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!((code, text.as_str()), (3, "hi\n"));
+        let err = run_with_limit(Command::new("sleep").arg("30"), Duration::from_millis(300))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("was killed"), "{err:#}");
     }
 }

@@ -46,15 +46,18 @@ use crate::layout::{
     ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, IOAPIC_START, MMIO_GAP_START, PCI_MMIO_END,
     RSDP_START,
 };
-use crate::{Error, Result};
+use crate::{layout, Error, Result};
 
 /// The OEM id in every table.
 const OEM_ID: [u8; 6] = *b"TVM   ";
 /// The OEM revision of every table.
 const OEM_REVISION: u32 = 1;
 
-/// The IRQ (and GSI) of the System Control Interrupt, as on PC chipsets.
-pub const SCI_IRQ: u8 = 9;
+/// The ISA IRQ of the System Control Interrupt, [`layout::SCI_GSI`], as the FADT and the
+/// MADT take it (one byte).
+pub const SCI_IRQ: u8 = layout::SCI_GSI as u8;
+// The GSI is an ISA IRQ, so the conversion above keeps it.
+const _: () = assert!(layout::SCI_GSI < 16);
 /// First port of the PM1a event block: PM1 status (2 bytes), then PM1 enable (2 bytes).
 pub const PM1A_EVT_BLK_PORT: u16 = 0x600;
 /// Length of the PM1a event block.
@@ -205,10 +208,16 @@ fn pnp_device(name: &str, hid: &str, uid: u8, ports: &[(u16, u8)], irq: u32) -> 
 /// The DSDT: the devices under `\_SB` and the `\_S5` sleep object.
 pub fn build_dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
     let pci = pci_host_bridge(pci_irqs);
-    let com1 = pnp_device("COM1", "PNP0501", 1, &[(0x3f8, 8)], 4);
-    let kbd = pnp_device("PS2K", "PNP0303", 0, &[(0x60, 1), (0x64, 1)], 1);
-    let mouse = pnp_device("PS2M", "PNP0F13", 0, &[], 12);
-    let rtc = pnp_device("RTC_", "PNP0B00", 0, &[(0x70, 2)], 8);
+    let com1 = pnp_device("COM1", "PNP0501", 1, &[(0x3f8, 8)], layout::COM1_GSI);
+    let kbd = pnp_device(
+        "PS2K",
+        "PNP0303",
+        0,
+        &[(0x60, 1), (0x64, 1)],
+        layout::I8042_KBD_GSI,
+    );
+    let mouse = pnp_device("PS2M", "PNP0F13", 0, &[], layout::I8042_AUX_GSI);
+    let rtc = pnp_device("RTC_", "PNP0B00", 0, &[(0x70, 2)], layout::RTC_GSI);
     let mut devices = Vec::new();
     for d in [pci, com1, kbd, mouse, rtc] {
         devices.extend_from_slice(&d);

@@ -59,6 +59,30 @@ pub const KVM_IDENTITY_MAP_START: GuestAddress = GuestAddress(0xfffb_c000);
 /// Highest address an initrd may end at when the kernel does not say (boot protocol < 2.03).
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
+// Interrupt lines. With the GSI routing KVM installs by default, which tvm-irq keeps, GSI n
+// below 16 is ISA IRQ n on both the PIC and the IOAPIC, so these are the PC's IRQ numbers.
+// Device crates do not depend on this crate: the VMM hands each device its line.
+
+/// GSI of COM1 (ISA IRQ 4), where Linux expects ttyS0's interrupt on a PC
+/// (`SERIAL_PORT_DFNS` in the kernel's `arch/x86/include/asm/serial.h`).
+pub const COM1_GSI: u32 = 4;
+/// GSI of the i8042 keyboard port (ISA IRQ 1; `I8042_KBD_IRQ` in the kernel's
+/// `drivers/input/serio/i8042-io.h`), as the DSDT describes it.
+pub const I8042_KBD_GSI: u32 = 1;
+/// GSI of the i8042 aux (mouse) port (ISA IRQ 12; `I8042_AUX_IRQ`, same file), as the DSDT
+/// describes it.
+pub const I8042_AUX_GSI: u32 = 12;
+/// GSI of the CMOS RTC (ISA IRQ 8; `RTC_IRQ` in the kernel's
+/// `arch/x86/include/asm/mc146818rtc.h`), as the DSDT describes it.
+pub const RTC_GSI: u32 = 8;
+/// GSI of the ACPI System Control Interrupt: ISA IRQ 9, as on PC chipsets (the FADT's
+/// `SCI_INT`, with a level-triggered override in the MADT).
+pub const SCI_GSI: u32 = 9;
+/// GSIs of the virtio-pci devices' INTx (pin A), handed out round robin in the order the
+/// devices are added: the ISA IRQs a PC BIOS leaves to PCI (10, 11, then 5 and 9). The ACPI
+/// `_PRT` tells the guest which device has which.
+pub const VIRTIO_INTX_GSIS: [u32; 4] = [10, 11, 5, 9];
+
 /// The guest RAM ranges for `mem_size` bytes of RAM: below the 32-bit MMIO hole, and the
 /// rest moved above 4 GiB.
 ///
@@ -95,6 +119,29 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gsis_are_pinned_to_the_pc_irqs() {
+        // The guest sees these numbers (ACPI tables, drivers' defaults): a change here is a
+        // change of the virtual hardware, not a refactor.
+        assert_eq!(COM1_GSI, 4);
+        assert_eq!(I8042_KBD_GSI, 1);
+        assert_eq!(I8042_AUX_GSI, 12);
+        assert_eq!(RTC_GSI, 8);
+        assert_eq!(SCI_GSI, 9);
+        assert_eq!(VIRTIO_INTX_GSIS, [10, 11, 5, 9]);
+        let isa = [COM1_GSI, I8042_KBD_GSI, I8042_AUX_GSI, RTC_GSI, SCI_GSI];
+        for gsi in isa.iter().chain(&VIRTIO_INTX_GSIS) {
+            // On the PIC with the default routing, and neither the PIT's (0) nor the
+            // cascade (2).
+            assert!(*gsi < 16 && *gsi != 0 && *gsi != 2, "gsi {gsi}");
+        }
+        // PCI INTx shares no line with an edge-triggered ISA device (the SCI is
+        // level-triggered, like INTx).
+        for gsi in VIRTIO_INTX_GSIS {
+            assert!(!isa[..4].contains(&gsi), "gsi {gsi}");
+        }
+    }
 
     #[test]
     fn ram_below_the_hole_is_one_range() {

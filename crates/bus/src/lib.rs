@@ -7,8 +7,9 @@
 //!   put an `Arc<Mutex<D>>` on the bus and turn vm-device's errors into ours (an overlapping
 //!   range is refused with an error naming it). A vCPU exit handler calls
 //!   [`PioManager::pio_read`] / [`MmioManager::mmio_write`] and friends on the manager; an
-//!   access that hits no device returns an error, which the caller logs at `debug!` and
-//!   answers with `0xff` bytes.
+//!   access that hits no device returns an error, which the caller (the VMM's exit
+//!   handler) logs, at `trace!` for ports and `debug!` for MMIO, and answers with `0xff`
+//!   bytes.
 //! * **PCI.** [`PciRoot`] is bus 0 of a PCI root complex reached through configuration
 //!   mechanism #1 (ports `0xcf8..=0xcff`). It holds up to 32 [`PciDevice`]s, one per slot,
 //!   function 0 only; slot 0 is the [`PciHostBridge`]. [`PciConfigSpace`] is a reusable
@@ -19,9 +20,10 @@
 //!   handed to BARs; BARs ([`BarAccess`]) are mapped and unmapped in it while the vCPUs
 //!   run, as the guest programs them (inside the window, never over another BAR).
 //!
-//! It does not talk to KVM or allocate guest addresses for BARs: the VMM watches
-//! [`PciConfigSpace::bar_addr`] and the command register, and moves the mapping and its
-//! ioeventfds.
+//! It does not talk to KVM or allocate guest addresses for BARs, and it does not decide
+//! when a BAR moves: a device crate watches [`PciConfigSpace::bar_addr`] and the command
+//! register and moves the mapping (tvm-virtio's `RelocatableBar` does, with the queue-notify
+//! ioeventfds).
 //!
 //! # Example
 //!

@@ -20,8 +20,6 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-/// GSI of the first serial port (COM1, ISA IRQ 4).
-pub const COM1_GSI: u32 = 4;
 /// Number of IOAPIC pins (KVM's IOAPIC has 24).
 pub const IOAPIC_PINS: u32 = 24;
 
@@ -74,6 +72,9 @@ pub fn setup_irqchip(vm: &VmFd) -> Result<()> {
 }
 
 /// An edge-triggered interrupt line: an EventFd a device writes, bound to a GSI.
+///
+/// The GSI is an IOAPIC pin ([`IrqLine::new`]) or one with an MSI route, for an MSI-X
+/// vector ([`GsiRouting::allocate_msi_line`]).
 #[derive(Debug)]
 pub struct IrqLine {
     gsi: u32,
@@ -86,6 +87,12 @@ impl IrqLine {
         if gsi >= IOAPIC_PINS {
             return Err(Error::InvalidGsi(gsi));
         }
+        Self::on_gsi(gsi)
+    }
+
+    /// A new line for any `gsi`: an IOAPIC pin checked by [`IrqLine::new`], or an MSI GSI
+    /// from the routing table.
+    fn on_gsi(gsi: u32) -> Result<Self> {
         let evt = EventFd::new(libc_efd_nonblock()).map_err(|e| Error::CreateEventFd(gsi, e))?;
         Ok(IrqLine { gsi, evt })
     }
@@ -100,6 +107,16 @@ impl IrqLine {
         self.evt
             .try_clone()
             .map_err(|e| Error::CreateEventFd(self.gsi, e))
+    }
+
+    /// Raises an edge on the line, as the device would through [`eventfd`](Self::eventfd):
+    /// for a VMM that delivers the interrupt itself (a virtio transport's sink).
+    ///
+    /// # Errors
+    ///
+    /// The EventFd write's (its counter is full, which takes 2^64 - 1 writes unread).
+    pub fn trigger(&self) -> std::io::Result<()> {
+        self.evt.write(1)
     }
 
     /// Binds the line to its GSI with KVM_IRQFD: each write to the EventFd injects an edge.
@@ -124,12 +141,32 @@ mod tests {
 
     #[test]
     fn irq_line_shares_its_eventfd() {
-        let line = IrqLine::new(COM1_GSI).unwrap();
+        // COM1's GSI.
+        let line = IrqLine::new(4).unwrap();
         assert_eq!(line.gsi(), 4);
         let dev_side = line.eventfd().unwrap();
         dev_side.write(1).unwrap();
         dev_side.write(1).unwrap();
         assert_eq!(line.evt.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn trigger_writes_the_shared_eventfd() {
+        let line = IrqLine::new(10).unwrap();
+        let dev_side = line.eventfd().unwrap();
+        line.trigger().unwrap();
+        line.trigger().unwrap();
+        assert_eq!(dev_side.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn msi_lines_take_gsis_from_the_routing_table() {
+        let mut routing = GsiRouting::new();
+        let a = routing.allocate_msi_line().unwrap();
+        let b = routing.allocate_msi_line().unwrap();
+        assert_eq!((a.gsi(), b.gsi()), (IOAPIC_PINS, IOAPIC_PINS + 1));
+        // Allocated, so the table knows them.
+        routing.set_msi(b.gsi(), Some((0xfee0_0000, 0x41))).unwrap();
     }
 
     #[test]

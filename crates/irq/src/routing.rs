@@ -15,7 +15,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use crate::{Error, Result, IOAPIC_PINS};
+use crate::{Error, IrqLine, Result, IOAPIC_PINS};
 
 /// KVM's limit on routing entries (KVM_MAX_IRQ_ROUTES).
 pub const MAX_IRQ_ROUTES: u32 = 4096;
@@ -90,6 +90,14 @@ impl GsiRouting {
         self.next_gsi += 1;
         self.msi.insert(gsi, None);
         Ok(gsi)
+    }
+
+    /// Reserves a GSI for an MSI route, as [`GsiRouting::allocate_msi_gsi`] does, and
+    /// returns a line on it: an MSI-X vector's irqfd, once [registered](IrqLine::register)
+    /// after the table is [applied](GsiRouting::apply).
+    pub fn allocate_msi_line(&mut self) -> Result<IrqLine> {
+        let gsi = self.allocate_msi_gsi()?;
+        IrqLine::on_gsi(gsi)
     }
 
     /// Routes `gsi` (from [`GsiRouting::allocate_msi_gsi`]) to an MSI message, or unroutes it

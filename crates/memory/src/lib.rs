@@ -2,7 +2,8 @@
 //!
 //! [`create_guest_memory`] maps anonymous, private, `MAP_NORESERVE` regions for the RAM
 //! ranges the architecture code chose (on x86_64, below and above the 32-bit MMIO hole).
-//! [`register_memory_slots`] hands each region to KVM as one memory slot. The layout itself
+//! [`register_memory_slots`] (an `unsafe fn`: the caller keeps the mapping alive while the
+//! VM can use it) hands each region to KVM as one memory slot. The layout itself
 //! (where the holes are) is not decided here; see `tvm-arch-x86`'s `layout::ram_ranges`.
 //! [`MmioAllocator`] hands out device MMIO ranges (PCI BARs) inside such a hole.
 //!
@@ -134,11 +135,23 @@ pub fn memory_slots(mem: &GuestMemoryMmap) -> Vec<kvm_userspace_memory_region> {
         .collect()
 }
 
-/// Registers every region of `mem` with KVM.
+/// Registers every region of `mem` with KVM, as slots 0, 1, ... in region order.
 ///
-/// `mem` must outlive the VM (or the slots must be removed first): KVM keeps the host
-/// addresses. The VMM keeps its `GuestMemoryMmap` until the process exits.
-pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+/// # Safety
+///
+/// KVM keeps the host addresses of `mem`'s regions, and the guest reads and writes them
+/// behind Rust's back. The caller must keep the regions mapped (`mem`, or a clone of it,
+/// alive: clones share the mappings) for as long as the VM can use the slots, that is
+/// until the slots are removed or every file descriptor of the VM (the `VmFd`, its vCPUs
+/// and devices) is closed. Otherwise the host range could be unmapped and reused for other
+/// memory, which the guest could then read and write. The VMM keeps its `GuestMemoryMmap`
+/// until the process exits.
+///
+/// # Errors
+///
+/// [`Error::SetUserMemoryRegion`] when KVM refuses a slot (slots registered before it
+/// stay registered).
+pub unsafe fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for region in memory_slots(mem) {
         debug!(
             "memory slot {}: guest {:#x}..{:#x}",
@@ -149,7 +162,8 @@ pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
         // SAFETY: `userspace_addr` and `memory_size` come from a live mmap region of `mem`
         // (`as_ptr()`/`len()`), so the host range is valid and mapped for the whole slot; the
         // regions of a GuestMemoryMmap never overlap, and each gets its own slot number. The
-        // caller keeps `mem` alive for as long as the VM exists, as documented above.
+        // caller keeps `mem`'s mappings alive for as long as the VM can use the slots (this
+        // function's safety contract).
         unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
             Error::SetUserMemoryRegion {
                 slot: region.slot,

@@ -7,7 +7,8 @@ use std::io::{self, Write};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use log::{debug, warn};
+use log::debug;
+use tvm_util::{warn_once, WarnOnce};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::{Error as SerialError, SerialEvents};
@@ -110,7 +111,7 @@ impl SerialEvents for SerialEventsImpl {
 pub struct SerialDevice<W: Write + Send> {
     serial: Serial<EventFdTrigger, SerialEventsImpl, W>,
     /// Whether a failed interrupt trigger was already reported, so a guest cannot flood the log.
-    trigger_error_reported: bool,
+    trigger_error: WarnOnce,
 }
 
 impl<W: Write + Send> SerialDevice<W> {
@@ -138,7 +139,7 @@ impl<W: Write + Send> SerialDevice<W> {
                 SerialEventsImpl::new()?,
                 out,
             ),
-            trigger_error_reported: false,
+            trigger_error: WarnOnce::new(),
         })
     }
 
@@ -187,6 +188,40 @@ impl<W: Write + Send> SerialDevice<W> {
         self.serial.events().tx_lost_bytes.load(Ordering::Relaxed)
     }
 
+    /// The UART's registers and receive FIFO fill in words, for a diagnostic dump, e.g.
+    /// `ier 0x02 iir 0x02 (thr empty pending) lcr 0x03 mcr 0x0b lsr 0x60 msr 0xb0, rx fifo
+    /// 0 of 64 bytes, 0 tx bytes lost`. Unlike a guest read, looking does not acknowledge
+    /// an interrupt or take a byte. `iir` is the identification without the FIFO bits
+    /// (0x01: nothing pending, 0x02: transmitter empty, 0x04: data received).
+    pub fn debug_state(&self) -> String {
+        let s = self.serial.state();
+        let iir = s.interrupt_identification;
+        let pending = if iir & 0x01 != 0 {
+            "nothing pending".to_string()
+        } else {
+            let mut what = Vec::new();
+            if iir & 0x04 != 0 {
+                what.push("rx data");
+            }
+            if iir & 0x02 != 0 {
+                what.push("thr empty");
+            }
+            format!("{} pending", what.join(" and "))
+        };
+        format!(
+            "ier {:#04x} iir {iir:#04x} ({pending}) lcr {:#04x} mcr {:#04x} lsr {:#04x} \
+             msr {:#04x}, rx fifo {} of {} bytes, {} tx bytes lost",
+            s.interrupt_enable,
+            s.line_control,
+            s.modem_control,
+            s.line_status,
+            s.modem_status,
+            s.in_buffer.len(),
+            s.in_buffer.len() + self.serial.fifo_capacity(),
+            self.tx_lost_bytes()
+        )
+    }
+
     /// The output sink.
     pub fn writer(&self) -> &W {
         self.serial.writer()
@@ -218,12 +253,10 @@ impl<W: Write + Send> SerialDevice<W> {
     }
 
     fn report_trigger_error(&mut self, e: &io::Error) {
-        if !self.trigger_error_reported {
-            self.trigger_error_reported = true;
-            warn!("serial: cannot raise the interrupt: {e}");
-        } else {
-            debug!("serial: cannot raise the interrupt: {e}");
-        }
+        warn_once!(
+            self.trigger_error,
+            "serial: cannot raise the interrupt: {e}"
+        );
     }
 }
 
@@ -449,6 +482,28 @@ mod tests {
     }
 
     #[test]
+    fn test_debug_state_looks_without_side_effects() {
+        let mut dev = device();
+        assert_eq!(
+            dev.debug_state(),
+            "ier 0x00 iir 0x01 (nothing pending) lcr 0x03 mcr 0x08 lsr 0x60 msr 0xb0, \
+             rx fifo 0 of 64 bytes, 0 tx bytes lost"
+        );
+        wr(&mut dev, IER, 0x03);
+        dev.enqueue_input(b"ab");
+        let state = dev.debug_state();
+        assert!(
+            state.starts_with("ier 0x03 iir 0x06 (rx data and thr empty pending)"),
+            "{state}"
+        );
+        assert!(state.contains("lsr 0x61"), "{state}");
+        assert!(state.contains("rx fifo 2 of 64 bytes"), "{state}");
+        // Looking acknowledged nothing: the guest still sees both.
+        assert_eq!(rd(&mut dev, IIR), 0xC6);
+        assert_eq!(rd(&mut dev, THR), b'a');
+    }
+
+    #[test]
     fn test_external_interrupt_evt_and_trigger() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut dev =
@@ -461,5 +516,43 @@ mod tests {
         let clone = trigger.try_clone().unwrap();
         trigger.trigger().unwrap();
         assert_eq!(clone.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn test_failed_interrupt_is_one_warning() {
+        tvm_util::test_log::start();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev =
+            SerialDevice::with_interrupt_evt(evt.try_clone().unwrap(), SharedBuf::default())
+                .unwrap();
+        // A full eventfd counter: every further write fails with EAGAIN.
+        evt.write(u64::MAX - 1).unwrap();
+        // Enabling THRI raises the interrupt at once, or tries to...
+        dev.write_register(1, 0x02);
+        // ...and so does every transmitted byte, once the last one was acknowledged.
+        for b in *b"ab" {
+            dev.read_register(2);
+            dev.write_register(0, b);
+        }
+        assert_eq!(dev.writer().contents(), b"ab");
+        let warnings = tvm_util::test_log::lines(log::Level::Warn);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("serial: cannot raise the interrupt: "),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[0].ends_with("(repeats are logged at debug level)"),
+            "{warnings:?}"
+        );
+        let debug = tvm_util::test_log::lines(log::Level::Debug);
+        assert_eq!(
+            debug
+                .iter()
+                .filter(|l| l.starts_with("serial: cannot raise the interrupt"))
+                .count(),
+            2,
+            "{debug:?}"
+        );
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! What it does:
 //! - [`SerialDevice`]: the UART registers. Its interrupt is an [`EventFd`] that the VMM
-//!   registers as an irqfd (GSI [`COM1_GSI`]); this crate never touches KVM.
+//!   registers as an irqfd on COM1's GSI (4, `tvm_arch_x86::layout::COM1_GSI`); this crate
+//!   never touches KVM.
 //!
 //! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 //! - [`NonBlockingWriter`]: where the guest's output goes. The vCPU only copies into a bounded
@@ -35,7 +36,7 @@
 //! let (writer, output) = NonBlockingWriter::spawn(std::io::sink(), DEFAULT_OUTPUT_BUFFER_BYTES)?;
 //! let serial = Arc::new(Mutex::new(SerialDevice::new(writer)?));
 //!
-//! // The VMM registers this EventFd as an irqfd on GSI 4 (`tvm_serial::COM1_GSI`).
+//! // The VMM registers this EventFd as an irqfd on GSI 4 (`tvm_arch_x86::layout::COM1_GSI`).
 //! let irq = serial.lock().unwrap().interrupt_evt().try_clone().unwrap();
 //!
 //! // A vCPU exit on port 0x3F9 (IER): the guest enables the THRE interrupt...
@@ -71,9 +72,6 @@ pub use output::{NonBlockingWriter, OutputThread, DEFAULT_OUTPUT_BUFFER_BYTES};
 
 /// Base of the COM1 port range (`0x3F8..=0x3FF`), where Linux looks for ttyS0.
 pub const COM1_PORT_BASE: u16 = 0x3F8;
-
-/// The ISA interrupt line of COM1, as a GSI of the in-kernel irqchip.
-pub const COM1_GSI: u32 = 4;
 
 /// Errors of the serial console.
 #[derive(Debug, thiserror::Error)]

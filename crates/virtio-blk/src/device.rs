@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::mem::offset_of;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -12,20 +13,21 @@ use std::sync::Arc;
 
 use log::{debug, info, warn};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{warn_once, ActivateContext, VirtioDevice, VirtioInterrupt, WarnOnce};
+use tvm_util::{warn_once, WarnOnce};
+use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
 
 use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
 use crate::{Error, Result};
 
-/// Virtio device ID of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Virtio device ID of a block device (virtio 1.2, 5), from virtio-bindings.
+pub const VIRTIO_ID_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments per request (VIRTIO_BLK_F_SEG_MAX): queue size minus the header and
@@ -43,8 +45,15 @@ const MAX_REQUESTS_PER_RUN: usize = 1024;
 pub const MAX_DISCARD_SEG: u32 = 16;
 /// Most sectors in one DISCARD / WRITE_ZEROES segment (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Bytes of `virtio_blk_config` we fill, up to `write_zeroes_may_unmap` and its padding.
-const CONFIG_LEN: usize = 60;
+/// Bytes of `virtio_blk_config` we fill, up to `write_zeroes_may_unmap` and its padding
+/// (the secure-erase and zoned fields after it need features we do not offer).
+const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
+
+/// Writes `bytes` at `offset` of the config space, an offset from virtio-bindings'
+/// `virtio_blk_config` below [`CONFIG_LEN`].
+fn set_config(config: &mut [u8; CONFIG_LEN], offset: usize, bytes: &[u8]) {
+    config[offset..offset + bytes.len()].copy_from_slice(bytes);
+}
 
 /// How to open a disk image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,19 +192,53 @@ impl Block {
             max_discard_sectors: MAX_DISCARD_SECTORS,
         };
         let mut config = [0u8; CONFIG_LEN];
-        config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        config[20..24].copy_from_slice(&BLK_SIZE.to_le_bytes());
+        let c = &mut config;
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, capacity),
+            &capacity_sectors.to_le_bytes(),
+        );
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, size_max),
+            &SIZE_MAX.to_le_bytes(),
+        );
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, seg_max),
+            &SEG_MAX.to_le_bytes(),
+        );
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, blk_size),
+            &BLK_SIZE.to_le_bytes(),
+        );
         if info.discard {
-            // max_discard_sectors, max_discard_seg, discard_sector_alignment.
-            config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-            config[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-            config[44..48].copy_from_slice(&1u32.to_le_bytes());
-            // max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap.
-            config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-            config[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-            config[56] = 1;
+            let sectors = MAX_DISCARD_SECTORS.to_le_bytes();
+            let segs = MAX_DISCARD_SEG.to_le_bytes();
+            set_config(
+                c,
+                offset_of!(virtio_blk_config, max_discard_sectors),
+                &sectors,
+            );
+            set_config(c, offset_of!(virtio_blk_config, max_discard_seg), &segs);
+            set_config(
+                c,
+                offset_of!(virtio_blk_config, discard_sector_alignment),
+                &1u32.to_le_bytes(),
+            );
+            let zeroes_sectors = offset_of!(virtio_blk_config, max_write_zeroes_sectors);
+            set_config(c, zeroes_sectors, &sectors);
+            set_config(
+                c,
+                offset_of!(virtio_blk_config, max_write_zeroes_seg),
+                &segs,
+            );
+            set_config(
+                c,
+                offset_of!(virtio_blk_config, write_zeroes_may_unmap),
+                &[1],
+            );
         }
         info!(
             "disk {}: {capacity_sectors} sectors{}",

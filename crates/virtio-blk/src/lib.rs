@@ -13,7 +13,8 @@
 //!
 //! Request handling is the pure function [`handle_request`] over guest memory and a
 //! [`BlockBackend`], so every validation rule is unit-tested without KVM. I/O is
-//! synchronous (`pread`/`pwrite`) and runs on whatever thread calls
+//! synchronous (`preadv`/`pwritev` straight between the file and guest memory, `fdatasync`
+//! for FLUSH) and runs on whatever thread calls
 //! [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue): the event
 //! loop, through [`tvm_virtio::VirtioPciDevice`]'s event-manager subscriber.
 //!

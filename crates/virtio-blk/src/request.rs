@@ -6,14 +6,16 @@
 
 use std::fs::File;
 use std::io;
+use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use log::debug;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    virtio_blk_discard_write_zeroes, virtio_blk_outhdr, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
@@ -23,11 +25,11 @@ use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
 /// Bytes per virtio-blk sector, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES).
-pub const ID_LEN: usize = 20;
+pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Length of one `virtio_blk_discard_write_zeroes` segment: sector, num_sectors, flags.
-const SEGMENT_LEN: u64 = 16;
-/// Length of the request header: type, reserved, sector.
-const HEADER_LEN: u32 = 16;
+const SEGMENT_LEN: u64 = size_of::<virtio_blk_discard_write_zeroes>() as u64;
+/// Length of the request header (`virtio_blk_outhdr`): type, ioprio (reserved), sector.
+const HEADER_LEN: u32 = size_of::<virtio_blk_outhdr>() as u32;
 /// Bytes moved between the disk and guest memory per copy.
 const BOUNCE_LEN: usize = 64 * 1024;
 
@@ -37,6 +39,21 @@ const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Most iovecs per `preadv`/`pwritev` (Linux's IOV_MAX).
 const IOV_MAX: usize = 1024;
+
+/// The little-endian `u32` at `offset` of `bytes`, which the caller sized from the
+/// virtio-bindings layout the offset comes from.
+fn le_u32(bytes: &[u8], offset: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&bytes[offset..offset + 4]);
+    u32::from_le_bytes(v)
+}
+
+/// The little-endian `u64` at `offset` of `bytes`, as [`le_u32`].
+fn le_u64(bytes: &[u8], offset: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&bytes[offset..offset + 8]);
+    u64::from_le_bytes(v)
+}
 
 /// The storage behind a block device: positional reads and writes and a data sync.
 ///
@@ -499,10 +516,8 @@ fn execute<M: GuestMemory, B: BlockBackend>(
     let mut header = [0u8; HEADER_LEN as usize];
     mem.read_slice(&mut header, hdr.addr())
         .map_err(|e| ioerr(format_args!("header unreadable: {e}")))?;
-    let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let mut sector_bytes = [0u8; 8];
-    sector_bytes.copy_from_slice(&header[8..16]);
-    let sector = u64::from_le_bytes(sector_bytes);
+    let req_type = le_u32(&header, offset_of!(virtio_blk_outhdr, type_));
+    let sector = le_u64(&header, offset_of!(virtio_blk_outhdr, sector));
 
     match req_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
@@ -603,11 +618,12 @@ fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
     }
     let mut ranges = Vec::with_capacity(raw.len() / SEGMENT_LEN as usize);
     for seg in raw.chunks_exact(SEGMENT_LEN as usize) {
-        let mut sector = [0u8; 8];
-        sector.copy_from_slice(&seg[0..8]);
-        let sector = u64::from_le_bytes(sector);
-        let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
-        let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+        let sector = le_u64(seg, offset_of!(virtio_blk_discard_write_zeroes, sector));
+        let num = le_u32(
+            seg,
+            offset_of!(virtio_blk_discard_write_zeroes, num_sectors),
+        );
+        let flags = le_u32(seg, offset_of!(virtio_blk_discard_write_zeroes, flags));
         let known = if discard {
             0
         } else {

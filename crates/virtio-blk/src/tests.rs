@@ -696,7 +696,7 @@ fn process_queue_end_to_end() {
 
 #[test]
 fn broken_requests_rings_and_config_writes_are_one_warning_each() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let (img, content) = TempImage::with_pattern();
     let mem = test_mem();
     let mut disk = open_disk(&img);
@@ -790,10 +790,10 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
 
     // Nothing reached virtio-queue's error! lines; one warning per kind, naming the disk.
     assert_eq!(
-        tvm_virtio::test_log::lines(log::Level::Error),
+        tvm_util::test_log::lines(log::Level::Error),
         Vec::<String>::new()
     );
-    let warnings = tvm_virtio::test_log::lines(log::Level::Warn);
+    let warnings = tvm_util::test_log::lines(log::Level::Warn);
     let name = format!("virtio-blk {:?}: ", img.path);
     let expect = [
         "request 0 refused (0 bytes answered): descriptor chain loops",
@@ -805,7 +805,7 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
         assert!(w.starts_with(&name) && w.contains(e), "{w} lacks {e}");
     }
     // A broken available index is the same kind as a broken head: debug only.
-    let debug = tvm_virtio::test_log::lines(log::Level::Debug);
+    let debug = tvm_util::test_log::lines(log::Level::Debug);
     let far = "queue left alone: the available index 22 is more than the queue size 16 ahead of 5";
     assert_eq!(
         debug.iter().filter(|l| l.contains(far)).count(),
@@ -1117,8 +1117,8 @@ fn a_read_past_the_end_of_a_shrunken_file_is_an_ioerr() {
 /// driver behaves.
 #[test]
 fn bogus_avail_index_and_head_index_log_no_errors() {
-    tvm_virtio::test_log::start();
-    let errors_logged_here = || tvm_virtio::test_log::lines(log::Level::Error);
+    tvm_util::test_log::start();
+    let errors_logged_here = || tvm_util::test_log::lines(log::Level::Error);
     let (img, content) = TempImage::with_pattern();
     let mem = test_mem();
     let mut disk = open_disk(&img);

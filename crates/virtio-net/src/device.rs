@@ -10,9 +10,8 @@ use std::sync::Arc;
 
 use log::{debug, info, warn};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP,
 };
@@ -20,58 +19,22 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{warn_once, ActivateContext, EventSet, VirtioDevice, VirtioInterrupt, WarnOnce};
+use tvm_util::warn_once;
+use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
 
 use crate::backend::NetBackend;
+use crate::consts::{
+    CONFIG_LEN, CONFIG_MAC_OFFSET, CONFIG_STATUS_OFFSET, DEVICE_FEATURES, MAX_PACKET_LEN,
+    MAX_RX_FRAMES_PER_RUN, MAX_TX_FRAMES_PER_RUN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET,
+    VNET_HDR_LEN,
+};
 use crate::mac::{format_mac, generated_mac, mac_problem};
 use crate::rx::{deliver_frame, RxScratch, RxStatus};
 use crate::tap::Tap;
 use crate::tx::read_tx_frame;
+use crate::warnings::DriverWarnings;
 use crate::{Error, Result};
 
-/// Virtio device ID of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
-/// Size of each of the two queues.
-pub const QUEUE_SIZE: u16 = 256;
-/// Index of the receive queue.
-pub const RX_QUEUE: u16 = 0;
-/// Index of the transmit queue.
-pub const TX_QUEUE: u16 = 1;
-/// Length of `virtio_net_hdr_v1`, the header in front of every frame of a VERSION_1
-/// device (virtio 1.2, 5.1.6), `num_buffers` included; also the TAP's vnet header size.
-pub const VNET_HDR_LEN: usize = 12;
-/// Largest packet (vnet header + Ethernet frame) moved in either direction: the header, a
-/// 64 KiB GSO frame, and 256 bytes of room for its Ethernet and VLAN headers.
-pub const MAX_PACKET_LEN: usize = VNET_HDR_LEN + 65535 + 256;
-/// Most frames received (delivered or dropped) per event before the device yields to the
-/// event loop; it continues through the receive queue's EventFd.
-pub const MAX_RX_FRAMES_PER_RUN: usize = 256;
-/// Most transmit chains handled per notification before the device yields to the event
-/// loop; it continues through the transmit queue's EventFd.
-pub const MAX_TX_FRAMES_PER_RUN: usize = 256;
-
-/// Why a chain whose last descriptor still has NEXT was refused: virtio-queue's iterator
-/// stopped it rather than follow it further.
-pub(crate) const UNTERMINATED: &str = "the chain does not end: it loops, or has more \
-     descriptors than the queue (or indirect table) holds, a next index beyond it, or more \
-     than 4 GiB";
-
-/// Feature bits the device offers (the transport adds VERSION_1, EVENT_IDX and
-/// INDIRECT_DESC).
-pub const DEVICE_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
-    | 1 << VIRTIO_NET_F_GUEST_CSUM
-    | 1 << VIRTIO_NET_F_MAC
-    | 1 << VIRTIO_NET_F_GUEST_TSO4
-    | 1 << VIRTIO_NET_F_GUEST_TSO6
-    | 1 << VIRTIO_NET_F_GUEST_ECN
-    | 1 << VIRTIO_NET_F_HOST_TSO4
-    | 1 << VIRTIO_NET_F_HOST_TSO6
-    | 1 << VIRTIO_NET_F_HOST_ECN
-    | 1 << VIRTIO_NET_F_MRG_RXBUF
-    | 1 << VIRTIO_NET_F_STATUS;
-
-/// Bytes of `virtio_net_config` we fill: `mac[6]` and `status`.
-const CONFIG_LEN: usize = 8;
 /// Index of the TAP in [`VirtioDevice::extra_event_sources`].
 const TAP_EVENT: usize = 0;
 
@@ -154,8 +117,9 @@ pub struct NetCounters {
     /// mergeable buffers), truncated or shorter than the header, or carrying offloads the
     /// guest did not accept.
     pub rx_dropped: u64,
-    /// Malformed receive chains (device-readable or out-of-memory descriptors, no room),
-    /// and backend read errors other than EAGAIN.
+    /// Malformed receive chains (device-readable or out-of-memory descriptors, no room,
+    /// chains that do not end, head indices beyond the queue), frames that could not be
+    /// copied into checked buffers, and backend read errors other than EAGAIN.
     pub rx_errors: u64,
     /// Frames sent to the backend.
     pub tx_packets: u64,
@@ -165,37 +129,9 @@ pub struct NetCounters {
     /// for a header the kernel rejects, EIO when the interface is down, short writes).
     pub tx_dropped: u64,
     /// Malformed transmit chains (device-writable or out-of-memory descriptors, shorter
-    /// than the header, longer than [`MAX_PACKET_LEN`]).
+    /// than the header, longer than [`MAX_PACKET_LEN`], chains that do not end) and head
+    /// indices beyond the queue.
     pub tx_errors: u64,
-}
-
-/// Driver errors the device reports once at `warn!` (then at `debug!`), one flag per kind,
-/// never re-armed (not even by a reset).
-#[derive(Debug)]
-pub(crate) struct DriverWarnings {
-    /// How log lines name the device: `virtio-net TAP` (or the MAC, without a TAP).
-    pub name: String,
-    /// A malformed transmit chain.
-    pub tx_chain: WarnOnce,
-    /// A malformed receive chain.
-    pub rx_chain: WarnOnce,
-    /// An available index too far ahead, a head index beyond the queue, a used ring that
-    /// cannot be written.
-    pub ring: WarnOnce,
-    /// A write to the read-only config space.
-    pub config: WarnOnce,
-}
-
-impl DriverWarnings {
-    fn new(name: String) -> Self {
-        DriverWarnings {
-            name,
-            tx_chain: WarnOnce::new(),
-            rx_chain: WarnOnce::new(),
-            ring: WarnOnce::new(),
-            config: WarnOnce::new(),
-        }
-    }
 }
 
 struct Active {
@@ -285,9 +221,10 @@ impl<B: NetBackend> Net<B> {
     /// `virtio-net MAC`.
     pub fn new(backend: B, mac: [u8; 6]) -> Self {
         let mut config = [0u8; CONFIG_LEN];
-        config[..6].copy_from_slice(&mac);
+        config[CONFIG_MAC_OFFSET..][..mac.len()].copy_from_slice(&mac);
         // VIRTIO_NET_S_LINK_UP is 1.
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let status = (VIRTIO_NET_S_LINK_UP as u16).to_le_bytes();
+        config[CONFIG_STATUS_OFFSET..][..status.len()].copy_from_slice(&status);
         Net {
             backend,
             mac,

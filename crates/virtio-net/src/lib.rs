@@ -11,9 +11,10 @@
 //!
 //! The host side is a [`NetBackend`]: a [`Tap`] opened with `IFF_TAP | IFF_NO_PI |
 //! IFF_VNET_HDR` and a 12-byte vnet header, so every frame on the backend starts with the
-//! `virtio_net_hdr_v1` the guest sees. TX passes the guest's header through to the kernel,
-//! RX takes the kernel's header and only fills in `num_buffers`. Tests use a datagram
-//! socket pair instead of a TAP, so nothing here needs root or KVM.
+//! `virtio_net_hdr_v1` the guest sees. TX passes the guest's header through to the kernel;
+//! RX takes the kernel's header, drops a frame whose header asks for offloads the guest did
+//! not negotiate, clears the flags without GUEST_CSUM, and fills in `num_buffers`. Tests
+//! use a datagram socket pair instead of a TAP, so nothing here needs root or KVM.
 //!
 //! The TAP is an extra event source of the device
 //! ([`VirtioDevice::extra_event_sources`](tvm_virtio::VirtioDevice::extra_event_sources)),
@@ -44,18 +45,20 @@
 use std::io;
 
 mod backend;
+mod consts;
 mod device;
 mod mac;
 mod rx;
 mod tap;
 mod tx;
+mod warnings;
 
 pub use backend::NetBackend;
-pub use device::{
-    offload_flags, Net, NetConfig, NetCounters, DEVICE_FEATURES, MAX_PACKET_LEN,
-    MAX_RX_FRAMES_PER_RUN, MAX_TX_FRAMES_PER_RUN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET,
-    VNET_HDR_LEN,
+pub use consts::{
+    DEVICE_FEATURES, MAX_PACKET_LEN, MAX_RX_FRAMES_PER_RUN, MAX_TX_FRAMES_PER_RUN, QUEUE_SIZE,
+    RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET, VNET_HDR_LEN,
 };
+pub use device::{offload_flags, Net, NetConfig, NetCounters};
 pub use mac::{format_mac, generated_mac, parse_mac};
 pub use tap::{validate_tap_name, Tap};
 

@@ -7,14 +7,12 @@
 use std::ops::Range;
 
 use log::debug;
-use tvm_virtio::warn_once;
+use tvm_util::warn_once;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::device::{DriverWarnings, UNTERMINATED, VNET_HDR_LEN};
-
-/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
-const NUM_BUFFERS_OFFSET: usize = 10;
+use crate::consts::{NUM_BUFFERS_OFFSET, UNTERMINATED, VNET_HDR_LEN};
+use crate::warnings::DriverWarnings;
 
 /// One receive chain taken for the frame being placed.
 #[derive(Debug)]

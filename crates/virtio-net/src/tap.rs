@@ -15,7 +15,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::ioctl_iow_nr;
 
 use crate::backend::NetBackend;
-use crate::device::VNET_HDR_LEN;
+use crate::consts::VNET_HDR_LEN;
 use crate::{Error, Result};
 
 /// The clone device every TAP is created or attached through.

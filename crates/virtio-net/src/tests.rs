@@ -1297,7 +1297,7 @@ type Linked = (u64, u32, u16, u16);
 
 /// This thread's log lines at `level` since `test_log::start()`.
 fn logged(level: log::Level) -> Vec<String> {
-    tvm_virtio::test_log::lines(level)
+    tvm_util::test_log::lines(level)
 }
 
 #[test]
@@ -1360,7 +1360,7 @@ fn rx_loops_are_returned_unused() {
 
 #[test]
 fn each_kind_of_driver_error_is_one_warning_naming_the_device() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let mem = test_mem();
     let mut h = Harness::with_size(&mem, MRG, 64);
     assert_eq!(h.net.name(), "virtio-net 02:11:22:33:44:55");
@@ -1466,7 +1466,7 @@ const FLOOD: u32 = 5000;
 
 #[test]
 fn a_tx_flood_of_malformed_chains_is_one_warning_and_allocates_nothing() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let mem = test_mem();
     let mut h = Harness::new(&mem, 0);
     let f = frame(48, 24);
@@ -1495,7 +1495,7 @@ fn a_tx_flood_of_malformed_chains_is_one_warning_and_allocates_nothing() {
 
 #[test]
 fn an_rx_flood_of_malformed_chains_is_one_warning_and_queues_no_frames() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let mem = test_mem();
     let mut h = Harness::new(&mem, MRG);
     let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(200, 30 + i)).collect();
@@ -1541,7 +1541,7 @@ fn an_rx_flood_of_malformed_chains_is_one_warning_and_queues_no_frames() {
 
 #[test]
 fn a_kick_flood_on_a_broken_ring_is_one_warning_and_no_virtio_queue_error() {
-    tvm_virtio::test_log::start();
+    tvm_util::test_log::start();
     let mem = test_mem();
     let mut h = Harness::new(&mem, MRG);
     let f = frame(48, 25);

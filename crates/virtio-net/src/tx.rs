@@ -7,7 +7,7 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemory};
 
-use crate::device::{MAX_PACKET_LEN, UNTERMINATED, VNET_HDR_LEN};
+use crate::consts::{MAX_PACKET_LEN, UNTERMINATED, VNET_HDR_LEN};
 
 /// Why a transmit chain was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

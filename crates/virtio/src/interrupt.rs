@@ -376,3 +376,60 @@ impl VirtioInterrupt for TransportInterrupt {
         self.signal(|s| s.config_vector, ISR_CONFIG)
     }
 }
+
+/// Read-only views for diagnostics (the VMM's state dump).
+impl TransportInterrupt {
+    /// The transport-wide interrupt state in words: MSI-X or INTx, masks, ISR.
+    pub(crate) fn debug_summary(&self) -> String {
+        let s = self.lock();
+        let mode = if s.msix_enabled {
+            format!(
+                "msi-x on{}",
+                if s.msix_function_masked {
+                    " (function masked)"
+                } else {
+                    ""
+                }
+            )
+        } else if s.intx_disabled {
+            "msi-x off, intx disabled".to_string()
+        } else {
+            format!(
+                "msi-x off, intx {}",
+                if s.intx_asserted { "asserted" } else { "low" }
+            )
+        };
+        format!(
+            "{mode}, isr {:#04x}, config vector {}",
+            s.isr,
+            vector_name(s.config_vector)
+        )
+    }
+
+    /// Queue `queue`'s vector and that vector's mask and pending bits, in words.
+    pub(crate) fn debug_queue_vector(&self, queue: usize) -> String {
+        let s = self.lock();
+        let vector = s
+            .queue_vectors
+            .get(queue)
+            .copied()
+            .unwrap_or(VIRTIO_MSI_NO_VECTOR);
+        let v = usize::from(vector);
+        match (s.table.get(v), s.pending.get(v)) {
+            (Some(entry), Some(&pending)) => format!(
+                "vector {vector} ({}, {})",
+                if entry.masked() { "masked" } else { "unmasked" },
+                if pending { "pending" } else { "not pending" }
+            ),
+            _ => format!("vector {}", vector_name(vector)),
+        }
+    }
+}
+
+fn vector_name(vector: u16) -> String {
+    if vector == VIRTIO_MSI_NO_VECTOR {
+        "none".to_string()
+    } else {
+        vector.to_string()
+    }
+}

@@ -15,10 +15,14 @@
 //!   memory.
 //! - Interrupts through MSI-X (masking and the pending-bit array included) or INTx, both
 //!   delivered through an [`InterruptSink`] that the VMM implements with KVM irqfds.
+//! - BAR 0 that follows the guest: [`RelocatableBar`] is what the PCI slot holds; it maps
+//!   the BAR on a [`tvm_bus::PciMmioWindow`] (through [`BarMmio`]) where it decodes, with
+//!   the queue-notify ioeventfds, and moves both when the guest reprograms the BAR.
 //!
 //! What it does not do: touch KVM. Queue notifications arrive on one [`EventFd`] per queue
-//! ([`VirtioPciDevice::notify_eventfd`]) that the VMM registers as an ioeventfd; interrupts
-//! leave through the [`InterruptSink`]. Everything is therefore unit-testable without
+//! ([`VirtioPciDevice::notify_eventfd`]) that [`RelocatableBar`] registers as an ioeventfd
+//! through an [`IoeventRegistrar`] the VMM implements with KVM_IOEVENTFD; interrupts leave
+//! through the [`InterruptSink`]. Everything is therefore unit-testable without
 //! /dev/kvm. Legacy (0.9.5) virtio and the `VIRTIO_PCI_CAP_PCI_CFG` window are not
 //! implemented.
 //!
@@ -33,7 +37,7 @@
 //!
 //! struct Dummy;
 //! impl VirtioDevice for Dummy {
-//!     fn device_type(&self) -> u32 { 2 }
+//!     fn device_type(&self) -> u32 { virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK }
 //!     fn queue_max_sizes(&self) -> &[u16] { &[256] }
 //!     fn device_features(&self) -> u64 { 0 }
 //!     fn read_config(&self, _offset: u64, data: &mut [u8]) { data.fill(0) }
@@ -72,46 +76,60 @@ use vmm_sys_util::eventfd::EventFd;
 mod interrupt;
 mod pci;
 mod ring;
-mod warn_once;
 
+/// Fakes and a guest-driver harness for device tests (the `test-utils` feature).
 #[cfg(any(test, feature = "test-utils"))]
-pub mod test_log;
+pub mod test_utils;
 
-#[doc(hidden)]
-pub use log as __log;
+/// The per-thread log capture for tests, [`tvm_util::test_log`], re-exported for the
+/// transport's own tests and for callers that already depend on this crate.
+#[cfg(any(test, feature = "test-utils"))]
+pub use tvm_util::test_log;
+
 pub use ring::{add_used, chains_pending};
-pub use warn_once::WarnOnce;
+/// Warn-once logging for guest-triggerable paths, re-exported from [`tvm_util`].
+pub use tvm_util::{warn_once, WarnOnce};
 
 pub use interrupt::{InterruptSink, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR};
 pub use pci::{
-    VirtioPciDevice, BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET,
-    MSIX_TABLE_OFFSET, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
+    BarMmio, IoeventRegistrar, RelocatableBar, VirtioPciDevice, BAR_SIZE, COMMON_CFG_OFFSET,
+    DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFFSET,
+    NOTIFY_OFF_MULTIPLIER,
 };
 
-/// The device status bits (virtio 1.2, 2.1).
+/// The device status bits (virtio 1.2, 2.1), as the one-byte `device_status` field holds
+/// them; the values are virtio-bindings' `VIRTIO_CONFIG_S_*`.
 pub mod status {
+    use virtio_bindings::virtio_config as cfg;
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
+    pub const ACKNOWLEDGE: u8 = cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
     /// The guest knows how to drive the device.
-    pub const DRIVER: u8 = 2;
+    pub const DRIVER: u8 = cfg::VIRTIO_CONFIG_S_DRIVER as u8;
     /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
+    pub const DRIVER_OK: u8 = cfg::VIRTIO_CONFIG_S_DRIVER_OK as u8;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
+    pub const FEATURES_OK: u8 = cfg::VIRTIO_CONFIG_S_FEATURES_OK as u8;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u8 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// The guest gave up on the device.
-    pub const FAILED: u8 = 0x80;
+    pub const FAILED: u8 = cfg::VIRTIO_CONFIG_S_FAILED as u8;
+
+    // Every bit fits the byte, so the conversions above keep them.
+    const _: () = assert!(cfg::VIRTIO_CONFIG_S_FAILED <= 0x80);
 }
 
-/// Feature bits the transport itself offers (virtio 1.2, 6).
+/// Feature bits the transport itself offers (virtio 1.2, 6), as masks of virtio-bindings'
+/// bit numbers.
 pub mod features {
+    use virtio_bindings::{virtio_config, virtio_ring};
+
     /// VIRTIO_F_VERSION_1: the modern interface; required.
-    pub const VERSION_1: u64 = 1 << 32;
+    pub const VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
     /// VIRTIO_RING_F_INDIRECT_DESC: indirect descriptor tables.
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     /// VIRTIO_RING_F_EVENT_IDX: used_event/avail_event notification suppression.
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const RING_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     /// Everything the transport adds to a device's own bits.
     pub const TRANSPORT: u64 = VERSION_1 | RING_INDIRECT_DESC | RING_EVENT_IDX;
 }
@@ -126,8 +144,8 @@ pub struct ActivateContext {
     /// driver did not enable has `ready() == false`; an enabled one has been checked with
     /// `is_valid` against `mem` and has EVENT_IDX set as negotiated.
     pub queues: Vec<Queue>,
-    /// One notification [`EventFd`] per queue, clones of the transport's (the same ones the
-    /// VMM registers as ioeventfds).
+    /// One notification [`EventFd`] per queue, clones of the transport's (the same ones
+    /// [`RelocatableBar`] registers as ioeventfds).
     pub queue_evts: Vec<EventFd>,
     /// Raises queue and config interrupts.
     pub interrupt: Arc<dyn VirtioInterrupt>,
@@ -147,7 +165,7 @@ impl std::fmt::Debug for ActivateContext {
 /// Every method is called with the transport's lock held, from a vCPU thread (config
 /// accesses, activation, reset) or the event loop ([`process_queue`](Self::process_queue)).
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (1 net, 2 block, ...).
+    /// The virtio device ID (`virtio_bindings::virtio_ids`: 1 net, 2 block, ...).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; the length is the number of queues. Each size must
     /// be a power of two, at most 32768.
@@ -275,7 +293,32 @@ pub enum Error {
     /// The device refused to activate.
     #[error("failed to activate the device")]
     Activate(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A BAR could not be mapped where it decodes: named by the device, with the reason.
+    #[error("cannot map the bar of {0}: {1}")]
+    MapBar(String, String),
 }
 
 /// Result of the virtio transport's fallible operations.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::{features, status};
+
+    #[test]
+    fn constants_from_virtio_bindings_keep_the_spec_values() {
+        // virtio 1.2, 2.1 and 6.
+        assert_eq!(
+            [
+                status::ACKNOWLEDGE,
+                status::DRIVER,
+                status::DRIVER_OK,
+                status::FEATURES_OK,
+                status::DEVICE_NEEDS_RESET,
+                status::FAILED
+            ],
+            [1, 2, 4, 8, 0x40, 0x80]
+        );
+        assert_eq!(features::TRANSPORT, 1 << 32 | 1 << 28 | 1 << 29);
+    }
+}

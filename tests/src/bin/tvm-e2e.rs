@@ -17,6 +17,15 @@
 //! With `--disk`/`--ro-disk` the checks include virtio-blk (ext4 mount, write, re-read, a
 //! read-only disk, e2fsck/debugfs on the image afterwards); with `--tap` they include
 //! virtio-net (ping both ways, TCP both ways with CRC-32 compared on both ends).
+//!
+//! `tvm-e2e power-cut --dur-raw DISK --dur-ext4 DISK` boots the guest on two disks, has it
+//! write 4 MiB with fsync to each (raw, and a file on ext4), prints `E2E-DURABLE crc32=..
+//! E2E-POWER-CUT-NOW` and waits, VMM running, for whoever runs the VMM's host (xtask, for
+//! the outer QEMU guest) to kill that host and check the disks' files.
+//!
+//! Every wait has a limit; `--timeout SECS` limits the whole run (a watchdog thread prints
+//! the consoles of the guests still running, kills them and exits 1), and a VMM never
+//! outlives the driver (PR_SET_PDEATHSIG).
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -126,6 +135,19 @@ struct Opts {
     /// MiB moved over TCP in each direction by the net check and bench.
     net_mib: u64,
     verbose: bool,
+    /// What `uname -r` must print in the guest (the packaged kernel's release).
+    kernel_release: Option<String>,
+    /// Text `uname -v` must contain (the Debian package version of the kernel).
+    kernel_version: Option<String>,
+    /// Limit for the whole run ([`start_watchdog`]).
+    timeout: Option<Duration>,
+    /// After the checks, the SIGKILL durability check ([`durability_check`]).
+    sigkill_durability: bool,
+    /// `power-cut` mode: the raw disk and the ext4 disk the guest writes durably.
+    dur_raw: Option<String>,
+    dur_ext4: Option<String>,
+    /// `power-cut` mode: how long to wait for the host to end the VMM's host.
+    power_cut_wait: Duration,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -146,6 +168,13 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         tap: None,
         net_mib: 64,
         verbose: false,
+        kernel_release: None,
+        kernel_version: None,
+        timeout: None,
+        sigkill_durability: false,
+        dur_raw: None,
+        dur_ext4: None,
+        power_cut_wait: Duration::from_secs(60),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -173,11 +202,26 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--tap" => o.tap = Some(val()?),
             "--net-mib" => o.net_mib = val()?.parse().map_err(|e| format!("--net-mib: {e}"))?,
             "--verbose" => o.verbose = true,
+            "--kernel-release" => o.kernel_release = Some(val()?),
+            "--kernel-version" => o.kernel_version = Some(val()?),
+            "--timeout" => {
+                let secs: u64 = val()?.parse().map_err(|e| format!("--timeout: {e}"))?;
+                o.timeout = Some(Duration::from_secs(secs));
+            }
+            "--sigkill-durability" => o.sigkill_durability = true,
+            "--dur-raw" => o.dur_raw = Some(val()?),
+            "--dur-ext4" => o.dur_ext4 = Some(val()?),
+            "--power-cut-wait" => {
+                let secs: u64 = val()?
+                    .parse()
+                    .map_err(|e| format!("--power-cut-wait: {e}"))?;
+                o.power_cut_wait = Duration::from_secs(secs);
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--verbose]".into());
     }
     Ok(o)
 }
@@ -190,9 +234,83 @@ struct Guest {
     started: Instant,
 }
 
+/// A VMM (or QEMU) this process runs: what the watchdog kills and shows when the run
+/// outlives `--timeout`.
+struct LiveGuest {
+    pid: u32,
+    console: Arc<Console>,
+    stderr: Arc<Console>,
+}
+
+/// The guests alive right now (registered by [`Guest::spawn`], removed on drop).
+static LIVE: Mutex<Vec<LiveGuest>> = Mutex::new(Vec::new());
+
+/// Prints the end of a guest's console and of its VMM's stderr as `E2E-DIAG` lines (the
+/// only lines xtask shows from a nested run without `--verbose`).
+fn print_diag(console: &Console, stderr: &Console) {
+    for line in console
+        .tail(3000)
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!("E2E-DIAG console: {}", line.trim_end_matches('\r'));
+    }
+    for line in stderr.tail(4000).lines() {
+        println!("E2E-DIAG vmm stderr: {line}");
+    }
+}
+
+/// Ends the whole driver after `limit`, whatever it is waiting for: prints a failure with
+/// the console and stderr of every guest still running, kills them, and exits 1.
+fn start_watchdog(limit: Duration) {
+    thread::spawn(move || {
+        thread::sleep(limit);
+        println!(
+            "E2E FAIL run-time-limit: the driver was still running after {} s (--timeout)",
+            limit.as_secs()
+        );
+        if let Ok(live) = LIVE.lock() {
+            for g in live.iter() {
+                println!("E2E-DIAG guest pid {} still running", g.pid);
+                print_diag(&g.console, &g.stderr);
+                if let Ok(pid) = i32::try_from(g.pid) {
+                    // SAFETY: kill has no memory effects; `pid` is a child of this process
+                    // that has not been reaped (it is removed from LIVE before the wait).
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        println!(
+            "E2E RESULT error: run-time limit of {} s reached",
+            limit.as_secs()
+        );
+        std::process::exit(1);
+    });
+}
+
 impl Guest {
     fn spawn(mut cmd: Command, echo: bool) -> Result<Guest, String> {
+        use std::os::unix::process::CommandExt as _;
         let started = Instant::now();
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // prctl, which is async-signal-safe.
+        unsafe {
+            // The VMM dies with this process, even when this process is SIGKILLed (by
+            // xtask's limit): it must never outlive the run. All guests are spawned from the
+            // main thread, whose exit is the process's.
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -205,6 +323,13 @@ impl Guest {
         let err = child.stderr.take().ok_or("no stderr")?;
         spawn_reader(out, console.clone(), echo);
         spawn_reader(err, stderr.clone(), echo);
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(LiveGuest {
+                pid: child.id(),
+                console: console.clone(),
+                stderr: stderr.clone(),
+            });
+        }
         Ok(Guest {
             stdin: child.stdin.take(),
             child,
@@ -270,8 +395,15 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        let pid = self.child.id();
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|g| g.pid != pid);
+        }
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGKILL ends it unless it is stuck in the kernel; do not wait for ever then.
+        if self.wait_exit(Duration::from_secs(10)).is_none() {
+            println!("E2E-DIAG pid {pid} did not end within 10 s of SIGKILL; left behind");
+        }
     }
 }
 
@@ -315,6 +447,77 @@ fn cmdline(o: &Opts) -> String {
     line
 }
 
+/// Limit for a host tool the driver runs (ip, ping, e2fsck, debugfs on small images).
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `cmd.output()` with a limit: the command is killed if it has not ended within `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> Result<std::process::Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let collect = |src: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut src) = src {
+                let _ = src.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = collect(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = collect(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{cmd:?} still running after {} s; killed",
+                    limit.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for {cmd:?}: {e}")),
+        }
+    };
+    // The pipes close with the child (none of these tools leaves a process behind), so
+    // the readers end; do not wait for ever if one did.
+    let joined = |h: thread::JoinHandle<Vec<u8>>| join_within(h, Duration::from_secs(10));
+    Ok(std::process::Output {
+        status,
+        stdout: joined(out).unwrap_or_default(),
+        stderr: joined(err).unwrap_or_default(),
+    })
+}
+
+/// Joins `handle` if its thread ends within `limit`; otherwise leaves it running and
+/// returns `None`.
+fn join_within<T>(handle: thread::JoinHandle<T>, limit: Duration) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    handle.join().ok()
+}
+
 /// The host end of the TAP.
 const HOST_IP: &str = "10.0.2.1";
 /// The guest's eth0.
@@ -334,10 +537,7 @@ fn tap_up(name: &str) -> Result<(), String> {
         vec!["addr", "add", &format!("{HOST_IP}/24"), "dev", name],
         vec!["link", "set", name, "up"],
     ] {
-        let out = Command::new("ip")
-            .args(&args)
-            .output()
-            .map_err(|e| format!("cannot run ip: {e}"))?;
+        let out = output_within(Command::new("ip").args(&args), TOOL_TIMEOUT)?;
         // An address left from an earlier run is fine.
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && !stderr.contains("exists") {
@@ -449,55 +649,166 @@ fn avoid_pinned_cpu() {
 /// What a [`tcp_peer`] moved: bytes, their crc32, seconds.
 type Transfer = (u64, u32, f64);
 
+/// How long a [`tcp_peer`] waits for the guest to connect.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// A [`tcp_peer`] gives up when its connection moves no byte for this long.
+const TCP_STALL: Duration = Duration::from_secs(120);
+
+/// The host end of one TCP transfer, running in a thread; see [`tcp_peer`].
+struct TcpPeer {
+    handle: thread::JoinHandle<Result<Transfer, String>>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpPeer {
+    /// The transfer's result: waits up to `grace` for the peer to end on its own (the guest
+    /// has printed its line, so it should be done or about to be), then tells it to stop
+    /// and waits a little more. Never waits longer than that.
+    fn finish(self, grace: Duration) -> Result<Transfer, String> {
+        let deadline = Instant::now() + grace;
+        while !self.handle.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Every blocking call of the peer returns within a second to look at `cancel`.
+        match join_within(self.handle, Duration::from_secs(10)) {
+            Some(result) => result,
+            None => Err("the tcp peer did not stop within 10 s of being cancelled".into()),
+        }
+    }
+}
+
 /// A one-connection TCP server on HOST_IP:`port`, in a thread. `send_mib` > 0: sends that
 /// many MiB of [`net_block`] data, half-closes, and waits for the peer to close; otherwise
-/// reads until EOF. Returns (bytes, crc32 of the bytes received or sent, seconds from
-/// accept to the end).
-fn tcp_peer(
-    port: u16,
-    send_mib: u64,
-) -> Result<thread::JoinHandle<Result<Transfer, String>>, String> {
-    use std::io::Read as _;
+/// reads until EOF. The result is (bytes, crc32 of the bytes received or sent, seconds
+/// from accept to the end). Every wait is bounded: the accept by [`ACCEPT_TIMEOUT`], each
+/// read or write by [`TCP_STALL`] without progress, and all of it by
+/// [`TcpPeer::finish`], which cancels the peer.
+fn tcp_peer(port: u16, send_mib: u64) -> Result<TcpPeer, String> {
     let listener = std::net::TcpListener::bind((HOST_IP, port))
         .map_err(|e| format!("bind {HOST_IP}:{port}: {e}"))?;
-    Ok(thread::spawn(move || {
+    tcp_peer_on(listener, send_mib, ACCEPT_TIMEOUT)
+}
+
+/// [`tcp_peer`] on a listener of the caller's, with its own accept limit.
+fn tcp_peer_on(
+    listener: std::net::TcpListener,
+    send_mib: u64,
+    accept_timeout: Duration,
+) -> Result<TcpPeer, String> {
+    use std::io::ErrorKind;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("nonblocking listener: {e}"))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stop = cancel.clone();
+    let handle = thread::spawn(move || {
         avoid_pinned_cpu();
-        let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let accept_deadline = Instant::now() + accept_timeout;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if stop.load(Relaxed) {
+                        return Err("cancelled before the guest connected".into());
+                    }
+                    if Instant::now() >= accept_deadline {
+                        return Err(format!(
+                            "no connection on port {port} within {} s",
+                            accept_timeout.as_secs()
+                        ));
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        let tick = Some(Duration::from_secs(1));
+        conn.set_nonblocking(false)
+            .and_then(|()| conn.set_read_timeout(tick))
+            .and_then(|()| conn.set_write_timeout(tick))
+            .map_err(|e| format!("socket options: {e}"))?;
         let start = Instant::now();
+        let mut last_progress = Instant::now();
+        // Called when a read or write timed out: go on, or give up.
+        let idle = |what: &str, last: Instant| -> Result<(), String> {
+            if stop.load(Relaxed) {
+                return Err(format!("cancelled while waiting to {what}"));
+            }
+            if last.elapsed() >= TCP_STALL {
+                return Err(format!(
+                    "no progress for {} s ({what})",
+                    TCP_STALL.as_secs()
+                ));
+            }
+            Ok(())
+        };
+        let timed_out = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+            )
+        };
         let mut crc = 0u32;
         let mut bytes = 0u64;
         if send_mib > 0 {
             for i in 0..send_mib * 16 {
                 let block = net_block(i);
                 crc = crc32_update(crc, &block);
-                conn.write_all(&block).map_err(|e| format!("send: {e}"))?;
+                let mut off = 0;
+                while off < block.len() {
+                    match conn.write(&block[off..]) {
+                        Ok(0) => return Err("send: connection closed".into()),
+                        Ok(n) => {
+                            off += n;
+                            last_progress = Instant::now();
+                        }
+                        Err(e) if timed_out(&e) => idle("send", last_progress)?,
+                        Err(e) => return Err(format!("send: {e}")),
+                    }
+                }
                 bytes += block.len() as u64;
             }
             conn.shutdown(std::net::Shutdown::Write)
                 .map_err(|e| format!("shutdown: {e}"))?;
             let mut sink = [0u8; 4096];
-            while conn.read(&mut sink).map_err(|e| format!("recv: {e}"))? > 0 {}
+            loop {
+                match conn.read(&mut sink) {
+                    Ok(0) => break,
+                    Ok(_) => last_progress = Instant::now(),
+                    Err(e) if timed_out(&e) => idle("see the guest close", last_progress)?,
+                    Err(e) => return Err(format!("recv: {e}")),
+                }
+            }
         } else {
             let mut buf = vec![0u8; 256 * 1024];
             loop {
-                let n = conn.read(&mut buf).map_err(|e| format!("recv: {e}"))?;
-                if n == 0 {
-                    break;
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        crc = crc32_update(crc, &buf[..n]);
+                        bytes += n as u64;
+                        last_progress = Instant::now();
+                    }
+                    Err(e) if timed_out(&e) => idle("receive", last_progress)?,
+                    Err(e) => return Err(format!("recv: {e}")),
                 }
-                crc = crc32_update(crc, &buf[..n]);
-                bytes += n as u64;
             }
         }
         Ok((bytes, crc, start.elapsed().as_secs_f64()))
-    }))
+    });
+    Ok(TcpPeer { handle, cancel })
 }
 
 /// Pings from the host; true when a reply came back.
 fn host_ping(ip: &str) -> Result<String, String> {
-    let out = Command::new("ping")
-        .args(["-c", "3", "-W", "5", ip])
-        .output()
-        .map_err(|e| format!("cannot run ping: {e}"))?;
+    let out = output_within(
+        Command::new("ping").args(["-c", "3", "-W", "5", ip]),
+        TOOL_TIMEOUT,
+    )?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
         Ok(text
@@ -546,7 +857,13 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
         .as_bytes(),
     )?;
     let got = c.value_until_end("rx-2-crc=", pos, Duration::from_secs(600));
-    let sent = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
+    // Once the guest has printed, the peer is done or about to be; without the line it is
+    // cancelled at once.
+    let sent = peer.finish(if got.is_some() {
+        STEP_TIMEOUT
+    } else {
+        Duration::ZERO
+    });
     r.check(
         "net-tcp-host-to-guest",
         match (&sent, &got) {
@@ -572,7 +889,12 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
         .as_bytes(),
     )?;
     let printed = c.value_until_end("tx-2-crc=", pos, Duration::from_secs(600));
-    let received = peer.join().map_err(|_| "tcp peer panicked".to_string())?;
+    // The guest prints before it sends: give the transfer the same bound as the line.
+    let received = peer.finish(if printed.is_some() {
+        Duration::from_secs(600)
+    } else {
+        Duration::ZERO
+    });
     r.check(
         "net-tcp-guest-to-host",
         match (&received, &printed) {
@@ -598,9 +920,47 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
 const ACPI_TROUBLE: &str = "acpi (bios )?(error|warning)|ae_not_found|firmware bug|\
                             madt or mp tables|timer doesn.t work|mp-bios bug";
 
+/// One line of the guest's /proc/interrupts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IrqLine {
+    /// `0:`, `9:`, `LOC:`.
+    label: String,
+    /// The count summed over the CPUs.
+    count: u64,
+    /// What follows the counts (`IO-APIC 2-edge timer`).
+    what: String,
+}
+
+/// Parses a /proc/interrupts line: the label, one count per CPU, then the description.
+fn parse_irq_line(line: &str) -> Option<IrqLine> {
+    let mut words = line.split_whitespace();
+    let label = words.next().filter(|l| l.ends_with(':'))?.to_string();
+    let mut count = 0u64;
+    let mut what = Vec::new();
+    let mut counted = false;
+    for w in words {
+        match w.parse::<u64>() {
+            Ok(n) if what.is_empty() => {
+                count += n;
+                counted = true;
+            }
+            _ => what.push(w),
+        }
+    }
+    counted.then(|| IrqLine {
+        label,
+        count,
+        what: what.join(" "),
+    })
+}
+
 /// Prints the guest's interrupt counts of the PIT, the SCI and the LAPIC timer (E2E-INFO,
-/// tagged `when`); returns the console position after them.
-fn print_interrupts(g: &mut Guest, pos: usize, when: &str) -> Result<usize, String> {
+/// tagged `when`); returns the console position after them and the lines parsed.
+fn print_interrupts(
+    g: &mut Guest,
+    pos: usize,
+    when: &str,
+) -> Result<(usize, Vec<IrqLine>), String> {
     let c = g.console.clone();
     g.send(
         b"grep -E 'timer|acpi|LOC' /proc/interrupts | while read -r l; do echo \"irq-$((1+1)): $l\"; done; \
@@ -608,18 +968,51 @@ fn print_interrupts(g: &mut Guest, pos: usize, when: &str) -> Result<usize, Stri
     )?;
     let irqs = c.value_until_end("irq-3-", pos, STEP_TIMEOUT);
     let end = irqs.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
+    let mut parsed = Vec::new();
     for line in c.text_from(pos)[..end - pos].lines() {
         if let Some((_, l)) = line.split_once("irq-2: ") {
             println!("E2E-INFO interrupts {when}: {}", l.trim());
+            parsed.extend(parse_irq_line(l));
         }
     }
-    Ok(end)
+    Ok((end, parsed))
+}
+
+/// The PIT (IRQ 0) and the SCI (the `acpi` line) take no interrupt while the guest idles:
+/// the LAPIC timer is the clock event device and nothing raises the SCI. `before` and
+/// `after` are the counts around the idle window.
+fn quiet_while_idle(before: &[IrqLine], after: &[IrqLine]) -> Result<String, String> {
+    let find = |lines: &[IrqLine], pick: &dyn Fn(&IrqLine) -> bool| {
+        lines.iter().find(|l| pick(l)).map(|l| l.count)
+    };
+    let pit = |l: &IrqLine| l.label == "0:";
+    let sci = |l: &IrqLine| l.what.ends_with("acpi");
+    let (Some(pit0), Some(pit1)) = (find(before, &pit), find(after, &pit)) else {
+        return Err(format!(
+            "no IRQ 0 line in /proc/interrupts: {before:?} / {after:?}"
+        ));
+    };
+    if pit1 != pit0 {
+        return Err(format!(
+            "the PIT took {} interrupt(s) while the guest idled ({pit0} -> {pit1})",
+            pit1.saturating_sub(pit0)
+        ));
+    }
+    let sci_text = match (find(before, &sci), find(after, &sci)) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!("the SCI fired while the guest idled ({a} -> {b})"));
+        }
+        (Some(a), Some(_)) => format!(", SCI at {a}"),
+        _ => String::new(),
+    };
+    Ok(format!("PIT (IRQ 0) stayed at {pit0}{sci_text}"))
 }
 
 /// ACPI: the guest found the tables, its clock events come from the LAPIC timer (not the
 /// PIT, as without a MADT), and its kernel log has no ACPI errors or firmware-bug lines
-/// (each one found is printed). Returns the console position after the checks.
-fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<usize, String> {
+/// (each one found is printed). Returns the console position after the checks and the
+/// interrupt counts printed on the way ([`print_interrupts`]).
+fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<(usize, Vec<IrqLine>), String> {
     let c = g.console.clone();
     g.send(b"echo acpi-$((1+1))-$(ls /sys/firmware/acpi/tables)-end\n")?;
     let tables = c.value_until_end("acpi-2-", pos, STEP_TIMEOUT);
@@ -657,7 +1050,7 @@ fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<usize, Strin
     );
     let pos = clock.map(|(e, _)| e).unwrap_or(c.len());
 
-    let pos = print_interrupts(g, pos, "after boot")?;
+    let (pos, irqs) = print_interrupts(g, pos, "after boot")?;
 
     let cmd = format!(
         "dmesg | grep -iE '{ACPI_TROUBLE}' | while read -r l; do echo \"dmesg-$((1+1)): $l\"; done; \
@@ -683,7 +1076,7 @@ fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<usize, Strin
             None => Err(format!("no answer; console tail: {}", c.tail(1000))),
         },
     );
-    Ok(end)
+    Ok((end, irqs))
 }
 
 struct Report {
@@ -806,39 +1199,25 @@ fn idle_cpu(pid: u32, window: Duration) -> Option<f64> {
     Some(used as f64 / hz as f64 / start.elapsed().as_secs_f64() * 100.0)
 }
 
-/// Durability: a guest writes 4 MiB of random data to a raw disk with O_DIRECT and
-/// fsync, and (when the e2e has an ext4 image and e2fsprogs) the same data to a file on an
-/// ext4 disk with fsync, says so, and the VMM is killed with SIGKILL right then. The raw
-/// image must hold exactly those bytes (crc32 compared). The ext4 image, once its journal
-/// is replayed (what a mount would do), must pass `e2fsck -fn` and hold the file with the
-/// same crc32. So nothing the guest was told is durable was still only in the VMM.
-fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
-    let dir = std::env::temp_dir().join(format!("tvm-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let image = dir.join("durability.img");
-    std::fs::write(&image, vec![0u8; 8 << 20]).map_err(|e| format!("{}: {e}", image.display()))?;
-    // A copy of the e2e's ext4 disk, clean after the first boot (its checks said so).
-    let ext4 = match (&o.disk, &o.e2fsck, &o.debugfs) {
-        (Some(disk), Some(e2fsck), Some(debugfs)) => {
-            let copy = dir.join("durability.ext4");
-            // Read and write, not fs::copy: in a nested run the disk is the outer
-            // guest's /dev/vda, a block device.
-            std::fs::read(disk)
-                .and_then(|data| std::fs::write(&copy, data))
-                .map_err(|e| format!("copy {disk} to {}: {e}", copy.display()))?;
-            Some((copy, e2fsck, debugfs))
-        }
-        _ => None,
-    };
+/// The durability boot: the VMM with `raw` as the guest's /dev/vda and, if given, `ext4`
+/// (a clean ext4 image) as /dev/vdb. The guest writes 4 MiB of random data to the raw disk
+/// with O_DIRECT and fsync and (with `ext4`) the same data to /durable on the ext4 disk
+/// with fsync, and then prints the data's crc32. Returns the guest and the crc32, or a
+/// failure that shows the console.
+fn durable_write(
+    o: &Opts,
+    raw: &std::path::Path,
+    ext4: Option<&std::path::Path>,
+) -> Result<(Guest, String), String> {
     let mut cmd = Command::new(&o.vmm);
     cmd.args([
         "--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", "512M",
     ])
     .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=conf1"])
     .arg("--disk")
-    .arg(&image);
-    if let Some((copy, _, _)) = &ext4 {
-        cmd.arg("--disk").arg(copy);
+    .arg(raw);
+    if let Some(ext4) = ext4 {
+        cmd.arg("--disk").arg(ext4);
     }
     let mut g = Guest::spawn(cmd, o.verbose)?;
     let c = g.console.clone();
@@ -857,24 +1236,105 @@ fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
         )
         .as_bytes(),
     )?;
-    let printed = c.value_until_end("dur-2-crc=", pos, DISK_TIMEOUT);
-    // The guest was told its data is durable: kill the VMM before it can do anything more.
-    let _ = g.child.kill();
-    let _ = g.child.wait();
+    match c.value_until_end("dur-2-crc=", pos, DISK_TIMEOUT) {
+        Some((_, crc)) => Ok((g, crc)),
+        None => {
+            print_diag(&g.console, &g.stderr);
+            Err(format!(
+                "the guest did not report its fsync'ed write within {} s",
+                DISK_TIMEOUT.as_secs()
+            ))
+        }
+    }
+}
+
+/// What xtask waits for on the outer guest's console to cut its power (kill the outer
+/// QEMU): printed by `power-cut` mode once the guest's writes are fsync'ed.
+const POWER_CUT_MARK: &str = "E2E-POWER-CUT-NOW";
+
+/// `power-cut` mode: the durability boot ([`durable_write`]) on `--dur-raw` and
+/// `--dur-ext4`, then `E2E-DURABLE crc32=<crc> E2E-POWER-CUT-NOW`, and the VMM is left
+/// running with the data wherever it is. The host that runs this (xtask, outside the outer
+/// guest) kills the VMM's host right then and checks its own files; nothing here may flush
+/// or close anything. Returns only when something failed: the write, or no power cut
+/// within `--power-cut-wait`.
+fn power_cut(o: &Opts) -> Result<bool, String> {
+    let raw = o.dur_raw.as_deref().ok_or("power-cut needs --dur-raw")?;
+    let ext4 = o.dur_ext4.as_deref().map(std::path::Path::new);
+    let (mut g, crc) = match durable_write(o, std::path::Path::new(raw), ext4) {
+        Ok(done) => done,
+        Err(e) => {
+            println!("E2E FAIL durability-write: {e}");
+            return Ok(false);
+        }
+    };
+    // A VMM that has exited closed the disks, and the last close of a block device writes
+    // its dirty pages back: a power cut then would prove nothing.
+    if let Ok(Some(status)) = g.child.try_wait() {
+        println!("E2E FAIL durability-power-cut: the VMM exited ({status}) before the power cut");
+        print_diag(&g.console, &g.stderr);
+        return Ok(false);
+    }
+    println!("E2E-DURABLE crc32={crc} {POWER_CUT_MARK}");
+    let _ = std::io::stdout().flush();
+    thread::sleep(o.power_cut_wait);
+    println!(
+        "E2E FAIL durability-power-cut: still running {} s after asking for the power cut",
+        o.power_cut_wait.as_secs()
+    );
+    drop(g);
+    Ok(false)
+}
+
+/// Durability without a power cut, for hosts where the driver runs directly (hardware
+/// KVM, no outer guest to kill): the durability boot ([`durable_write`]) on images in a
+/// temporary directory, and the VMM is killed with SIGKILL the moment the guest reports.
+/// The raw image must hold exactly those bytes (crc32 compared); the ext4 image, once its
+/// journal is replayed (what a mount would do), must pass `e2fsck -fn` and hold the file
+/// with the same crc32. This shows that nothing the guest was told is durable was still
+/// only inside the VMM; it cannot show that FLUSH reached the disk (the host's page cache
+/// survives a SIGKILL), which only the power cut of the nested run does.
+fn durability_check(o: &Opts, r: &mut Report) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("tvm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let image = dir.join("durability.img");
+    std::fs::write(&image, vec![0u8; 8 << 20]).map_err(|e| format!("{}: {e}", image.display()))?;
+    // A copy of the e2e's ext4 disk, clean after the first boot (its checks said so).
+    let ext4 = match (&o.disk, &o.e2fsck, &o.debugfs) {
+        (Some(disk), Some(e2fsck), Some(debugfs)) => {
+            let copy = dir.join("durability.ext4");
+            // Read and write, not fs::copy: the disk may be a block device.
+            std::fs::read(disk)
+                .and_then(|data| std::fs::write(&copy, data))
+                .map_err(|e| format!("copy {disk} to {}: {e}", copy.display()))?;
+            Some((copy, e2fsck, debugfs))
+        }
+        _ => None,
+    };
+    let written = durable_write(o, &image, ext4.as_ref().map(|(copy, _, _)| copy.as_path()));
+    let printed = match written {
+        Ok((mut g, crc)) => {
+            // The guest was told its data is durable: kill the VMM before it can do
+            // anything more.
+            let _ = g.child.kill();
+            let _ = g.wait_exit(Duration::from_secs(10));
+            Some(crc)
+        }
+        Err(e) => {
+            println!("E2E-DIAG durability boot: {e}");
+            None
+        }
+    };
     let on_host = std::fs::read(&image)
         .map(|d| format!("{:08x}", crc32(&d[..4 << 20])))
         .map_err(|e| format!("{}: {e}", image.display()));
-    let printed = printed.map(|(_, p)| p);
     r.check(
         "durability-after-sigkill",
         match (&printed, on_host) {
             (Some(p), Ok(h)) if *p == h => Ok(format!(
                 "4 MiB written with O_DIRECT + fsync, VMM SIGKILLed, crc32 {h} on the host file"
             )),
-            (p, h) => Err(format!(
-                "guest printed {p:?}, host file has {h:?}; console tail: {}",
-                c.tail(2000)
-            )),
+            (p, h) => Err(format!("guest printed {p:?}, host file has {h:?}")),
         },
     );
     if let Some((copy, e2fsck, debugfs)) = &ext4 {
@@ -896,7 +1356,7 @@ fn ext4_after_kill(
     want: Option<&str>,
 ) -> Result<String, String> {
     let want = want.ok_or("the guest printed no crc (write or mount failed)")?;
-    let run = |cmd: &mut Command| cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"));
+    let run = |cmd: &mut Command| output_within(cmd, TOOL_TIMEOUT);
     // Only the journal: exit 0 (nothing to do) or 1 (replayed) are both fine.
     let replay = run(Command::new(e2fsck)
         .args(["-y", "-E", "journal_only"])
@@ -947,26 +1407,117 @@ fn boot_checks(o: &Opts) -> Result<bool, String> {
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
-    let mut result = boot_checks_on(o, &mut g);
-    if matches!(result, Ok(true)) && o.disk.is_some() {
-        drop(g);
-        let mut r = Report { failed: 0 };
-        result = durability_check(o, &mut r).map(|()| r.failed == 0);
-        return result;
-    }
-    let failed = !matches!(result, Ok(true));
-    if failed {
-        // Whatever went wrong, say how the VMM is doing and what it logged.
+    let result = boot_checks_on(o, &mut g);
+    if !matches!(result, Ok(true)) {
+        // Whatever went wrong, say how the VMM is doing, what the guest printed last and
+        // what the VMM logged.
         thread::sleep(Duration::from_millis(300));
         println!(
             "E2E-DIAG vmm status: {:?}",
             g.child.try_wait().ok().flatten()
         );
-        for line in g.stderr.tail(4000).lines() {
-            println!("E2E-DIAG vmm stderr: {line}");
-        }
+        print_diag(&g.console, &g.stderr);
+        return result;
+    }
+    if o.sigkill_durability && o.disk.is_some() {
+        drop(g);
+        let mut r = Report { failed: 0 };
+        return durability_check(o, &mut r).map(|()| r.failed == 0);
     }
     result
+}
+
+/// What the console shows when the guest kernel panics (before `panic=1` reboots it, which
+/// would end the VMM as cleanly as `reboot`).
+const KERNEL_PANIC: &str = "Kernel panic - not syncing";
+
+/// A reboot that ended the run cleanly: the VMM exited (`status`: `Some(code)`, `code` is
+/// `None` for a signal) with code 0, the console has no kernel panic, and the VMM's log no
+/// triple fault (a crashing guest's way out; matched loosely, in any spelling the log may
+/// use). Returns the VMM's exit-reason line, if it logged one.
+fn clean_reboot(
+    status: Option<Option<i32>>,
+    console: &str,
+    stderr: &str,
+) -> Result<String, String> {
+    let code = match status {
+        None => return Err("still running 60 s after `reboot`".into()),
+        Some(None) => return Err("the VMM was killed by a signal".into()),
+        Some(Some(code)) => code,
+    };
+    if let Some(at) = console.find(KERNEL_PANIC) {
+        let line = console[at..].lines().next().unwrap_or("");
+        return Err(format!(
+            "the guest panicked: {line:?} (VMM exit code {code})"
+        ));
+    }
+    let flat = |l: &str| {
+        l.to_lowercase()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+    };
+    if let Some(line) = stderr.lines().find(|l| flat(l).contains("triplefault")) {
+        return Err(format!(
+            "the VMM reports a triple fault: {line:?} (exit code {code})"
+        ));
+    }
+    if code != 0 {
+        return Err(format!(
+            "VMM exit code {code}; stderr: {}",
+            stderr
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    let reason = stderr
+        .lines()
+        .find(|l| {
+            let f = flat(l);
+            f.contains("guest") && ["stopped", "reset", "reboot"].iter().any(|w| f.contains(w))
+        })
+        .map(|l| format!("exit code 0 ({})", l.trim()))
+        .unwrap_or_else(|| "exit code 0".into());
+    Ok(reason)
+}
+
+/// `uname -r` (`release`) must be `want_release` and `uname -v` (`version`) must contain
+/// `want_version`, when those are given.
+fn uname_check(
+    release: Option<&str>,
+    version: Option<&str>,
+    want_release: Option<&str>,
+    want_version: Option<&str>,
+) -> Result<String, String> {
+    let release = release
+        .filter(|r| !r.is_empty())
+        .ok_or("no release printed")?;
+    if let Some(want) = want_release {
+        if release != want {
+            return Err(format!(
+                "the guest runs {release:?}, the packaged kernel is {want:?}"
+            ));
+        }
+    }
+    let version = version.unwrap_or("");
+    if let Some(want) = want_version {
+        if !version.contains(want) {
+            return Err(format!(
+                "uname -v is {version:?}, which does not name the packaged version {want:?}"
+            ));
+        }
+    }
+    Ok(match (want_release, want_version) {
+        (Some(_), Some(v)) => format!("{release}, the packaged kernel ({v}: {version})"),
+        (Some(_), None) => format!("{release}, the packaged kernel"),
+        _ => format!("{release} (no expected release given)"),
+    })
 }
 
 fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
@@ -1029,21 +1580,29 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     );
     pos = answered.unwrap_or(c.len());
 
-    // uname -r: the guest kernel's version. The marker is computed in the guest so that the
-    // echo of the typed command cannot match it.
-    g.send(b"echo release-$((1+1))-$(uname -r)-end\n")?;
-    let rel = c
-        .wait_for("release-2-", pos, STEP_TIMEOUT)
-        .and_then(|p| c.wait_for("-end", p, STEP_TIMEOUT).map(|e| (p, e)));
+    // uname -r: the guest kernel's version, which must be the packaged one (xtask passes
+    // the release of the vmlinuz it unpacked, and the Debian version when it is the pinned
+    // package). The marker is computed in the guest so that the echo of the typed command
+    // cannot match it.
+    g.send(b"echo release-$((1+1))-$(uname -r)-end; echo version-$((1+1))-$(uname -v)-end\n")?;
+    let rel = c.value_until_end("release-2-", pos, STEP_TIMEOUT);
+    let ver = rel
+        .as_ref()
+        .and_then(|(e, _)| c.value_until_end("version-2-", *e, STEP_TIMEOUT));
     r.check(
         "uname-r",
-        rel.map(|(p, e)| c.text_from(p)[..e - p - 4].trim().to_string())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| format!("no release printed; console tail: {}", c.tail(500))),
+        uname_check(
+            rel.as_ref().map(|(_, r)| r.trim()),
+            ver.as_ref().map(|(_, v)| v.trim()),
+            o.kernel_release.as_deref(),
+            o.kernel_version.as_deref(),
+        )
+        .map_err(|e| format!("{e}; console tail: {}", c.tail(500))),
     );
-    pos = rel.map(|(_, e)| e).unwrap_or(c.len());
+    pos = ver.or(rel).map(|(e, _)| e).unwrap_or(c.len());
 
-    pos = acpi_checks(g, &mut r, pos)?;
+    let (p, irqs_before_idle) = acpi_checks(g, &mut r, pos)?;
+    pos = p;
 
     // What the VMM costs while the guest sits idle at its prompt. Reported, not asserted:
     // figures belong to benchmarks, not to pass/fail checks.
@@ -1055,7 +1614,12 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         None => println!("E2E-INFO idle-cpu: /proc/{}/stat unreadable", g.child.id()),
     }
     // The counts again: what changed is what the idle guest took.
-    pos = print_interrupts(g, pos, "after the idle window")?;
+    let (p, irqs_after_idle) = print_interrupts(g, pos, "after the idle window")?;
+    pos = p;
+    r.check(
+        "pit-quiet-while-idle",
+        quiet_while_idle(&irqs_before_idle, &irqs_after_idle),
+    );
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
@@ -1234,25 +1798,31 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
             )),
         },
     );
-    // reboot ends the VMM with exit code 0, within a bound.
+    // reboot ends the VMM with exit code 0, within a bound, and the guest did not get there
+    // by crashing: no kernel panic on the console (panic=1 reboots the same way), no
+    // triple fault in the VMM's exit reason.
     let asked = Instant::now();
     if g.stdin.is_some() {
         g.send(b"reboot\n")?;
     }
     let status = g.wait_exit(Duration::from_secs(60));
+    // Give the readers a moment to see the final lines.
+    thread::sleep(Duration::from_millis(200));
     r.check(
         "reboot-exits-0",
-        match status {
-            Some(s) if s.code() == Some(0) => Ok(format!(
-                "exit code 0, {:.0} ms after `reboot`",
+        clean_reboot(
+            status.map(|s| s.code()),
+            &c.text_from(0),
+            &g.stderr.text_from(0),
+        )
+        .map(|why| {
+            format!(
+                "{why}, {:.0} ms after `reboot`",
                 asked.elapsed().as_secs_f64() * 1000.0
-            )),
-            Some(s) => Err(format!("exit status {s}; stderr: {}", g.stderr.tail(2000))),
-            None => Err("still running 60 s after `reboot`".into()),
-        },
+            )
+        })
+        .map_err(|e| format!("{e}; console tail: {}", c.tail(2000))),
     );
-    // Give the stderr reader a moment to see the final lines.
-    thread::sleep(Duration::from_millis(200));
     let stderr = g.stderr.text_from(0);
     let timing = stderr.lines().find(|l| l.starts_with("TVM-BOOT-TIMES "));
     r.check(
@@ -1273,7 +1843,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         );
     }
     if let (Some(disk), Some(e2fsck), Some(debugfs)) = (&o.disk, &o.e2fsck, &o.debugfs) {
-        let fsck = Command::new(e2fsck).args(["-fn", disk]).output();
+        let fsck = output_within(Command::new(e2fsck).args(["-fn", disk]), TOOL_TIMEOUT);
         r.check(
             "beside-vmm-e2fsck-clean",
             match fsck {
@@ -1283,12 +1853,13 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
                     out.status.code(),
                     String::from_utf8_lossy(&out.stdout)
                 )),
-                Err(e) => Err(format!("cannot run {e2fsck}: {e}")),
+                Err(e) => Err(e),
             },
         );
-        let cat = Command::new(debugfs)
-            .args(["-R", "cat /data", disk])
-            .output();
+        let cat = output_within(
+            Command::new(debugfs).args(["-R", "cat /data", disk]),
+            TOOL_TIMEOUT,
+        );
         r.check(
             "beside-vmm-debugfs-reads-guest-file",
             match (cat, &data_crc) {
@@ -1303,7 +1874,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
                     out.stdout.len(),
                     crc32(&out.stdout)
                 )),
-                (Err(e), _) => Err(format!("cannot run {debugfs}: {e}")),
+                (Err(e), _) => Err(e),
             },
         );
     }
@@ -1462,12 +2033,15 @@ fn net_bench_one(cmd: Command, o: &Opts, what: &str) -> Result<NetFigures, Strin
     ] {
         let peer = tcp_peer(port, send)?;
         g.send(script.as_bytes())?;
-        pos = c
-            .wait_for("nb-2-done", pos, Duration::from_secs(1200))
-            .ok_or_else(|| format!("{what}: transfer on port {port} did not finish; console: {}", c.tail(2000)))?;
-        let (bytes, _, secs) = peer
-            .join()
-            .map_err(|_| "tcp peer panicked".to_string())??;
+        let done = c.wait_for("nb-2-done", pos, Duration::from_secs(1200));
+        let result = peer.finish(if done.is_some() { STEP_TIMEOUT } else { Duration::ZERO });
+        pos = done.ok_or_else(|| {
+            format!(
+                "{what}: transfer on port {port} did not finish ({result:?}); console: {}",
+                c.tail(2000)
+            )
+        })?;
+        let (bytes, _, secs) = result?;
         if bytes != mib << 20 {
             return Err(format!("{what}: {bytes} bytes moved on port {port}, expected {}", mib << 20));
         }
@@ -1632,11 +2206,18 @@ fn main() -> ExitCode {
         Some("boot-time") => ("boot-time", &args[1..]),
         Some("disk-bench") => ("disk-bench", &args[1..]),
         Some("net-bench") => ("net-bench", &args[1..]),
+        Some("power-cut") => ("power-cut", &args[1..]),
         Some("boot") => ("boot", &args[1..]),
         _ => ("boot", &args[..]),
     };
-    let result = parse_opts(rest).and_then(|o| match mode {
+    let result = parse_opts(rest).inspect(|o| {
+        if let Some(limit) = o.timeout {
+            start_watchdog(limit);
+        }
+    });
+    let result = result.and_then(|o| match mode {
         "boot-time" => boot_time(&o),
+        "power-cut" => power_cut(&o),
         "disk-bench" => disk_bench(&o),
         "net-bench" => net_bench(&o),
         _ => boot_checks(&o),
@@ -1659,13 +2240,190 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn crc32_matches_busybox() {
         // `printf 'hello\n' | busybox crc32` prints 363a3020.
-        assert_eq!(super::crc32(b"hello\n"), 0x363a_3020);
-        assert_eq!(super::crc32(b""), 0);
-        let d = super::flood_data(1000);
+        assert_eq!(crc32(b"hello\n"), 0x363a_3020);
+        assert_eq!(crc32(b""), 0);
+        let d = flood_data(1000);
         assert!(d.iter().all(|b| (b' '..=b'~').contains(b) || *b == b'\n'));
         assert_eq!(d[255], b'\n');
+    }
+
+    fn local_listener() -> std::net::TcpListener {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
+    }
+
+    /// A guest whose `nc` never connects: the peer gives up at its accept limit.
+    #[test]
+    fn tcp_peer_without_a_connection_gives_up() {
+        let started = Instant::now();
+        let peer = tcp_peer_on(local_listener(), 1, Duration::from_millis(300)).expect("peer");
+        let err = peer
+            .finish(Duration::from_secs(30))
+            .expect_err("nobody connected");
+        assert!(err.contains("no connection"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A guest that never printed its line: the peer is cancelled at once, accept or not.
+    #[test]
+    fn tcp_peer_is_cancelled() {
+        let started = Instant::now();
+        let peer = tcp_peer_on(local_listener(), 0, Duration::from_secs(600)).expect("peer");
+        let err = peer.finish(Duration::ZERO).expect_err("cancelled");
+        assert!(err.contains("cancelled"), "{err}");
+        // A connection that sends nothing and never closes is cancelled too.
+        let listener = local_listener();
+        let addr = listener.local_addr().expect("addr");
+        let peer = tcp_peer_on(listener, 0, Duration::from_secs(600)).expect("peer");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        thread::sleep(Duration::from_millis(300));
+        let err = peer.finish(Duration::ZERO).expect_err("cancelled");
+        assert!(err.contains("cancelled"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// Both directions move the data and report the CRC the other end computes.
+    #[test]
+    fn tcp_peer_moves_data_both_ways() {
+        let listener = local_listener();
+        let addr = listener.local_addr().expect("addr");
+        let peer = tcp_peer_on(listener, 1, Duration::from_secs(10)).expect("peer");
+        let mut got = Vec::new();
+        std::net::TcpStream::connect(addr)
+            .and_then(|mut c| c.read_to_end(&mut got))
+            .expect("receive");
+        let (bytes, crc, _) = peer.finish(Duration::from_secs(10)).expect("sent");
+        assert_eq!((bytes, got.len()), (1 << 20, 1 << 20));
+        assert_eq!(crc, crc32(&got));
+
+        let listener = local_listener();
+        let addr = listener.local_addr().expect("addr");
+        let peer = tcp_peer_on(listener, 0, Duration::from_secs(10)).expect("peer");
+        let data = flood_data(100_000);
+        std::net::TcpStream::connect(addr)
+            .and_then(|mut c| c.write_all(&data))
+            .expect("send");
+        let (bytes, crc, _) = peer.finish(Duration::from_secs(10)).expect("received");
+        assert_eq!((bytes, crc), (100_000, crc32(&data)));
+    }
+
+    #[test]
+    fn tools_are_killed_at_their_limit() {
+        let started = Instant::now();
+        let err = output_within(Command::new("sleep").arg("30"), Duration::from_millis(200))
+            .expect_err("killed");
+        assert!(err.contains("killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let out =
+            output_within(Command::new("echo").arg("hi"), Duration::from_secs(10)).expect("echo");
+        assert_eq!(out.stdout, b"hi\n");
+        assert!(out.status.success());
+        let h = thread::spawn(|| thread::sleep(Duration::from_secs(5)));
+        assert!(join_within(h, Duration::from_millis(100)).is_none());
+        assert_eq!(
+            join_within(thread::spawn(|| 7), Duration::from_secs(5)),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn interrupt_lines_parse() {
+        let pit = parse_irq_line("  0:         47   IO-APIC   2-edge      timer").expect("pit");
+        assert_eq!((pit.label.as_str(), pit.count), ("0:", 47));
+        assert_eq!(pit.what, "IO-APIC 2-edge timer");
+        let two = parse_irq_line("LOC:   100  23   Local timer interrupts").expect("loc");
+        assert_eq!((two.label.as_str(), two.count), ("LOC:", 123));
+        assert_eq!(parse_irq_line("           CPU0"), None);
+        assert_eq!(parse_irq_line("garbage"), None);
+    }
+
+    #[test]
+    fn pit_and_sci_must_not_move_while_idle() {
+        let lines = |pit: u64, sci: u64| {
+            vec![
+                parse_irq_line(&format!("  0: {pit} IO-APIC 2-edge timer")).expect("pit"),
+                parse_irq_line(&format!("  9: {sci} IO-APIC 9-fasteoi acpi")).expect("sci"),
+                parse_irq_line("LOC: 500 Local timer interrupts").expect("loc"),
+            ]
+        };
+        let ok = quiet_while_idle(&lines(47, 0), &lines(47, 0)).expect("quiet");
+        assert!(ok.contains("stayed at 47"), "{ok}");
+        let err = quiet_while_idle(&lines(47, 0), &lines(52, 0)).expect_err("pit moved");
+        assert!(err.contains("took 5 interrupt"), "{err}");
+        assert!(quiet_while_idle(&lines(47, 0), &lines(47, 1)).is_err());
+        assert!(quiet_while_idle(&[], &lines(47, 0)).is_err());
+    }
+
+    #[test]
+    fn a_panic_or_a_triple_fault_is_not_a_clean_reboot() {
+        let console = "ok\r\n# reboot\r\n[   9.1] reboot: Restarting system\r\n";
+        let stderr = "TVM-BOOT-TIMES vmm_start_ms=0.0\n[INFO] guest stopped: GuestReset\n";
+        let ok = clean_reboot(Some(Some(0)), console, stderr).expect("clean");
+        assert!(ok.contains("GuestReset"), "{ok}");
+        let panicked = format!("{console}[   9.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\r\n");
+        let err = clean_reboot(Some(Some(0)), &panicked, stderr).expect_err("panic");
+        assert!(err.contains("Attempted to kill init"), "{err}");
+        for triple in [
+            "guest stopped: TripleFault",
+            "WARN guest triple fault at rip 0x1000",
+        ] {
+            assert!(
+                clean_reboot(Some(Some(0)), console, triple).is_err(),
+                "{triple}"
+            );
+        }
+        assert!(clean_reboot(Some(Some(1)), console, stderr).is_err());
+        assert!(clean_reboot(Some(None), console, stderr).is_err());
+        assert!(clean_reboot(None, console, stderr).is_err());
+    }
+
+    #[test]
+    fn uname_must_be_the_packaged_kernel() {
+        let v = "#1 SMP PREEMPT_DYNAMIC Debian 6.1.176-1 (2026-10-01)";
+        let r = "6.1.0-50-cloud-amd64";
+        assert!(uname_check(Some(r), Some(v), Some(r), Some("6.1.176-1")).is_ok());
+        assert!(uname_check(Some(r), Some(v), Some(r), None).is_ok());
+        assert!(uname_check(Some("6.1.0-49-cloud-amd64"), Some(v), Some(r), None).is_err());
+        assert!(uname_check(Some(r), Some(v), Some(r), Some("6.1.177-1")).is_err());
+        assert!(uname_check(None, None, Some(r), None).is_err());
+        assert!(uname_check(Some(""), None, None, None).is_err());
+    }
+
+    #[test]
+    fn options_parse() {
+        let args: Vec<String> = [
+            "--vmm",
+            "v",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--timeout",
+            "30",
+            "--kernel-release",
+            "6.1.0-50-cloud-amd64",
+            "--sigkill-durability",
+            "--dur-raw",
+            "/dev/vdc",
+            "--dur-ext4",
+            "/dev/vdd",
+            "--power-cut-wait",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let o = parse_opts(&args).expect("parse");
+        assert_eq!(o.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(o.kernel_release.as_deref(), Some("6.1.0-50-cloud-amd64"));
+        assert!(o.sigkill_durability);
+        assert_eq!(o.dur_raw.as_deref(), Some("/dev/vdc"));
+        assert_eq!(o.dur_ext4.as_deref(), Some("/dev/vdd"));
+        assert_eq!(o.power_cut_wait, Duration::from_secs(5));
+        assert!(parse_opts(&["--timeout".to_string(), "x".to_string()]).is_err());
     }
 }

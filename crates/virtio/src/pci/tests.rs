@@ -6,11 +6,15 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::layout::*;
 use super::*;
-use crate::{MsixEntry, VIRTIO_MSI_NO_VECTOR};
+use crate::{
+    features, status, ActivateContext, EventSet, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum SinkCall {
@@ -68,7 +72,7 @@ const FAKE_FEATURES: u64 = 1 << 9 | 1 << 6;
 
 impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
-        2
+        VIRTIO_ID_BLOCK
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[256, 16]
@@ -654,7 +658,7 @@ struct ExtraSourceDevice {
 
 impl VirtioDevice for ExtraSourceDevice {
     fn device_type(&self) -> u32 {
-        1
+        VIRTIO_ID_NET
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[16]

@@ -37,7 +37,7 @@ impl WarnOnce {
 /// those of [`format!`].
 ///
 /// ```
-/// use tvm_virtio::{warn_once, WarnOnce};
+/// use tvm_util::{warn_once, WarnOnce};
 ///
 /// let mut bad_size = WarnOnce::new();
 /// for size in [100u16, 100, 100] {

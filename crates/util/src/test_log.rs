@@ -59,3 +59,40 @@ pub fn lines(level: Level) -> Vec<String> {
         .map(|(_, _, s)| s.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_thread_sees_only_its_own_lines() {
+        start();
+        log::warn!("here");
+        let other = std::thread::spawn(|| {
+            start();
+            log::warn!("there");
+            lines(Level::Warn)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(other, ["there"]);
+        assert_eq!(lines(Level::Warn), ["here"]);
+        assert!(lines(Level::Error).is_empty());
+        start();
+        assert!(lines(Level::Warn).is_empty());
+    }
+
+    #[test]
+    fn warn_once_logs_one_warning_then_debug() {
+        start();
+        let mut once = crate::WarnOnce::new();
+        for i in 0..3 {
+            crate::warn_once!(once, "bad thing {i}");
+        }
+        assert_eq!(
+            lines(Level::Warn),
+            ["bad thing 0 (repeats are logged at debug level)"]
+        );
+        assert_eq!(lines(Level::Debug), ["bad thing 1", "bad thing 2"]);
+    }
+}
