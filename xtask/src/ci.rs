@@ -152,7 +152,8 @@ fn steps(args: &Args) -> Vec<(&'static str, Command)> {
     v.push(("fuzz", xtask_cmd(&["fuzz", "--ci"])));
     v.push(("kvm-test", xtask_cmd(&["kvm-test"])));
     // The outer QEMU guest itself (xtask/src/outer.rs): a boot, a payload timeout, a
-    // frozen guest retried. One at a time: a loaded machine makes a heartbeat late.
+    // frozen guest retried, a power cut. One at a time: a loaded machine makes a
+    // heartbeat late.
     v.push((
         "outer-test",
         cargo(
