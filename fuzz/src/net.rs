@@ -18,10 +18,11 @@
 //! the flags byte cleared when the guest took no checksum offload; `rx_packets` counts
 //! them. Drops are accounted for: after every round, each frame the device took from the
 //! backend was delivered (`rx_packets`), dropped (`rx_dropped`) or is the one frame it
-//! holds until buffers come (`rx_frame_waiting`); the frames the rebuilt subsequence skips are drops the
-//! device counted; and a well-sized frame with a plain header (no flags, no GSO), which
-//! every guest accepts, is never dropped when mergeable buffers are on (nothing but a
-//! failed copy into guest memory could drop it, and that cannot happen here).
+//! holds until buffers come (`rx_frame_waiting`); the frames the rebuilt subsequence
+//! skips are drops the device counted; and a well-sized frame with a plain header (no
+//! flags, no GSO), which every guest accepts, is never dropped when mergeable buffers are
+//! on (nothing but a failed copy into guest memory could drop it, and that cannot happen
+//! here).
 //!
 //! Both: no panic, no `error!`, no repeated `warn!`.
 
