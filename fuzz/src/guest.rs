@@ -153,6 +153,59 @@ impl Snapshot {
         Some(out)
     }
 
+    /// Writes `data` at `addr`, if it is all RAM (it may span regions): the harness's
+    /// model of what the device should write. Returns whether it was.
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> bool {
+        if !self.is_ram(addr, data.len()) {
+            return false;
+        }
+        let (mut at, mut rest) = (addr, data);
+        while let Some((base, v)) = self
+            .0
+            .iter_mut()
+            .find(|(base, v)| !rest.is_empty() && at >= *base && at - *base < v.len() as u64)
+        {
+            let off = (at - *base) as usize;
+            let n = (v.len() - off).min(rest.len());
+            v[off..off + n].copy_from_slice(&rest[..n]);
+            at += n as u64;
+            rest = &rest[n..];
+        }
+        true
+    }
+
+    /// Whether the `len` bytes at `addr` are all RAM (they may span regions).
+    pub fn is_ram(&self, addr: u64, len: usize) -> bool {
+        let mut at = addr;
+        let end = addr.checked_add(len as u64);
+        let Some(end) = end else {
+            return false;
+        };
+        while at < end {
+            let Some((base, v)) = self
+                .0
+                .iter()
+                .find(|(base, v)| at >= *base && at - *base < v.len() as u64)
+            else {
+                return false;
+            };
+            at = base + v.len() as u64;
+        }
+        true
+    }
+
+    /// The first address where `other` differs from `self`, with both bytes.
+    pub fn first_difference(&self, other: &Snapshot) -> Option<(u64, u8, u8)> {
+        for ((base, mine), (_, theirs)) in self.0.iter().zip(&other.0) {
+            if mine == theirs {
+                continue;
+            }
+            let i = mine.iter().zip(theirs).position(|(a, b)| a != b)?;
+            return Some((base + i as u64, mine[i], theirs[i]));
+        }
+        None
+    }
+
     /// Panics, naming `what` and the first offending address, if `after` differs from
     /// `self` anywhere outside `allowed`.
     pub fn assert_writes_within(&self, after: &Snapshot, allowed: &Ranges, what: &str) {

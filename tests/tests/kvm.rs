@@ -250,18 +250,76 @@ fn kvm_guest_sees_the_filtered_cpuid() {
     assert_ne!(v[5] & (1 << 31), 0, "hypervisor bit");
 }
 
+/// A 32-bit register of a `kvm_lapic_state` (the APIC page as KVM_GET_LAPIC returns it).
+fn lapic_reg(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
+    let b = &lapic.regs[offset..offset + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+}
+
+/// Whether `vector` is pending in the LAPIC's IRR (eight 32-bit registers from 0x200,
+/// 16 bytes apart).
+fn irr_has(vcpu: &VcpuFd, vector: u8) -> bool {
+    let lapic = vcpu.get_lapic().unwrap();
+    let reg = lapic_reg(&lapic, 0x200 + usize::from(vector / 32) * 0x10);
+    reg & (1 << (vector % 32)) != 0
+}
+
 #[test]
 #[ignore = "needs /dev/kvm"]
-fn kvm_msi_routes_and_irqfds_are_accepted() {
+fn kvm_an_irqfd_on_an_msi_route_raises_its_vector_in_the_lapic() {
+    const VECTOR: u8 = 0x41;
+    const OTHER: u8 = 0x62;
     let kvm = Kvm::new().expect("these tests need /dev/kvm");
     let vm = kvm.create_vm().unwrap();
     tvm_irq::setup_irqchip(&vm).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    tvm_arch_x86::setup_lint(&vcpu).unwrap();
+    // The LAPIC takes fixed interrupts only when software-enabled (SVR bit 8), as the
+    // guest's APIC driver leaves it.
+    let mut lapic = vcpu.get_lapic().unwrap();
+    let svr = lapic_reg(&lapic, 0xf0) | 0x1ff;
+    for (dst, src) in lapic.regs[0xf0..0xf4].iter_mut().zip(svr.to_le_bytes()) {
+        *dst = src as _;
+    }
+    vcpu.set_lapic(&lapic).unwrap();
+
+    // Two MSI routes to APIC ID 0 (fixed delivery, physical destination), two irqfds.
     let mut routing = tvm_irq::GsiRouting::new();
     let gsi = routing.allocate_msi_gsi().unwrap();
-    routing.set_msi(gsi, Some((0xfee0_0000, 0x41))).unwrap();
+    let other_gsi = routing.allocate_msi_gsi().unwrap();
+    routing
+        .set_msi(gsi, Some((0xfee0_0000, u32::from(VECTOR))))
+        .unwrap();
+    routing
+        .set_msi(other_gsi, Some((0xfee0_0000, u32::from(OTHER))))
+        .unwrap();
     routing.apply(&vm).unwrap();
     let evt = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).unwrap();
     vm.register_irqfd(&evt, gsi).unwrap();
+    let other = vmm_sys_util::eventfd::EventFd::new(libc_nonblock()).unwrap();
+    vm.register_irqfd(&other, other_gsi).unwrap();
+    assert!(!irr_has(&vcpu, VECTOR) && !irr_has(&vcpu, OTHER));
+
+    // The device's signal: the route's vector, and only it, becomes pending. KVM may
+    // deliver from a work queue, so wait a little.
+    evt.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !irr_has(&vcpu, VECTOR) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(irr_has(&vcpu, VECTOR), "vector {VECTOR:#x} is not pending");
+    assert!(
+        !irr_has(&vcpu, OTHER),
+        "vector {OTHER:#x} pending unsignalled"
+    );
+
+    // A route removed and the table applied again: its irqfd no longer delivers.
+    routing.set_msi(other_gsi, None).unwrap();
+    routing.apply(&vm).unwrap();
+    other.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!irr_has(&vcpu, OTHER), "a removed route delivered");
+
     // The legacy lines still work after the table was replaced.
     let com1 = tvm_irq::IrqLine::new(4).unwrap();
     com1.register(&vm).unwrap();

@@ -181,7 +181,7 @@ impl VmConfig {
             }
         }
         let mut kernel = open_regular_file(&self.kernel, "kernel")?;
-        tvm_arch_x86::detect_kernel_format(&mut kernel)?;
+        tvm_arch_x86::check_kernel(&mut kernel)?;
         if let Some(initrd) = &self.initrd {
             open_regular_file(initrd, "initrd")?;
         }
@@ -283,10 +283,23 @@ mod tests {
         }
     }
 
+    /// A loadable ELF "kernel" (a halt loop), written once per test process.
+    fn test_kernel() -> PathBuf {
+        static KERNEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        KERNEL
+            .get_or_init(|| {
+                let p = std::env::temp_dir()
+                    .join(format!("tvm-config-test-{}.elf", std::process::id()));
+                let code = tvm_tests::Asm::new().halt_forever().finish();
+                std::fs::write(&p, tvm_tests::elf_image(&code)).unwrap();
+                p
+            })
+            .clone()
+    }
+
     fn cfg() -> VmConfig {
         VmConfig {
-            // The test binary itself: a readable ELF file.
-            kernel: PathBuf::from("/proc/self/exe"),
+            kernel: test_kernel(),
             initrd: None,
             cmdline: DEFAULT_CMDLINE.into(),
             mem_size: DEFAULT_MEM_SIZE,
@@ -306,6 +319,14 @@ mod tests {
         assert!(matches!(
             c.validate(),
             Err(Error::Arch(tvm_arch_x86::Error::UnknownKernelFormat))
+        ));
+        // An ELF magic with nothing after it: refused here, before /dev/kvm is opened.
+        let mut c = cfg();
+        c.kernel = test_kernel().with_extension("truncated");
+        std::fs::write(&c.kernel, b"\x7fELF").unwrap();
+        assert!(matches!(
+            c.validate(),
+            Err(Error::Arch(tvm_arch_x86::Error::LoadKernel(_)))
         ));
         let mut c = cfg();
         c.vcpus = 2;

@@ -1,5 +1,8 @@
 //! The `vmm` binary end to end: tiny hand-made guests booted as ELF "kernels" (needs
-//! /dev/kvm, PVM is enough), and bad user input (no KVM needed: refused before).
+//! /dev/kvm, PVM is enough), and bad user input (no KVM needed: refused before). The
+//! `host_*` tests need /dev/net/tun or user namespaces; like the `kvm_*` ones they are
+//! ignored in a plain `cargo test`, fail without what they need, and `cargo xtask ci`
+//! runs them in its `host-test` step.
 
 #![allow(clippy::unwrap_used)]
 
@@ -460,7 +463,8 @@ fn bad_nets_are_one_clear_error() {
 }
 
 #[test]
-fn a_tap_without_permission_is_one_clear_error_and_creates_nothing() {
+#[ignore = "needs /dev/net/tun"]
+fn host_a_tap_without_permission_is_one_clear_error_and_creates_nothing() {
     // As root, drop to nobody for this one run; otherwise we already lack CAP_NET_ADMIN
     // (or access to /dev/net/tun).
     let kernel = write_kernel("net-perm.elf", &Asm::new().halt_forever().finish());
@@ -574,7 +578,8 @@ fn run_vmm_without_dev(args: &[&str]) -> Output {
 }
 
 #[test]
-fn no_dev_kvm_or_no_dev_net_tun_is_one_clear_error() {
+#[ignore = "needs user namespaces (unshare --user)"]
+fn host_no_dev_kvm_or_no_dev_net_tun_is_one_clear_error() {
     let kernel = write_kernel("no-dev.elf", &Asm::new().halt_forever().finish());
     let k = kernel.to_str().unwrap();
     assert_one_error_line(
@@ -644,7 +649,8 @@ fn clap_syntax_errors_print_usage_and_exit_2() {
 }
 
 #[test]
-fn a_tap_with_tun_access_but_without_cap_net_admin_is_one_clear_error() {
+#[ignore = "needs /dev/net/tun and user namespaces (unshare --user)"]
+fn host_a_tap_with_tun_access_but_without_cap_net_admin_is_one_clear_error() {
     // In a new user namespace root keeps its uid for file access (so /dev/net/tun opens)
     // but its capabilities do not reach the host's network namespace.
     let kernel = write_kernel("net-cap.elf", &Asm::new().halt_forever().finish());

@@ -12,7 +12,7 @@
 //! `--disk-secs` seconds (queue depth 1), and each process's peak RSS (`VmHWM`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -48,34 +48,12 @@ pub struct Args {
     pub append: String,
 }
 
-/// A dynamically linked host binary and the shared libraries `ldd` lists for it, as
-/// `(host, guest)` pairs at the same absolute paths, the binary first.
-pub fn binary_with_libs(binary: &Path) -> Result<Vec<(PathBuf, String)>> {
-    let binary = std::fs::canonicalize(binary)?;
-    let mut files = vec![(binary.clone(), binary.to_string_lossy().into_owned())];
-    let ldd = util::output(Command::new("ldd").arg(&binary))?;
-    for line in ldd.lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = line
-            .split("=>")
-            .nth(1)
-            .unwrap_or(line)
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
-        if path.starts_with('/') {
-            files.push((std::fs::canonicalize(path)?, path.to_string()));
-        }
-    }
-    Ok(files)
-}
-
 /// QEMU, the shared libraries it loads and the firmware it reads, as `(host, guest)` pairs
 /// at the same absolute paths, so that the dynamically linked binary runs in the outer
 /// guest's initramfs.
 fn qemu_files() -> Result<Vec<(PathBuf, String)>> {
     let qemu = util::which("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
-    let mut files = binary_with_libs(&qemu)?;
+    let mut files = util::binary_with_libs(&qemu)?;
     for fw in [
         "/usr/share/seabios/bios-256k.bin",
         "/usr/share/qemu/linuxboot_dma.bin",

@@ -255,7 +255,7 @@ fn run_driver_with(
     for tool in ["e2fsck", "debugfs"] {
         let path =
             util::which(tool).ok_or_else(|| anyhow::anyhow!("{tool} not found (e2fsprogs)"))?;
-        fs_tools.push(crate::bench::binary_with_libs(&path)?);
+        fs_tools.push(util::binary_with_libs(&path)?);
     }
     let (e2fsck, debugfs) = (fs_tools[0][0].1.clone(), fs_tools[1][0].1.clone());
     let kernel = kernel_args(&images);

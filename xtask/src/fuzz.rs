@@ -6,6 +6,13 @@
 //!
 //! `--replay` stops after the replay. The same inputs also replay without libFuzzer in
 //! `cargo test` inside `fuzz/` (`fuzz/tests/replay.rs`).
+//!
+//! `--ci` is the deterministic pass `cargo xtask ci` runs: each target starts from a fresh
+//! copy of the committed seeds and regression inputs (never from what earlier runs on
+//! this machine found), with a fixed libFuzzer seed ([`CI_SEED`]) and a fixed number of
+//! executions ([`ci_runs`]), so two CI runs of one commit fuzz the same inputs. Without
+//! `--ci`, fuzzing is random and open-ended: a random seed, `--seconds` per target, and
+//! a working corpus in `target/fuzz/corpus/` that grows from run to run.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -29,6 +36,49 @@ pub struct Args {
     /// Only replay the committed inputs (fuzz/regressions and the seeds); no fuzzing.
     #[arg(long)]
     pub replay: bool,
+    /// The deterministic CI pass: from the committed inputs only, libFuzzer seed
+    /// `CI_SEED`, a fixed number of runs per target (`--seconds` is ignored).
+    #[arg(long)]
+    pub ci: bool,
+}
+
+/// libFuzzer's `-seed` in `--ci` runs.
+pub const CI_SEED: u64 = 1;
+
+/// Executions per target in `--ci` runs, sized to about 30 to 35 s of CPU each on the
+/// 2-core development machine (AddressSanitizer build): on 2026-12-03 the first 20 s of
+/// each target from its committed inputs cost, per execution, cmdline 87 µs,
+/// kernel_loader 142 µs, serial 380 µs, virtio_pci 490 µs, virtio_net_tx 506 µs,
+/// virtqueue 1.1 ms, pci_config 1.3 ms, virtio_net_rx 1.4 ms, virtio_blk 1.5 ms (user +
+/// system time; inputs grow as the corpus does, so later executions cost more: the first
+/// full `--ci` pass took 110 s for 60000 runs of virtio_net_tx, 1.8 ms each, and it now
+/// gets 20000). A target not listed gets [`CI_RUNS_DEFAULT`]; add a row when a new target
+/// is much faster or slower than that.
+const CI_RUNS: &[(&str, u64)] = &[
+    ("cmdline", 300_000),
+    ("kernel_loader", 200_000),
+    ("pci_config", 25_000),
+    ("serial", 80_000),
+    ("virtio_blk", 20_000),
+    ("virtio_net_rx", 20_000),
+    ("virtio_net_tx", 20_000),
+    ("virtio_pci", 60_000),
+    ("virtqueue", 30_000),
+];
+
+/// Executions in `--ci` runs of a target missing from [`CI_RUNS`].
+const CI_RUNS_DEFAULT: u64 = 20_000;
+
+/// Longest a `--ci` target may take (libFuzzer's -max_total_time): a backstop on a slow
+/// machine, reported when it cuts the run short.
+const CI_MAX_SECONDS: u64 = 120;
+
+/// Executions of `target` in a `--ci` run.
+pub fn ci_runs(target: &str) -> u64 {
+    CI_RUNS
+        .iter()
+        .find(|(t, _)| *t == target)
+        .map_or(CI_RUNS_DEFAULT, |(_, n)| *n)
 }
 
 /// Longest a single input may run before libFuzzer calls it a hang (seconds).
@@ -191,6 +241,18 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The committed inputs of `target`: its crash inputs in `fuzz/regressions/<target>/`,
+/// then its seeds `fuzz/corpus/<target>/seed-*` (not what local fuzzing added there).
+fn committed_inputs(fuzz_dir: &Path, target: &str) -> Vec<PathBuf> {
+    let mut inputs = files_in(&fuzz_dir.join("regressions").join(target));
+    let seeds = files_in(&fuzz_dir.join("corpus").join(target));
+    inputs.extend(seeds.into_iter().filter(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+    }));
+    inputs
+}
+
 /// Runs `cmd` with stderr (and stdout) into `log`; kills it after `limit`. Returns whether
 /// it exited 0, and the log.
 fn run_logged(cmd: &mut Command, log: &Path, limit: Duration) -> Result<(bool, String)> {
@@ -244,6 +306,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
         args.targets.clone()
     };
     let host = check_nightly()?;
+    if util::which("c++").is_none() {
+        bail!(
+            "the fuzz step needs a C++ compiler: libfuzzer-sys builds libFuzzer from source \
+             (Debian: apt-get install g++)"
+        );
+    }
     ensure_cargo_fuzz()?;
 
     let target_dir = util::cargo_target_dir().join("fuzz");
@@ -272,13 +340,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
     // Every committed input once, under the sanitizer.
     let mut failed = Vec::new();
     for t in &targets {
-        let mut inputs = files_in(&fuzz_dir.join("regressions").join(t));
-        let seeds = files_in(&fuzz_dir.join("corpus").join(t));
-        let n_regressions = inputs.len();
-        inputs.extend(seeds.into_iter().filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
-        }));
+        let inputs = committed_inputs(&fuzz_dir, t);
+        let n_regressions = files_in(&fuzz_dir.join("regressions").join(t)).len();
         if inputs.is_empty() {
             continue;
         }
@@ -302,26 +365,60 @@ pub fn main(args: Args) -> Result<ExitCode> {
 
     let mut rows = Vec::new();
     for t in &targets {
-        let corpus = target_dir.join("corpus").join(t);
         let artifacts = fuzz_dir.join("artifacts").join(t);
-        fs::create_dir_all(&corpus)?;
         fs::create_dir_all(&artifacts)?;
         let mut cmd = Command::new(bin_dir.join(t));
-        cmd.arg(&corpus)
-            .arg(fuzz_dir.join("corpus").join(t))
-            .arg(format!("-max_total_time={}", args.seconds))
-            .arg(format!("-timeout={INPUT_TIMEOUT_S}"))
+        let seconds = if args.ci {
+            // A fresh corpus: the committed inputs, nothing this machine found before.
+            let corpus = target_dir.join("ci-corpus").join(t);
+            if corpus.exists() {
+                fs::remove_dir_all(&corpus)?;
+            }
+            fs::create_dir_all(&corpus)?;
+            for input in committed_inputs(&fuzz_dir, t) {
+                let name = input.file_name().context("an input file has a name")?;
+                fs::copy(&input, corpus.join(name))?;
+            }
+            cmd.arg(&corpus)
+                .arg(format!("-seed={CI_SEED}"))
+                .arg(format!("-runs={}", ci_runs(t)))
+                .arg(format!("-max_total_time={CI_MAX_SECONDS}"));
+            CI_MAX_SECONDS
+        } else {
+            let corpus = target_dir.join("corpus").join(t);
+            fs::create_dir_all(&corpus)?;
+            cmd.arg(&corpus)
+                .arg(fuzz_dir.join("corpus").join(t))
+                .arg(format!("-max_total_time={}", args.seconds));
+            args.seconds
+        };
+        cmd.arg(format!("-timeout={INPUT_TIMEOUT_S}"))
             .arg("-print_final_stats=1")
             .arg(format!("-artifact_prefix={}/", artifacts.display()));
         let log = logs.join(format!("{t}.log"));
-        println!(
-            "xtask fuzz: {t}: {} s ({})",
-            args.seconds,
-            util::display_cmd(&cmd)
-        );
-        let limit = Duration::from_secs(args.seconds) + GRACE;
+        if args.ci {
+            println!(
+                "xtask fuzz: {t}: {} runs, seed {CI_SEED} ({})",
+                ci_runs(t),
+                util::display_cmd(&cmd)
+            );
+        } else {
+            println!("xtask fuzz: {t}: {seconds} s ({})", util::display_cmd(&cmd));
+        }
+        let started = Instant::now();
+        let limit = Duration::from_secs(seconds) + GRACE;
         let (ok, text) = run_logged(&mut cmd, &log, limit)?;
+        let secs = started.elapsed().as_secs_f64();
         let stats = parse_libfuzzer(&text);
+        if args.ci && ok && stats.execs.is_some_and(|n| n < ci_runs(t)) {
+            println!(
+                "xtask fuzz: {t}: note: the {CI_MAX_SECONDS} s backstop ended the run after {} of \
+                 {} executions; this machine is slower than CI_RUNS in xtask/src/fuzz.rs assumes",
+                fmt_opt(&stats.execs),
+                ci_runs(t)
+            );
+        }
+        println!("xtask fuzz: {t}: {secs:.0} s");
         let result = if ok { "PASS" } else { "FAIL" };
         println!(
             "xtask fuzz: {t}: {result}: {} execs ({} exec/s), cov {}, ft {}, corpus {}",
@@ -343,7 +440,11 @@ pub fn main(args: Args) -> Result<ExitCode> {
         rows.push((t.clone(), stats, result));
     }
 
-    println!("xtask fuzz: summary ({} s per target)", args.seconds);
+    if args.ci {
+        println!("xtask fuzz: summary (seed {CI_SEED}, fixed runs, committed inputs only)");
+    } else {
+        println!("xtask fuzz: summary ({} s per target)", args.seconds);
+    }
     println!(
         "  {:<14} {:>10} {:>8} {:>6} {:>7} {:>12}  result",
         "target", "execs", "exec/s", "cov", "ft", "corpus"
@@ -402,6 +503,20 @@ mod tests {
         assert_eq!(s.ft, Some(2444));
         assert_eq!(s.corpus.as_deref(), Some("273/34Kb"));
         assert_eq!(s.artifact, None);
+    }
+
+    #[test]
+    fn ci_runs_have_a_default_for_new_targets() {
+        assert_eq!(ci_runs("virtio_blk"), 20_000);
+        assert_eq!(ci_runs("a_target_added_later"), CI_RUNS_DEFAULT);
+        // Every listed target exists.
+        let known = all_targets(&util::workspace_root().join("fuzz")).unwrap();
+        for (t, _) in CI_RUNS {
+            assert!(
+                known.iter().any(|k| k == t),
+                "{t} is not in fuzz/fuzz_targets"
+            );
+        }
     }
 
     #[test]

@@ -128,6 +128,28 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A dynamically linked host binary and the shared libraries `ldd` lists for it, as
+/// `(host, guest)` pairs at the same absolute paths, the binary first.
+pub fn binary_with_libs(binary: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let binary = fs::canonicalize(binary)?;
+    let mut files = vec![(binary.clone(), binary.to_string_lossy().into_owned())];
+    let ldd = output(Command::new("ldd").arg(&binary))?;
+    for line in ldd.lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .nth(1)
+            .unwrap_or(line)
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        if path.starts_with('/') {
+            files.push((fs::canonicalize(path)?, path.to_string()));
+        }
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

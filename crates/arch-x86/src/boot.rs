@@ -83,6 +83,31 @@ pub fn detect_kernel_format<R: Read + Seek>(image: &mut R) -> Result<KernelForma
     Err(Error::UnknownKernelFormat)
 }
 
+/// Checks what can be checked of a kernel image without guest memory: its format and,
+/// for an ELF vmlinux, that its file header reads and that [`load_kernel`] would not
+/// refuse its segments. The VMM calls it before it opens `/dev/kvm`, so that a file that
+/// can never load is one error on any machine.
+///
+/// # Errors
+/// [`Error::UnknownKernelFormat`], [`Error::ReadKernel`], [`Error::LoadKernel`] (the
+/// loader's own "Unable to read elf header") or [`Error::InvalidElfSegment`].
+pub fn check_kernel<R: Read + Seek>(image: &mut R) -> Result<KernelFormat> {
+    let format = detect_kernel_format(image)?;
+    if format == KernelFormat::Elf {
+        let mut ehdr = Elf64_Ehdr::default();
+        image
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| image.read_exact(ehdr.as_mut_slice()))
+            .map_err(|_| {
+                Error::LoadKernel(linux_loader::loader::Error::Elf(
+                    linux_loader::loader::elf::Error::ReadElfHeader,
+                ))
+            })?;
+        check_elf_segments(image)?;
+    }
+    Ok(format)
+}
+
 /// Loads a bzImage or an ELF vmlinux from `image` (a [`File`] in the VMM, any seekable
 /// reader in tests and fuzzing) into `mem`.
 pub fn load_kernel<M, F>(mem: &M, image: &mut F) -> Result<LoadedKernel>
@@ -574,6 +599,33 @@ mod tests {
         e[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
         e[0x1000..].fill(0x90);
         e
+    }
+
+    #[test]
+    fn kernels_that_cannot_load_are_refused_without_guest_memory() {
+        let good = elf_with_segment(0x20_0000, 0x100, 0x100);
+        assert_eq!(
+            check_kernel(&mut Cursor::new(good)).unwrap(),
+            KernelFormat::Elf
+        );
+        // The magic alone, and a header cut short: the loader's own message.
+        for short in [
+            &b"\x7fELF"[..],
+            &elf_with_segment(0x20_0000, 0x100, 0x100)[..0x3f],
+        ] {
+            let e = check_kernel(&mut Cursor::new(short.to_vec())).unwrap_err();
+            assert!(matches!(e, Error::LoadKernel(_)), "{e:?}");
+            let cause = std::error::Error::source(&e).unwrap().to_string();
+            assert!(cause.contains("Unable to read elf header"), "{cause}");
+        }
+        assert!(matches!(
+            check_kernel(&mut Cursor::new(elf_with_segment(0, 0x20, 0x20))),
+            Err(Error::InvalidElfSegment { paddr: 0, .. })
+        ));
+        assert!(matches!(
+            check_kernel(&mut Cursor::new(b"neither".to_vec())),
+            Err(Error::UnknownKernelFormat)
+        ));
     }
 
     /// Regression (fuzz target `kernel_loader`,

@@ -37,9 +37,9 @@ mod msr;
 mod regs;
 
 pub use boot::{
-    build_boot_params, build_cmdline, detect_kernel_format, e820_entries, initrd_load_addr,
-    load_cmdline, load_initrd, load_kernel, write_boot_params, BootParamsConfig, KernelFormat,
-    LoadedKernel, E820_RAM, E820_RESERVED,
+    build_boot_params, build_cmdline, check_kernel, detect_kernel_format, e820_entries,
+    initrd_load_addr, load_cmdline, load_initrd, load_kernel, write_boot_params, BootParamsConfig,
+    KernelFormat, LoadedKernel, E820_RAM, E820_RESERVED,
 };
 pub use cpuid::{
     enable_tsc_deadline, filter_cpuid, find_entry, setup_cpuid, KVM_CPUID_FEATURES,

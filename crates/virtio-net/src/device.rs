@@ -262,6 +262,12 @@ impl<B: NetBackend> Net<B> {
         self.counters
     }
 
+    /// Whether a frame read from the backend waits for receive buffers (at most one
+    /// does): with the counters, every frame taken from the backend is accounted for.
+    pub fn rx_frame_waiting(&self) -> bool {
+        self.rx_len > 0
+    }
+
     /// Logs the counters at `info!`; the VMM calls this at shutdown.
     pub fn log_counters(&self) {
         let c = &self.counters;
