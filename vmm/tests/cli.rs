@@ -50,6 +50,31 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Runs a copy of the VMM at `copy` as nobody (setpriv), for tests run as root whose
+/// checkout nobody may enter.
+///
+/// The copy is written by this process; a test thread that forks at that moment holds
+/// the file open for writing until its exec, and an exec of the copy in that window fails
+/// with ETXTBSY ("Text file busy"). That is the test harness, not the VMM: try again.
+fn run_as_nobody(copy: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::fs::copy(VMM, copy).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(copy)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv (util-linux) runs the VMM as nobody");
+        let busy = String::from_utf8_lossy(&out.stderr).contains("Text file busy");
+        if !busy || std::time::Instant::now() >= deadline {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 #[ignore = "needs /dev/kvm"]
 fn kvm_uart_text_and_i8042_reset_end_the_run_cleanly() {
@@ -477,14 +502,10 @@ fn host_a_tap_without_permission_is_one_clear_error_and_creates_nothing() {
     let out = if root {
         // A copy of the binary in the scratch directory, which nobody may enter, wherever
         // the checkout lives (a path under /root would not be).
-        let vmm = dir.join("vmm");
-        std::fs::copy(VMM, &vmm).unwrap();
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&vmm)
-            .args(["--kernel", kernel.to_str().unwrap(), "--net", &net])
-            .output()
-            .expect("setpriv (util-linux) runs the VMM as nobody")
+        run_as_nobody(
+            &dir.join("vmm"),
+            &["--kernel", kernel.to_str().unwrap(), "--net", &net],
+        )
     } else {
         run_vmm(&["--kernel", kernel.to_str().unwrap(), "--net", &net])
     };
@@ -609,15 +630,10 @@ fn a_disk_that_is_a_directory_or_unreadable_is_one_clear_error() {
     std::fs::set_permissions(&img, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
     // SAFETY: geteuid has no preconditions and touches no memory.
     let out = if unsafe { libc::geteuid() } == 0 {
-        let vmm = dir.join("vmm-disk-perm");
-        std::fs::copy(VMM, &vmm).unwrap();
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&vmm)
-            .args(["--kernel", k, "--disk", img.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .output()
-            .expect("setpriv (util-linux) runs the VMM as nobody")
+        run_as_nobody(
+            &dir.join("vmm-disk-perm"),
+            &["--kernel", k, "--disk", img.to_str().unwrap()],
+        )
     } else {
         run_vmm(&["--kernel", k, "--disk", img.to_str().unwrap()])
     };
