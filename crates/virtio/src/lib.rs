@@ -77,7 +77,7 @@ mod interrupt;
 mod pci;
 mod ring;
 
-/// Fakes and a guest-driver harness for device tests (the `test-utils` feature).
+// Documented by its inner (`//!`) docs, whose links resolve in the module.
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 

@@ -2,34 +2,28 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Fakes and a guest-driver harness for tests that drive a device behind
-//! [`VirtioPciDevice`] the way a guest driver would: the register offsets by name, an
-//! [`InterruptSink`] that records what it is asked to deliver, MSI-X programming, feature
-//! negotiation and queue set-up through the BAR, and driver rings whose used ring can be
-//! read back.
+//! [`VirtioPciDevice`] the way a guest driver would: the register offsets by name, a
+//! [`NullDevice`] and a [`NullSink`] for tests that need a device or a sink but never look
+//! at it, an [`InterruptSink`] that records what it is asked to do ([`RecordingSink`]),
+//! MSI-X programming, feature negotiation and queue set-up through the BAR, and driver
+//! rings whose used ring can be read back.
 //!
-//! Test code only (the `test-utils` feature): the helpers panic on anything unexpected.
+//! Test code only (this crate's unit tests, and other crates' tests through the
+//! `test-utils` feature): the helpers panic on anything unexpected.
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
-//! use tvm_virtio::test_utils::{self, common_cfg, DriverRing, QueueSetup, RecordingSink};
-//! use tvm_virtio::{features, ActivateContext, Result, VirtioDevice, VirtioPciDevice};
+//! use tvm_virtio::test_utils::{
+//!     self, common_cfg, DriverRing, NullDevice, QueueSetup, RecordingSink,
+//! };
+//! use tvm_virtio::{features, VirtioPciDevice};
+//! use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
-//!
-//! struct Dummy;
-//! impl VirtioDevice for Dummy {
-//!     fn device_type(&self) -> u32 { 2 }
-//!     fn queue_max_sizes(&self) -> &[u16] { &[256] }
-//!     fn device_features(&self) -> u64 { 0 }
-//!     fn read_config(&self, _offset: u64, data: &mut [u8]) { data.fill(0) }
-//!     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-//!     fn activate(&mut self, _ctx: ActivateContext) -> Result<()> { Ok(()) }
-//!     fn reset(&mut self) {}
-//!     fn process_queue(&mut self, _queue: u16) {}
-//! }
 //!
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
 //! let sink = Arc::new(RecordingSink::default());
-//! let dev = Mutex::new(VirtioPciDevice::new(Dummy, mem.clone(), sink.clone()).unwrap());
+//! let device = NullDevice::new(VIRTIO_ID_BLOCK, &[256]);
+//! let dev = Mutex::new(VirtioPciDevice::new(device, mem.clone(), sink.clone()).unwrap());
 //! let ring = DriverRing::new(&mem, 0, 16);
 //! let negotiated = test_utils::init_driver(
 //!     &dev,
@@ -38,6 +32,8 @@
 //! );
 //! assert_eq!(negotiated.queue_max_sizes, [256]);
 //! assert_eq!(test_utils::bar_read(&dev, common_cfg::NUM_QUEUES, 2), 1);
+//! // MSI-X is off: the device would raise INTx, and has raised nothing yet.
+//! assert!(sink.take().is_empty());
 //! ```
 
 use std::io;
@@ -50,7 +46,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{
-    features, status, InterruptSink, VirtioDevice, VirtioPciDevice, MSIX_TABLE_OFFSET,
+    features, status, ActivateContext, InterruptSink, MsixEntry, VirtioDevice, VirtioPciDevice,
     NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
 };
 
@@ -93,8 +89,11 @@ pub mod common_cfg {
     pub const QUEUE_DEVICE: u64 = COMMON_CFG_OFFSET + 0x30;
 }
 
-/// PCI config space offsets and values the harness uses (PCI Local Bus 3.0, 6.7 and 6.8.2).
+/// PCI config space and MSI-X table offsets and values the harness uses (PCI Local Bus
+/// 3.0, 6.7 and 6.8.2).
 pub mod pci_cfg {
+    use crate::MSIX_TABLE_OFFSET;
+
     /// Byte offset of the capabilities pointer.
     pub const CAPABILITIES_POINTER: usize = 0x34;
     /// Capability ID of MSI-X.
@@ -103,18 +102,104 @@ pub mod pci_cfg {
     pub const MSIX_CTRL_ENABLE: u16 = 1 << 15;
     /// Bytes of one MSI-X table entry: address low, address high, data, vector control.
     pub const MSIX_ENTRY_SIZE: u64 = 16;
+    /// Offset of the message address (low 32 bits) in an MSI-X table entry.
+    pub const MSIX_ENTRY_ADDR_LO: u64 = 0;
+    /// Offset of the message address (high 32 bits) in an MSI-X table entry.
+    pub const MSIX_ENTRY_ADDR_HI: u64 = 4;
+    /// Offset of the message data in an MSI-X table entry.
+    pub const MSIX_ENTRY_DATA: u64 = 8;
+    /// Offset of the vector control word in an MSI-X table entry (bit 0: masked).
+    pub const MSIX_ENTRY_VECTOR_CTRL: u64 = 12;
     /// The x86 MSI address every programmed vector gets (the LAPIC window).
     pub const MSI_ADDRESS: u32 = 0xfee0_0000;
     /// Data of vector `v` is `MSI_DATA_BASE + v`.
     pub const MSI_DATA_BASE: u32 = 0x30;
+
+    /// BAR offset of MSI-X table entry `vector` ([`MSIX_TABLE_OFFSET`] included).
+    pub fn msix_entry(vector: u16) -> u64 {
+        MSIX_TABLE_OFFSET + MSIX_ENTRY_SIZE * u64::from(vector)
+    }
+}
+
+/// A [`VirtioDevice`] that does nothing: it offers no device features, reads its config
+/// space as zeros, ignores config writes, activates, resets and processes queues without
+/// doing anything. For transport tests that need a device of some type with some queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NullDevice {
+    device_type: u32,
+    queue_max_sizes: Vec<u16>,
+}
+
+impl NullDevice {
+    /// A device of virtio type `device_type` (`VIRTIO_ID_*`) with one queue of each of
+    /// `queue_max_sizes`.
+    pub fn new(device_type: u32, queue_max_sizes: &[u16]) -> Self {
+        NullDevice {
+            device_type,
+            queue_max_sizes: queue_max_sizes.to_vec(),
+        }
+    }
+}
+
+impl VirtioDevice for NullDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, _ctx: ActivateContext) -> crate::Result<()> {
+        Ok(())
+    }
+
+    fn reset(&mut self) {}
+
+    fn process_queue(&mut self, _queue: u16) {}
+}
+
+/// An [`InterruptSink`] that delivers nothing and always succeeds, for tests that never
+/// look at interrupts; [`RecordingSink`] is the one to read them back from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NullSink;
+
+impl InterruptSink for NullSink {
+    fn msix(&self, _vector: u16) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn intx(&self, _level: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One call a [`RecordingSink`] recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkCall {
+    /// [`InterruptSink::msix`]: this MSI-X vector was delivered.
+    Msix(u16),
+    /// [`InterruptSink::intx`]: the INTx line was set to this level.
+    Intx(bool),
+    /// [`InterruptSink::msix_table_changed`]: the guest wrote this MSI-X table entry.
+    Table(u16, MsixEntry),
 }
 
 /// An [`InterruptSink`] that records every MSI-X vector and INTx level it is asked to
-/// deliver, in order.
+/// deliver and every MSI-X table change it is told of, in order.
 #[derive(Debug, Default)]
 pub struct RecordingSink {
-    msix: Mutex<Vec<u16>>,
-    intx: Mutex<Vec<bool>>,
+    calls: Mutex<Vec<SinkCall>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,26 +207,50 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RecordingSink {
-    /// The MSI-X vectors delivered so far.
+    /// The MSI-X vectors delivered since the last [`take`](Self::take).
     pub fn msix(&self) -> Vec<u16> {
-        lock(&self.msix).clone()
+        self.filter(|c| match c {
+            SinkCall::Msix(vector) => Some(vector),
+            _ => None,
+        })
     }
 
-    /// The INTx levels set so far.
+    /// The INTx levels set since the last [`take`](Self::take).
     pub fn intx(&self) -> Vec<bool> {
-        lock(&self.intx).clone()
+        self.filter(|c| match c {
+            SinkCall::Intx(level) => Some(level),
+            _ => None,
+        })
+    }
+
+    /// What `pick` takes from each call since the last `take`, in order.
+    fn filter<T>(&self, pick: impl Fn(SinkCall) -> Option<T>) -> Vec<T> {
+        lock(&self.calls).iter().copied().filter_map(pick).collect()
+    }
+
+    /// Every call since the last `take`, in order; forgets them.
+    pub fn take(&self) -> Vec<SinkCall> {
+        std::mem::take(&mut *lock(&self.calls))
+    }
+
+    fn push(&self, call: SinkCall) {
+        lock(&self.calls).push(call);
     }
 }
 
 impl InterruptSink for RecordingSink {
     fn msix(&self, vector: u16) -> io::Result<()> {
-        lock(&self.msix).push(vector);
+        self.push(SinkCall::Msix(vector));
         Ok(())
     }
 
     fn intx(&self, level: bool) -> io::Result<()> {
-        lock(&self.intx).push(level);
+        self.push(SinkCall::Intx(level));
         Ok(())
+    }
+
+    fn msix_table_changed(&self, vector: u16, entry: MsixEntry) {
+        self.push(SinkCall::Table(vector, entry));
     }
 }
 
@@ -192,10 +301,15 @@ pub fn enable_msix<D: VirtioDevice>(dev: &mut VirtioPciDevice<D>, vectors: &[u16
     let table_size = ((dev.config_read(ptr / 4) >> 16) & 0x7ff) as u16 + 1;
     dev.config_write(ptr / 4, 2, &pci_cfg::MSIX_CTRL_ENABLE.to_le_bytes());
     for &v in vectors {
-        let entry = MSIX_TABLE_OFFSET + pci_cfg::MSIX_ENTRY_SIZE * u64::from(v);
+        let entry = pci_cfg::msix_entry(v);
         let data = pci_cfg::MSI_DATA_BASE + u32::from(v);
-        // Address low, address high, data, vector control (0: unmasked).
-        for (off, val) in [(0u64, pci_cfg::MSI_ADDRESS), (4, 0), (8, data), (12, 0)] {
+        for (off, val) in [
+            (pci_cfg::MSIX_ENTRY_ADDR_LO, pci_cfg::MSI_ADDRESS),
+            (pci_cfg::MSIX_ENTRY_ADDR_HI, 0),
+            (pci_cfg::MSIX_ENTRY_DATA, data),
+            // 0: unmasked.
+            (pci_cfg::MSIX_ENTRY_VECTOR_CTRL, 0),
+        ] {
             dev.bar_write(entry + off, &val.to_le_bytes());
         }
     }

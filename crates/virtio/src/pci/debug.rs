@@ -83,57 +83,27 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
+    use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-    use crate::{features, status, ActivateContext, InterruptSink, VirtioDevice};
+    use crate::test_utils::common_cfg::*;
+    use crate::test_utils::{bar_write, set_status, NullDevice, NullSink};
+    use crate::{features, status};
 
     use super::VirtioPciDevice;
-
-    struct Quiet;
-    impl VirtioDevice for Quiet {
-        fn device_type(&self) -> u32 {
-            2
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
-        }
-        fn device_features(&self) -> u64 {
-            0
-        }
-        fn read_config(&self, _offset: u64, data: &mut [u8]) {
-            data.fill(0);
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, _ctx: ActivateContext) -> crate::Result<()> {
-            Ok(())
-        }
-        fn reset(&mut self) {}
-        fn process_queue(&mut self, _queue: u16) {}
-    }
-
-    struct NoIrq;
-    impl InterruptSink for NoIrq {
-        fn msix(&self, _vector: u16) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn intx(&self, _level: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn w(dev: &mut VirtioPciDevice<Quiet>, offset: u64, len: usize, value: u64) {
-        dev.bar_write(offset, &value.to_le_bytes()[..len]);
-    }
 
     #[test]
     fn debug_state_shows_ring_indices_events_and_vectors_without_touching_them() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mut dev = VirtioPciDevice::new(Quiet, mem.clone(), Arc::new(NoIrq)).unwrap();
-        dev.set_name("virtio-blk test");
+        let device = NullDevice::new(VIRTIO_ID_BLOCK, &[16, 16]);
+        let dev =
+            Mutex::new(VirtioPciDevice::new(device, mem.clone(), Arc::new(NullSink)).unwrap());
+        dev.lock().unwrap().set_name("virtio-blk test");
+        let debug_state = || dev.lock().unwrap().debug_state();
         assert_eq!(
-            dev.debug_state(),
+            debug_state(),
             [
                 "virtio-blk test: status 0x00 (not active), event_idx off, msi-x off, intx low, \
                  isr 0x00, config vector none",
@@ -145,28 +115,27 @@ mod tests {
         // A driver: features with EVENT_IDX, queue 0 of 16 at 0x1000/0x2000/0x3000 on
         // MSI-X vector 1, DRIVER_OK.
         let f = features::VERSION_1 | features::RING_EVENT_IDX;
-        w(
-            &mut dev,
-            0x14,
-            1,
-            u64::from(status::ACKNOWLEDGE | status::DRIVER),
-        );
+        set_status(&dev, status::ACKNOWLEDGE | status::DRIVER);
         for (sel, bits) in [(0, f & 0xffff_ffff), (1, f >> 32)] {
-            w(&mut dev, 0x08, 4, sel);
-            w(&mut dev, 0x0c, 4, bits);
+            bar_write(&dev, DRIVER_FEATURE_SELECT, 4, sel);
+            bar_write(&dev, DRIVER_FEATURE, 4, bits);
         }
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        w(&mut dev, 0x14, 1, u64::from(s));
-        w(&mut dev, 0x16, 2, 0);
-        w(&mut dev, 0x18, 2, 16);
-        w(&mut dev, 0x1a, 2, 1);
-        for (off, addr) in [(0x20, 0x1000u64), (0x28, 0x2000), (0x30, 0x3000)] {
-            w(&mut dev, off, 4, addr);
-            w(&mut dev, off + 4, 4, 0);
+        set_status(&dev, s);
+        bar_write(&dev, QUEUE_SELECT, 2, 0);
+        bar_write(&dev, QUEUE_SIZE, 2, 16);
+        bar_write(&dev, QUEUE_MSIX_VECTOR, 2, 1);
+        for (off, addr) in [
+            (QUEUE_DESC, 0x1000u64),
+            (QUEUE_DRIVER, 0x2000),
+            (QUEUE_DEVICE, 0x3000),
+        ] {
+            bar_write(&dev, off, 4, addr);
+            bar_write(&dev, off + 4, 4, 0);
         }
-        w(&mut dev, 0x1c, 2, 1);
-        w(&mut dev, 0x14, 1, u64::from(s | status::DRIVER_OK));
-        assert!(dev.is_active());
+        bar_write(&dev, QUEUE_ENABLE, 2, 1);
+        set_status(&dev, s | status::DRIVER_OK);
+        assert!(dev.lock().unwrap().is_active());
 
         // The rings: avail idx 7 with used_event 4; used idx 5 with NO_NOTIFY and
         // avail_event 6.
@@ -176,7 +145,7 @@ mod tests {
         u16_at(0x3000, 1);
         u16_at(0x3002, 5);
         u16_at(0x3000 + 4 + 8 * 16, 6);
-        let lines = dev.debug_state();
+        let lines = debug_state();
         assert_eq!(
             lines,
             [
@@ -188,7 +157,7 @@ mod tests {
             ]
         );
         // Looking changed nothing.
-        assert_eq!(dev.debug_state(), lines);
+        assert_eq!(debug_state(), lines);
         let mut v = [0u8; 2];
         mem.read_slice(&mut v, GuestAddress(0x3002)).unwrap();
         assert_eq!(u16::from_le_bytes(v), 5);

@@ -20,16 +20,23 @@ use crate::{status, warn_once, VirtioDevice};
 /// index (below [`MAX_QUEUES`](super::layout::MAX_QUEUES)).
 const EXTRA_EVENT_BASE: u32 = 0x1_0000;
 
+/// The end of a guest `kind` ("read" or "write") of `len` bytes at `offset` in BAR 0, or
+/// `None` for one the transport ignores: another length than 1, 2, 4 or 8 bytes (logged
+/// at debug level), or one that wraps around.
+fn access_end(kind: &str, offset: u64, len: u64) -> Option<u64> {
+    if !matches!(len, 1 | 2 | 4 | 8) {
+        debug!("virtio bar {kind} at {offset:#x} with bad length {len}");
+        return None;
+    }
+    offset.checked_add(len)
+}
+
 impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Handles a guest read of `data.len()` bytes at `offset` in BAR 0.
     pub fn bar_read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let len = data.len() as u64;
-        if !matches!(len, 1 | 2 | 4 | 8) {
-            debug!("virtio bar read at {offset:#x} with bad length {len}");
-            return;
-        }
-        let Some(end) = offset.checked_add(len) else {
+        let Some(end) = access_end("read", offset, len) else {
             return;
         };
         let inside = |base: u64, size: u64| offset >= base && end <= base + size;
@@ -51,11 +58,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Handles a guest write of `data` at `offset` in BAR 0.
     pub fn bar_write(&mut self, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
-        if !matches!(len, 1 | 2 | 4 | 8) {
-            debug!("virtio bar write at {offset:#x} with bad length {len}");
-            return;
-        }
-        let Some(end) = offset.checked_add(len) else {
+        let Some(end) = access_end("write", offset, len) else {
             return;
         };
         let inside = |base: u64, size: u64| offset >= base && end <= base + size;

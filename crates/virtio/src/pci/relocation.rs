@@ -240,42 +240,8 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::{ActivateContext, InterruptSink, COMMON_CFG_OFFSET, NOTIFY_OFFSET};
-
-    /// Two queues, nothing else.
-    struct Dummy;
-
-    impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
-        }
-        fn device_features(&self) -> u64 {
-            0
-        }
-        fn read_config(&self, _offset: u64, data: &mut [u8]) {
-            data.fill(0);
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, _ctx: ActivateContext) -> crate::Result<()> {
-            Ok(())
-        }
-        fn reset(&mut self) {}
-        fn process_queue(&mut self, _queue: u16) {}
-    }
-
-    struct NoIrq;
-
-    impl InterruptSink for NoIrq {
-        fn msix(&self, _vector: u16) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn intx(&self, _level: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_utils::{common_cfg, NullDevice, NullSink};
+    use crate::NOTIFY_OFFSET;
 
     /// Registered (fd, address) pairs; refuses addresses in `refuse`.
     #[derive(Default)]
@@ -326,17 +292,19 @@ mod tests {
     struct Setup {
         window: Arc<PciMmioWindow>,
         ioevents: Arc<FakeIoevents>,
-        first: RelocatableBar<Dummy>,
-        second: RelocatableBar<Dummy>,
+        first: RelocatableBar<NullDevice>,
+        second: RelocatableBar<NullDevice>,
     }
 
     fn device(
         at: u64,
         window: &Arc<PciMmioWindow>,
         io: &Arc<FakeIoevents>,
-    ) -> RelocatableBar<Dummy> {
+    ) -> RelocatableBar<NullDevice> {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mut dev = VirtioPciDevice::new(Dummy, mem, Arc::new(NoIrq)).unwrap();
+        // Two queues, nothing else.
+        let device = NullDevice::new(virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK, &[16, 16]);
+        let mut dev = VirtioPciDevice::new(device, mem, Arc::new(NullSink)).unwrap();
         dev.set_bar_addr(GuestAddress(at)).unwrap();
         let io: Arc<dyn IoeventRegistrar> = io.clone();
         RelocatableBar::new(
@@ -366,18 +334,18 @@ mod tests {
         let mut data = [0u8; 2];
         window.mmio_read(
             MmioAddress(WINDOW),
-            bar + COMMON_CFG_OFFSET + 0x12 - WINDOW,
+            bar + common_cfg::NUM_QUEUES - WINDOW,
             &mut data,
         );
         u16::from_le_bytes(data)
     }
 
-    fn write_bar(dev: &mut RelocatableBar<Dummy>, addr: u64) {
+    fn write_bar(dev: &mut RelocatableBar<NullDevice>, addr: u64) {
         dev.config_write(4, 0, &(addr as u32).to_le_bytes());
         dev.config_write(5, 0, &((addr >> 32) as u32).to_le_bytes());
     }
 
-    fn set_memory_decode(dev: &mut RelocatableBar<Dummy>, on: bool) {
+    fn set_memory_decode(dev: &mut RelocatableBar<NullDevice>, on: bool) {
         let cmd = dev.config_read(1) as u16;
         let cmd = if on { cmd | 2 } else { cmd & !2 };
         dev.config_write(1, 0, &cmd.to_le_bytes());

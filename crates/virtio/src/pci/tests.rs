@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
@@ -12,44 +11,11 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::layout::*;
 use super::*;
+use crate::test_utils::common_cfg::*;
+use crate::test_utils::{pci_cfg, NullSink, RecordingSink, SinkCall};
 use crate::{
     features, status, ActivateContext, EventSet, MsixEntry, VirtioInterrupt, VIRTIO_MSI_NO_VECTOR,
 };
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum SinkCall {
-    Msix(u16),
-    Intx(bool),
-    Table(u16, MsixEntry),
-}
-
-#[derive(Default)]
-struct FakeSink {
-    calls: Mutex<Vec<SinkCall>>,
-}
-
-impl FakeSink {
-    fn take(&self) -> Vec<SinkCall> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
-    }
-}
-
-impl InterruptSink for FakeSink {
-    fn msix(&self, vector: u16) -> io::Result<()> {
-        self.calls.lock().unwrap().push(SinkCall::Msix(vector));
-        Ok(())
-    }
-    fn intx(&self, level: bool) -> io::Result<()> {
-        self.calls.lock().unwrap().push(SinkCall::Intx(level));
-        Ok(())
-    }
-    fn msix_table_changed(&self, vector: u16, entry: MsixEntry) {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(SinkCall::Table(vector, entry));
-    }
-}
 
 /// ready, size, desc, avail, used, event_idx of one queue as activated.
 type QueueSnapshot = (bool, u16, u64, u64, u64, bool);
@@ -127,7 +93,7 @@ impl VirtioDevice for FakeDevice {
 
 struct Harness {
     dev: VirtioPciDevice<FakeDevice>,
-    sink: Arc<FakeSink>,
+    sink: Arc<RecordingSink>,
     log: Arc<Mutex<FakeLog>>,
 }
 
@@ -137,7 +103,7 @@ fn test_mem(size: usize) -> GuestMemoryMmap<()> {
 
 fn harness_with(fail_activate: bool) -> Harness {
     let log = Arc::new(Mutex::new(FakeLog::default()));
-    let sink = Arc::new(FakeSink::default());
+    let sink = Arc::new(RecordingSink::default());
     let device = FakeDevice {
         log: log.clone(),
         ctx: None,
@@ -162,16 +128,16 @@ impl Harness {
         self.dev.bar_write(offset, &value.to_le_bytes()[..len]);
     }
     fn status(&mut self) -> u8 {
-        self.r(0x14, 1) as u8
+        self.r(DEVICE_STATUS, 1) as u8
     }
     fn set_status(&mut self, s: u8) {
-        self.w(0x14, 1, u64::from(s));
+        self.w(DEVICE_STATUS, 1, u64::from(s));
     }
     fn set_driver_features(&mut self, f: u64) {
-        self.w(0x08, 4, 0);
-        self.w(0x0c, 4, f & 0xffff_ffff);
-        self.w(0x08, 4, 1);
-        self.w(0x0c, 4, f >> 32);
+        self.w(DRIVER_FEATURE_SELECT, 4, 0);
+        self.w(DRIVER_FEATURE, 4, f & 0xffff_ffff);
+        self.w(DRIVER_FEATURE_SELECT, 4, 1);
+        self.w(DRIVER_FEATURE, 4, f >> 32);
     }
     fn negotiate(&mut self, f: u64) -> u8 {
         self.set_status(status::ACKNOWLEDGE);
@@ -181,13 +147,24 @@ impl Harness {
         self.status()
     }
     fn setup_queue(&mut self, q: u16, size: u16, desc: u64, avail: u64, used: u64) {
-        self.w(0x16, 2, u64::from(q));
-        self.w(0x18, 2, u64::from(size));
-        for (off, v) in [(0x20, desc), (0x28, avail), (0x30, used)] {
+        self.w(QUEUE_SELECT, 2, u64::from(q));
+        self.w(QUEUE_SIZE, 2, u64::from(size));
+        for (off, v) in [
+            (QUEUE_DESC, desc),
+            (QUEUE_DRIVER, avail),
+            (QUEUE_DEVICE, used),
+        ] {
             self.w(off, 4, v & 0xffff_ffff);
             self.w(off + 4, 4, v >> 32);
         }
-        self.w(0x1c, 2, 1);
+        self.w(QUEUE_ENABLE, 2, 1);
+    }
+    /// A driver that accepts VERSION_1 only and sets up queue 0 (256 entries) with its
+    /// rings at `desc`, `avail` and `used`, then DRIVER_OK.
+    fn init_queue_0(&mut self, desc: u64, avail: u64, used: u64) {
+        self.negotiate(features::VERSION_1);
+        self.setup_queue(0, 256, desc, avail, used);
+        self.driver_ok();
     }
     fn driver_ok(&mut self) {
         self.set_status(
@@ -217,25 +194,30 @@ impl Harness {
             };
         self.dev.config_write(reg, 2, &ctrl.to_le_bytes());
     }
-    fn program_vector(&mut self, v: u64, masked: bool) {
-        let base = MSIX_TABLE_OFFSET + v * 16;
-        self.w(base, 4, 0xfee0_0000);
-        self.w(base + 4, 4, 0);
-        self.w(base + 8, 4, 0x40 + v);
-        self.w(base + 12, 4, u64::from(masked));
+    fn program_vector(&mut self, v: u16, masked: bool) {
+        let base = pci_cfg::msix_entry(v);
+        self.w(
+            base + pci_cfg::MSIX_ENTRY_ADDR_LO,
+            4,
+            u64::from(pci_cfg::MSI_ADDRESS),
+        );
+        self.w(base + pci_cfg::MSIX_ENTRY_ADDR_HI, 4, 0);
+        self.w(base + pci_cfg::MSIX_ENTRY_DATA, 4, 0x40 + u64::from(v));
+        self.w(base + pci_cfg::MSIX_ENTRY_VECTOR_CTRL, 4, u64::from(masked));
     }
     fn interrupt(&self) -> Arc<dyn VirtioInterrupt> {
         self.dev.device().ctx.as_ref().unwrap().interrupt.clone()
     }
 }
 
-/// Walks the capability list from 0x34: (offset, id, first dword after the header...).
+/// Walks the capability list from the capabilities pointer (0x34): (offset, id, first
+/// dword after the header...).
 fn caps(dev: &mut VirtioPciDevice<FakeDevice>) -> Vec<(usize, u8, [u32; 5])> {
     let byte = |dev: &mut VirtioPciDevice<FakeDevice>, off: usize| {
         (dev.config_read(off / 4) >> ((off % 4) * 8)) as u8
     };
     let mut out = Vec::new();
-    let mut ptr = usize::from(byte(dev, 0x34));
+    let mut ptr = usize::from(byte(dev, pci_cfg::CAPABILITIES_POINTER));
     while ptr != 0 && out.len() < 48 {
         let id = byte(dev, ptr);
         let regs = [0, 1, 2, 3, 4].map(|i| dev.config_read(ptr / 4 + i));
@@ -315,26 +297,26 @@ fn bar_sizing_and_address() {
 #[test]
 fn feature_windows() {
     let mut h = harness();
-    h.w(0x00, 4, 0);
+    h.w(DEVICE_FEATURE_SELECT, 4, 0);
     assert_eq!(
-        h.r(0x04, 4),
+        h.r(DEVICE_FEATURE, 4),
         FAKE_FEATURES | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC
     );
-    h.w(0x00, 4, 1);
-    assert_eq!(h.r(0x04, 4), 1);
-    assert_eq!(h.r(0x00, 4), 1);
-    h.w(0x00, 4, 7);
-    assert_eq!(h.r(0x04, 4), 0);
+    h.w(DEVICE_FEATURE_SELECT, 4, 1);
+    assert_eq!(h.r(DEVICE_FEATURE, 4), 1);
+    assert_eq!(h.r(DEVICE_FEATURE_SELECT, 4), 1);
+    h.w(DEVICE_FEATURE_SELECT, 4, 7);
+    assert_eq!(h.r(DEVICE_FEATURE, 4), 0);
     // Driver feature windows read back; window 2 is ignored.
     h.set_driver_features(features::VERSION_1 | 1 << 9);
-    h.w(0x08, 4, 0);
-    assert_eq!(h.r(0x0c, 4), 1 << 9);
-    h.w(0x08, 4, 1);
-    assert_eq!(h.r(0x0c, 4), 1);
-    h.w(0x08, 4, 2);
-    h.w(0x0c, 4, 0xffff_ffff);
-    assert_eq!(h.r(0x0c, 4), 0);
-    assert_eq!(h.r(0x12, 2), 2);
+    h.w(DRIVER_FEATURE_SELECT, 4, 0);
+    assert_eq!(h.r(DRIVER_FEATURE, 4), 1 << 9);
+    h.w(DRIVER_FEATURE_SELECT, 4, 1);
+    assert_eq!(h.r(DRIVER_FEATURE, 4), 1);
+    h.w(DRIVER_FEATURE_SELECT, 4, 2);
+    h.w(DRIVER_FEATURE, 4, 0xffff_ffff);
+    assert_eq!(h.r(DRIVER_FEATURE, 4), 0);
+    assert_eq!(h.r(NUM_QUEUES, 2), 2);
 }
 
 #[test]
@@ -359,8 +341,8 @@ fn features_ok_refused_for_unoffered_bits() {
     assert_ne!(s & status::FEATURES_OK, 0);
     // Feature writes after FEATURES_OK are ignored.
     h.set_driver_features(features::VERSION_1);
-    h.w(0x08, 4, 0);
-    assert_eq!(h.r(0x0c, 4), FAKE_FEATURES);
+    h.w(DRIVER_FEATURE_SELECT, 4, 0);
+    assert_eq!(h.r(DRIVER_FEATURE, 4), FAKE_FEATURES);
 }
 
 #[test]
@@ -384,34 +366,34 @@ fn full_init_activates_with_queues() {
         assert!(!queues[1].0);
     }
     // Read back the queue registers.
-    h.w(0x16, 2, 0);
-    assert_eq!(h.r(0x18, 2), 128);
-    assert_eq!(h.r(0x1c, 2), 1);
-    assert_eq!(h.r(0x20, 8), 0x1000);
-    assert_eq!(h.r(0x28, 4), 0x3000);
-    h.w(0x16, 2, 1);
-    assert_eq!(h.r(0x1e, 2), 1);
-    assert_eq!(h.r(0x18, 2), 16);
+    h.w(QUEUE_SELECT, 2, 0);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 128);
+    assert_eq!(h.r(QUEUE_ENABLE, 2), 1);
+    assert_eq!(h.r(QUEUE_DESC, 8), 0x1000);
+    assert_eq!(h.r(QUEUE_DRIVER, 4), 0x3000);
+    h.w(QUEUE_SELECT, 2, 1);
+    assert_eq!(h.r(QUEUE_NOTIFY_OFF, 2), 1);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 16);
     // Queue config is frozen once live.
-    h.w(0x16, 2, 0);
-    h.w(0x18, 2, 64);
-    assert_eq!(h.r(0x18, 2), 128);
+    h.w(QUEUE_SELECT, 2, 0);
+    h.w(QUEUE_SIZE, 2, 64);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 128);
     // A second DRIVER_OK write does not activate again.
     h.driver_ok();
     assert_eq!(h.log.lock().unwrap().activations.len(), 1);
     // Device config window.
-    assert_eq!(h.r(0x2000, 4), 0x0403_0201);
-    assert_eq!(h.r(0x2006, 2), 0x0807);
+    assert_eq!(h.r(DEVICE_CFG_OFFSET, 4), 0x0403_0201);
+    assert_eq!(h.r(DEVICE_CFG_OFFSET + 6, 2), 0x0807);
     // A write to the notify area signals the queue's EventFd; the subscriber path processes.
-    h.w(0x3004, 2, 1);
+    h.w(NOTIFY_OFFSET + 4, 2, 1);
     assert_eq!(h.dev.notify_eventfd(1).unwrap().read().unwrap(), 1);
-    h.w(0x3000, 2, 0);
+    h.w(NOTIFY_OFFSET, 2, 0);
     h.dev.process_notification(0);
     assert!(h.dev.notify_eventfd(0).unwrap().read().is_err());
     assert_eq!(h.log.lock().unwrap().processed, vec![0]);
     // Misaligned or unknown notify writes are ignored.
-    h.w(0x3002, 2, 0);
-    h.w(0x3008, 2, 0);
+    h.w(NOTIFY_OFFSET + 2, 2, 0);
+    h.w(NOTIFY_OFFSET + 8, 2, 0);
     assert!(h.dev.notify_eventfd(0).unwrap().read().is_err());
 }
 
@@ -419,10 +401,10 @@ fn full_init_activates_with_queues() {
 fn reset_in_the_middle_of_io() {
     let mut h = harness();
     h.full_init();
-    h.w(0x16, 2, 0);
-    h.w(0x1a, 2, 1);
+    h.w(QUEUE_SELECT, 2, 0);
+    h.w(QUEUE_MSIX_VECTOR, 2, 1);
     // Kick pending and an interrupt raised (INTx, MSI-X off) when the driver resets.
-    h.w(0x3000, 2, 0);
+    h.w(NOTIFY_OFFSET, 2, 0);
     h.interrupt().signal_queue(0).unwrap();
     assert_eq!(h.sink.take(), vec![SinkCall::Intx(true)]);
     h.set_status(0);
@@ -431,10 +413,10 @@ fn reset_in_the_middle_of_io() {
     assert!(h.dev.device().ctx.is_none());
     assert_eq!(h.log.lock().unwrap().resets, 1);
     assert_eq!(h.status(), 0);
-    assert_eq!(h.r(0x1a, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
-    assert_eq!(h.r(0x1c, 2), 0);
-    assert_eq!(h.r(0x18, 2), 256);
-    assert_eq!(h.r(0x1000, 1), 0);
+    assert_eq!(h.r(QUEUE_MSIX_VECTOR, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    assert_eq!(h.r(QUEUE_ENABLE, 2), 0);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 256);
+    assert_eq!(h.r(ISR_OFFSET, 1), 0);
     // The stale kick was dropped and is not processed.
     h.dev.process_notification(0);
     assert!(h.log.lock().unwrap().processed.is_empty());
@@ -447,35 +429,33 @@ fn reset_in_the_middle_of_io() {
 #[test]
 fn queue_size_must_be_power_of_two() {
     let mut h = harness();
-    h.w(0x16, 2, 0);
-    h.w(0x18, 2, 100);
-    assert_eq!(h.r(0x18, 2), 256);
-    h.w(0x18, 2, 0);
-    assert_eq!(h.r(0x18, 2), 256);
-    h.w(0x18, 2, 512);
-    assert_eq!(h.r(0x18, 2), 256);
-    h.w(0x18, 2, 64);
-    assert_eq!(h.r(0x18, 2), 64);
+    h.w(QUEUE_SELECT, 2, 0);
+    h.w(QUEUE_SIZE, 2, 100);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 256);
+    h.w(QUEUE_SIZE, 2, 0);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 256);
+    h.w(QUEUE_SIZE, 2, 512);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 256);
+    h.w(QUEUE_SIZE, 2, 64);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 64);
     // A missing queue reads as zeros and ignores writes.
-    h.w(0x16, 2, 9);
-    h.w(0x18, 2, 8);
-    assert_eq!(h.r(0x18, 2), 0);
-    h.w(0x1a, 2, 0);
-    assert_eq!(h.r(0x1a, 2), 0);
+    h.w(QUEUE_SELECT, 2, 9);
+    h.w(QUEUE_SIZE, 2, 8);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 0);
+    h.w(QUEUE_MSIX_VECTOR, 2, 0);
+    assert_eq!(h.r(QUEUE_MSIX_VECTOR, 2), 0);
 }
 
 #[test]
 fn queue_outside_memory_needs_reset() {
     let mut h = harness();
-    h.negotiate(features::VERSION_1);
-    h.setup_queue(0, 256, 0xff800, 0x3000, 0x4000);
-    h.driver_ok();
+    h.init_queue_0(0xff800, 0x3000, 0x4000);
     assert!(!h.dev.is_active());
     assert!(h.log.lock().unwrap().activations.is_empty());
     assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
     // Config interrupt through INTx, ISR bit 1.
     assert_eq!(h.sink.take(), vec![SinkCall::Intx(true)]);
-    assert_eq!(h.r(0x1000, 1), 2);
+    assert_eq!(h.r(ISR_OFFSET, 1), 2);
     // Kicks are not processed while the device needs a reset; the driver can reset.
     h.dev.process_notification(0);
     assert!(h.log.lock().unwrap().processed.is_empty());
@@ -487,9 +467,7 @@ fn queue_outside_memory_needs_reset() {
 #[test]
 fn misaligned_ring_needs_reset() {
     let mut h = harness();
-    h.negotiate(features::VERSION_1);
-    h.setup_queue(0, 256, 0x1001, 0x3000, 0x4000);
-    h.driver_ok();
+    h.init_queue_0(0x1001, 0x3000, 0x4000);
     assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
 }
 
@@ -497,11 +475,9 @@ fn misaligned_ring_needs_reset() {
 fn available_ring_at_zero_needs_reset() {
     crate::test_log::start();
     let mut h = harness();
-    h.negotiate(features::VERSION_1);
     // Address 0 is guest RAM, but virtio-queue would refuse to pop from it on every kick,
     // logging an error each time.
-    h.setup_queue(0, 256, 0x1000, 0, 0x4000);
-    h.driver_ok();
+    h.init_queue_0(0x1000, 0, 0x4000);
     assert!(!h.dev.is_active());
     assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
     let w = crate::test_log::lines(log::Level::Warn);
@@ -509,9 +485,7 @@ fn available_ring_at_zero_needs_reset() {
     assert!(w[0].contains("avail 0x0"), "{w:#?}");
     // The descriptor table and the used ring may sit at 0.
     h.set_status(0);
-    h.negotiate(features::VERSION_1);
-    h.setup_queue(0, 256, 0, 0x3000, 0x4000);
-    h.driver_ok();
+    h.init_queue_0(0, 0x3000, 0x4000);
     assert!(h.dev.is_active());
     assert!(crate::test_log::lines(log::Level::Error).is_empty());
 }
@@ -522,7 +496,7 @@ fn failed_activation_needs_reset() {
     h.enable_msix(false);
     h.program_vector(0, false);
     h.sink.take();
-    h.w(0x10, 2, 0);
+    h.w(CONFIG_MSIX_VECTOR, 2, 0);
     h.full_init();
     assert!(!h.dev.is_active());
     assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
@@ -544,32 +518,49 @@ fn msix_vector_programming_and_masking() {
     assert_eq!(calls.len(), 4);
     assert_eq!(calls[3], SinkCall::Table(1, entry));
     // Table reads back, 4 and 8 bytes.
-    assert_eq!(h.r(MSIX_TABLE_OFFSET + 16, 8), 0xfee0_0000);
-    assert_eq!(h.r(MSIX_TABLE_OFFSET + 24, 4), 0x41);
+    assert_eq!(
+        h.r(pci_cfg::msix_entry(1) + pci_cfg::MSIX_ENTRY_ADDR_LO, 8),
+        0xfee0_0000
+    );
+    assert_eq!(
+        h.r(pci_cfg::msix_entry(1) + pci_cfg::MSIX_ENTRY_DATA, 4),
+        0x41
+    );
     // Vector 0 is still masked (reset state).
-    assert_eq!(h.r(MSIX_TABLE_OFFSET + 12, 4), 1);
+    assert_eq!(
+        h.r(pci_cfg::msix_entry(0) + pci_cfg::MSIX_ENTRY_VECTOR_CTRL, 4),
+        1
+    );
 
     h.full_init();
-    h.w(0x16, 2, 0);
-    h.w(0x1a, 2, 1);
-    assert_eq!(h.r(0x1a, 2), 1);
+    h.w(QUEUE_SELECT, 2, 0);
+    h.w(QUEUE_MSIX_VECTOR, 2, 1);
+    assert_eq!(h.r(QUEUE_MSIX_VECTOR, 2), 1);
     // Out-of-range vectors read back as NO_VECTOR.
-    h.w(0x10, 2, 3);
-    assert_eq!(h.r(0x10, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
-    h.w(0x10, 2, 0);
-    assert_eq!(h.r(0x10, 2), 0);
+    h.w(CONFIG_MSIX_VECTOR, 2, 3);
+    assert_eq!(h.r(CONFIG_MSIX_VECTOR, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+    h.w(CONFIG_MSIX_VECTOR, 2, 0);
+    assert_eq!(h.r(CONFIG_MSIX_VECTOR, 2), 0);
 
     let irq = h.interrupt();
     irq.signal_queue(0).unwrap();
     assert_eq!(h.sink.take(), vec![SinkCall::Msix(1)]);
 
     // Masked vector: pending bit, delivered on unmask.
-    h.w(MSIX_TABLE_OFFSET + 16 + 12, 4, 1);
+    h.w(
+        pci_cfg::msix_entry(1) + pci_cfg::MSIX_ENTRY_VECTOR_CTRL,
+        4,
+        1,
+    );
     h.sink.take();
     irq.signal_queue(0).unwrap();
     assert!(h.sink.take().is_empty());
     assert_eq!(h.r(MSIX_PBA_OFFSET, 8), 0b10);
-    h.w(MSIX_TABLE_OFFSET + 16 + 12, 4, 0);
+    h.w(
+        pci_cfg::msix_entry(1) + pci_cfg::MSIX_ENTRY_VECTOR_CTRL,
+        4,
+        0,
+    );
     assert_eq!(
         h.sink.take(),
         vec![SinkCall::Table(1, entry), SinkCall::Msix(1)]
@@ -612,19 +603,19 @@ fn isr_read_clears_and_lowers_intx() {
         h.sink.take(),
         vec![SinkCall::Intx(true), SinkCall::Intx(true)]
     );
-    assert_eq!(h.r(0x1000, 1), 3);
+    assert_eq!(h.r(ISR_OFFSET, 1), 3);
     assert_eq!(h.sink.take(), vec![SinkCall::Intx(false)]);
-    assert_eq!(h.r(0x1000, 1), 0);
+    assert_eq!(h.r(ISR_OFFSET, 1), 0);
     assert!(h.sink.take().is_empty());
     // INTx disabled in the command register: no line change.
     h.dev.config_write(1, 1, &[0x04]);
     irq.signal_queue(0).unwrap();
     assert!(h.sink.take().is_empty());
-    assert_eq!(h.r(0x1000, 1), 1);
+    assert_eq!(h.r(ISR_OFFSET, 1), 1);
     // Wrong-sized ISR reads see nothing and do not clear.
     irq.signal_queue(0).unwrap();
-    assert_eq!(h.r(0x1000, 4), 0);
-    assert_eq!(h.r(0x1000, 1), 1);
+    assert_eq!(h.r(ISR_OFFSET, 4), 0);
+    assert_eq!(h.r(ISR_OFFSET, 1), 1);
 }
 
 #[test]
@@ -635,7 +626,7 @@ fn odd_accesses_do_not_panic() {
         for len in [0usize, 1, 2, 3, 4, 5, 8] {
             let mut data = vec![0xaa; len];
             h.dev.bar_read(offset, &mut data);
-            if offset % 8 != 0 && !(0x14..0x16).contains(&offset) {
+            if offset % 8 != 0 && !(DEVICE_STATUS..=CONFIG_GENERATION).contains(&offset) {
                 h.dev.bar_write(offset, &vec![0xff; len]);
             }
         }
@@ -701,8 +692,7 @@ fn extra_event_sources_reach_the_device_through_the_event_loop() {
         evt,
         seen: seen.clone(),
     };
-    let pci =
-        VirtioPciDevice::new(dev, test_mem(0x10_0000), Arc::new(FakeSink::default())).unwrap();
+    let pci = VirtioPciDevice::new(dev, test_mem(0x10_0000), Arc::new(NullSink)).unwrap();
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     let pci: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(pci));
     em.add_subscriber(pci);
@@ -749,28 +739,26 @@ fn each_kind_of_driver_error_is_one_warning_naming_the_device() {
     let mut h = harness();
     h.dev.set_name("disk-b");
     assert_eq!(h.dev.name(), "disk-b");
-    let features_lo = h.r(0x04, 4);
+    let features_lo = h.r(DEVICE_FEATURE, 4);
     for _ in 0..3 {
         // Read-only fields: device_feature, num_queues, queue_notify_off.
-        h.w(0x04, 4, 0xffff_ffff);
-        h.w(0x12, 2, 7);
-        h.w(0x1e, 2, 5);
+        h.w(DEVICE_FEATURE, 4, 0xffff_ffff);
+        h.w(NUM_QUEUES, 2, 7);
+        h.w(QUEUE_NOTIFY_OFF, 2, 5);
         // A queue size that is not a power of two.
-        h.w(0x18, 2, 100);
+        h.w(QUEUE_SIZE, 2, 100);
         // Kicks before DRIVER_OK.
         h.dev.notify_eventfd(0).unwrap().write(1).unwrap();
         h.dev.process_notification(0);
         // Rings outside guest memory, then a reset.
-        h.negotiate(features::VERSION_1);
-        h.setup_queue(0, 256, 0x1_0000_0000, 0x3000, 0x4000);
-        h.driver_ok();
+        h.init_queue_0(0x1_0000_0000, 0x3000, 0x4000);
         assert_ne!(h.status() & status::DEVICE_NEEDS_RESET, 0);
         h.set_status(0);
     }
-    assert_eq!(h.r(0x04, 4), features_lo);
-    assert_eq!(h.r(0x12, 2), 2);
-    assert_eq!(h.r(0x1e, 2), 0);
-    assert_eq!(h.r(0x18, 2), 256);
+    assert_eq!(h.r(DEVICE_FEATURE, 4), features_lo);
+    assert_eq!(h.r(NUM_QUEUES, 2), 2);
+    assert_eq!(h.r(QUEUE_NOTIFY_OFF, 2), 0);
+    assert_eq!(h.r(QUEUE_SIZE, 2), 256);
     assert!(h.log.lock().unwrap().processed.is_empty());
     let w = warnings();
     assert_eq!(w.len(), 4, "{w:#?}");
