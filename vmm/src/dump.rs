@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::{kvm_lapic_state, kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::VcpuExit;
@@ -451,17 +451,10 @@ pub fn vcpu_lines(
 }
 
 /// The raw fd of the EventFd [`DUMP_SIGNAL`] writes (-1 until installed).
-static DUMP_EVT_FD: AtomicI32 = AtomicI32::new(-1);
+static DUMP_EVT_FD: crate::signal_evt::Slot = crate::signal_evt::Slot::new(-1);
 
 extern "C" fn handle_dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = DUMP_EVT_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `fd` is an eventfd kept open for the life
-        // of the process (its clone is leaked on purpose in `install_dump_handler`), and
-        // `one` is a valid 8-byte buffer.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
+    crate::signal_evt::wake(&DUMP_EVT_FD);
 }
 
 /// Makes [`DUMP_SIGNAL`] write `evt` (any thread may take the signal; the handler only
@@ -471,13 +464,7 @@ extern "C" fn handle_dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mu
 ///
 /// [`Error::EventFd`] or [`Error::Signals`].
 pub fn install_dump_handler(evt: &vmm_sys_util::eventfd::EventFd) -> Result<()> {
-    let owned = evt.try_clone().map_err(Error::EventFd)?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);
-    // Keep this clone open forever: the handler may run at any time until exit.
-    std::mem::forget(owned);
-    DUMP_EVT_FD.store(fd, Ordering::Relaxed);
-    vmm_sys_util::signal::register_signal_handler(DUMP_SIGNAL, handle_dump_signal)
-        .map_err(|e| Error::Signals(std::io::Error::from_raw_os_error(e.errno())))
+    crate::signal_evt::install(evt, &DUMP_EVT_FD, &[DUMP_SIGNAL], handle_dump_signal)
 }
 
 #[cfg(test)]

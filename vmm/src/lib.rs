@@ -16,6 +16,7 @@ pub mod config;
 pub mod dump;
 pub mod logger;
 pub mod seccomp;
+mod signal_evt;
 pub mod terminal;
 pub mod timing;
 pub mod vcpu;

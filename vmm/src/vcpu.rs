@@ -147,6 +147,25 @@ impl ExitSignal {
         }
     }
 
+    /// Records a guest panic, also over a reboot, power-off or triple fault recorded
+    /// before it: a panicking kernel goes on to one of those (`panic=N`, `reboot=t`), so
+    /// they are its consequence, and a vCPU may record it before the event loop has seen
+    /// the panic. A VMM error, a signal or Ctrl-A x recorded first stays the reason.
+    pub fn request_panic(&self) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        match *r {
+            None
+            | Some(ExitReason::GuestReset)
+            | Some(ExitReason::GuestPowerOff)
+            | Some(ExitReason::TripleFault) => *r = Some(ExitReason::GuestPanic),
+            Some(_) => {}
+        }
+        drop(r);
+        if let Err(e) = self.evt.write(1) {
+            error!("failed to wake the event loop: {e}");
+        }
+    }
+
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<ExitReason> {
         self.reason
@@ -379,8 +398,9 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     let flag = IMMEDIATE_EXIT.with(Cell::get);
     if !flag.is_null() {
         // SAFETY: `flag` points into this thread's own vCPU's kvm_run mapping, set by
-        // `Vcpu::run` and reset to null before that mapping goes away; the signal was sent
-        // to this thread, so the vCPU is alive. A volatile byte store is async-signal-safe.
+        // `Vcpu::run` and reset to null by its `ClearImmediateExit` guard (on return or
+        // unwind) before that mapping goes away; the signal was sent to this thread, so
+        // the vCPU is alive. A volatile byte store is async-signal-safe.
         unsafe { flag.write_volatile(1) };
     }
 }
@@ -391,6 +411,15 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Resets this thread's [`IMMEDIATE_EXIT`] pointer to null when dropped.
+struct ClearImmediateExit;
+
+impl Drop for ClearImmediateExit {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+    }
 }
 
 impl Vcpu {
@@ -413,9 +442,10 @@ impl Vcpu {
         info!("vcpu{} started", self.id);
         let flag = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
         IMMEDIATE_EXIT.with(|f| f.set(flag));
+        // Cleared when this guard drops: on return and on unwinding alike, and before
+        // `self` (the vCPU and its kvm_run mapping), which is dropped after the locals.
+        let _clear = ClearImmediateExit;
         self.run_loop();
-        // Before the vCPU (and its kvm_run mapping) is dropped.
-        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
         debug!("vcpu{} left its run loop", self.id);
     }
 
@@ -550,6 +580,38 @@ mod tests {
             handle_exit(VcpuExit::FailEntry(0x80000021, 1), &io),
             VcpuAction::Fail(s) if s.contains("0x80000021")
         ));
+    }
+
+    #[test]
+    fn a_panic_outranks_the_reboot_or_crash_it_causes_but_not_the_vmm_or_the_user() {
+        let signal = |first: Option<ExitReason>| {
+            let s = ExitSignal::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            if let Some(first) = first {
+                s.request(first);
+            }
+            s.request_panic();
+            s.reason()
+        };
+        for first in [
+            None,
+            Some(ExitReason::GuestReset),
+            Some(ExitReason::GuestPowerOff),
+            Some(ExitReason::TripleFault),
+        ] {
+            assert_eq!(signal(first), Some(ExitReason::GuestPanic));
+        }
+        for first in [
+            ExitReason::Error("boom".into()),
+            ExitReason::Signal(15),
+            ExitReason::ConsoleEscape,
+        ] {
+            assert_eq!(signal(Some(first.clone())), Some(first));
+        }
+        // And a plain request never replaces a recorded panic.
+        let s = ExitSignal::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        s.request_panic();
+        s.request(ExitReason::TripleFault);
+        assert_eq!(s.reason(), Some(ExitReason::GuestPanic));
     }
 
     #[test]

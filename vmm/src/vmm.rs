@@ -33,6 +33,7 @@ use vmm_sys_util::signal::Killable;
 use crate::config::VmConfig;
 use crate::dump::SymbolMap;
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
+use crate::signal_evt;
 use crate::terminal::RawTerminal;
 use crate::timing::{BootTimes, ConsoleTap, Phase};
 use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcpu, VcpuMonitor};
@@ -53,33 +54,22 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const DUMP_GRACE: Duration = Duration::from_secs(1);
 
 /// The raw fd of the EventFd that termination signals write (-1 until installed).
-static SIGNAL_EVT_FD: AtomicI32 = AtomicI32::new(-1);
+static SIGNAL_EVT_FD: signal_evt::Slot = signal_evt::Slot::new(-1);
 /// The last termination signal received.
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     LAST_SIGNAL.store(num, Ordering::Relaxed);
-    let fd = SIGNAL_EVT_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `fd` is an eventfd kept open for the life of
-        // the process (the EventFd it belongs to is leaked on purpose), and `one` is a valid
-        // 8-byte buffer.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
+    signal_evt::wake(&SIGNAL_EVT_FD);
 }
 
 fn install_termination_handlers(evt: &EventFd) -> Result<()> {
-    let owned = evt.try_clone().map_err(Error::EventFd)?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&owned);
-    // Keep this clone open forever: the handler may run at any time until exit.
-    std::mem::forget(owned);
-    SIGNAL_EVT_FD.store(fd, Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
-        vmm_sys_util::signal::register_signal_handler(sig, handle_termination)
-            .map_err(|e| Error::Signals(std::io::Error::from_raw_os_error(e.errno())))?;
-    }
-    Ok(())
+    signal_evt::install(
+        evt,
+        &SIGNAL_EVT_FD,
+        &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT],
+        handle_termination,
+    )
 }
 
 const EXIT_EVT: u32 = 1;
@@ -111,13 +101,22 @@ struct Control {
 
 impl MutEventSubscriber for Control {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let (evt, reason) = match events.data() {
-            EXIT_EVT => (&self.exit_evt, None),
-            // A panicking guest goes on to reboot (panic=N): when both are pending, the
-            // panic is the reason.
-            RESET_EVT | POWEROFF_EVT if self.panic_evt.read().is_ok() => {
-                (&self.panic_evt, Some(ExitReason::GuestPanic))
+        let data = events.data();
+        // A panicking guest goes on to reboot, power off or triple-fault (panic=N,
+        // reboot=t), and a vCPU may have recorded that before this loop saw the panic: a
+        // pending panic is the reason whichever of them woke the loop.
+        if matches!(data, EXIT_EVT | RESET_EVT | POWEROFF_EVT | PANIC_EVT)
+            && self.panic_evt.read().is_ok()
+        {
+            for evt in [&self.exit_evt, &self.reset_evt, &self.poweroff_evt] {
+                let _ = evt.read();
             }
+            self.exit.request_panic();
+            self.done.store(true, Ordering::Release);
+            return;
+        }
+        let (evt, reason) = match data {
+            EXIT_EVT => (&self.exit_evt, None),
             RESET_EVT => (&self.reset_evt, Some(ExitReason::GuestReset)),
             POWEROFF_EVT => (&self.poweroff_evt, Some(ExitReason::GuestPowerOff)),
             PANIC_EVT => (&self.panic_evt, Some(ExitReason::GuestPanic)),
@@ -668,4 +667,73 @@ pub fn run_vm(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<ExitReason> {
     let vmm = Vmm::build(cfg, times)?;
     debug!("vm built in {:?}", start.elapsed());
     vmm.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nonblocking() -> EventFd {
+        EventFd::new(EFD_NONBLOCK).unwrap()
+    }
+
+    /// A `Control` on a real event loop; the events it watches are written by the test.
+    fn control() -> (Arc<Mutex<Control>>, EventManager<Arc<Mutex<Control>>>) {
+        let exit_evt = nonblocking();
+        let control = Control {
+            exit: Arc::new(ExitSignal::new(exit_evt.try_clone().unwrap())),
+            exit_evt,
+            reset_evt: nonblocking(),
+            escape_evt: nonblocking(),
+            signal_evt: nonblocking(),
+            dump_evt: nonblocking(),
+            poweroff_evt: nonblocking(),
+            panic_evt: nonblocking(),
+            done: Arc::new(AtomicBool::new(false)),
+            dump: Arc::new(AtomicBool::new(false)),
+        };
+        let control = Arc::new(Mutex::new(control));
+        let mut em = EventManager::new().unwrap();
+        em.add_subscriber(control.clone());
+        (control, em)
+    }
+
+    fn run_until_done(control: &Arc<Mutex<Control>>, em: &mut EventManager<Arc<Mutex<Control>>>) {
+        for _ in 0..10 {
+            em.run_with_timeout(100).unwrap();
+            if control.lock().unwrap().done.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        panic!("the control subscriber never finished");
+    }
+
+    #[test]
+    fn a_pending_panic_outranks_what_a_vcpu_or_a_device_recorded_first() {
+        // A vCPU recorded the triple fault (or a device signalled a reset or power-off)
+        // before the loop saw the panic that caused it.
+        for first in ["triple fault", "reset", "poweroff"] {
+            let (c, mut em) = control();
+            {
+                let c = c.lock().unwrap();
+                match first {
+                    "triple fault" => c.exit.request(ExitReason::TripleFault),
+                    "reset" => c.reset_evt.write(1).unwrap(),
+                    _ => c.poweroff_evt.write(1).unwrap(),
+                }
+                c.panic_evt.write(1).unwrap();
+            }
+            run_until_done(&c, &mut em);
+            let reason = c.lock().unwrap().exit.reason();
+            assert_eq!(reason, Some(ExitReason::GuestPanic), "after a {first}");
+        }
+        // Without a panic, each is its own reason.
+        let (c, mut em) = control();
+        c.lock().unwrap().reset_evt.write(1).unwrap();
+        run_until_done(&c, &mut em);
+        assert_eq!(
+            c.lock().unwrap().exit.reason(),
+            Some(ExitReason::GuestReset)
+        );
+    }
 }

@@ -208,6 +208,28 @@ fn kvm_pvpanic_ends_the_run_as_a_guest_panic() {
 
 #[test]
 #[ignore = "needs /dev/kvm"]
+fn kvm_a_triple_fault_right_after_a_panic_is_still_a_panic() {
+    // `panic=-1 reboot=t`: the kernel reports the panic, then reboots by triple-faulting at
+    // once. The vCPU records the triple fault itself, maybe before the event loop has seen
+    // the panic; the panic must still be the reason. Which comes first is up to the
+    // scheduler here; `vmm::tests::a_pending_panic_outranks_what_a_vcpu_or_a_device_recorded_first`
+    // forces the order.
+    let code = Asm::new()
+        .mov_dx(0x505)
+        .mov_al(1)
+        .out_dx_al()
+        .load_eax(0x4000_0000)
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel("panic-then-triple.elf", &code);
+    let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "panic");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
 fn kvm_triple_fault_ends_the_run_with_a_warning_naming_rip() {
     // 1 GiB is just past the boot identity map: #PF, and with the boot IDT's 8-byte limit
     // that becomes #DF and then a triple fault (KVM_EXIT_SHUTDOWN).

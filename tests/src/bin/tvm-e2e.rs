@@ -79,7 +79,7 @@ impl Console {
     ) -> Option<(usize, String)> {
         let p = self.wait_for(marker, from, timeout)?;
         let e = self.wait_for("-end", p, STEP_TIMEOUT)?;
-        Some((e, self.text_from(p)[..e - p - 4].to_string()))
+        Some((e, self.text_between(p, e - 4)))
     }
 
     fn tail(&self, n: usize) -> String {
@@ -993,7 +993,7 @@ fn net_checks(o: &Opts, g: &mut Guest, r: &mut Report, mut pos: usize) -> Result
     let word = |marker: &str, from: usize, timeout: Duration| {
         c.wait_for(marker, from, timeout).and_then(|p| {
             c.wait_for("\n", p, STEP_TIMEOUT)
-                .map(|e| (e, c.text_from(p)[..e - p].trim().to_string()))
+                .map(|e| (e, c.text_between(p, e).trim().to_string()))
         })
     };
     let ping = word("ping-2-", pos, STEP_TIMEOUT);
@@ -1129,7 +1129,7 @@ fn print_interrupts(
     let irqs = c.value_until_end("irq-3-", pos, STEP_TIMEOUT);
     let end = irqs.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
     let mut parsed = Vec::new();
-    for line in c.text_from(pos)[..end - pos].lines() {
+    for line in c.text_between(pos, end).lines() {
         if let Some((_, l)) = line.split_once("irq-2: ") {
             println!("E2E-INFO interrupts {when}: {}", l.trim());
             parsed.extend(parse_irq_line(l));
@@ -1219,7 +1219,8 @@ fn acpi_checks(g: &mut Guest, r: &mut Report, pos: usize) -> Result<(usize, Vec<
     g.send(cmd.as_bytes())?;
     let count = c.value_until_end("dmesg-3-", pos, STEP_TIMEOUT);
     let end = count.as_ref().map(|(e, _)| *e).unwrap_or(c.len());
-    let found: Vec<String> = c.text_from(pos)[..end - pos]
+    let found: Vec<String> = c
+        .text_between(pos, end)
         .lines()
         .filter_map(|l| l.split_once("dmesg-2: ").map(|(_, m)| m.trim().to_string()))
         .collect();
@@ -1640,14 +1641,29 @@ fn clean_reboot(
                 .join(" | ")
         ));
     }
+    // The VMM names how the run ended on its TVM-BOOT-TIMES line: a `reboot` must end as
+    // one, not as a power-off, a halt or a signal that also exit 0.
+    let exit_reason = stderr.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|kv| kv.strip_prefix("exit_reason="))
+    });
+    match exit_reason {
+        Some("reboot") => {}
+        Some(other) => {
+            return Err(format!(
+                "the VMM ended with exit_reason={other}, not reboot"
+            ))
+        }
+        None => return Err("no exit_reason= on the VMM's TVM-BOOT-TIMES line".into()),
+    }
     let reason = stderr
         .lines()
         .find(|l| {
             let f = flat(l);
             f.contains("guest") && ["stopped", "reset", "reboot"].iter().any(|w| f.contains(w))
         })
-        .map(|l| format!("exit code 0 ({})", l.trim()))
-        .unwrap_or_else(|| "exit code 0".into());
+        .map(|l| format!("exit code 0, exit_reason=reboot ({})", l.trim()))
+        .unwrap_or_else(|| "exit code 0, exit_reason=reboot".into());
     Ok(reason)
 }
 
@@ -1834,7 +1850,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         let word = |marker: &str| {
             c.wait_for(marker, pos, DISK_TIMEOUT).and_then(|p| {
                 c.wait_for("\n", p, STEP_TIMEOUT)
-                    .map(|e| c.text_from(p)[..e - p].trim().to_string())
+                    .map(|e| c.text_between(p, e).trim().to_string())
             })
         };
         let raw = word("ro-2-");
@@ -1921,7 +1937,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         if let Some(p) = c.wait_for(want, pos, Duration::from_millis(200)) {
             reply = c
                 .wait_for("-end", p, STEP_TIMEOUT)
-                .map(|e| c.text_from(p)[..e - p - 4].to_string());
+                .map(|e| c.text_between(p, e - 4));
             break;
         }
     }
@@ -2141,8 +2157,8 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
         g.print_diag();
         return Err(why);
     };
-    let text = c.text_from(pos);
-    let text = &text[..done - pos];
+    let text = c.text_between(pos, done);
+    let text = text.as_str();
     let field = |op: &str, key: &str| -> Result<f64, String> {
         let line = text
             .lines()
@@ -2530,9 +2546,18 @@ mod tests {
     #[test]
     fn a_panic_or_a_triple_fault_is_not_a_clean_reboot() {
         let console = "ok\r\n# reboot\r\n[   9.1] reboot: Restarting system\r\n";
-        let stderr = "TVM-BOOT-TIMES vmm_start_ms=0.0\n[INFO] guest stopped: GuestReset\n";
+        let stderr = "[INFO] guest stopped: the guest rebooted\n\
+                      TVM-BOOT-TIMES vmm_start_ms=0.0 exit_ms=9.3 exit_reason=reboot\n";
         let ok = clean_reboot(Some(Some(0)), console, stderr).expect("clean");
-        assert!(ok.contains("GuestReset"), "{ok}");
+        assert!(ok.contains("the guest rebooted"), "{ok}");
+        // Other ways out that also exit 0 are not a reboot, nor is a VMM that names none.
+        for other in ["poweroff", "halted", "signal", "console_escape"] {
+            let stderr = stderr.replace("exit_reason=reboot", &format!("exit_reason={other}"));
+            let err = clean_reboot(Some(Some(0)), console, &stderr).expect_err(other);
+            assert!(err.contains(other), "{err}");
+        }
+        let unnamed = stderr.replace(" exit_reason=reboot", "");
+        assert!(clean_reboot(Some(Some(0)), console, &unnamed).is_err());
         let panicked = format!("{console}[   9.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009\r\n");
         let err = clean_reboot(Some(Some(0)), &panicked, stderr).expect_err("panic");
         assert!(err.contains("Attempted to kill init"), "{err}");
