@@ -43,8 +43,8 @@ fn tiny_vm(code: &[u8], mode: BootMode, prepare: impl FnOnce(&GuestMemoryMmap)) 
         &vcpu,
         &mem,
         &VcpuBootConfig {
-            cpu_id: 0,
-            cpu_count: 1,
+            index: 0,
+            topology: tvm_arch_x86::CpuTopology::flat(1).unwrap(),
             entry: GuestAddress(GUEST_ENTRY),
             mode,
             irqchip: false,
@@ -143,7 +143,11 @@ fn kvm_32bit_entry_state() {
     let outs = run_collect(&mut t.vcpu, None);
     assert_eq!(
         outs,
-        vec![(0x10, 0xdead_beef), (0x11, 0x7000), (0x12, 0x1234_5678)]
+        vec![
+            (0x10, 0xdead_beef),
+            (0x11, layout::ZERO_PAGE_START.0 as u32),
+            (0x12, 0x1234_5678)
+        ]
     );
 }
 
@@ -273,7 +277,7 @@ fn kvm_an_irqfd_on_an_msi_route_raises_its_vector_in_the_lapic() {
     let vm = kvm.create_vm().unwrap();
     tvm_irq::setup_irqchip(&vm).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    tvm_arch_x86::setup_lint(&vcpu).unwrap();
+    tvm_arch_x86::setup_lint(&vcpu, true).unwrap();
     // The LAPIC takes fixed interrupts only when software-enabled (SVR bit 8), as the
     // guest's APIC driver leaves it.
     let mut lapic = vcpu.get_lapic().unwrap();

@@ -19,7 +19,7 @@ use crate::{Error, Result};
 const _: () = assert!(PM1A_CNT_BLK_PORT == PM1A_EVT_BLK_PORT + PM1_CNT_OFFSET);
 const _: () = assert!(PM1_EVT_LEN as u16 + PM1_CNT_LEN as u16 == PM1_BLOCK_LEN);
 
-/// Writes the ACPI tables for `cpu_count` vCPUs and the PCI devices' INTx wiring, and puts
+/// Writes the ACPI tables for the vCPUs with `apic_ids` and the PCI devices' INTx wiring, and puts
 /// the PM1a block on the port bus. Returns the block's power-off EventFd, for the event
 /// loop.
 ///
@@ -29,16 +29,10 @@ const _: () = assert!(PM1_EVT_LEN as u16 + PM1_CNT_LEN as u16 == PM1_BLOCK_LEN);
 pub(crate) fn setup_acpi(
     io: &mut IoManager,
     mem: &GuestMemoryMmap,
-    cpu_count: u8,
+    apic_ids: &[u8],
     pci_irqs: &[PciIrq],
 ) -> Result<EventFd> {
-    let tables = tvm_arch_x86::acpi::setup_acpi_tables(
-        mem,
-        &AcpiConfig {
-            cpu_count,
-            pci_irqs,
-        },
-    )?;
+    let tables = tvm_arch_x86::acpi::setup_acpi_tables(mem, &AcpiConfig { apic_ids, pci_irqs })?;
     info!(
         "acpi tables: rsdp {:#x}, xsdt {:#x}, fadt {:#x}, madt {:#x}, dsdt {:#x}, end {:#x}",
         tables.rsdp.0, tables.xsdt.0, tables.fadt.0, tables.madt.0, tables.dsdt.0, tables.end.0

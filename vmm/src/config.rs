@@ -2,15 +2,15 @@
 
 use std::path::PathBuf;
 
+use tvm_arch_x86::CpuTopology;
+
 use crate::{Error, Result};
 
 /// The default kernel command line: serial console, reset through the keyboard controller
 /// (which the VMM turns into a clean exit), reboot on panic, PCI through 0xCF8/0xCFC.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=conf1";
-/// Default guest memory.
-pub const DEFAULT_MEM_SIZE: u64 = 512 << 20;
-/// Largest vCPU count accepted until SMP lands.
-pub const MAX_VCPUS: u8 = 1;
+/// Default guest memory (the arch layout's: 1 GiB).
+pub const DEFAULT_MEM_SIZE: u64 = tvm_arch_x86::layout::DEFAULT_MEM_SIZE;
 
 /// A `--disk` option: `PATH[,readonly=on|off][,id=STRING]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +72,55 @@ fn key_value(part: &str) -> std::result::Result<(&str, &str), String> {
         .ok_or_else(|| format!("{part:?} is not key=value"))
 }
 
+/// Parses a `--cpus` value: `N[,threads=T][,cores=C][,sockets=S]`.
+///
+/// Threads and sockets default to 1 and cores to what is left (`N / (T x S)`), so `--cpus
+/// 4` is four single-threaded cores on one socket; the product must be N.
+pub fn parse_cpus(text: &str) -> Result<CpuTopology> {
+    let bad = |why: String| Error::InvalidCpus {
+        value: text.to_string(),
+        why,
+    };
+    let mut parts = text.split(',');
+    let first = parts.next().unwrap_or("").trim();
+    let n: u32 = first
+        .parse()
+        .map_err(|_| bad(format!("{first:?} is not a number of vcpus")))?;
+    if n == 0 || n > tvm_arch_x86::MAX_XAPIC_ID {
+        return Err(bad(format!("{n} vcpus")));
+    }
+    let (mut threads, mut cores, mut sockets) = (None, None, None);
+    for part in parts {
+        let (key, value) = key_value(part).map_err(bad)?;
+        let slot = match key {
+            "threads" => &mut threads,
+            "cores" => &mut cores,
+            "sockets" => &mut sockets,
+            other => return Err(bad(format!("unknown option {other:?}"))),
+        };
+        if slot.is_some() {
+            return Err(bad(format!("{key} is given twice")));
+        }
+        let count: u32 = value
+            .parse()
+            .ok()
+            .filter(|c| (1..=n).contains(c))
+            .ok_or_else(|| bad(format!("{key}={value:?}: use a number from 1 to {n}")))?;
+        *slot = Some(count);
+    }
+    let threads = threads.unwrap_or(1);
+    let sockets = sockets.unwrap_or(1);
+    let cores = cores.unwrap_or(n / (threads * sockets).max(1));
+    if threads * cores * sockets != n {
+        return Err(bad(format!(
+            "threads={threads} x cores={cores} x sockets={sockets} is {}, not {n}",
+            threads * cores * sockets
+        )));
+    }
+    // Each count is at most n <= 254 here.
+    CpuTopology::new(threads as u8, cores as u8, sockets as u8).map_err(|e| bad(e.to_string()))
+}
+
 /// A `--net` option: `tap=NAME[,mac=MAC]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
@@ -117,8 +166,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Guest RAM in bytes.
     pub mem_size: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
+    /// The vCPUs and their topology.
+    pub cpus: CpuTopology,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
@@ -163,9 +212,6 @@ fn host_mem_total() -> Option<u64> {
 impl VmConfig {
     /// Checks what can be checked before touching KVM: files readable, sizes sane.
     pub fn validate(&self) -> Result<()> {
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::TooManyVcpus(self.vcpus));
-        }
         if self.mem_size < tvm_memory::MIN_MEM_SIZE {
             return Err(Error::MemoryTooSmall(self.mem_size));
         }
@@ -271,6 +317,45 @@ mod tests {
     }
 
     #[test]
+    fn cpu_options() {
+        let t = |text| parse_cpus(text).unwrap();
+        assert_eq!(t("1"), CpuTopology::flat(1).unwrap());
+        assert_eq!(t("4"), CpuTopology::new(1, 4, 1).unwrap());
+        assert_eq!(t("254"), CpuTopology::flat(254).unwrap());
+        assert_eq!(t("8,threads=2"), CpuTopology::new(2, 4, 1).unwrap());
+        assert_eq!(t("8,sockets=2"), CpuTopology::new(1, 4, 2).unwrap());
+        assert_eq!(
+            t("12,threads=2,cores=3,sockets=2"),
+            CpuTopology::new(2, 3, 2).unwrap()
+        );
+        assert_eq!(t("6,cores=3,threads=2"), CpuTopology::new(2, 3, 1).unwrap());
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "255",
+            "1000",
+            "two",
+            "4,threads=3",
+            "4,cores=3",
+            "4,threads=2,cores=1",
+            "4,threads=0",
+            "4,threads=8",
+            "4,dies=2",
+            "4,threads",
+            "4,threads=2,threads=2",
+            "4,",
+            // 240 vcpus, but socket 15's APIC ids would start at 15 << 5 = 480.
+            "240,threads=3,cores=5,sockets=16",
+        ] {
+            match parse_cpus(bad) {
+                Err(Error::InvalidCpus { value, .. }) => assert_eq!(value, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn memory_sizes() {
         assert_eq!(parse_mem_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_mem_size("512").unwrap(), 512 << 20);
@@ -303,7 +388,7 @@ mod tests {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.into(),
             mem_size: DEFAULT_MEM_SIZE,
-            vcpus: 1,
+            cpus: CpuTopology::flat(1).unwrap(),
             disks: Vec::new(),
             nets: Vec::new(),
             seccomp: Default::default(),
@@ -328,9 +413,6 @@ mod tests {
             c.validate(),
             Err(Error::Arch(tvm_arch_x86::Error::LoadKernel(_)))
         ));
-        let mut c = cfg();
-        c.vcpus = 2;
-        assert!(matches!(c.validate(), Err(Error::TooManyVcpus(2))));
         let mut c = cfg();
         c.mem_size = 1 << 20;
         assert!(matches!(c.validate(), Err(Error::MemoryTooSmall(_))));

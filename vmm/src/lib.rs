@@ -49,9 +49,26 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
-    /// Too many (or zero) vCPUs.
-    #[error("--cpus {0} is not supported: this VMM runs exactly 1 vcpu until SMP support lands")]
-    TooManyVcpus(u8),
+    /// A `--cpus` value did not parse, or names a topology that cannot be built.
+    #[error("invalid --cpus {value:?}: {why}; expected N[,threads=T][,cores=C][,sockets=S] with 1 <= N <= {max} and T x C x S = N", max = tvm_arch_x86::MAX_XAPIC_ID)]
+    InvalidCpus {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// More vCPUs (or a higher APIC id) than this host's KVM allows.
+    #[error("--cpus {asked}: this host's kvm allows at most {max} vcpus (KVM_CAP_MAX_VCPUS) and vcpu ids below {max_id} (KVM_CAP_MAX_VCPU_ID); the highest APIC id would be {highest_id}")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        asked: u8,
+        /// The highest APIC id the topology gives.
+        highest_id: u8,
+        /// KVM_CAP_MAX_VCPUS.
+        max: usize,
+        /// KVM_CAP_MAX_VCPU_ID.
+        max_id: usize,
+    },
     /// Not enough memory for a guest.
     #[error("guest memory of {0} bytes is too small: at least 16 MiB is needed")]
     MemoryTooSmall(u64),

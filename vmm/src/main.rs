@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use log::LevelFilter;
-use tvm_vmm::config::{parse_disk, parse_mem_size, parse_net, VmConfig, DEFAULT_CMDLINE};
+use tvm_vmm::config::{
+    parse_cpus, parse_disk, parse_mem_size, parse_net, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEM_SIZE,
+};
 use tvm_vmm::seccomp::SeccompLevel;
 use tvm_vmm::timing::BootTimes;
 use tvm_vmm::vcpu::{log_stop, ExitReason};
@@ -31,9 +33,9 @@ struct Cli {
     /// Kernel command line.
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Guest memory, e.g. 512M or 2G (a bare number means MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    memory: String,
+    /// Guest memory, e.g. 512M or 2G (a bare number means MiB) [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
     /// A virtio-blk disk backed by a file: PATH, optionally followed by ,readonly=on and
     /// ,id=STRING. Repeat for more disks (vda, vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,OPTIONS]")]
@@ -43,9 +45,15 @@ struct Cli {
     /// ...).
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<String>,
-    /// Number of vCPUs (only 1 is supported for now).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u8,
+    /// vCPUs: N, optionally with a topology ,threads=T,cores=C,sockets=S whose product is
+    /// N (default: N single-threaded cores on one socket). At most 254, and at most what
+    /// this host's KVM allows.
+    #[arg(
+        long,
+        value_name = "N[,threads=T][,cores=C][,sockets=S]",
+        default_value = "1"
+    )]
+    cpus: String,
     /// seccomp filters: on (a syscall outside a thread's list ends the VMM with a message),
     /// log (such syscalls are allowed and logged by the kernel), or off.
     #[arg(long, value_name = "on|off|log", default_value = "on")]
@@ -73,8 +81,13 @@ fn main() -> ExitCode {
     logger::init(cli.log_level, start);
     terminal::install_panic_hook();
 
-    let mem_size = match parse_mem_size(&cli.memory) {
-        Ok(m) => m,
+    let mem_size = cli
+        .memory
+        .as_deref()
+        .map_or(Ok(DEFAULT_MEM_SIZE), parse_mem_size);
+    let parsed = mem_size.and_then(|m| Ok((m, parse_cpus(&cli.cpus)?)));
+    let (mem_size, cpus) = match parsed {
+        Ok(v) => v,
         Err(e) => {
             eprintln!("vmm: error: {}", error_chain(&e));
             return ExitCode::from(1);
@@ -95,7 +108,7 @@ fn main() -> ExitCode {
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         mem_size,
-        vcpus: cli.cpus,
+        cpus,
         disks,
         nets,
         seccomp: cli.seccomp,

@@ -209,6 +209,21 @@ fn check_capabilities(kvm: &Kvm) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a topology this host's KVM cannot create: more vCPUs than KVM_CAP_MAX_VCPUS
+/// (`max`), or an APIC id (the KVM vCPU id) not below KVM_CAP_MAX_VCPU_ID (`max_id`).
+fn check_vcpu_limits(cpus: &tvm_arch_x86::CpuTopology, max: usize, max_id: usize) -> Result<()> {
+    let highest_id = cpus.apic_ids().into_iter().max().unwrap_or(0);
+    if usize::from(cpus.cpu_count()) > max || usize::from(highest_id) >= max_id {
+        return Err(Error::TooManyVcpus {
+            asked: cpus.cpu_count(),
+            highest_id,
+            max,
+            max_id,
+        });
+    }
+    Ok(())
+}
+
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, irqchip, kernel, devices, vCPUs.
     pub fn build(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<Vmm> {
@@ -257,6 +272,7 @@ impl Vmm {
 
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         check_capabilities(&kvm)?;
+        check_vcpu_limits(&cfg.cpus, kvm.get_max_vcpus(), kvm.get_max_vcpu_id())?;
         let vm = kvm.create_vm().map_err(Error::CreateVm)?;
         vm.set_tss_address(layout::KVM_TSS_ADDRESS.0 as usize)
             .map_err(Error::SetTssAddress)?;
@@ -363,24 +379,28 @@ impl Vmm {
         }
         let pci_irqs = wiring.pci_irqs().to_vec();
         wiring.finish()?;
-        let poweroff_evt = crate::acpi::setup_acpi(&mut io, &mem, cfg.vcpus, &pci_irqs)?;
+        let apic_ids = cfg.cpus.apic_ids();
+        let poweroff_evt = crate::acpi::setup_acpi(&mut io, &mem, &apic_ids, &pci_irqs)?;
         let io = Arc::new(io);
 
-        // vCPUs.
+        // vCPUs: KVM's vCPU id is the APIC id. With the in-kernel irqchip KVM creates
+        // every vCPU but the boot CPU (id 0) waiting for INIT and SIPI, which the guest
+        // sends through its local APIC when it brings the application processors up.
         let stop = Arc::new(AtomicBool::new(false));
-        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-        let mut monitors = Vec::with_capacity(usize::from(cfg.vcpus));
-        for id in 0..cfg.vcpus {
+        let cpu_count = cfg.cpus.cpu_count();
+        let mut vcpus = Vec::with_capacity(usize::from(cpu_count));
+        let mut monitors = Vec::with_capacity(usize::from(cpu_count));
+        for (index, apic_id) in (0..cpu_count).zip(apic_ids.iter().copied()) {
             let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| Error::CreateVcpu(id, e))?;
+                .create_vcpu(u64::from(apic_id))
+                .map_err(|e| Error::CreateVcpu(index, e))?;
             tvm_arch_x86::configure_vcpu(
                 &kvm,
                 &fd,
                 &mem,
                 &VcpuBootConfig {
-                    cpu_id: id,
-                    cpu_count: cfg.vcpus,
+                    index,
+                    topology: cfg.cpus,
                     entry: kernel.entry,
                     mode: kernel.mode,
                     irqchip: true,
@@ -388,7 +408,7 @@ impl Vmm {
             )?;
             vcpus.push(Vcpu {
                 fd,
-                id,
+                id: index,
                 io: io.clone(),
                 mem: mem.clone(),
                 exit: exit.clone(),
@@ -401,9 +421,10 @@ impl Vmm {
             monitors.extend(vcpus.last().map(|v| v.monitor.clone()));
         }
         info!(
-            "vm built: {} MiB, {} vcpu(s), kernel {:?}",
+            "vm built: {} MiB, {} vcpu(s) ({}), kernel {:?}",
             cfg.mem_size >> 20,
-            cfg.vcpus,
+            cpu_count,
+            cfg.cpus,
             cfg.kernel
         );
 
@@ -706,6 +727,29 @@ mod tests {
             }
         }
         panic!("the control subscriber never finished");
+    }
+
+    #[test]
+    fn vcpu_limits_of_kvm_are_checked_by_count_and_by_apic_id() {
+        use tvm_arch_x86::CpuTopology;
+        let flat4 = CpuTopology::flat(4).unwrap();
+        check_vcpu_limits(&flat4, 4, 4).unwrap();
+        assert!(matches!(
+            check_vcpu_limits(&flat4, 3, 1024),
+            Err(Error::TooManyVcpus {
+                asked: 4,
+                max: 3,
+                ..
+            })
+        ));
+        // 3 threads x 2 cores: 6 vCPUs, but APIC ids up to 6 (2 bits for the thread).
+        let sparse = CpuTopology::new(3, 2, 1).unwrap();
+        check_vcpu_limits(&sparse, 6, 7).unwrap();
+        let e = check_vcpu_limits(&sparse, 6, 6).unwrap_err();
+        assert!(
+            matches!(e, Error::TooManyVcpus { highest_id: 6, .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -387,7 +387,20 @@ fn bad_memory_and_cpus_are_clear_errors() {
         &run_vmm(&["--kernel", k, "--memory", "100001K"]),
         "not a multiple of 4 KiB",
     );
-    assert_one_error_line(&run_vmm(&["--kernel", k, "--cpus", "2"]), "exactly 1 vcpu");
+    for cpus in [
+        "0",
+        "255",
+        "many",
+        "4,threads=3",
+        "4,threads=2,cores=1",
+        "4,dies=2",
+        "4,threads=2,threads=2",
+    ] {
+        assert_one_error_line(
+            &run_vmm(&["--kernel", k, "--cpus", cpus]),
+            &format!("invalid --cpus {cpus:?}: "),
+        );
+    }
     assert_one_error_line(
         &run_vmm(&["--kernel", k, "--initrd", "/nonexistent.img"]),
         "cannot open the initrd",

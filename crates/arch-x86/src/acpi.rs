@@ -111,8 +111,8 @@ pub struct PciIrq {
 /// What the tables describe.
 #[derive(Clone, Copy, Debug)]
 pub struct AcpiConfig<'a> {
-    /// Number of vCPUs (APIC ids 0..cpu_count).
-    pub cpu_count: u8,
+    /// The vCPUs' APIC ids, in vCPU order (see [`crate::CpuTopology::apic_ids`]).
+    pub apic_ids: &'a [u8],
     /// The INTx wiring of the PCI devices.
     pub pci_irqs: &'a [PciIrq],
 }
@@ -246,16 +246,16 @@ pub fn build_dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
     dsdt.as_slice().to_vec()
 }
 
-/// The MADT for `cpu_count` vCPUs.
-pub fn build_madt(cpu_count: u8) -> Vec<u8> {
+/// The MADT for vCPUs with `apic_ids` (in vCPU order; the processor uid is the index).
+pub fn build_madt(apic_ids: &[u8]) -> Vec<u8> {
     let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, *b"TVMMADT ", OEM_REVISION);
     // The LAPIC sits below 4 GiB (checked in layout.rs).
     madt.write_u32(36, APIC_START.0 as u32);
     madt.write_u32(40, MADT_PCAT_COMPAT);
-    for id in 0..cpu_count {
+    for (uid, apic_id) in apic_ids.iter().enumerate() {
         madt.append_slice(&aml_bytes(&ProcessorLocalApic::new(
-            id,
-            id,
+            uid as u8,
+            *apic_id,
             EnabledStatus::Enabled,
         )));
     }
@@ -369,7 +369,7 @@ pub fn setup_acpi_tables<M: GuestMemoryBackend>(
     let fadt = placer.place(fadt_bytes.len(), 8)?;
     write(mem, &fadt_bytes, fadt)?;
 
-    let madt_bytes = build_madt(cfg.cpu_count);
+    let madt_bytes = build_madt(cfg.apic_ids);
     let madt = placer.place(madt_bytes.len(), 8)?;
     write(mem, &madt_bytes, madt)?;
 
@@ -499,10 +499,11 @@ mod tests {
 
     fn setup(cpus: u8) -> (vm_memory::GuestMemoryMmap<()>, AcpiTables) {
         let mem = test_mem(0x10_0000);
+        let ids: Vec<u8> = (0..cpus).collect();
         let t = setup_acpi_tables(
             &mem,
             &AcpiConfig {
-                cpu_count: cpus,
+                apic_ids: &ids,
                 pci_irqs: &IRQS,
             },
         )
@@ -577,7 +578,7 @@ mod tests {
 
     #[test]
     fn madt_has_a_lapic_per_vcpu_the_ioapic_and_the_sci_override() {
-        for cpus in [1u8, 2, 4, 255] {
+        for cpus in [1u8, 2, 4, 254] {
             let (mem, _) = setup(cpus);
             let tables = walk(&mem);
             let madt = table(&tables, b"APIC");
@@ -702,7 +703,7 @@ mod tests {
         let err = setup_acpi_tables(
             &mem,
             &AcpiConfig {
-                cpu_count: 1,
+                apic_ids: &[0],
                 pci_irqs: &[],
             },
         )

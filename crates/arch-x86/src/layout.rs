@@ -13,8 +13,9 @@ pub const BOOT_GDT_MAX: usize = 4;
 /// Where the (empty) IDT is placed; with its 8-byte limit and a zero entry any exception is a
 /// triple fault, which is what the kernel expects before it installs its own.
 pub const BOOT_IDT_START: GuestAddress = GuestAddress(0x520);
-/// The zero page (`struct boot_params`), handed to the kernel in RSI.
-pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
+/// The zero page (`struct boot_params`), handed to the kernel in RSI: 0x10000, the seed
+/// design's value (docs/boot.md has the table), above the page tables.
+pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x1_0000);
 /// Initial stack pointer, below the page tables.
 pub const BOOT_STACK_POINTER: GuestAddress = GuestAddress(0x8ff0);
 /// Page-map level 4 table for the 64-bit entry.
@@ -51,11 +52,18 @@ pub const PCI_MMIO_END: u64 = 0xfec0_0000;
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 /// Local APIC base address (Intel SDM vol. 3, 10.4.1: IA32_APIC_BASE default).
 pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);
-/// KVM_SET_TSS_ADDR: three pages inside the hole that KVM uses for the real-mode TSS on
-/// Intel; the same value Firecracker and QEMU use.
-pub const KVM_TSS_ADDRESS: GuestAddress = GuestAddress(0xfffb_d000);
-/// KVM_SET_IDENTITY_MAP_ADDR: one page, just below the TSS.
-pub const KVM_IDENTITY_MAP_START: GuestAddress = GuestAddress(0xfffb_c000);
+/// KVM_SET_TSS_ADDR: the three pages KVM uses for the real-mode TSS on Intel without
+/// unrestricted guest, at the seed design's 0xFFFF_D000: the top 12 KiB below 4 GiB, in
+/// the hole, where no RAM, PCI BAR or APIC is (nothing else is mapped above the LAPIC page).
+/// Firecracker and QEMU use 0xFFFB_D000; both work, as long as the pages are in no memory
+/// slot and clash with no device.
+pub const KVM_TSS_ADDRESS: GuestAddress = GuestAddress(0xffff_d000);
+/// Pages KVM_SET_TSS_ADDR takes.
+pub const KVM_TSS_PAGES: u64 = 3;
+/// KVM_SET_IDENTITY_MAP_ADDR: one page, just below the TSS (the seed's 0xFFFF_C000).
+pub const KVM_IDENTITY_MAP_START: GuestAddress = GuestAddress(0xffff_c000);
+/// Default guest RAM when `--memory` is not given: 1 GiB, the seed design's value.
+pub const DEFAULT_MEM_SIZE: u64 = 1 << 30;
 /// Highest address an initrd may end at when the kernel does not say (boot protocol < 2.03).
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
@@ -101,10 +109,10 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
 // The fixed addresses must not overlap; checked at compile time.
 const _: () = {
     assert!(BOOT_GDT_START.0 + (BOOT_GDT_MAX as u64) * 8 <= BOOT_IDT_START.0);
-    assert!(BOOT_IDT_START.0 + 8 <= ZERO_PAGE_START.0);
-    assert!(ZERO_PAGE_START.0 + 4096 <= BOOT_STACK_POINTER.0);
+    assert!(BOOT_IDT_START.0 + 8 <= BOOT_STACK_POINTER.0);
     assert!(BOOT_STACK_POINTER.0 < PML4_START.0);
-    assert!(PDE_START.0 + 4096 <= CMDLINE_START.0);
+    assert!(PDE_START.0 + 4096 <= ZERO_PAGE_START.0);
+    assert!(ZERO_PAGE_START.0 + 4096 <= CMDLINE_START.0);
     assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     assert!(EBDA_START <= RSDP_START.0);
     // The RSDP (36 bytes) before the tables, which start 64-byte aligned.
@@ -112,6 +120,7 @@ const _: () = {
     assert!(ACPI_TABLES_START.0 % 64 == 0);
     assert!(ACPI_TABLES_END <= HIMEM_START.0);
     assert!(KVM_IDENTITY_MAP_START.0 + 4096 <= KVM_TSS_ADDRESS.0);
+    assert!(KVM_TSS_ADDRESS.0 + KVM_TSS_PAGES * 4096 <= MMIO_GAP_END);
     assert!(KVM_IDENTITY_MAP_START.0 >= APIC_START.0 + 4096);
     assert!(PCI_MMIO_END <= IOAPIC_START.0);
 };
@@ -141,6 +150,33 @@ mod tests {
         for gsi in VIRTIO_INTX_GSIS {
             assert!(!isa[..4].contains(&gsi), "gsi {gsi}");
         }
+    }
+
+    #[test]
+    fn the_seed_designs_values_are_pinned() {
+        // The "key configuration values" of the design this VMM re-creates
+        // (docs/boot.md shows them side by side with ours). A change here changes what the
+        // guest sees: make it on purpose, with the docs.
+        assert_eq!(KVM_TSS_ADDRESS, GuestAddress(0xffff_d000));
+        assert_eq!(KVM_IDENTITY_MAP_START, GuestAddress(0xffff_c000));
+        assert_eq!(ZERO_PAGE_START, GuestAddress(0x1_0000));
+        // A bzImage's protected-mode kernel is loaded, and entered, at code32_start.
+        assert_eq!(HIMEM_START, GuestAddress(0x10_0000));
+        assert_eq!(DEFAULT_MEM_SIZE, 1 << 30);
+        // And the rest of the map the design fixes.
+        assert_eq!(BOOT_GDT_START, GuestAddress(0x500));
+        assert_eq!(BOOT_IDT_START, GuestAddress(0x520));
+        assert_eq!(
+            (PML4_START, PDPTE_START, PDE_START),
+            (
+                GuestAddress(0x9000),
+                GuestAddress(0xa000),
+                GuestAddress(0xb000)
+            )
+        );
+        assert_eq!(CMDLINE_START, GuestAddress(0x2_0000));
+        assert_eq!((IOAPIC_START.0, APIC_START.0), (0xfec0_0000, 0xfee0_0000));
+        assert_eq!((MMIO_GAP_START, MMIO_GAP_END), (0xc000_0000, 1 << 32));
     }
 
     #[test]

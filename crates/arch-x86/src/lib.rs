@@ -35,6 +35,7 @@ mod lapic;
 pub mod layout;
 mod msr;
 mod regs;
+mod topology;
 
 pub use boot::{
     build_boot_params, build_cmdline, check_kernel, detect_kernel_format, e820_entries,
@@ -53,6 +54,7 @@ pub use regs::{
     write_identity_page_tables, EFER_LMA, EFER_LME, X86_CR0_ET, X86_CR0_PE, X86_CR0_PG,
     X86_CR4_PAE,
 };
+pub use topology::{CpuTopology, MAX_XAPIC_ID};
 
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -165,6 +167,9 @@ pub enum Error {
     /// The zero page did not read back.
     #[error("boot_params did not read back from guest memory")]
     ZeroPageMissing,
+    /// A vCPU topology that cannot be built.
+    #[error("invalid vcpu topology: {0}")]
+    InvalidTopology(String),
     /// The ACPI tables do not fit in the room reserved for them.
     #[error("the acpi tables need {size} bytes, more than the {room} bytes reserved for them")]
     AcpiTablesTooLarge {
@@ -184,34 +189,48 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// What [`configure_vcpu`] needs.
 #[derive(Clone, Copy, Debug)]
 pub struct VcpuBootConfig {
-    /// Index of this vCPU (its APIC id).
-    pub cpu_id: u8,
-    /// Number of vCPUs in the VM.
-    pub cpu_count: u8,
-    /// Kernel entry point.
+    /// Index of this vCPU (0 is the boot CPU); its APIC id comes from `topology`.
+    pub index: u8,
+    /// The VM's vCPU topology.
+    pub topology: CpuTopology,
+    /// Kernel entry point (used by the boot CPU only).
     pub entry: GuestAddress,
-    /// Entry mode.
+    /// Entry mode (the boot CPU's).
     pub mode: BootMode,
     /// Whether the in-kernel irqchip exists (LINT0/LINT1 need it).
     pub irqchip: bool,
 }
 
-/// Sets all boot state of `vcpu`: CPUID (with the TSC-deadline timer when there is an
-/// irqchip), MSRs, registers, special registers, FPU and, with
-/// an irqchip, LINT0/LINT1. Only the boot vCPU gets the entry registers.
+impl VcpuBootConfig {
+    /// Whether this is the boot CPU.
+    pub fn is_boot_cpu(&self) -> bool {
+        self.index == 0
+    }
+}
+
+/// Sets all boot state of `vcpu`: CPUID for its place in the topology (with the
+/// TSC-deadline timer when there is an irqchip), MSRs, the FPU and, with an irqchip,
+/// LINT0/LINT1 (ExtINT on LINT0 for the boot CPU only, NMI on LINT1 for all).
+///
+/// Only the boot CPU gets the entry registers and segments. The application processors
+/// keep KVM's reset state: with the in-kernel irqchip KVM creates them in
+/// `KVM_MP_STATE_UNINITIALIZED`, and they start when the guest sends them INIT and
+/// SIPI through its local APIC, as on hardware.
 pub fn configure_vcpu<M: GuestMemoryBackend>(
     kvm: &Kvm,
     vcpu: &VcpuFd,
     mem: &M,
     cfg: &VcpuBootConfig,
 ) -> Result<()> {
-    setup_cpuid(kvm, vcpu, cfg.cpu_id, cfg.cpu_count, cfg.irqchip)?;
+    setup_cpuid(kvm, vcpu, &cfg.topology, cfg.index, cfg.irqchip)?;
     setup_msrs(vcpu)?;
-    setup_regs(vcpu, cfg.entry, layout::ZERO_PAGE_START)?;
-    setup_sregs(vcpu, mem, cfg.mode)?;
+    if cfg.is_boot_cpu() {
+        setup_regs(vcpu, cfg.entry, layout::ZERO_PAGE_START)?;
+        setup_sregs(vcpu, mem, cfg.mode)?;
+    }
     setup_fpu(vcpu)?;
     if cfg.irqchip {
-        setup_lint(vcpu)?;
+        setup_lint(vcpu, cfg.is_boot_cpu())?;
     }
     Ok(())
 }
