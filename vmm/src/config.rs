@@ -110,7 +110,15 @@ pub fn parse_cpus(text: &str) -> Result<CpuTopology> {
     }
     let threads = threads.unwrap_or(1);
     let sockets = sockets.unwrap_or(1);
-    let cores = cores.unwrap_or(n / (threads * sockets).max(1));
+    let cores = match cores {
+        Some(c) => c,
+        None if n % (threads * sockets) == 0 => n / (threads * sockets),
+        None => {
+            return Err(bad(format!(
+                "{n} vcpus are not a multiple of threads={threads} x sockets={sockets}"
+            )))
+        }
+    };
     if threads * cores * sockets != n {
         return Err(bad(format!(
             "threads={threads} x cores={cores} x sockets={sockets} is {}, not {n}",
