@@ -349,6 +349,155 @@ fn kvm_sigterm_ends_a_halted_guest_cleanly() {
     assert!(text(&out.stderr).contains("TVM-BOOT-TIMES "));
 }
 
+// SMP: the boot CPU starts an application processor through its local APIC.
+
+/// The boot page tables' PDPT (tvm-arch-x86 `PDPTE_START`); entry 3 covers 3-4 GiB.
+const BOOT_PDPT: u64 = 0xa000;
+/// A free page below the zero page (tvm-arch-x86 layout: the boot page directory ends at
+/// 0xc000, the zero page starts at 0x1_0000) for the page directory of 3-4 GiB.
+const HIGH_PD: u64 = 0xc000;
+/// The local APIC's MMIO page (tvm-arch-x86 `APIC_START`) and its registers.
+const LAPIC: u64 = 0xfee0_0000;
+const LAPIC_SVR: u64 = 0xf0;
+const LAPIC_ICR_LOW: u64 = 0x300;
+const LAPIC_ICR_HIGH: u64 = 0x310;
+/// ICR delivery modes (Intel SDM vol. 3, 11.6.1) with the level bit set: INIT and STARTUP.
+const ICR_INIT: u32 = 0x4500;
+const ICR_STARTUP: u32 = 0x4600;
+/// The SIPI vector: the AP starts in real mode at CS = 0x3000, IP = 0 (physical 0x3_0000,
+/// free low RAM between the command line and the EBDA).
+const SIPI_VECTOR: u8 = 0x30;
+const TRAMPOLINE: u64 = (SIPI_VECTOR as u64) << 12;
+/// The flag the AP sets, in the trampoline's page (offset from CS).
+const AP_FLAG_OFF: u16 = 0x800;
+
+/// Waits until `(TSC - r8) >> 20` reaches `units` (about a millisecond each on a 1 GHz
+/// TSC), or, with `flag`, until the byte at `flag` is 1 (then jumps to `done`). Clobbers
+/// RAX, RDX and RDI.
+fn spin(asm: Asm, units: u32, flag: Option<(u64, &str)>) -> Asm {
+    let top = asm.local("spin");
+    let mut a = asm.tsc_to_rax().mov_r8_rax().label(&top);
+    if let Some((addr, done)) = flag {
+        a = a.mov_rdi(addr).load8_from_rdi().cmp_eax(1).je(done);
+    }
+    a.pause()
+        .tsc_to_rax()
+        .sub_rax_r8()
+        .shr_rax(20)
+        .cmp_eax(units)
+        .jb(&top)
+}
+
+/// Writes `value` to the local APIC register at `reg` (through the mapping of 3-4 GiB).
+fn lapic_write(asm: Asm, reg: u64, value: u32) -> Asm {
+    asm.mov_rdi(LAPIC + reg).store32_at_rdi(value)
+}
+
+/// Sends an IPI with ICR low `icr` to the APIC with id `dest` (physical destination).
+fn send_ipi(asm: Asm, dest: u8, icr: u32) -> Asm {
+    // The high half first: writing the low half sends.
+    let asm = lapic_write(asm, LAPIC_ICR_HIGH, u32::from(dest) << 24);
+    lapic_write(asm, LAPIC_ICR_LOW, icr)
+}
+
+/// The AP's real-mode code at `TRAMPOLINE`: prints `AP <APIC id from CPUID.1:EBX[31:24]>
+/// up`, sets the flag, and halts with interrupts off.
+fn ap_trampoline() -> Vec<u8> {
+    let code = Asm::new()
+        .cli()
+        .mov_eax_real(1)
+        .cpuid()
+        .shr_ebx_real(24)
+        .print_real(0x3f8, b"AP ")
+        .mov_al_bl()
+        .add_al(b'0')
+        .out_dx_al()
+        .print_real(0x3f8, b" up\n")
+        .store8_cs_real(AP_FLAG_OFF, 1)
+        .halt_forever()
+        .finish();
+    assert!(code.len() < usize::from(AP_FLAG_OFF));
+    code
+}
+
+/// A 64-bit boot CPU that maps its local APIC, copies the AP trampoline below 1 MiB,
+/// starts APIC id 1 with INIT and two SIPIs (with `sipi`; without, INIT only), waits for
+/// the AP's flag with a bounded spin, says whether it saw it, and resets.
+fn smp_boot_guest(sipi: bool) -> Vec<u8> {
+    let mut a = Asm::new()
+        .jmp("main")
+        .label("trampoline")
+        .bytes(&ap_trampoline())
+        .label("main")
+        .print(0x3f8, b"BSP up\n")
+        // 3-4 GiB through a new page directory; the LAPIC's 2 MiB page uncached (present,
+        // writable, write-through, cache disabled, large).
+        .mov_rdi(HIGH_PD + 8 * ((LAPIC >> 21) & 511))
+        .mov_rax(LAPIC | 0x9b)
+        .store_rax_at_rdi()
+        .mov_rdi(BOOT_PDPT + 3 * 8)
+        .mov_rax(HIGH_PD | 3)
+        .store_rax_at_rdi()
+        .reload_cr3()
+        // The trampoline, copied to where the SIPI vector points.
+        .lea_rsi("trampoline")
+        .mov_rdi(TRAMPOLINE)
+        .mov_rcx(ap_trampoline().len() as u64)
+        .rep_movsb();
+    // The boot CPU's LAPIC software-enabled (SVR bit 8, spurious vector 0xff), as Linux
+    // has it before it boots the APs.
+    a = lapic_write(a, LAPIC_SVR, 0x1ff);
+    a = send_ipi(a, 1, ICR_INIT);
+    a = spin(a, 10, None);
+    if sipi {
+        // Two STARTUPs as the MP spec says; KVM ignores the second once the AP runs.
+        a = send_ipi(a, 1, ICR_STARTUP | u32::from(SIPI_VECTOR));
+        a = spin(a, 1, None);
+        a = send_ipi(a, 1, ICR_STARTUP | u32::from(SIPI_VECTOR));
+    }
+    // Up to 2^32 TSC ticks (a few seconds) for the AP.
+    a = spin(a, 4096, Some((TRAMPOLINE + u64::from(AP_FLAG_OFF), "saw")));
+    a.print(0x3f8, b"BSP gave up waiting for the AP\n")
+        .jmp("reset")
+        .label("saw")
+        .print(0x3f8, b"BSP saw AP\n")
+        .label("reset")
+        .mov_al(0xfe)
+        .out_al(0x64)
+        .halt_forever()
+        .finish()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_the_boot_cpu_starts_an_application_processor_with_init_and_sipi() {
+    let kernel = write_kernel("smp.elf", &smp_boot_guest(true));
+    let started = Instant::now();
+    let out = run_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cpus",
+        "2",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let at = |line: &str| {
+        stdout
+            .find(line)
+            .unwrap_or_else(|| panic!("{line:?} missing: stdout {stdout:?} stderr {stderr:?}"))
+    };
+    // In this order: the AP ran only after the boot CPU sent the IPIs, and the boot CPU
+    // saw the AP's flag only after its line.
+    assert!(at("BSP up\n") < at("AP 1 up\n"), "{stdout:?}");
+    assert!(at("AP 1 up\n") < at("BSP saw AP\n"), "{stdout:?}");
+    assert!(!stdout.contains("gave up"), "{stdout:?}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "reboot");
+    assert!(!stderr.contains(" WARN "), "{stderr}");
+    eprintln!("smp boot took {:?}", started.elapsed());
+}
+
 fn assert_one_error_line(out: &Output, needle: &str) {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
