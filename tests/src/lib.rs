@@ -321,6 +321,112 @@ impl Asm {
         self
     }
 
+    /// `rep movsb`: copies RCX bytes from [RSI] to [RDI] (64-bit mode: the full registers).
+    pub fn rep_movsb(mut self) -> Self {
+        self.code.extend_from_slice(&[0xf3, 0xa4]);
+        self
+    }
+
+    /// `pause`: the spin-loop hint.
+    pub fn pause(mut self) -> Self {
+        self.code.extend_from_slice(&[0xf3, 0x90]);
+        self
+    }
+
+    /// `rdtsc; shl rdx, 32; or rax, rdx`: the time-stamp counter in RAX (64-bit mode only;
+    /// clobbers RDX).
+    pub fn tsc_to_rax(mut self) -> Self {
+        // 0f 31: rdtsc; 48 c1 e2 20: shl rdx, 32; 48 09 d0: or rax, rdx.
+        self.code
+            .extend_from_slice(&[0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0]);
+        self
+    }
+
+    /// `mov r8, rax` (64-bit mode only).
+    pub fn mov_r8_rax(mut self) -> Self {
+        self.code.extend_from_slice(&[0x49, 0x89, 0xc0]);
+        self
+    }
+
+    /// `sub rax, r8` (64-bit mode only).
+    pub fn sub_rax_r8(mut self) -> Self {
+        self.code.extend_from_slice(&[0x4c, 0x29, 0xc0]);
+        self
+    }
+
+    /// `cli`.
+    pub fn cli(mut self) -> Self {
+        self.code.push(0xfa);
+        self
+    }
+
+    /// `mov al, bl`.
+    pub fn mov_al_bl(mut self) -> Self {
+        self.code.extend_from_slice(&[0x88, 0xd8]);
+        self
+    }
+
+    /// `add al, imm8`.
+    pub fn add_al(mut self, v: u8) -> Self {
+        self.code.extend_from_slice(&[0x04, v]);
+        self
+    }
+
+    /// Embeds `bytes` as they are (data, or code assembled for another mode).
+    pub fn bytes(mut self, bytes: &[u8]) -> Self {
+        self.code.extend_from_slice(bytes);
+        self
+    }
+
+    // Real mode (16-bit operand and address size by default): where the encoding differs
+    // from the 32-/64-bit one above, a `_real` method. `mov al`, `out dx, al`, `cli`,
+    // `cpuid`, `mov al, bl`, `add al` and `halt_forever` are the same bytes there.
+
+    /// `mov dx, imm16` in real mode (no operand-size prefix).
+    pub fn mov_dx_real(mut self, v: u16) -> Self {
+        self.code.push(0xba);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `mov eax, imm32` in real mode (operand-size prefix 0x66).
+    pub fn mov_eax_real(mut self, v: u32) -> Self {
+        self.code.extend_from_slice(&[0x66, 0xb8]);
+        self.code.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// `shr ebx, imm8` in real mode (operand-size prefix 0x66).
+    pub fn shr_ebx_real(mut self, n: u8) -> Self {
+        self.code.extend_from_slice(&[0x66, 0xc1, 0xeb, n]);
+        self
+    }
+
+    /// `mov byte cs:[disp16], imm8` in real mode: a store relative to the code segment
+    /// (after a SIPI, CS is the only segment based at the code).
+    pub fn store8_cs_real(mut self, disp: u16, v: u8) -> Self {
+        // 2e: CS override; c6 /0 with ModRM 06: mov r/m8, imm8 at [disp16].
+        self.code.extend_from_slice(&[0x2e, 0xc6, 0x06]);
+        self.code.extend_from_slice(&disp.to_le_bytes());
+        self.code.push(v);
+        self
+    }
+
+    /// [`print`](Self::print) in real mode.
+    pub fn print_real(mut self, base: u16, text: &[u8]) -> Self {
+        self = self.mov_dx_real(base);
+        for &b in text {
+            self = self.mov_al(b).out_dx_al();
+        }
+        self
+    }
+
+    /// `lea rsi, [rip + rel32]` to `target`: its address, wherever the code is loaded
+    /// (64-bit mode only).
+    pub fn lea_rsi(self, target: &str) -> Self {
+        self.rel32(&[0x48, 0x8d, 0x35], target)
+    }
+
     /// Defines `name` at the current position.
     ///
     /// # Panics
@@ -491,6 +597,45 @@ mod tests {
         ]
         .concat();
         assert_eq!(code, want);
+    }
+
+    #[test]
+    fn smp_and_real_mode_instructions() {
+        let code = Asm::new()
+            .rep_movsb()
+            .pause()
+            .tsc_to_rax()
+            .mov_r8_rax()
+            .sub_rax_r8()
+            .cli()
+            .mov_al_bl()
+            .add_al(b'0')
+            .mov_dx_real(0x3f8)
+            .mov_eax_real(1)
+            .shr_ebx_real(24)
+            .store8_cs_real(0x800, 1)
+            .bytes(&[0x90])
+            .finish();
+        let want: Vec<u8> = [
+            &[0xf3, 0xa4][..],
+            &[0xf3, 0x90],
+            &[0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0],
+            &[0x49, 0x89, 0xc0],
+            &[0x4c, 0x29, 0xc0],
+            &[0xfa],
+            &[0x88, 0xd8],
+            &[0x04, 0x30],
+            &[0xba, 0xf8, 0x03],
+            &[0x66, 0xb8, 1, 0, 0, 0],
+            &[0x66, 0xc1, 0xeb, 24],
+            &[0x2e, 0xc6, 0x06, 0x00, 0x08, 0x01],
+            &[0x90],
+        ]
+        .concat();
+        assert_eq!(code, want);
+        // lea rsi, [rip + 1]: over the one-byte ret to the label.
+        let code = Asm::new().lea_rsi("data").ret().label("data").finish();
+        assert_eq!(code, [0x48, 0x8d, 0x35, 1, 0, 0, 0, 0xc3]);
     }
 
     #[test]

@@ -349,6 +349,219 @@ fn kvm_sigterm_ends_a_halted_guest_cleanly() {
     assert!(text(&out.stderr).contains("TVM-BOOT-TIMES "));
 }
 
+// SMP: the boot CPU starts an application processor through its local APIC.
+
+/// The boot page tables' PDPT (tvm-arch-x86 `PDPTE_START`); entry 3 covers 3-4 GiB.
+const BOOT_PDPT: u64 = 0xa000;
+/// A free page below the zero page (tvm-arch-x86 layout: the boot page directory ends at
+/// 0xc000, the zero page starts at 0x1_0000) for the page directory of 3-4 GiB.
+const HIGH_PD: u64 = 0xc000;
+/// The local APIC's MMIO page (tvm-arch-x86 `APIC_START`) and its registers.
+const LAPIC: u64 = 0xfee0_0000;
+const LAPIC_SVR: u64 = 0xf0;
+const LAPIC_ICR_LOW: u64 = 0x300;
+const LAPIC_ICR_HIGH: u64 = 0x310;
+/// ICR delivery modes (Intel SDM vol. 3, 11.6.1) with the level bit set: INIT and STARTUP.
+const ICR_INIT: u32 = 0x4500;
+const ICR_STARTUP: u32 = 0x4600;
+/// The SIPI vector: the AP starts in real mode at CS = 0x3000, IP = 0 (physical 0x3_0000,
+/// free low RAM between the command line and the EBDA).
+const SIPI_VECTOR: u8 = 0x30;
+const TRAMPOLINE: u64 = (SIPI_VECTOR as u64) << 12;
+/// The flag the AP sets, in the trampoline's page (offset from CS).
+const AP_FLAG_OFF: u16 = 0x800;
+
+/// Waits until `(TSC - r8) >> 20` reaches `units` (about a millisecond each on a 1 GHz
+/// TSC), or, with `flag`, until the byte at `flag` is 1 (then jumps to `done`). Clobbers
+/// RAX, RDX and RDI.
+fn spin(asm: Asm, units: u32, flag: Option<(u64, &str)>) -> Asm {
+    let top = asm.local("spin");
+    let mut a = asm.tsc_to_rax().mov_r8_rax().label(&top);
+    if let Some((addr, done)) = flag {
+        a = a.mov_rdi(addr).load8_from_rdi().cmp_eax(1).je(done);
+    }
+    a.pause()
+        .tsc_to_rax()
+        .sub_rax_r8()
+        .shr_rax(20)
+        .cmp_eax(units)
+        .jb(&top)
+}
+
+/// Writes `value` to the local APIC register at `reg` (through the mapping of 3-4 GiB).
+fn lapic_write(asm: Asm, reg: u64, value: u32) -> Asm {
+    asm.mov_rdi(LAPIC + reg).store32_at_rdi(value)
+}
+
+/// Sends an IPI with ICR low `icr` to the APIC with id `dest` (physical destination).
+fn send_ipi(asm: Asm, dest: u8, icr: u32) -> Asm {
+    // The high half first: writing the low half sends.
+    let asm = lapic_write(asm, LAPIC_ICR_HIGH, u32::from(dest) << 24);
+    lapic_write(asm, LAPIC_ICR_LOW, icr)
+}
+
+/// The AP's real-mode code at `TRAMPOLINE`: prints `AP <APIC id from CPUID.1:EBX[31:24]>
+/// up`, sets the flag, and halts with interrupts off.
+fn ap_trampoline() -> Vec<u8> {
+    let code = Asm::new()
+        .cli()
+        .mov_eax_real(1)
+        .cpuid()
+        .shr_ebx_real(24)
+        .print_real(0x3f8, b"AP ")
+        .mov_al_bl()
+        .add_al(b'0')
+        .out_dx_al()
+        .print_real(0x3f8, b" up\n")
+        .store8_cs_real(AP_FLAG_OFF, 1)
+        .halt_forever()
+        .finish();
+    assert!(code.len() < usize::from(AP_FLAG_OFF));
+    code
+}
+
+/// A 64-bit boot CPU that maps its local APIC, copies the AP trampoline below 1 MiB,
+/// starts APIC id 1 with INIT and two SIPIs (with `sipi`; without, INIT only), waits for
+/// the AP's flag with a bounded spin, says whether it saw it, and resets.
+fn smp_boot_guest(sipi: bool) -> Vec<u8> {
+    let mut a = Asm::new()
+        .jmp("main")
+        .label("trampoline")
+        .bytes(&ap_trampoline())
+        .label("main")
+        .print(0x3f8, b"BSP up\n")
+        // 3-4 GiB through a new page directory; the LAPIC's 2 MiB page uncached (present,
+        // writable, write-through, cache disabled, large).
+        .mov_rdi(HIGH_PD + 8 * ((LAPIC >> 21) & 511))
+        .mov_rax(LAPIC | 0x9b)
+        .store_rax_at_rdi()
+        .mov_rdi(BOOT_PDPT + 3 * 8)
+        .mov_rax(HIGH_PD | 3)
+        .store_rax_at_rdi()
+        .reload_cr3()
+        // The trampoline, copied to where the SIPI vector points.
+        .lea_rsi("trampoline")
+        .mov_rdi(TRAMPOLINE)
+        .mov_rcx(ap_trampoline().len() as u64)
+        .rep_movsb();
+    // The boot CPU's LAPIC software-enabled (SVR bit 8, spurious vector 0xff), as Linux
+    // has it before it boots the APs.
+    a = lapic_write(a, LAPIC_SVR, 0x1ff);
+    a = send_ipi(a, 1, ICR_INIT);
+    a = spin(a, 10, None);
+    if sipi {
+        // Two STARTUPs as the MP spec says; KVM ignores the second once the AP runs.
+        a = send_ipi(a, 1, ICR_STARTUP | u32::from(SIPI_VECTOR));
+        a = spin(a, 1, None);
+        a = send_ipi(a, 1, ICR_STARTUP | u32::from(SIPI_VECTOR));
+    }
+    // Up to 2^32 TSC ticks (a few seconds) for the AP.
+    a = spin(a, 4096, Some((TRAMPOLINE + u64::from(AP_FLAG_OFF), "saw")));
+    a.print(0x3f8, b"BSP gave up waiting for the AP\n")
+        .jmp("reset")
+        .label("saw")
+        .print(0x3f8, b"BSP saw AP\n")
+        .label("reset")
+        .mov_al(0xfe)
+        .out_al(0x64)
+        .halt_forever()
+        .finish()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_the_boot_cpu_starts_an_application_processor_with_init_and_sipi() {
+    let kernel = write_kernel("smp.elf", &smp_boot_guest(true));
+    let started = Instant::now();
+    let out = run_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cpus",
+        "2",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let at = |line: &str| {
+        stdout
+            .find(line)
+            .unwrap_or_else(|| panic!("{line:?} missing: stdout {stdout:?} stderr {stderr:?}"))
+    };
+    // In this order: the AP ran only after the boot CPU sent the IPIs, and the boot CPU
+    // saw the AP's flag only after its line.
+    assert!(at("BSP up\n") < at("AP 1 up\n"), "{stdout:?}");
+    assert!(at("AP 1 up\n") < at("BSP saw AP\n"), "{stdout:?}");
+    assert!(!stdout.contains("gave up"), "{stdout:?}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "reboot");
+    assert!(!stderr.contains(" WARN "), "{stderr}");
+    eprintln!("smp boot took {:?}", started.elapsed());
+}
+
+/// Asserts that every one of `n` vCPU threads left its run loop (`--log-level debug`),
+/// that is, was stopped and not abandoned, and that nothing was worth a warning.
+fn assert_every_vcpu_stopped(stderr: &str, n: u8) {
+    for id in 0..n {
+        assert!(
+            stderr.contains(&format!("vcpu{id} left its run loop")),
+            "vcpu{id} did not stop: {stderr}"
+        );
+    }
+    assert!(!stderr.contains(" WARN "), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_reset_while_the_aps_wait_for_sipi_ends_the_run_promptly() {
+    // Three APs never started: their threads sit in KVM_RUN waiting for INIT and SIPI.
+    // The reset must kick each out of it and join it, well within the shutdown grace.
+    let code = Asm::new()
+        .print(0x3f8, b"resetting\n")
+        .mov_al(0xfe)
+        .out_al(0x64)
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel("smp-reset.elf", &code);
+    let started = Instant::now();
+    let out = run_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cpus",
+        "4",
+        "--log-level",
+        "debug",
+    ]);
+    let took = started.elapsed();
+    let stderr = text(&out.stderr);
+    assert!(text(&out.stdout).contains("resetting"), "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "reboot");
+    assert_every_vcpu_stopped(&stderr, 4);
+    // A thread the shutdown had to give up on would cost its 2 s grace and a warning
+    // (checked above); the bound here only keeps "promptly" honest on a loaded machine.
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_sigterm_ends_a_four_cpu_halted_guest_cleanly() {
+    let mut child =
+        spawn_halting_guest_with("smp-sigterm.elf", &["--cpus", "4", "--log-level", "debug"]);
+    wait_for_stdout(&mut child, "halting", 10);
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let out = wait_with_deadline(child, 10);
+    let took = signalled.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "signal");
+    assert_every_vcpu_stopped(&stderr, 4);
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+}
+
 fn assert_one_error_line(out: &Output, needle: &str) {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -580,36 +793,77 @@ fn seccomp_of_threads(pid: u32) -> Vec<(String, String, String)> {
     threads
 }
 
+/// Reads the child's stdout until it contains `needle`, for at most `secs` (the child is
+/// killed if not): a reader thread, so that a silent guest cannot block the test.
+fn wait_for_stdout(child: &mut std::process::Child, needle: &str, secs: u64) -> String {
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        loop {
+            match std::io::Read::read(&mut stdout, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = Vec::new();
+    while !text(&seen).contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.extend_from_slice(&chunk),
+            Err(e) => {
+                let _ = child.kill();
+                panic!(
+                    "no {needle:?} on stdout within {secs} s ({e}): {:?}",
+                    text(&seen)
+                );
+            }
+        }
+    }
+    text(&seen)
+}
+
 #[test]
 #[ignore = "needs /dev/kvm"]
 fn kvm_every_thread_runs_under_exactly_its_own_seccomp_filter() {
-    for (level, mode, filters) in [(None, "2", "1"), (Some("off"), "0", "0")] {
-        let extra: Vec<&str> = level.iter().flat_map(|l| ["--seccomp", l]).collect();
-        let mut child = spawn_halting_guest_with("seccomp.elf", &extra);
-        // Wait for the guest's line: every thread exists and the vCPU has entered the guest.
-        let mut stdout = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !text(&seen).contains("halting") && Instant::now() < deadline {
-            let mut buf = [0u8; 64];
-            let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
-            assert!(n > 0, "vmm closed stdout early");
-            seen.extend_from_slice(&buf[..n]);
-        }
-        let threads = seccomp_of_threads(child.id());
-        let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
-        assert_eq!(names, ["serial-out", "vcpu0", "vmm"], "{threads:?}");
-        for (name, m, f) in &threads {
-            assert_eq!(m, mode, "{name} with --seccomp {level:?}: {threads:?}");
-            // One filter each: no thread inherited another kind's filter.
-            if !f.is_empty() {
-                assert_eq!(f, filters, "{name} with --seccomp {level:?}: {threads:?}");
+    // With two vCPUs the application processor's thread exists from the start, waiting
+    // in KVM_RUN for its INIT and SIPI, under the same vCPU filter.
+    for (cpus, vcpu_threads) in [("1", &["vcpu0"][..]), ("2", &["vcpu0", "vcpu1"])] {
+        for (level, mode, filters) in [(None, "2", "1"), (Some("off"), "0", "0")] {
+            let mut extra: Vec<&str> = level.iter().flat_map(|l| ["--seccomp", l]).collect();
+            extra.extend(["--cpus", cpus]);
+            let mut child = spawn_halting_guest_with("seccomp.elf", &extra);
+            // Wait for the guest's line: every thread exists and the boot vCPU has entered
+            // the guest.
+            wait_for_stdout(&mut child, "halting", 10);
+            let threads = seccomp_of_threads(child.id());
+            let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+            let want: Vec<&str> = ["serial-out"]
+                .iter()
+                .chain(vcpu_threads)
+                .chain(&["vmm"])
+                .copied()
+                .collect();
+            assert_eq!(names, want, "--cpus {cpus}: {threads:?}");
+            for (name, m, f) in &threads {
+                let ctx = format!("{name} with --cpus {cpus} --seccomp {level:?}: {threads:?}");
+                assert_eq!(m, mode, "{ctx}");
+                // One filter each: no thread inherited another kind's filter.
+                if !f.is_empty() {
+                    assert_eq!(f, filters, "{ctx}");
+                }
             }
+            // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            let out = wait_with_deadline(child, 10);
+            assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
         }
-        // SAFETY: kill(2) with a pid we spawned and a valid signal number.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-        let out = wait_with_deadline(child, 10);
-        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     }
 }
 
