@@ -19,7 +19,8 @@
 //!   SCI on IRQ [`SCI_IRQ`], the i8042 reset (0xFE to port 0x64) as the reset register, and
 //!   the CMOS century byte. There is no SMI command port (the machine is always in ACPI
 //!   mode), no PM timer and no GPE block.
-//! - **MADT**: one enabled local APIC per vCPU (APIC id = processor uid = vCPU index), the
+//! - **MADT**: one enabled local APIC per vCPU (processor uid = vCPU index, APIC id from
+//!   the [`crate::CpuTopology`]: equal to the index for one thread per core on one socket), the
 //!   IOAPIC at [`IOAPIC_START`] with GSI base 0, an interrupt source override for the SCI
 //!   (IRQ 9, level, active high) and LINT1 as NMI on every CPU. There is no override for
 //!   IRQ 0: KVM's default GSI routing, which tvm-irq keeps, wires the PIT (GSI 0) to IOAPIC
@@ -48,7 +49,7 @@ use crate::layout::{
     ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, IOAPIC_START, MMIO_GAP_START, PCI_MMIO_END,
     RSDP_START,
 };
-use crate::{layout, Error, Result};
+use crate::{layout, Error, Result, MAX_XAPIC_ID};
 
 /// The OEM id in every table.
 const OEM_ID: [u8; 6] = *b"TVM   ";
@@ -247,7 +248,29 @@ pub fn build_dsdt(pci_irqs: &[PciIrq]) -> Vec<u8> {
 }
 
 /// The MADT for vCPUs with `apic_ids` (in vCPU order; the processor uid is the index).
-pub fn build_madt(apic_ids: &[u8]) -> Vec<u8> {
+///
+/// # Errors
+/// [`Error::InvalidTopology`] when the list cannot be described with xAPIC entries: more
+/// than 255 vCPUs (the processor uid is one byte, and 0xFF means "all processors" in the
+/// LINT1 NMI entry), an APIC id of 0xFF (the broadcast id), or an APIC id given twice.
+/// [`crate::CpuTopology`] never builds such a list; nothing is truncated.
+pub fn build_madt(apic_ids: &[u8]) -> Result<Vec<u8>> {
+    if apic_ids.len() > usize::from(ALL_PROCESSORS) {
+        return Err(Error::InvalidTopology(format!(
+            "{} vcpus: the MADT's processor uids stop at {}",
+            apic_ids.len(),
+            ALL_PROCESSORS - 1
+        )));
+    }
+    let mut seen = [false; 256];
+    for &id in apic_ids {
+        if u32::from(id) > MAX_XAPIC_ID || seen[usize::from(id)] {
+            return Err(Error::InvalidTopology(format!(
+                "APIC id {id} is the broadcast id or given twice"
+            )));
+        }
+        seen[usize::from(id)] = true;
+    }
     let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, *b"TVMMADT ", OEM_REVISION);
     // The LAPIC sits below 4 GiB (checked in layout.rs).
     madt.write_u32(36, APIC_START.0 as u32);
@@ -271,7 +294,7 @@ pub fn build_madt(apic_ids: &[u8]) -> Vec<u8> {
     madt.append_slice(&iso);
     // Local APIC NMI: all processors, flags 0 (conforms to the bus), LINT1.
     madt.append_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);
-    madt.as_slice().to_vec()
+    Ok(madt.as_slice().to_vec())
 }
 
 /// The FADT, pointing at the DSDT and the FACS.
@@ -347,8 +370,9 @@ fn write<M: GuestMemoryBackend>(mem: &M, bytes: &[u8], at: GuestAddress) -> Resu
 /// rest from [`ACPI_TABLES_START`]).
 ///
 /// # Errors
-/// [`Error::AcpiTablesTooLarge`] when they do not fit below 1 MiB, and
-/// [`Error::WriteAcpiTables`] when that area is not guest RAM.
+/// [`Error::AcpiTablesTooLarge`] when they do not fit below 1 MiB,
+/// [`Error::WriteAcpiTables`] when that area is not guest RAM, and
+/// [`Error::InvalidTopology`] for APIC ids the MADT cannot list ([`build_madt`]).
 pub fn setup_acpi_tables<M: GuestMemoryBackend>(
     mem: &M,
     cfg: &AcpiConfig<'_>,
@@ -369,7 +393,7 @@ pub fn setup_acpi_tables<M: GuestMemoryBackend>(
     let fadt = placer.place(fadt_bytes.len(), 8)?;
     write(mem, &fadt_bytes, fadt)?;
 
-    let madt_bytes = build_madt(cfg.apic_ids);
+    let madt_bytes = build_madt(cfg.apic_ids)?;
     let madt = placer.place(madt_bytes.len(), 8)?;
     write(mem, &madt_bytes, madt)?;
 
@@ -394,7 +418,7 @@ mod tests {
     use super::*;
     use crate::boot::{e820_entries, E820_RESERVED};
     use crate::layout::ram_ranges;
-    use crate::test_mem;
+    use crate::{test_mem, CpuTopology};
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
@@ -498,12 +522,15 @@ mod tests {
     ];
 
     fn setup(cpus: u8) -> (vm_memory::GuestMemoryMmap<()>, AcpiTables) {
+        setup_ids(&CpuTopology::flat(cpus).unwrap().apic_ids())
+    }
+
+    fn setup_ids(ids: &[u8]) -> (vm_memory::GuestMemoryMmap<()>, AcpiTables) {
         let mem = test_mem(0x10_0000);
-        let ids: Vec<u8> = (0..cpus).collect();
         let t = setup_acpi_tables(
             &mem,
             &AcpiConfig {
-                apic_ids: &ids,
+                apic_ids: ids,
                 pci_irqs: &IRQS,
             },
         )
@@ -578,24 +605,39 @@ mod tests {
 
     #[test]
     fn madt_has_a_lapic_per_vcpu_the_ioapic_and_the_sci_override() {
-        for cpus in [1u8, 2, 4, 254] {
-            let (mem, _) = setup(cpus);
+        let topologies = [
+            CpuTopology::flat(1).unwrap(),
+            CpuTopology::flat(2).unwrap(),
+            CpuTopology::flat(4).unwrap(),
+            CpuTopology::flat(64).unwrap(),
+            CpuTopology::flat(254).unwrap(),
+            // Sparse: APIC ids 0..=18 and 32..=50, with holes.
+            CpuTopology::new(3, 5, 2).unwrap(),
+            CpuTopology::new(2, 3, 2).unwrap(),
+        ];
+        for t in topologies {
+            let ids = t.apic_ids();
+            let (mem, _) = setup_ids(&ids);
             let tables = walk(&mem);
+            // walk() checked the checksum of every table.
             let madt = table(&tables, b"APIC");
+            assert_eq!(madt[8], 5, "MADT revision");
             assert_eq!(u32_at(madt, 36), 0xfee0_0000, "local APIC address");
             assert_eq!(u32_at(madt, 40), 1, "PCAT_COMPAT");
             let entries = madt_entries(madt);
             let lapics: Vec<_> = entries.iter().filter(|e| e.0 == 0).collect();
-            assert_eq!(lapics.len(), usize::from(cpus));
+            assert_eq!(lapics.len(), usize::from(t.cpu_count()), "{t}");
             for (i, (_, e)) in lapics.iter().enumerate() {
                 assert_eq!(e.len(), 8);
-                assert_eq!((e[2], e[3]), (i as u8, i as u8), "uid and APIC id");
-                assert_eq!(u32_at(e, 4), 1, "enabled");
+                assert_eq!(e[2], i as u8, "{t}: processor uid of vcpu {i}");
+                assert_eq!(e[3], t.apic_id(i as u8), "{t}: APIC id of vcpu {i}");
+                assert_eq!(u32_at(e, 4), 1, "{t}: vcpu {i} enabled");
             }
             let ioapics: Vec<_> = entries.iter().filter(|e| e.0 == 1).collect();
             assert_eq!(ioapics.len(), 1);
             let io = &ioapics[0].1;
             assert_eq!(io.len(), 12);
+            assert_eq!(io[2], 0, "IOAPIC id");
             assert_eq!(u32_at(io, 4), 0xfec0_0000);
             assert_eq!(u32_at(io, 8), 0, "GSI base");
             let isos: Vec<_> = entries.iter().filter(|e| e.0 == 2).collect();
@@ -608,8 +650,39 @@ mod tests {
             let nmis: Vec<_> = entries.iter().filter(|e| e.0 == 4).collect();
             assert_eq!(nmis.len(), 1);
             assert_eq!(nmis[0].1, vec![4, 6, 0xff, 0, 0, 1], "LINT1 NMI everywhere");
-            assert_eq!(entries.len(), usize::from(cpus) + 3);
+            assert_eq!(entries.len(), usize::from(t.cpu_count()) + 3);
         }
+    }
+
+    #[test]
+    fn madt_refuses_what_xapic_entries_cannot_say() {
+        // 255 vCPUs (uids 0..=254) is the most: uid 0xFF would read as "all processors".
+        let all: Vec<u8> = (0..=254).collect();
+        let madt = build_madt(&all).unwrap();
+        assert_eq!(sum(&madt), 0);
+        assert_eq!(madt_entries(&madt).iter().filter(|e| e.0 == 0).count(), 255);
+        let mut too_many = all.clone();
+        too_many.push(0);
+        let err = build_madt(&too_many).unwrap_err().to_string();
+        assert!(err.contains("256 vcpus"), "{err}");
+        // The broadcast id, and an id given twice.
+        for ids in [&[0u8, 0xff][..], &[1, 2, 1]] {
+            assert!(
+                matches!(build_madt(ids), Err(Error::InvalidTopology(_))),
+                "{ids:?}"
+            );
+        }
+        // And setup_acpi_tables passes the error on.
+        let mem = test_mem(0x10_0000);
+        let err = setup_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                apic_ids: &too_many,
+                pci_irqs: &[],
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidTopology(_)), "{err}");
     }
 
     #[test]

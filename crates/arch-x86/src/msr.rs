@@ -1,5 +1,14 @@
 //! The MSRs a vCPU gets at boot: the SYSENTER/SYSCALL set and the TSC zeroed, fast strings
 //! enabled in IA32_MISC_ENABLE, and MTRRs defaulting to write-back.
+//!
+//! Every vCPU gets the same list ([`setup_msrs`] takes no vCPU index), so it holds no MSR
+//! whose value must differ between vCPUs: IA32_APIC_BASE (its BSP flag is set by KVM, on
+//! the vCPU with id 0), IA32_TSC_AUX (Linux writes each CPU's number there itself) and the
+//! x2APIC registers stay KVM's and the guest's. IA32_TSC is written 0 on every vCPU: KVM
+//! takes a host write of 0 as a request to synchronize (`kvm_synchronize_tsc`, "force
+//! synchronization when creating a vCPU, or when userspace explicitly writes a zero
+//! value"), so all vCPUs share one TSC offset and their TSCs run in step, which Linux
+//! checks as it brings each AP up (`check_tsc_sync_source`) before it trusts the TSC.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -96,5 +105,31 @@ mod tests {
         idx.dedup();
         assert_eq!(idx.len(), list.len());
         assert!(Msrs::from_entries(&list).is_ok());
+    }
+
+    #[test]
+    fn boot_msrs_hold_no_per_vcpu_value() {
+        // The one list goes to every vCPU, so an MSR whose value must differ between vCPUs
+        // would be wrong on all but one of them.
+        const IA32_APIC_BASE: u32 = 0x1b; // BSP flag: the boot CPU only
+        const IA32_TSC_AUX: u32 = 0xc000_0103; // the CPU number, for RDTSCP/RDPID
+        const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8ff; // x2APIC id, LVTs
+        for e in boot_msr_entries() {
+            assert!(
+                e.index != IA32_APIC_BASE
+                    && e.index != IA32_TSC_AUX
+                    && !X2APIC_MSRS.contains(&e.index),
+                "per-vCPU msr {:#x} in the shared boot list",
+                e.index
+            );
+        }
+        // The TSC is written, and 0: KVM synchronizes the vCPUs' TSCs on a zero write, any
+        // other value written vCPU by vCPU would leave them apart.
+        let tsc: Vec<_> = boot_msr_entries()
+            .into_iter()
+            .filter(|e| e.index == MSR_IA32_TSC)
+            .map(|e| e.data)
+            .collect();
+        assert_eq!(tsc, vec![0]);
     }
 }
