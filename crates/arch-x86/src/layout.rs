@@ -55,8 +55,8 @@ pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);
 /// KVM_SET_TSS_ADDR: the three pages KVM uses for the real-mode TSS on Intel without
 /// unrestricted guest, at the seed design's 0xFFFF_D000: the top 12 KiB below 4 GiB, in
 /// the hole, where no RAM, PCI BAR or APIC is (nothing else is mapped above the LAPIC page).
-/// Firecracker uses 0xFFFB_D000 and QEMU 0xFEFF_D000; any works, as long as the pages are in no memory
-/// slot and clash with no device.
+/// Firecracker uses 0xFFFB_D000 and QEMU 0xFEFF_D000; any works, as long as the pages are
+/// in no memory slot and clash with no device.
 pub const KVM_TSS_ADDRESS: GuestAddress = GuestAddress(0xffff_d000);
 /// Pages KVM_SET_TSS_ADDR takes.
 pub const KVM_TSS_PAGES: u64 = 3;
