@@ -321,7 +321,7 @@ impl Asm {
         self
     }
 
-    /// `rep movsb`: copies RCX bytes from [RSI] to [RDI] (64-bit mode: the full registers).
+    /// `rep movsb`: copies RCX bytes from `[RSI]` to `[RDI]` (64-bit mode: the full registers).
     pub fn rep_movsb(mut self) -> Self {
         self.code.extend_from_slice(&[0xf3, 0xa4]);
         self
