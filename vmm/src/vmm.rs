@@ -661,25 +661,38 @@ impl Vmm {
 fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool, mem: &GuestMemoryMmap) {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + SHUTDOWN_GRACE;
-    for t in threads {
-        // A kick that lands before the thread enters KVM_RUN is lost, so keep kicking.
-        while !t.is_finished() && Instant::now() < deadline {
+    // Every round kicks every thread still running: a kick that lands before a thread
+    // enters KVM_RUN is lost, and waiting on one thread must not leave the others unkicked
+    // until the shared deadline has passed.
+    while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
             if let Err(e) = t.kill(kick_signal()) {
-                debug!("failed to kick a vcpu thread: {e}");
+                debug!("failed to kick {}: {e}", thread_name(t));
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut leaked = false;
+    for t in threads {
         if t.is_finished() {
+            let name = thread_name(&t);
             if t.join().is_err() {
-                error!("a vcpu thread panicked");
+                error!("{name} panicked");
             }
         } else {
-            warn!("a vcpu thread did not stop within {SHUTDOWN_GRACE:?}");
-            // Leaking the mapping is the only way to keep it valid for a thread we cannot
-            // join; the process is about to exit anyway.
-            std::mem::forget(mem.clone());
+            warn!("{} did not stop within {SHUTDOWN_GRACE:?}", thread_name(&t));
+            leaked = true;
         }
     }
+    if leaked {
+        // Leaking the mapping is the only way to keep it valid for a thread we cannot
+        // join; the process is about to exit anyway.
+        std::mem::forget(mem.clone());
+    }
+}
+
+fn thread_name(t: &JoinHandle<()>) -> String {
+    t.thread().name().unwrap_or("a vcpu thread").to_string()
 }
 
 /// Builds and runs the VM; returns why it stopped.
