@@ -46,6 +46,12 @@ pub struct Args {
     /// loglevel=8"` with `--verbose` to compare driver initcall times (docs/performance.md).
     #[arg(long, default_value = "")]
     pub append: String,
+    /// vCPU counts the boot benchmark measures, each against QEMU `-smp` with the same
+    /// topology: counts or `--cpus` specs separated by commas (e.g. `1,2,4` or
+    /// `4,8,sockets=2`: a `key=value` belongs to the count before it). The disk and
+    /// network benchmarks use one vCPU.
+    #[arg(long, default_value = "1,2,4")]
+    pub cpus: String,
 }
 
 /// QEMU, the shared libraries it loads and the firmware it reads, as `(host, guest)` pairs
@@ -87,7 +93,14 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let runs = args.runs.to_string();
     let mut summary = Vec::new();
     if boot {
-        let mut boot_args = vec!["--qemu", qemu.as_str(), "--runs", runs.as_str()];
+        let mut boot_args = vec![
+            "--qemu",
+            qemu.as_str(),
+            "--runs",
+            runs.as_str(),
+            "--bench-cpus",
+            args.cpus.as_str(),
+        ];
         if !args.append.is_empty() {
             boot_args.extend(["--append", args.append.as_str()]);
         }
@@ -97,7 +110,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
             &files,
             None,
             args.verbose,
-            Duration::from_secs(1800),
+            Duration::from_secs(1200 * boot_counts(&args.cpus)),
         )?;
         if code != 0 {
             bail!("the boot-time benchmark failed (driver exit code {code})");
@@ -183,6 +196,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
         println!("xtask: {line}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How many boot configurations `--cpus` lists (a `key=value` part belongs to the count
+/// before it).
+fn boot_counts(list: &str) -> u64 {
+    let n = list
+        .split(',')
+        .filter(|p| !p.trim().is_empty() && !p.contains('='))
+        .count();
+    n.max(1) as u64
 }
 
 /// The test initramfs with the static `tvm-iobench` appended as `/bin/tvm-iobench` (a

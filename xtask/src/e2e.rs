@@ -30,8 +30,19 @@ pub struct Args {
     /// MiB sent over TCP in each direction by the virtio-net check.
     #[arg(long, default_value_t = 64)]
     pub net_mib: u64,
+    /// `--cpus` of the main boot (disks, network, console, reboot).
+    #[arg(long, default_value = "2")]
+    pub cpus: String,
+    /// `--cpus` of the second, many-vCPU boot (no `--memory`: the 1 GiB default): CPU
+    /// count, topology in sysfs, pinned tasks, local timers, CPU offline/online, a
+    /// parallel job, `reboot` from the last CPU. `none` skips it.
+    #[arg(long, default_value = "4,sockets=2")]
+    pub smp_cpus: String,
+    /// Only the many-vCPU boot (no disks, network or durability power cut).
+    #[arg(long)]
+    pub smp_only: bool,
     /// Limit for the whole run, in seconds.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 1020)]
     pub timeout: u64,
     /// Run only the durability power cut (nested runs: one outer boot, one inner boot), to
     /// check a change to how the VMM flushes its disks without the whole run.
@@ -704,9 +715,30 @@ fn tail(text: &str, lines: usize) -> String {
 pub fn main(args: Args) -> Result<ExitCode> {
     let flood = args.flood_kib.to_string();
     let net_mib = args.net_mib.to_string();
+    let mut extra = vec![
+        "--flood-kib",
+        &flood,
+        "--net-mib",
+        &net_mib,
+        "--cpus",
+        &args.cpus,
+    ];
+    if args.smp_cpus != "none" {
+        extra.extend(["--smp-cpus", &args.smp_cpus]);
+    } else if args.smp_only {
+        bail!("--smp-only with --smp-cpus none leaves nothing to run");
+    }
+    // `boot` is the default mode spelled out: without the main boot's disks, network and
+    // the durability power cut that follows it.
+    let mode: &[&str] = if args.smp_only {
+        extra.push("--smp-only");
+        &["boot"]
+    } else {
+        &[]
+    };
     let (code, _) = run_driver_with(
-        &[],
-        &["--flood-kib", &flood, "--net-mib", &net_mib],
+        mode,
+        &extra,
         &[],
         None,
         args.verbose,

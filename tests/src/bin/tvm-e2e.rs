@@ -18,6 +18,11 @@
 //! read-only disk, e2fsck/debugfs on the image afterwards); with `--tap` they include
 //! virtio-net (ping both ways, TCP both ways with CRC-32 compared on both ends).
 //!
+//! With `--smp-cpus SPEC` a second boot follows the main one (`--smp-only`: only it): the
+//! guest with `--cpus SPEC` and the default memory, checked for its CPU count, topology,
+//! pinned tasks, local timers, a parallel job, CPU offline/online and a `reboot` from the
+//! last CPU (tvm-e2e/smp.rs). `boot-time --bench-cpus 1,2,4` measures each vCPU count.
+//!
 //! `tvm-e2e power-cut --dur-raw DISK --dur-ext4 DISK` boots the guest on two disks, has it
 //! write 4 MiB with fsync to each (raw, and a file on ext4), prints `E2E-DURABLE crc32=..
 //! E2E-POWER-CUT-NOW` and waits, VMM running, for whoever runs the VMM's host (xtask, for
@@ -26,6 +31,9 @@
 //! Every wait has a limit; `--timeout SECS` limits the whole run (a watchdog thread prints
 //! the consoles of the guests still running, kills them and exits 1), and a VMM never
 //! outlives the driver (PR_SET_PDEATHSIG).
+
+#[path = "tvm-e2e/smp.rs"]
+mod smp;
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -145,6 +153,7 @@ fn spawn_reader<R: Read + Send + 'static>(mut src: R, console: Arc<Console>, ech
     });
 }
 
+#[derive(Clone)]
 struct Opts {
     vmm: String,
     kernel: String,
@@ -180,6 +189,15 @@ struct Opts {
     /// The guest kernel's System.map, passed on to the VMM (`--system-map`) so that the
     /// state dumps of [`request_dump`] name the kernel function each vCPU is in.
     system_map: Option<String>,
+    /// `--cpus` of the main boot.
+    cpus: String,
+    /// `--cpus` of the many-vCPU boot ([`smp::smp_checks`]), which runs after the main
+    /// checks when given.
+    smp_cpus: Option<String>,
+    /// Only the many-vCPU boot.
+    smp_only: bool,
+    /// `boot-time`: the vCPU counts (or `--cpus` specs) to measure, one after another.
+    bench_cpus: Vec<String>,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -208,6 +226,10 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         dur_ext4: None,
         power_cut_wait: Duration::from_secs(60),
         system_map: None,
+        cpus: "1".into(),
+        smp_cpus: None,
+        smp_only: false,
+        bench_cpus: vec!["1".into()],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -245,6 +267,12 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--dur-raw" => o.dur_raw = Some(val()?),
             "--dur-ext4" => o.dur_ext4 = Some(val()?),
             "--system-map" => o.system_map = Some(val()?),
+            "--cpus" => o.cpus = val()?,
+            "--smp-cpus" => o.smp_cpus = Some(val()?),
+            "--smp-only" => o.smp_only = true,
+            "--bench-cpus" => {
+                o.bench_cpus = smp::split_specs(&val()?);
+            }
             "--power-cut-wait" => {
                 let secs: u64 = val()?
                     .parse()
@@ -255,7 +283,10 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC [--smp-only]] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+    }
+    if o.smp_only && o.smp_cpus.is_none() {
+        return Err("--smp-only needs --smp-cpus SPEC".into());
     }
     Ok(o)
 }
@@ -573,6 +604,8 @@ fn vmm_command(o: &Opts) -> Command {
         &o.initrd,
         "--memory",
         "512M",
+        "--cpus",
+        &o.cpus,
         "--log-level",
         "info",
         "--cmdline",
@@ -1567,6 +1600,20 @@ fn ext4_after_kill(
     ))
 }
 
+/// The main boot's checks (unless `--smp-only`), then the many-vCPU boot's (with
+/// `--smp-cpus`); both run even when the first fails.
+fn all_boot_checks(o: &Opts) -> Result<bool, String> {
+    let main = if o.smp_only { Ok(true) } else { boot_checks(o) };
+    let Some(spec) = &o.smp_cpus else {
+        return main;
+    };
+    let smp = smp::smp_checks(o, spec);
+    match (main, smp) {
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        (Ok(a), Ok(b)) => Ok(a && b),
+    }
+}
+
 fn boot_checks(o: &Opts) -> Result<bool, String> {
     let mut g = Guest::spawn(vmm_command(o), Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
@@ -2083,10 +2130,18 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// QEMU with the same guest as [`vmm_command`] (`-accel kvm -cpu host`, 512 MiB, one vCPU,
-/// the same command line), and `disk` as a virtio-blk-pci drive (host page cache, like
-/// our VMM's buffered I/O).
-fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Command {
+/// QEMU with the same guest as [`vmm_command`] (`-accel kvm -cpu host`, 512 MiB, the same
+/// vCPU topology and command line), and `disk` as a virtio-blk-pci drive (host page cache,
+/// like our VMM's buffered I/O).
+fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Result<Command, String> {
+    let topo = smp::Topology::parse(&o.cpus)?;
+    let smp = format!(
+        "{},sockets={},cores={},threads={}",
+        topo.cpus(),
+        topo.sockets,
+        topo.cores,
+        topo.threads
+    );
     let mut q = Command::new(qemu);
     q.args([
         "-M",
@@ -2098,7 +2153,7 @@ fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Command {
         "-m",
         "512M",
         "-smp",
-        "1",
+        &smp,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -2120,7 +2175,7 @@ fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Command {
             ))
             .args(["-device", "virtio-blk-pci,drive=d0"]);
     }
-    q
+    Ok(q)
 }
 
 /// Peak RSS (`VmHWM`) of a process, in KiB.
@@ -2272,7 +2327,7 @@ fn net_bench(o: &Opts) -> Result<bool, String> {
             net_bench_one(vmm_command(o), Runner::Vmm, o),
             &mut ours,
         );
-        let mut q = qemu_command(&qemu, o, None);
+        let mut q = qemu_command(&qemu, o, None)?;
         q.arg("-netdev")
             .arg(format!(
                 "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
@@ -2333,7 +2388,7 @@ fn disk_bench(o: &Opts) -> Result<bool, String> {
         );
         keep(
             "BENCH-DISK",
-            disk_bench_one(qemu_command(&qemu, o, Some(&disk)), Runner::Qemu, o),
+            disk_bench_one(qemu_command(&qemu, o, Some(&disk))?, Runner::Qemu, o),
             &mut peer,
         );
     }
@@ -2350,38 +2405,48 @@ fn disk_bench(o: &Opts) -> Result<bool, String> {
     Ok(true)
 }
 
+/// `boot-time`: for each of `--bench-cpus`, the VMM and QEMU booted alternately
+/// `--runs` times each with that many vCPUs; spawn-to-ready and the idle CPU figure
+/// (every vCPU idle), per run and as medians with their ratio.
 fn boot_time(o: &Opts) -> Result<bool, String> {
     let qemu = o.qemu.clone().ok_or("boot-time needs --qemu")?;
-    let mut ours = Vec::new();
-    let mut peer = Vec::new();
-    let mut idle_ours = Vec::new();
-    let mut idle_peer = Vec::new();
-    for run in 0..o.runs {
-        // Interleave the two so drift in the machine's speed hits both alike.
-        let (t, idle) = time_to_ready(vmm_command(o), Runner::Vmm, o.verbose)?;
-        ours.push(t.as_secs_f64() * 1000.0);
-        idle_ours.push(idle);
-        let q = qemu_command(&qemu, o, None);
-        let (t, idle) = time_to_ready(q, Runner::Qemu, o.verbose)?;
-        peer.push(t.as_secs_f64() * 1000.0);
-        idle_peer.push(idle);
+    for cpus in &o.bench_cpus {
+        let o = Opts {
+            cpus: cpus.clone(),
+            ..o.clone()
+        };
+        let n = smp::Topology::parse(cpus)?.cpus();
+        let mut ours = Vec::new();
+        let mut peer = Vec::new();
+        let mut idle_ours = Vec::new();
+        let mut idle_peer = Vec::new();
+        for run in 0..o.runs {
+            // Interleave the two so drift in the machine's speed hits both alike.
+            let (t, idle) = time_to_ready(vmm_command(&o), Runner::Vmm, o.verbose)?;
+            ours.push(t.as_secs_f64() * 1000.0);
+            idle_ours.push(idle);
+            let q = qemu_command(&qemu, &o, None)?;
+            let (t, idle) = time_to_ready(q, Runner::Qemu, o.verbose)?;
+            peer.push(t.as_secs_f64() * 1000.0);
+            idle_peer.push(idle);
+            println!(
+                "BOOT-TIME cpus={cpus} run {run}: vmm {:.0} ms, qemu {:.0} ms; idle CPU vmm {:.2}%, qemu {:.2}%",
+                ours[run], peer[run], idle_ours[run], idle_peer[run]
+            );
+        }
+        let (m_ours, m_peer) = (median(&mut ours), median(&mut peer));
         println!(
-            "BOOT-TIME run {run}: vmm {:.0} ms, qemu {:.0} ms; idle CPU vmm {:.2}%, qemu {:.2}%",
-            ours[run], peer[run], idle_ours[run], idle_peer[run]
+            "BOOT-TIME median spawn-to-ready with {n} vCPU(s) (--cpus {cpus}): vmm {m_ours:.0} ms, qemu {m_peer:.0} ms, ratio vmm/qemu {:.2} ({} runs each)",
+            m_ours / m_peer,
+            o.runs
+        );
+        let (i_ours, i_peer) = (median(&mut idle_ours), median(&mut idle_peer));
+        println!(
+            "IDLE-CPU median with the guest idle at its prompt, {n} idle vCPU(s): vmm {i_ours:.2}%, qemu {i_peer:.2}% of one CPU, ratio vmm/qemu {:.2} ({} runs each)",
+            i_ours / i_peer,
+            o.runs
         );
     }
-    let (m_ours, m_peer) = (median(&mut ours), median(&mut peer));
-    println!(
-        "BOOT-TIME median spawn-to-ready: vmm {m_ours:.0} ms, qemu {m_peer:.0} ms, ratio vmm/qemu {:.2} ({} runs each)",
-        m_ours / m_peer,
-        o.runs
-    );
-    let (i_ours, i_peer) = (median(&mut idle_ours), median(&mut idle_peer));
-    println!(
-        "IDLE-CPU median with the guest idle at its prompt: vmm {i_ours:.2}%, qemu {i_peer:.2}% of one CPU, ratio vmm/qemu {:.2} ({} runs each)",
-        i_ours / i_peer,
-        o.runs
-    );
     Ok(true)
 }
 
@@ -2405,7 +2470,7 @@ fn main() -> ExitCode {
         "power-cut" => power_cut(&o),
         "disk-bench" => disk_bench(&o),
         "net-bench" => net_bench(&o),
-        _ => boot_checks(&o),
+        _ => all_boot_checks(&o),
     });
     match result {
         Ok(true) => {
