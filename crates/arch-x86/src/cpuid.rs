@@ -131,7 +131,7 @@ fn add_missing_topology_leaves(cpuid: &mut CpuId, amd: bool) -> Result<()> {
 /// threads x 5 cores a socket is 15 vCPUs but 32 APIC ids (2 thread bits + 3 core bits),
 /// and `apicid >> get_count_order(15)` (a shift of 4) would split each socket in two.
 /// QEMU encodes these fields from the APIC id widths the same way. Leaves KVM did not
-/// return are not made up, except the few [`add_missing_topology_leaves`] adds and the
+/// return are not made up, except the few `add_missing_topology_leaves` adds and the
 /// KVM signature leaf.
 pub fn filter_cpuid(cpuid: &mut CpuId, topology: &CpuTopology, index: u8) -> Result<()> {
     let apic_id = u32::from(topology.apic_id(index));
