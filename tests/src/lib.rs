@@ -366,6 +366,18 @@ impl Asm {
         self
     }
 
+    /// `and al, imm8` (sets ZF when no bit of `v` was set in AL).
+    pub fn and_al(mut self, v: u8) -> Self {
+        self.code.extend_from_slice(&[0x24, v]);
+        self
+    }
+
+    /// `jmp $`: a busy loop that never leaves guest mode (the same bytes in every mode).
+    pub fn spin_forever(mut self) -> Self {
+        self.code.extend_from_slice(&[0xeb, 0xfe]);
+        self
+    }
+
     /// `add al, imm8`.
     pub fn add_al(mut self, v: u8) -> Self {
         self.code.extend_from_slice(&[0x04, v]);
@@ -379,8 +391,9 @@ impl Asm {
     }
 
     // Real mode (16-bit operand and address size by default): where the encoding differs
-    // from the 32-/64-bit one above, a `_real` method. `mov al`, `out dx, al`, `cli`,
-    // `cpuid`, `mov al, bl`, `add al` and `halt_forever` are the same bytes there.
+    // from the 32-/64-bit one above, a `_real` method. `mov al`, `out dx, al`, `out imm8,
+    // al`, `cli`, `cpuid`, `mov al, bl`, `add al`, `and al`, `halt_forever` and
+    // `spin_forever` are the same bytes there.
 
     /// `mov dx, imm16` in real mode (no operand-size prefix).
     pub fn mov_dx_real(mut self, v: u16) -> Self {
@@ -610,6 +623,8 @@ mod tests {
             .cli()
             .mov_al_bl()
             .add_al(b'0')
+            .and_al(1)
+            .spin_forever()
             .mov_dx_real(0x3f8)
             .mov_eax_real(1)
             .shr_ebx_real(24)
@@ -625,6 +640,8 @@ mod tests {
             &[0xfa],
             &[0x88, 0xd8],
             &[0x04, 0x30],
+            &[0x24, 0x01],
+            &[0xeb, 0xfe],
             &[0xba, 0xf8, 0x03],
             &[0x66, 0xb8, 1, 0, 0, 0],
             &[0x66, 0xc1, 0xeb, 24],

@@ -135,11 +135,18 @@ impl ExitSignal {
         }
     }
 
-    /// Records `reason` unless one is already there, and wakes the event loop.
+    /// Records `reason` unless one is already there, and wakes the event loop. Says at
+    /// debug level which thread raised it (a vCPU's is `vcpuN`) and whether it was first.
     pub fn request(&self, reason: ExitReason) {
         let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-        if r.is_none() {
-            *r = Some(reason);
+        let me = std::thread::current();
+        let who = me.name().unwrap_or("an unnamed thread");
+        match &*r {
+            None => {
+                debug!("{who} raised the stop: {reason:?}");
+                *r = Some(reason);
+            }
+            Some(first) => debug!("{who} raised {reason:?} after {first:?}: {first:?} stays"),
         }
         drop(r);
         if let Err(e) = self.evt.write(1) {

@@ -400,10 +400,22 @@ fn send_ipi(asm: Asm, dest: u8, icr: u32) -> Asm {
     lapic_write(asm, LAPIC_ICR_LOW, icr)
 }
 
+/// What an application processor does once it has reported.
+#[derive(Clone, Copy)]
+enum ApThen {
+    /// `hlt` with interrupts off: parked in KVM_RUN.
+    Halt,
+    /// `jmp $`: busy in guest mode, never exiting on its own.
+    Spin,
+    /// The AP with this APIC id resets the machine through the i8042 (0xFE to port
+    /// 0x64); the others spin.
+    ResetIf(u8),
+}
+
 /// The AP's real-mode code at `TRAMPOLINE`: prints `AP <APIC id from CPUID.1:EBX[31:24]>
-/// up`, sets the flag, and halts with interrupts off.
-fn ap_trampoline() -> Vec<u8> {
-    let code = Asm::new()
+/// up`, sets the flag, then does `then` with interrupts off.
+fn ap_trampoline(then: ApThen) -> Vec<u8> {
+    let a = Asm::new()
         .cli()
         .mov_eax_real(1)
         .cpuid()
@@ -413,25 +425,31 @@ fn ap_trampoline() -> Vec<u8> {
         .add_al(b'0')
         .out_dx_al()
         .print_real(0x3f8, b" up\n")
-        .store8_cs_real(AP_FLAG_OFF, 1)
-        .halt_forever()
-        .finish();
+        .store8_cs_real(AP_FLAG_OFF, 1);
+    let code = match then {
+        ApThen::Halt => a.halt_forever(),
+        ApThen::Spin => a.spin_forever(),
+        // cmp bl, id (BL still holds the APIC id); jne over the 4-byte reset.
+        ApThen::ResetIf(id) => a
+            .bytes(&[0x80, 0xfb, id, 0x75, 4])
+            .mov_al(0xfe)
+            .out_al(0x64)
+            .spin_forever(),
+    }
+    .finish();
     assert!(code.len() < usize::from(AP_FLAG_OFF));
     code
 }
 
-/// A 64-bit boot CPU that maps its local APIC, copies the AP trampoline below 1 MiB,
-/// starts APIC id 1 with INIT and two SIPIs (with `sipi`; without, INIT only), waits for
-/// the AP's flag with a bounded spin, says whether it saw it, and resets.
-fn smp_boot_guest(sipi: bool) -> Vec<u8> {
-    let mut a = Asm::new()
-        .jmp("main")
-        .label("trampoline")
-        .bytes(&ap_trampoline())
-        .label("main")
+/// The boot CPU's part before it starts APs: says `BSP up`, maps its local APIC (3-4 GiB
+/// through a new page directory; the LAPIC's 2 MiB page uncached), copies `trampoline`
+/// (code at label `trampoline`, `len` bytes) to where the SIPI vector points, and
+/// software-enables its LAPIC (SVR bit 8, spurious vector 0xff) as Linux has it before it
+/// boots the APs.
+fn bsp_prologue(a: Asm, len: usize) -> Asm {
+    let a = a
         .print(0x3f8, b"BSP up\n")
-        // 3-4 GiB through a new page directory; the LAPIC's 2 MiB page uncached (present,
-        // writable, write-through, cache disabled, large).
+        // Present, writable, write-through, cache disabled, large.
         .mov_rdi(HIGH_PD + 8 * ((LAPIC >> 21) & 511))
         .mov_rax(LAPIC | 0x9b)
         .store_rax_at_rdi()
@@ -439,14 +457,56 @@ fn smp_boot_guest(sipi: bool) -> Vec<u8> {
         .mov_rax(HIGH_PD | 3)
         .store_rax_at_rdi()
         .reload_cr3()
-        // The trampoline, copied to where the SIPI vector points.
         .lea_rsi("trampoline")
         .mov_rdi(TRAMPOLINE)
-        .mov_rcx(ap_trampoline().len() as u64)
+        .mov_rcx(len as u64)
         .rep_movsb();
-    // The boot CPU's LAPIC software-enabled (SVR bit 8, spurious vector 0xff), as Linux
-    // has it before it boots the APs.
-    a = lapic_write(a, LAPIC_SVR, 0x1ff);
+    lapic_write(a, LAPIC_SVR, 0x1ff)
+}
+
+/// Resets the machine through the i8042 (64-bit code).
+fn reset(a: Asm) -> Asm {
+    a.mov_al(0xfe).out_al(0x64).halt_forever()
+}
+
+/// A boot CPU that starts APIC ids 1 to `cpus - 1` one after the other with INIT and two
+/// SIPIs, each running `ap`'s trampoline, waiting (bounded) for each AP's flag before the
+/// next, then says `all up` and goes on with `then`. An AP that does not come up is said
+/// (`BSP gave up on an AP`) and resets the machine.
+fn bsp_starts_aps(cpus: u8, ap: ApThen, then: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
+    let trampoline = ap_trampoline(ap);
+    let mut a = Asm::new()
+        .jmp("main")
+        .label("trampoline")
+        .bytes(&trampoline)
+        .label("main");
+    a = bsp_prologue(a, trampoline.len());
+    let flag = TRAMPOLINE + u64::from(AP_FLAG_OFF);
+    for id in 1..cpus {
+        a = a.mov_rdi(flag).store8_at_rdi(0);
+        a = send_ipi(a, id, ICR_INIT);
+        a = spin(a, 10, None);
+        a = send_ipi(a, id, ICR_STARTUP | u32::from(SIPI_VECTOR));
+        a = spin(a, 1, None);
+        a = send_ipi(a, id, ICR_STARTUP | u32::from(SIPI_VECTOR));
+        let saw = a.local("saw");
+        a = spin(a, 4096, Some((flag, &saw)));
+        a = reset(a.print(0x3f8, b"BSP gave up on an AP\n")).label(&saw);
+    }
+    then(a.print(0x3f8, b"all up\n")).finish()
+}
+
+/// A 64-bit boot CPU that maps its local APIC, copies the AP trampoline below 1 MiB,
+/// starts APIC id 1 with INIT and two SIPIs (with `sipi`; without, INIT only), waits for
+/// the AP's flag with a bounded spin, says whether it saw it, and resets.
+fn smp_boot_guest(sipi: bool) -> Vec<u8> {
+    let trampoline = ap_trampoline(ApThen::Halt);
+    let mut a = Asm::new()
+        .jmp("main")
+        .label("trampoline")
+        .bytes(&trampoline)
+        .label("main");
+    a = bsp_prologue(a, trampoline.len());
     a = send_ipi(a, 1, ICR_INIT);
     a = spin(a, 10, None);
     if sipi {
@@ -457,15 +517,13 @@ fn smp_boot_guest(sipi: bool) -> Vec<u8> {
     }
     // Up to 2^32 TSC ticks (a few seconds) for the AP.
     a = spin(a, 4096, Some((TRAMPOLINE + u64::from(AP_FLAG_OFF), "saw")));
-    a.print(0x3f8, b"BSP gave up waiting for the AP\n")
+    let a = a
+        .print(0x3f8, b"BSP gave up waiting for the AP\n")
         .jmp("reset")
         .label("saw")
         .print(0x3f8, b"BSP saw AP\n")
-        .label("reset")
-        .mov_al(0xfe)
-        .out_al(0x64)
-        .halt_forever()
-        .finish()
+        .label("reset");
+    reset(a).finish()
 }
 
 #[test]
@@ -560,6 +618,132 @@ fn kvm_sigterm_ends_a_four_cpu_halted_guest_cleanly() {
     assert_eq!(exit_reason(&stderr), "signal");
     assert_every_vcpu_stopped(&stderr, 4);
     assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+}
+
+/// Starts the vmm with `--cpus N --log-level debug` on `code`, stdin piped.
+fn spawn_smp_guest(name: &str, code: &[u8], cpus: u8) -> std::process::Child {
+    let kernel = write_kernel(name, code);
+    Command::new(VMM)
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+        .args(["--cpus", &cpus.to_string(), "--log-level", "debug"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Asserts that the boot CPU and then APs 1 to 3 said they were up, in order.
+fn assert_aps_up(stdout: &str) {
+    let at = |line: &str| {
+        stdout
+            .find(line)
+            .unwrap_or_else(|| panic!("{line:?} missing: {stdout:?}"))
+    };
+    assert!(at("BSP up\n") < at("AP 1 up\n"), "{stdout:?}");
+    assert!(at("AP 1 up\n") < at("AP 2 up\n"), "{stdout:?}");
+    assert!(at("AP 2 up\n") < at("AP 3 up\n"), "{stdout:?}");
+    assert!(at("AP 3 up\n") < at("all up\n"), "{stdout:?}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_sigterm_ends_a_four_cpu_busy_guest_promptly() {
+    // Every vCPU spins in guest mode with interrupts off and never exits on its own: only
+    // the stop's kick (a signal that makes KVM_RUN return) gets each thread out.
+    let code = bsp_starts_aps(4, ApThen::Spin, Asm::spin_forever);
+    let mut child = spawn_smp_guest("smp-busy-sigterm.elf", &code, 4);
+    let mut watch = StdoutWatch::new(&mut child);
+    let stdout = watch.wait_for(&mut child, "all up\n", 20);
+    assert_aps_up(&stdout);
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let out = wait_with_deadline(child, 10);
+    let took = signalled.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "signal");
+    assert_every_vcpu_stopped(&stderr, 4);
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_the_console_and_ctrl_a_x_work_while_every_vcpu_is_busy() {
+    // The APs spin in guest mode; the boot CPU polls the UART's line status without a
+    // pause and echoes what it receives: every vCPU busy, one of them exiting to the VMM
+    // for the serial port as fast as it can.
+    let echo = |a: Asm| {
+        a.label("poll")
+            .mov_dx(0x3fd)
+            .in_al_dx()
+            .and_al(1)
+            .je("poll")
+            .mov_dx(0x3f8)
+            .in_al_dx()
+            .out_dx_al()
+            .jmp("poll")
+    };
+    let code = bsp_starts_aps(4, ApThen::Spin, echo);
+    let mut child = spawn_smp_guest("smp-busy-console.elf", &code, 4);
+    let mut watch = StdoutWatch::new(&mut child);
+    let stdout = watch.wait_for(&mut child, "all up\n", 20);
+    assert_aps_up(&stdout);
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"ping\n").unwrap();
+    watch.wait_for(&mut child, "all up\nping\n", 10);
+    std::io::Write::write_all(&mut stdin, b"\x01x").unwrap();
+    let escaped = Instant::now();
+    let out = wait_with_deadline(child, 10);
+    let took = escaped.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "console_escape");
+    assert_every_vcpu_stopped(&stderr, 4);
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+    drop(stdin);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_an_i8042_reset_from_the_last_ap_ends_the_run_once() {
+    // APs 1 and 2 and the boot CPU spin in guest mode; AP 3 resets the machine. The run
+    // ends once, as a reboot, and every other thread is kicked out of guest mode and
+    // joined.
+    let code = bsp_starts_aps(4, ApThen::ResetIf(3), Asm::spin_forever);
+    let out = run_vmm(&[
+        "--kernel",
+        write_kernel("smp-ap-reset.elf", &code).to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cpus",
+        "4",
+        "--log-level",
+        "debug",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(stdout.contains("AP 3 up\n"), "{stdout:?} {stderr}");
+    assert!(!stdout.contains("gave up"), "{stdout:?}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(exit_reason(&stderr), "reboot");
+    // Only AP 3 writes the reset command (without it the run would not end); the i8042
+    // signals its reset line once, and that one stop is the run's reason.
+    assert_eq!(
+        stderr
+            .matches("guest reset the cpu through the i8042")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    let stops: Vec<&str> = stderr.lines().filter(|l| l.contains(" raised ")).collect();
+    assert_eq!(stops.len(), 1, "one stop expected: {stderr}");
+    assert!(
+        stops[0].ends_with(" raised the stop: GuestReset"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("TVM-BOOT-TIMES ").count(), 1, "{stderr}");
+    assert_every_vcpu_stopped(&stderr, 4);
 }
 
 fn assert_one_error_line(out: &Output, needle: &str) {
@@ -796,37 +980,57 @@ fn seccomp_of_threads(pid: u32) -> Vec<(String, String, String)> {
 /// Reads the child's stdout until it contains `needle`, for at most `secs` (the child is
 /// killed if not): a reader thread, so that a silent guest cannot block the test.
 fn wait_for_stdout(child: &mut std::process::Child, needle: &str, secs: u64) -> String {
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 256];
-        loop {
-            match std::io::Read::read(&mut stdout, &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(buf[..n].to_vec()).is_err() {
-                        break;
+    StdoutWatch::new(child).wait_for(child, needle, secs)
+}
+
+/// A child's stdout, read on a thread, for tests that wait for more than one thing.
+struct StdoutWatch {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl StdoutWatch {
+    fn new(child: &mut std::process::Child) -> Self {
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            loop {
+                match std::io::Read::read(&mut stdout, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
                     }
                 }
             }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut seen = Vec::new();
-    while !text(&seen).contains(needle) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(chunk) => seen.extend_from_slice(&chunk),
-            Err(e) => {
-                let _ = child.kill();
-                panic!(
-                    "no {needle:?} on stdout within {secs} s ({e}): {:?}",
-                    text(&seen)
-                );
-            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
         }
     }
-    text(&seen)
+
+    /// Everything read so far once it contains `needle`; kills `child` and panics if it
+    /// does not within `secs`.
+    fn wait_for(&mut self, child: &mut std::process::Child, needle: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !text(&self.seen).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend_from_slice(&chunk),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!(
+                        "no {needle:?} on stdout within {secs} s ({e}): {:?}",
+                        text(&self.seen)
+                    );
+                }
+            }
+        }
+        text(&self.seen)
+    }
 }
 
 #[test]
