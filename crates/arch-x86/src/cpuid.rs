@@ -76,12 +76,22 @@ fn has_entry(cpuid: &CpuId, function: u32, index: u32) -> bool {
 ///   extended leaf (0x8000_0000 EAX) reaches it: Linux reads it whenever TOPOEXT is set
 ///   (`amd_get_topology_early`: threads per core; `amd_get_topology`: core and node id), and
 ///   a missing leaf would read as zeros, one thread per core. KVM normally returns the leaf
-///   (zeroed since Linux 6.0, the host's before). If TOPOEXT is set but the highest
-///   extended leaf is below 0x8000_001E, the guest could not read the leaf, so TOPOEXT is
-///   cleared instead; Linux then takes the cache layout from the legacy leaves 0x8000_0005
-///   and 0x8000_0006 and the topology from 0x8000_0008 and 0xB. Without TOPOEXT nothing is
-///   added: Linux does not read the leaf then.
-fn add_missing_topology_leaves(cpuid: &mut CpuId, amd: bool) -> Result<()> {
+///   (zeroed since Linux 6.0, the host's before).
+/// - On AMD with more than one thread per core (`smt`) and a host CPU without TOPOEXT (an
+///   older or emulated one, such as QEMU's TCG `-cpu max`): TOPOEXT is set, the highest
+///   extended leaf raised to 0x8000_001E if it was below, and the leaf added, as Firecracker
+///   does on every AMD host. Without TOPOEXT Linux on AMD reads SMT from neither 0xB nor
+///   0x8000_001E, only the threads per package from 0x8000_0008, and would show every thread
+///   as a core. The cost: the leaves between the old top and 0x8000_001E read as zeros
+///   (KVM's answer for a leaf it has no entry for on an AMD guest), so with no 0x8000_001D
+///   from the host Linux finds no cache description there and the guest's sysfs lists no
+///   caches.
+/// - Otherwise, if TOPOEXT is set but the highest extended leaf is below 0x8000_001E, the
+///   guest could not read the leaf, so TOPOEXT is cleared instead; Linux then takes the
+///   cache layout from the legacy leaves 0x8000_0005 and 0x8000_0006 and the topology from
+///   0x8000_0008 and 0xB. Without TOPOEXT nothing is added: Linux does not read the leaf
+///   then.
+fn add_missing_topology_leaves(cpuid: &mut CpuId, amd: bool, smt: bool) -> Result<()> {
     let mut missing = Vec::new();
     for leaf in [0xb, 0x1f] {
         if cpuid.as_slice().iter().any(|e| e.function == leaf) {
@@ -93,9 +103,20 @@ fn add_missing_topology_leaves(cpuid: &mut CpuId, amd: bool) -> Result<()> {
         }
     }
     if amd {
-        let max_ext = find_entry(cpuid, 0x8000_0000, 0).map_or(0, |e| e.eax);
-        let topoext =
+        let mut max_ext = find_entry(cpuid, 0x8000_0000, 0).map_or(0, |e| e.eax);
+        let mut topoext =
             find_entry(cpuid, 0x8000_0001, 0).is_some_and(|e| e.ecx & AMD_ECX_TOPOEXT_BIT != 0);
+        let can_set = has_entry(cpuid, 0x8000_0000, 0) && has_entry(cpuid, 0x8000_0001, 0);
+        if smt && can_set && (!topoext || max_ext < AMD_EXT_APIC_ID_LEAF) {
+            for e in cpuid.as_mut_slice().iter_mut() {
+                match e.function {
+                    0x8000_0000 => e.eax = e.eax.max(AMD_EXT_APIC_ID_LEAF),
+                    0x8000_0001 => e.ecx |= AMD_ECX_TOPOEXT_BIT,
+                    _ => {}
+                }
+            }
+            (topoext, max_ext) = (true, max_ext.max(AMD_EXT_APIC_ID_LEAF));
+        }
         if topoext && max_ext < AMD_EXT_APIC_ID_LEAF {
             for e in cpuid.as_mut_slice().iter_mut() {
                 if e.function == 0x8000_0001 {
@@ -141,7 +162,7 @@ pub fn filter_cpuid(cpuid: &mut CpuId, topology: &CpuTopology, index: u8) -> Res
     let per_socket = topology.threads_per_socket();
     let per_core = u32::from(topology.threads_per_core());
     let amd = is_amd(cpuid);
-    add_missing_topology_leaves(cpuid, amd)?;
+    add_missing_topology_leaves(cpuid, amd, per_core > 1)?;
     let mut has_signature = false;
     for entry in cpuid.as_mut_slice().iter_mut() {
         match entry.function {
@@ -848,26 +869,90 @@ mod tests {
         let sub1 = find_entry(&c, 0xb, 1).unwrap();
         assert_eq!(sub1.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
 
-        // TOPOEXT, but the extended leaves stop below 0x8000_001E: TOPOEXT goes, and no
-        // leaf is added.
+        // TOPOEXT, but the extended leaves stop below 0x8000_001E, and one thread per core
+        // (with more, see the next test): TOPOEXT goes, and no leaf is added.
         let mut c = strip(&amd_input(), &[(0x8000_001e, 0)]);
         for e in c.as_mut_slice().iter_mut() {
             if e.function == 0x8000_0000 {
                 e.eax = 0x8000_001d;
             }
         }
-        filter_cpuid(&mut c, &t, 3).unwrap();
+        filter_cpuid(&mut c, &CpuTopology::new(1, 4, 1).unwrap(), 3).unwrap();
         assert!(find_entry(&c, 0x8000_001e, 0).is_none());
         assert_eq!(read(&c, 0x8000_0001, 0)[2] & AMD_ECX_TOPOEXT_BIT, 0);
 
-        // No TOPOEXT: the guest does not read the leaf, none is added.
+        // No TOPOEXT and one thread per core: the guest does not read the leaf, none is
+        // added.
         let mut c = strip(&amd_input(), &[(0x8000_001e, 0)]);
         for e in c.as_mut_slice().iter_mut() {
             if e.function == 0x8000_0001 {
                 e.ecx &= !AMD_ECX_TOPOEXT_BIT;
             }
         }
-        filter_cpuid(&mut c, &t, 3).unwrap();
+        filter_cpuid(&mut c, &CpuTopology::new(1, 4, 1).unwrap(), 3).unwrap();
         assert!(find_entry(&c, 0x8000_001e, 0).is_none());
+        assert_eq!(read(&c, 0x8000_0001, 0)[2] & AMD_ECX_TOPOEXT_BIT, 0);
+    }
+
+    /// An AMD host CPU without TOPOEXT whose extended leaves stop at 0x8000_0008 (what QEMU's
+    /// TCG `-cpu max` gives a nested guest), as KVM passes it on.
+    fn amd_without_topoext() -> CpuId {
+        let kept: Vec<_> = amd_input()
+            .as_slice()
+            .iter()
+            .filter(|e| e.function < 0x8000_001d)
+            .map(|e| {
+                let mut e = *e;
+                match e.function {
+                    0x8000_0000 => e.eax = 0x8000_0008,
+                    0x8000_0001 => e.ecx &= !AMD_ECX_TOPOEXT_BIT,
+                    _ => {}
+                }
+                e
+            })
+            .collect();
+        CpuId::from_entries(&kept).unwrap()
+    }
+
+    #[test]
+    fn smt_on_an_amd_host_without_topoext_gets_topoext_and_0x8000_001e() {
+        // 2 threads x 2 cores x 2 sockets: vCPU 5 is socket 1, core 0, thread 1, APIC id 5.
+        let t = CpuTopology::new(2, 2, 2).unwrap();
+        let c = &per_vcpu(&amd_without_topoext(), &t)[5];
+        assert_ne!(read(c, 0x8000_0001, 0)[2] & AMD_ECX_TOPOEXT_BIT, 0);
+        assert_eq!(read(c, 0x8000_0000, 0)[0], 0x8000_001e);
+        // Linux's parse_8000_001e: EBX[15:8] + 1 threads per core, core id without the
+        // thread bit, node = socket; the extended APIC id in EAX.
+        assert_eq!(read(c, 0x8000_001e, 0), [5, (1 << 8) | 2, 1, 0]);
+        // And 0xB still says the same.
+        let (pos, threads, cores, _) = linux_extended_topology(c, 0xb);
+        assert_eq!((pos, threads, cores), ((1, 0, 1), 2, 2));
+
+        // A host that has TOPOEXT but stops below the leaf: with SMT the leaf is reachable.
+        let mut input = amd_input();
+        for e in input.as_mut_slice().iter_mut() {
+            if e.function == 0x8000_0000 {
+                e.eax = 0x8000_001d;
+            }
+        }
+        let c = &per_vcpu(&input, &t)[5];
+        assert_ne!(read(c, 0x8000_0001, 0)[2] & AMD_ECX_TOPOEXT_BIT, 0);
+        assert_eq!(read(c, 0x8000_0000, 0)[0], 0x8000_001e);
+        assert_eq!(read(c, 0x8000_001e, 0)[0], 5);
+    }
+
+    #[test]
+    fn without_smt_an_amd_host_without_topoext_is_left_alone() {
+        for t in [flat(4), CpuTopology::new(1, 2, 2).unwrap()] {
+            for c in per_vcpu(&amd_without_topoext(), &t) {
+                assert_eq!(read(&c, 0x8000_0001, 0)[2] & AMD_ECX_TOPOEXT_BIT, 0, "{t}");
+                assert_eq!(read(&c, 0x8000_0000, 0)[0], 0x8000_0008, "{t}");
+                assert!(find_entry(&c, 0x8000_001e, 0).is_none(), "{t}");
+            }
+        }
+        // Nor an Intel host with threads.
+        let t = CpuTopology::new(2, 2, 2).unwrap();
+        let c = &per_vcpu(&intel_input(), &t)[5];
+        assert_eq!(read(c, 0x8000_0000, 0)[0], 0x8000_0008);
     }
 }
