@@ -33,12 +33,13 @@ pub struct Args {
     /// `--cpus` of the main boot (disks, network, console, reboot).
     #[arg(long, default_value = "2")]
     pub cpus: String,
-    /// `--cpus` of the second, many-vCPU boot (no `--memory`: the 1 GiB default): CPU
-    /// count, topology in sysfs, pinned tasks, local timers, CPU offline/online, a
-    /// parallel job, `reboot` from the last CPU. `none` skips it.
-    #[arg(long, default_value = "4,sockets=2")]
+    /// `--cpus` of the many-vCPU boots after the main one, one boot per spec (no
+    /// `--memory`: the 1 GiB default): CPU count, topology in sysfs, pinned tasks, local
+    /// timers, CPU offline/online, a parallel job, `reboot` from the last CPU. A
+    /// `key=value` part belongs to the count before it; `none` skips them.
+    #[arg(long, default_value = "4,sockets=2,8,threads=2,sockets=2")]
     pub smp_cpus: String,
-    /// Only the many-vCPU boot (no disks, network or durability power cut).
+    /// Only the many-vCPU boots (no disks, network or durability power cut).
     #[arg(long)]
     pub smp_only: bool,
     /// Limit for the whole run, in seconds.

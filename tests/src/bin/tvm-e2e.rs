@@ -18,8 +18,10 @@
 //! read-only disk, e2fsck/debugfs on the image afterwards); with `--tap` they include
 //! virtio-net (ping both ways, TCP both ways with CRC-32 compared on both ends).
 //!
-//! With `--smp-cpus SPEC` a second boot follows the main one (`--smp-only`: only it): the
-//! guest with `--cpus SPEC` and the default memory, checked for its CPU count, topology,
+//! With `--smp-cpus SPEC,SPEC..` (`4,sockets=2,8,threads=2,sockets=2` is two specs: a
+//! `key=value` part belongs to the count before it) one more boot per spec follows the main
+//! one (`--smp-only`: only they run): the guest with `--cpus SPEC` and the default memory,
+//! checked for its CPU count, topology,
 //! pinned tasks, local timers, a parallel job, CPU offline/online and a `reboot` from the
 //! last CPU (tvm-e2e/smp.rs). `boot-time --bench-cpus 1,2,4` measures each vCPU count.
 //!
@@ -283,10 +285,10 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC [--smp-only]] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
-        return Err("--smp-only needs --smp-cpus SPEC".into());
+        return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
     }
     Ok(o)
 }
@@ -1600,18 +1602,21 @@ fn ext4_after_kill(
     ))
 }
 
-/// The main boot's checks (unless `--smp-only`), then the many-vCPU boot's (with
-/// `--smp-cpus`); both run even when the first fails.
+/// The main boot's checks (unless `--smp-only`), then one many-vCPU boot's for each spec
+/// in `--smp-cpus`; every boot runs even when an earlier one fails.
 fn all_boot_checks(o: &Opts) -> Result<bool, String> {
-    let main = if o.smp_only { Ok(true) } else { boot_checks(o) };
-    let Some(spec) = &o.smp_cpus else {
-        return main;
+    let mut result = if o.smp_only { Ok(true) } else { boot_checks(o) };
+    let Some(list) = &o.smp_cpus else {
+        return result;
     };
-    let smp = smp::smp_checks(o, spec);
-    match (main, smp) {
-        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-        (Ok(a), Ok(b)) => Ok(a && b),
+    for spec in smp::split_specs(list) {
+        let smp = smp::smp_checks(o, &spec);
+        result = match (result, smp) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(a), Ok(b)) => Ok(a && b),
+        };
     }
+    result
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
