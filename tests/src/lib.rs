@@ -372,6 +372,13 @@ impl Asm {
         self
     }
 
+    /// Resets the machine through the i8042 (`mov al, 0xfe; out 0x64, al`, the same bytes in
+    /// every mode), then [`halt_forever`](Self::halt_forever) should the reset not end the
+    /// run.
+    pub fn i8042_reset(self) -> Self {
+        self.mov_al(0xfe).out_al(0x64).halt_forever()
+    }
+
     /// `jmp $`: a busy loop that never leaves guest mode (the same bytes in every mode).
     pub fn spin_forever(mut self) -> Self {
         self.code.extend_from_slice(&[0xeb, 0xfe]);
@@ -625,6 +632,7 @@ mod tests {
             .add_al(b'0')
             .and_al(1)
             .spin_forever()
+            .i8042_reset()
             .mov_dx_real(0x3f8)
             .mov_eax_real(1)
             .shr_ebx_real(24)
@@ -642,6 +650,7 @@ mod tests {
             &[0x04, 0x30],
             &[0x24, 0x01],
             &[0xeb, 0xfe],
+            &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd],
             &[0xba, 0xf8, 0x03],
             &[0x66, 0xb8, 1, 0, 0, 0],
             &[0x66, 0xc1, 0xeb, 24],

@@ -83,9 +83,7 @@ fn kvm_uart_text_and_i8042_reset_end_the_run_cleanly() {
             0x3f8,
             b"Linux version 0.0-tiny\r\nRun /init\r\nhello from a tiny guest\r\n",
         )
-        .mov_al(0xfe)
-        .out_al(0x64)
-        .halt_forever()
+        .i8042_reset()
         .finish();
     let kernel = write_kernel("reset.elf", &code);
     let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"]);
@@ -185,9 +183,7 @@ fn kvm_pvpanic_ends_the_run_as_a_guest_panic() {
         .mov_dx(0x505)
         .mov_al(1)
         .out_dx_al()
-        .mov_al(0xfe)
-        .out_al(0x64)
-        .halt_forever()
+        .i8042_reset()
         .label("bad")
         .print(0x3f8, b"pvpanic offers something else\n")
         .halt_forever()
@@ -464,11 +460,6 @@ fn bsp_prologue(a: Asm, len: usize) -> Asm {
     lapic_write(a, LAPIC_SVR, 0x1ff)
 }
 
-/// Resets the machine through the i8042 (64-bit code).
-fn reset(a: Asm) -> Asm {
-    a.mov_al(0xfe).out_al(0x64).halt_forever()
-}
-
 /// A boot CPU that starts APIC ids 1 to `cpus - 1` one after the other with INIT and two
 /// SIPIs, each running `ap`'s trampoline, waiting (bounded) for each AP's flag before the
 /// next, then says `all up` and goes on with `then`. An AP that does not come up is said
@@ -491,7 +482,10 @@ fn bsp_starts_aps(cpus: u8, ap: ApThen, then: impl FnOnce(Asm) -> Asm) -> Vec<u8
         a = send_ipi(a, id, ICR_STARTUP | u32::from(SIPI_VECTOR));
         let saw = a.local("saw");
         a = spin(a, 4096, Some((flag, &saw)));
-        a = reset(a.print(0x3f8, b"BSP gave up on an AP\n")).label(&saw);
+        a = a
+            .print(0x3f8, b"BSP gave up on an AP\n")
+            .i8042_reset()
+            .label(&saw);
     }
     then(a.print(0x3f8, b"all up\n")).finish()
 }
@@ -523,7 +517,7 @@ fn smp_boot_guest(sipi: bool) -> Vec<u8> {
         .label("saw")
         .print(0x3f8, b"BSP saw AP\n")
         .label("reset");
-    reset(a).finish()
+    a.i8042_reset().finish()
 }
 
 #[test]
@@ -575,9 +569,7 @@ fn kvm_a_reset_while_the_aps_wait_for_sipi_ends_the_run_promptly() {
     // The reset must kick each out of it and join it, well within the shutdown grace.
     let code = Asm::new()
         .print(0x3f8, b"resetting\n")
-        .mov_al(0xfe)
-        .out_al(0x64)
-        .halt_forever()
+        .i8042_reset()
         .finish();
     let kernel = write_kernel("smp-reset.elf", &code);
     let started = Instant::now();
@@ -1197,9 +1189,7 @@ fn kvm_a_terminal_on_stdin_is_put_back_under_seccomp() {
     // terminal is restored from the main thread, inside its seccomp filter.
     let code = Asm::new()
         .print(0x3f8, b"on a tty\r\n")
-        .mov_al(0xfe)
-        .out_al(0x64)
-        .halt_forever()
+        .i8042_reset()
         .finish();
     let kernel = write_kernel("tty.elf", &code);
     let cmd = format!("{VMM} --kernel {} --memory 64M", kernel.display());

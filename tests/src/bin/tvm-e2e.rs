@@ -1644,6 +1644,38 @@ fn boot_checks(o: &Opts) -> Result<bool, String> {
     result
 }
 
+/// Types `command` (which reboots the guest) and checks, as `name`, that the VMM then ends
+/// within 60 s as [`clean_reboot`] says; `what` names the command in the pass line.
+fn reboot_check(
+    g: &mut Guest,
+    r: &mut Report,
+    name: &str,
+    command: &str,
+    what: &str,
+) -> Result<(), String> {
+    let asked = Instant::now();
+    g.send(format!("{command}\n").as_bytes())?;
+    let status = g.wait_exit(Duration::from_secs(60));
+    // Give the readers a moment to see the final lines.
+    thread::sleep(Duration::from_millis(200));
+    r.check(
+        name,
+        clean_reboot(
+            status.map(|s| s.code()),
+            &g.console.text_from(0),
+            &g.stderr.text_from(0),
+        )
+        .map(|why| {
+            format!(
+                "{why}, {:.0} ms after {what}",
+                asked.elapsed().as_secs_f64() * 1000.0
+            )
+        })
+        .map_err(|e| format!("{e}; console tail: {}", g.console.tail(2000))),
+    );
+    Ok(())
+}
+
 /// What the console shows when the guest kernel panics (before `panic=1` reboots it, which
 /// would end the VMM as cleanly as `reboot`).
 const KERNEL_PANIC: &str = "Kernel panic - not syncing";
@@ -2033,28 +2065,9 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     // reboot ends the VMM with exit code 0, within a bound, and the guest did not get there
     // by crashing: no kernel panic on the console (panic=1 reboots the same way), no
     // triple fault in the VMM's exit reason.
-    let asked = Instant::now();
     if g.stdin.is_some() {
-        g.send(b"reboot\n")?;
+        reboot_check(g, &mut r, "reboot-exits-0", "reboot", "`reboot`")?;
     }
-    let status = g.wait_exit(Duration::from_secs(60));
-    // Give the readers a moment to see the final lines.
-    thread::sleep(Duration::from_millis(200));
-    r.check(
-        "reboot-exits-0",
-        clean_reboot(
-            status.map(|s| s.code()),
-            &c.text_from(0),
-            &g.stderr.text_from(0),
-        )
-        .map(|why| {
-            format!(
-                "{why}, {:.0} ms after `reboot`",
-                asked.elapsed().as_secs_f64() * 1000.0
-            )
-        })
-        .map_err(|e| format!("{e}; console tail: {}", c.tail(2000))),
-    );
     let stderr = g.stderr.text_from(0);
     let timing = stderr.lines().find(|l| l.starts_with("TVM-BOOT-TIMES "));
     r.check(

@@ -5,7 +5,7 @@
 //! 1 GiB of RAM, one seccomp filter on every vCPU thread, and `reboot` from a task pinned
 //! to the last CPU ending the VMM with exit code 0.
 
-use super::{clean_reboot, seccomp_of_threads, Guest, Opts, Report, Runner, STEP_TIMEOUT};
+use super::{reboot_check, seccomp_of_threads, Guest, Opts, Report, Runner, STEP_TIMEOUT};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -384,25 +384,13 @@ fn checks_on(g: &mut Guest, topo: Topology) -> Result<bool, String> {
 
     // `reboot -f` calls reboot(2) itself, from the pinned task (plain `reboot` would ask
     // init, which runs wherever it likes).
-    let asked = Instant::now();
-    g.send(format!("sync; taskset -c {last} reboot -f\n").as_bytes())?;
-    let status = g.wait_exit(Duration::from_secs(60));
-    thread::sleep(Duration::from_millis(200));
-    r.check(
+    reboot_check(
+        g,
+        &mut r,
         "reboot-from-last-cpu",
-        clean_reboot(
-            status.map(|s| s.code()),
-            &c.text_from(0),
-            &g.stderr.text_from(0),
-        )
-        .map(|why| {
-            format!(
-                "`reboot -f` pinned to cpu{last}: {why}, {:.0} ms after it was typed",
-                asked.elapsed().as_secs_f64() * 1000.0
-            )
-        })
-        .map_err(|e| format!("{e}; console tail: {}", c.tail(2000))),
-    );
+        &format!("sync; taskset -c {last} reboot -f"),
+        &format!("`reboot -f` pinned to cpu{last}"),
+    )?;
     Ok(r.failed == 0)
 }
 
