@@ -31,6 +31,7 @@ pub mod seeds;
 pub mod serial;
 pub mod virtio_blk;
 pub mod virtio_pci;
+pub mod virtio_rng;
 pub mod virtqueue;
 
 use arbitrary::Unstructured;

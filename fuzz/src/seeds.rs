@@ -16,9 +16,10 @@ use crate::guest::{raw_desc, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::SeedWriter;
 
 /// The fuzz targets, by name (the files in `fuzz_targets/`).
-pub const TARGETS: [&str; 10] = [
+pub const TARGETS: [&str; 11] = [
     "virtqueue",
     "virtio_blk",
+    "virtio_rng",
     "virtio_net_tx",
     "virtio_net_rx",
     "virtio_pci",
@@ -38,6 +39,7 @@ pub fn run_target(target: &str, data: &[u8]) {
     match target {
         "virtqueue" => crate::virtqueue::run(data),
         "virtio_blk" => crate::virtio_blk::run(data),
+        "virtio_rng" => crate::virtio_rng::run(data),
         "virtio_net_tx" => crate::net::run_tx(data),
         "virtio_net_rx" => crate::net::run_rx(data),
         "virtio_pci" => crate::virtio_pci::run(data),
@@ -55,6 +57,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     match target {
         "virtqueue" => virtqueue(),
         "virtio_blk" => virtio_blk(),
+        "virtio_rng" => virtio_rng(),
         "virtio_net_tx" => virtio_net_tx(),
         "virtio_net_rx" => virtio_net_rx(),
         "virtio_pci" => virtio_pci(),
@@ -175,6 +178,31 @@ fn virtio_blk() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("seed-discard", discard),
     ]
+}
+
+/// Three requests for the entropy device: one buffer; two buffers in a chain, the second
+/// two pieces long and running into the hole after the first RAM region (one piece
+/// written); two buffers through an indirect table.
+fn virtio_rng() -> Vec<(&'static str, Vec<u8>)> {
+    let mut w = SeedWriter::new();
+    w.u8(4).u64(u64::MAX).u16(0);
+    let indirect = [
+        raw_desc(DATA + 0x3000, 32, F_WRITE | F_NEXT, 1),
+        raw_desc(DATA + 0x3100, 16, F_WRITE, 0),
+    ];
+    descs(
+        &mut w,
+        &[
+            raw_desc(DATA, 64, F_WRITE, 0),
+            raw_desc(DATA + 0x1000, 100, F_WRITE | F_NEXT, 2),
+            raw_desc(0x1_f000, 8192, F_WRITE, 0),
+            raw_desc(TABLE, 32, F_INDIRECT, 0),
+        ],
+    );
+    w.u16(3).u16(0).u16(1).u16(3);
+    let table: Vec<u8> = indirect.iter().flatten().copied().collect();
+    w.u32(TABLE as u32).u8(table.len() as u8).bytes(&table);
+    vec![("seed-three-requests", w.finish())]
 }
 
 /// A frame for the backend or the guest: vnet header (flags, gso) and a payload.

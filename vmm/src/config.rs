@@ -180,6 +180,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// A virtio-rng entropy device, filled from the host's getrandom.
+    pub rng: bool,
     /// The seccomp filters to install.
     pub seccomp: crate::seccomp::SeccompLevel,
     /// The guest kernel's System.map, to name RIP in state dumps (SIGUSR2).
@@ -401,6 +403,7 @@ mod tests {
             nets: Vec::new(),
             seccomp: Default::default(),
             system_map: None,
+            rng: false,
         }
     }
 

@@ -45,6 +45,10 @@ struct Cli {
     /// ...).
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<String>,
+    /// A virtio-rng entropy device (the guest's /dev/hwrng), filled from the host's
+    /// getrandom(2).
+    #[arg(long)]
+    rng: bool,
     /// vCPUs: N, optionally with a topology ,threads=T,cores=C,sockets=S whose product is
     /// N (default: N single-threaded cores on one socket). At most 254, and at most what
     /// this host's KVM allows.
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         cpus,
         disks,
         nets,
+        rng: cli.rng,
         seccomp: cli.seccomp,
         system_map: cli.system_map,
     };

@@ -26,6 +26,7 @@ use tvm_serial::{
 use tvm_virtio::VirtioPciDevice;
 use tvm_virtio_blk::{Block, BlockConfig};
 use tvm_virtio_net::{Net, Tap};
+use tvm_virtio_rng::Rng;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -44,6 +45,8 @@ use crate::{Error, Result};
 type BlockDevice = Arc<Mutex<VirtioPciDevice<Block>>>;
 /// A virtio-net device on the PCI bus.
 type NetDevice = Arc<Mutex<VirtioPciDevice<Net<Tap>>>>;
+/// The entropy device behind its transport.
+type RngDevice = Arc<Mutex<VirtioPciDevice<Rng>>>;
 
 type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
 type Serial = SerialDevice<ConsoleWriter>;
@@ -165,6 +168,7 @@ pub struct Vmm {
     _vm: Arc<VmFd>,
     disks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
+    rng: Option<RngDevice>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     /// Each vCPU's statistics and dump handshake, in vCPU order.
@@ -377,6 +381,11 @@ impl Vmm {
             let name = format!("virtio-net {}", net.tap_name());
             nets.push(wiring.add(net, &name)?);
         }
+        let rng = if cfg.rng {
+            Some(wiring.add(Rng::new(), "virtio-rng")?)
+        } else {
+            None
+        };
         let pci_irqs = wiring.pci_irqs().to_vec();
         wiring.finish()?;
         let apic_ids = cfg.cpus.apic_ids();
@@ -445,6 +454,7 @@ impl Vmm {
             _vm: vm,
             disks,
             nets,
+            rng,
             mem,
             vcpus,
             monitors,
@@ -485,6 +495,9 @@ impl Vmm {
         }
         for net in &self.nets {
             em.add_subscriber(net.clone());
+        }
+        if let Some(rng) = &self.rng {
+            em.add_subscriber(rng.clone());
         }
 
         // The terminal goes raw only now, after every fallible set-up step.
@@ -616,6 +629,16 @@ impl Vmm {
                 c.tx_packets,
                 c.tx_dropped,
                 c.tx_errors
+            );
+        }
+        if let Some(rng) = &self.rng {
+            let rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+            for line in rng.debug_state() {
+                warn!("dump {seq}: {line}");
+            }
+            warn!(
+                "dump {seq}: virtio-rng: {} bytes handed to the guest",
+                rng.device().bytes_served()
             );
         }
         warn!("dump {seq}: end");

@@ -45,6 +45,8 @@ pub const INNER_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    // /dev/hwrng on the VMM's virtio-rng (`--rng`); rng-core is built in.
+    "virtio_rng",
     // The pvpanic driver for the ACPI QEMU0001 device: a guest panic ends the VMM with
     // its own exit reason instead of looking like a reboot.
     "pvpanic",

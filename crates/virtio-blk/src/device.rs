@@ -21,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use tvm_util::{warn_once, WarnOnce};
-use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::{ActivateContext, QueueDrain, VirtioDevice, VirtioInterrupt};
 
 use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
 use crate::{Error, Result};
@@ -292,76 +292,31 @@ impl Block {
             debug!("virtio-blk: queue notification while inactive");
             return;
         };
-        let warnings = &mut self.warnings;
-        let name = &self.name;
+        let (info, file, name) = (&self.info, &mut self.file, &self.name);
+        let request_warn = &mut self.warnings.request;
         let mem = &active.mem;
-        let mut handled = 0usize;
-        let mut used_any = false;
-        'outer: loop {
-            if let Err(e) = active.queue.disable_notification(mem) {
-                debug!("virtio-blk: disable_notification failed: {e}");
-                break;
-            }
-            let mut popped = false;
-            loop {
-                match tvm_virtio::chains_pending(&active.queue, mem) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn_once!(warnings.ring, "{name}: queue left alone: {e}");
-                        // Leave the inner loop only: notifications are re-enabled below, so
-                        // a driver without EVENT_IDX that fixes its index can kick again.
-                        break;
-                    }
-                }
-                let Some(chain) = active.queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                popped = true;
-                let head = chain.head_index();
-                let done = handle_request(mem, chain, &self.info, &mut self.file);
-                if let Some(why) = done.driver_error {
-                    warn_once!(
-                        warnings.request,
-                        "{name}: request {head} refused ({} bytes answered): {why}",
-                        done.len
-                    );
-                }
-                match tvm_virtio::add_used(&mut active.queue, mem, head, done.len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => warn_once!(warnings.ring, "{name}: chain not returned: {e}"),
-                }
-                handled += 1;
-                if handled >= MAX_REQUESTS_PER_RUN {
-                    // Come back through the event loop rather than starving it.
-                    if let Err(e) = active.queue_evt.write(1) {
-                        warn!("virtio-blk: failed to re-signal the queue: {e}");
-                    }
-                    break 'outer;
-                }
-            }
-            match active.queue.enable_notification(mem) {
-                // More arrived while notifications were off; an invalid avail index
-                // (nothing poppable) also reads as "more", so stop then.
-                Ok(true) if popped => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    debug!("virtio-blk: enable_notification failed: {e}");
-                    break;
-                }
-            }
+        QueueDrain {
+            name,
+            index: 0,
+            queue: &mut active.queue,
+            mem,
+            queue_evt: &active.queue_evt,
+            interrupt: active.interrupt.as_ref(),
+            budget: MAX_REQUESTS_PER_RUN,
+            ring_warn: &mut self.warnings.ring,
         }
-        if used_any {
-            match active.queue.needs_notification(mem) {
-                Ok(true) => {
-                    if let Err(e) = active.interrupt.signal_queue(0) {
-                        warn!("virtio-blk: failed to signal the queue interrupt: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => debug!("virtio-blk: needs_notification failed: {e}"),
+        .run(|chain| {
+            let head = chain.head_index();
+            let done = handle_request(mem, chain, info, file);
+            if let Some(why) = done.driver_error {
+                warn_once!(
+                    request_warn,
+                    "{name}: request {head} refused ({} bytes answered): {why}",
+                    done.len
+                );
             }
-        }
+            done.len
+        });
     }
 }
 

@@ -86,7 +86,7 @@ pub mod test_utils;
 #[cfg(any(test, feature = "test-utils"))]
 pub use tvm_util::test_log;
 
-pub use ring::{add_used, chains_pending};
+pub use ring::{add_used, chains_pending, QueueDrain};
 /// Warn-once logging for guest-triggerable paths, re-exported from [`tvm_util`].
 pub use tvm_util::{warn_once, WarnOnce};
 

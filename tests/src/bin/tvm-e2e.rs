@@ -1620,7 +1620,10 @@ fn all_boot_checks(o: &Opts) -> Result<bool, String> {
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
-    let mut g = Guest::spawn(vmm_command(o), Runner::Vmm, o.verbose)?;
+    // The main boot also has the entropy device (`entropy-from-hwrng`).
+    let mut cmd = vmm_command(o);
+    cmd.arg("--rng");
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
@@ -1674,6 +1677,31 @@ fn reboot_check(
         .map_err(|e| format!("{e}; console tail: {}", g.console.tail(2000))),
     );
     Ok(())
+}
+
+/// The md5 of 64 zero bytes: what a device that writes nothing would give.
+const MD5_OF_64_ZEROS: &str = "3b5d3c7d207e37dceeedd301e35e2e58";
+
+/// Judges the guest's `CURRENT-COUNT-MD5A-MD5B` answer about /dev/hwrng: the current
+/// hwrng is virtio-rng, 4096 bytes came out of a 4096-byte read, and two 64-byte reads
+/// differ from each other and from zeros.
+fn hwrng_answer(v: &str) -> Result<String, String> {
+    let parts: Vec<&str> = v.trim().split('-').map(str::trim).collect();
+    let [current, count, a, b] = parts[..] else {
+        return Err(format!("unexpected answer {v:?}"));
+    };
+    if !current.starts_with("virtio_rng") {
+        return Err(format!("the current hwrng is {current:?}, not virtio_rng"));
+    }
+    if count != "4096" {
+        return Err(format!("a 4096-byte read gave {count:?} bytes"));
+    }
+    if a.len() != 32 || a == b || a == MD5_OF_64_ZEROS || b == MD5_OF_64_ZEROS {
+        return Err(format!("two 64-byte reads gave md5 {a} and {b}"));
+    }
+    Ok(format!(
+        "{current}: 4096 bytes read, two 64-byte reads differ (md5 {a}, {b})"
+    ))
 }
 
 /// What the console shows when the guest kernel panics (before `panic=1` reboots it, which
@@ -1885,6 +1913,25 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
         quiet_while_idle(&irqs_before_idle, &irqs_after_idle),
     );
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
+
+    // virtio-rng: the kernel's hwrng core picked the device, and /dev/hwrng gives what
+    // was asked for, different each time.
+    g.send(
+        b"echo rng-$((1+1))-$(cat /sys/devices/virtual/misc/hw_random/rng_current)\
+          -$(head -c 4096 /dev/hwrng | wc -c)-$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)\
+          -$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)-end\n",
+    )?;
+    let rng = c.value_until_end("rng-2-", pos, STEP_TIMEOUT);
+    r.check(
+        "entropy-from-hwrng",
+        match &rng {
+            Some((_, v)) => hwrng_answer(v),
+            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
+        },
+    );
+    if let Some((e, _)) = rng {
+        pos = e;
+    }
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.
@@ -2509,6 +2556,22 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hwrng_answers() {
+        let a = "0123456789abcdef0123456789abcdef";
+        let b = "fedcba9876543210fedcba9876543210";
+        assert!(hwrng_answer(&format!("virtio_rng.0-4096-{a}-{b}")).is_ok());
+        for bad in [
+            format!("none-4096-{a}-{b}"),
+            format!("virtio_rng.0-0-{a}-{b}"),
+            format!("virtio_rng.0-4096-{a}-{a}"),
+            format!("virtio_rng.0-4096-{MD5_OF_64_ZEROS}-{b}"),
+            "virtio_rng.0-4096".to_string(),
+        ] {
+            assert!(hwrng_answer(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn crc32_matches_busybox() {
