@@ -12,9 +12,12 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod acpi;
+pub mod commands;
 pub mod config;
 pub mod dump;
+pub mod firecracker;
 pub mod logger;
+pub mod pause;
 pub mod seccomp;
 mod signal_evt;
 pub mod terminal;
@@ -176,6 +179,13 @@ pub enum Error {
         #[source]
         source: seccompiler::Error,
     },
+    /// The Firecracker-style control plane could not go on (a bad config file, a failed
+    /// start with `--no-api`, the API thread ending).
+    #[error("{0}")]
+    Api(String),
+    /// The API socket could not be created.
+    #[error("cannot serve the api socket")]
+    ApiSocket(#[source] tvm_http::Error),
     /// The terminal could not be put into raw mode.
     #[error("failed to put the terminal into raw mode")]
     Terminal(#[source] std::io::Error),

@@ -71,6 +71,178 @@ struct Cli {
     log_level: LevelFilter,
 }
 
+/// The version of Firecracker's interface this binary answers, for clients that ask
+/// `firecracker --version`.
+const FIRECRACKER_COMPAT_VERSION: &str = "1.10.0";
+
+/// Firecracker's command line, for clients that start `firecracker --api-sock SOCK
+/// [--config-file FILE] [--no-api] ...` (this binary, or a symlink to it named
+/// `firecracker`). Options with the same meaning as Firecracker's; those marked "accepted"
+/// are taken and have no effect here.
+#[derive(Debug, Parser)]
+#[command(name = "firecracker", disable_version_flag = true)]
+struct FcCli {
+    /// Path of the API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/firecracker.socket")]
+    api_sock: PathBuf,
+    /// The instance id (`GET /`).
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
+    /// Start the microVM from this JSON file (the shape of `GET /vm/config`).
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Serve no API socket (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+    /// Log level: Error, Warning, Info, Debug, Trace or Off.
+    #[arg(long, value_name = "LEVEL", default_value = "Warning")]
+    level: String,
+    /// Write the log to this file (appending) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Accepted (the level is always shown).
+    #[arg(long)]
+    show_level: bool,
+    /// Accepted (the module is always shown).
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Accepted (one module filter is not supported).
+    #[arg(long, value_name = "MODULE")]
+    module: Option<String>,
+    /// Write metrics (`FlushMetrics`) to this file.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+    /// Accepted (boot times are printed on stderr at exit anyway).
+    #[arg(long)]
+    boot_timer: bool,
+    /// Install no seccomp filters.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Accepted (custom BPF filters are not supported; a given file is an error).
+    #[arg(long, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
+    /// Accepted: this VMM's devices are always on PCI.
+    #[arg(long)]
+    enable_pci: bool,
+    /// Largest API request body in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 51200)]
+    http_api_max_payload_size: usize,
+    /// Accepted (no MMDS).
+    #[arg(long, value_name = "BYTES")]
+    mmds_size_limit: Option<usize>,
+    /// Accepted (process start times from a jailer).
+    #[arg(long, value_name = "US")]
+    start_time_us: Option<u64>,
+    /// Accepted.
+    #[arg(long, value_name = "US")]
+    start_time_cpu_us: Option<u64>,
+    /// Accepted.
+    #[arg(long, value_name = "US")]
+    parent_cpu_time_us: Option<u64>,
+    /// Print the version and exit.
+    #[arg(long)]
+    version: bool,
+}
+
+/// Firecracker's `--level` names (any case; `warn` too).
+fn fc_level(text: &str) -> Option<LevelFilter> {
+    Some(match text.to_ascii_lowercase().as_str() {
+        "off" => LevelFilter::Off,
+        "error" => LevelFilter::Error,
+        "warning" | "warn" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+/// Whether to read the command line as Firecracker's: the binary is called `firecracker`,
+/// or a Firecracker-only option is given.
+fn firecracker_mode(args: &[std::ffi::OsString]) -> bool {
+    let called_firecracker = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "firecracker");
+    called_firecracker
+        || args.iter().skip(1).any(|a| {
+            let a = a.to_string_lossy();
+            let name = a.split('=').next().unwrap_or("");
+            matches!(name, "--api-sock" | "--config-file" | "--no-api")
+        })
+}
+
+/// Runs the VMM with Firecracker's command line.
+fn main_firecracker(start: Instant, args: Vec<std::ffi::OsString>) -> ExitCode {
+    let cli = FcCli::parse_from(args);
+    if cli.version {
+        println!(
+            "Firecracker v{FIRECRACKER_COMPAT_VERSION} (tvm {})",
+            env!("CARGO_PKG_VERSION")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let Some(level) = fc_level(&cli.level) else {
+        eprintln!(
+            "vmm: error: invalid --level {:?}: use Error, Warning, Info, Debug, Trace or Off",
+            cli.level
+        );
+        return ExitCode::from(1);
+    };
+    logger::init(level, start);
+    if let Some(path) = &cli.log_path {
+        if let Err(e) = logger::redirect(path) {
+            eprintln!("vmm: error: cannot open the log file {path:?}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if cli.seccomp_filter.is_some() {
+        eprintln!("vmm: error: --seccomp-filter: custom filters are not supported");
+        return ExitCode::from(1);
+    }
+    terminal::install_panic_hook();
+    let api_sock = (!cli.no_api).then_some(cli.api_sock);
+    let opts = tvm_vmm::firecracker::FcOptions {
+        api_sock: api_sock.clone(),
+        config_file: cli.config_file,
+        id: cli.id,
+        max_payload: cli.http_api_max_payload_size,
+        seccomp: if cli.no_seccomp {
+            SeccompLevel::Off
+        } else {
+            SeccompLevel::On
+        },
+        metrics_path: cli.metrics_path,
+    };
+    let times = Arc::new(BootTimes::new(start));
+    let result = tvm_vmm::firecracker::run(opts, times.clone());
+    terminal::restore();
+    finish(result, &times)
+}
+
+/// Prints why the VM stopped and turns it into the exit code.
+fn finish(result: tvm_vmm::Result<ExitReason>, times: &BootTimes) -> ExitCode {
+    match result {
+        Ok(reason) => {
+            eprintln!("{}", times.summary_line(reason.name()));
+            match &reason {
+                ExitReason::Error(text) => {
+                    eprintln!("vmm: error: {text}");
+                }
+                other => log_stop(other),
+            }
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            if times.get(tvm_vmm::timing::Phase::FirstKvmRun).is_some() {
+                eprintln!("{}", times.summary_line("error"));
+            }
+            eprintln!("vmm: error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Parses each value of a repeatable option; the first bad one is the error.
 fn parse_all<T>(
     values: &[String],
@@ -81,7 +253,11 @@ fn parse_all<T>(
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if firecracker_mode(&args) {
+        return main_firecracker(start, args);
+    }
+    let cli = Cli::parse_from(args);
     logger::init(cli.log_level, start);
     terminal::install_panic_hook();
 
@@ -123,23 +299,5 @@ fn main() -> ExitCode {
     let result = run_vm(&cfg, times.clone());
     // Whatever happened, the terminal is ours again before we print.
     terminal::restore();
-    match result {
-        Ok(reason) => {
-            eprintln!("{}", times.summary_line(reason.name()));
-            match &reason {
-                ExitReason::Error(text) => {
-                    eprintln!("vmm: error: {text}");
-                }
-                other => log_stop(other),
-            }
-            ExitCode::from(reason.exit_code() as u8)
-        }
-        Err(e) => {
-            if times.get(tvm_vmm::timing::Phase::FirstKvmRun).is_some() {
-                eprintln!("{}", times.summary_line("error"));
-            }
-            eprintln!("vmm: error: {}", error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    finish(result, &times)
 }

@@ -200,6 +200,7 @@ const fn ioc<T>(dir: u32, ty: u32, nr: u32) -> u64 {
 }
 
 const KVM_RUN: u64 = ioc::<()>(_IOC_NONE, KVMIO, 0x80);
+const KVM_KVMCLOCK_CTRL: u64 = ioc::<()>(_IOC_NONE, KVMIO, 0xad);
 const KVM_GET_REGS: u64 = ioc::<kvm_bindings::kvm_regs>(_IOC_READ, KVMIO, 0x81);
 const KVM_GET_SREGS: u64 = ioc::<kvm_bindings::kvm_sregs>(_IOC_READ, KVMIO, 0x83);
 const KVM_GET_LAPIC: u64 = ioc::<kvm_bindings::kvm_lapic_state>(_IOC_READ, KVMIO, 0x8e);
@@ -307,13 +308,15 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             // KVM_RUN; the register reads and the address translation of a failure report;
             // the state a dump (SIGUSR2) shows: MP state, pending events, the local APIC;
             // MSI-X table writes re-route GSIs; BAR moves re-register queue ioeventfds;
-            // virtio-net activation sets the TAP's offloads.
+            // virtio-net activation sets the TAP's offloads; after a pause, the guest's
+            // kvmclock is told the vCPU was stopped.
             (
                 libc::SYS_ioctl,
                 arg_in(
                     1,
                     &[
                         KVM_RUN,
+                        KVM_KVMCLOCK_CTRL,
                         KVM_GET_REGS,
                         KVM_GET_SREGS,
                         KVM_TRANSLATE,
@@ -434,6 +437,7 @@ mod tests {
     fn ioctl_numbers_are_the_kernels() {
         // The values in the kernel's uapi headers on x86_64.
         assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_KVMCLOCK_CTRL, 0xaead);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_TRANSLATE, 0xc018_ae85);

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dump::{ExitKind, ExitStats, SymbolMap, VcpuSnapshot};
+use crate::pause::PauseGate;
 use crate::seccomp::ThreadKind;
 use crate::timing::{BootTimes, Phase};
 
@@ -339,6 +340,8 @@ pub struct Vcpu {
     pub monitor: Arc<VcpuMonitor>,
     /// The guest's symbols, to name RIP in dumps.
     pub symbols: Option<Arc<SymbolMap>>,
+    /// Where the thread parks while the VM is paused.
+    pub gate: Arc<PauseGate>,
 }
 
 /// What a vCPU thread shares with the event loop for diagnostics: its exit statistics and
@@ -463,6 +466,16 @@ impl Vcpu {
             self.fd.set_kvm_immediate_exit(0);
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            if self.gate.park_if_closed(&self.stop) {
+                // Tell the guest's kvmclock that the vCPU was stopped, so that its
+                // soft-lockup watchdog does not count the pause. EINVAL: the guest does
+                // not use kvmclock.
+                if let Err(e) = self.fd.kvmclock_ctrl() {
+                    debug!("vcpu{}: KVM_KVMCLOCK_CTRL: {e}", self.id);
+                }
+                // Back to the top: a stop may have come while parked.
+                continue;
             }
             if let Some(seq) = self.monitor.pending_dump() {
                 self.answer_dump(seq);

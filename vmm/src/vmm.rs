@@ -31,8 +31,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
+use crate::commands::{Command, CommandReceiver, CommandSender};
 use crate::config::VmConfig;
 use crate::dump::SymbolMap;
+use crate::pause::PauseGate;
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::signal_evt;
 use crate::terminal::RawTerminal;
@@ -82,6 +84,7 @@ const SIGNAL_EVT: u32 = 4;
 const DUMP_EVT: u32 = 5;
 const POWEROFF_EVT: u32 = 6;
 const PANIC_EVT: u32 = 7;
+const COMMAND_EVT: u32 = 8;
 
 /// The event-loop subscriber that turns stop requests into an exit reason.
 #[derive(Debug)]
@@ -100,6 +103,10 @@ struct Control {
     done: Arc<AtomicBool>,
     /// Set when a state dump was asked for; `Vmm::run` does it between two event batches.
     dump: Arc<AtomicBool>,
+    /// Written when a request from another thread waits ([`crate::commands`]).
+    command_evt: EventFd,
+    /// Set when requests wait; `Vmm::run` carries them out between two event batches.
+    commands: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for Control {
@@ -133,6 +140,11 @@ impl MutEventSubscriber for Control {
                 self.dump.store(true, Ordering::Release);
                 return;
             }
+            COMMAND_EVT => {
+                let _ = self.command_evt.read();
+                self.commands.store(true, Ordering::Release);
+                return;
+            }
             other => {
                 warn!("unexpected event data {other}");
                 return;
@@ -154,6 +166,7 @@ impl MutEventSubscriber for Control {
             (&self.dump_evt, DUMP_EVT),
             (&self.poweroff_evt, POWEROFF_EVT),
             (&self.panic_evt, PANIC_EVT),
+            (&self.command_evt, COMMAND_EVT),
         ] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 error!("failed to watch control event {data}: {e}");
@@ -180,6 +193,13 @@ pub struct Vmm {
     output: Option<OutputThread>,
     dropped_output: NonBlockingWriter,
     stop: Arc<AtomicBool>,
+    /// Where the vCPU threads park while the VM is paused.
+    gate: Arc<PauseGate>,
+    /// Requests from other threads, and the sending side until someone takes it.
+    commands: CommandReceiver,
+    command_sender: Option<CommandSender>,
+    /// The keyboard controller (for Ctrl-Alt-Del).
+    i8042: Arc<Mutex<I8042>>,
     times: Arc<BootTimes>,
     seccomp: Filters,
 }
@@ -346,9 +366,13 @@ impl Vmm {
 
         let i8042 = I8042::new()?;
         let reset_evt = i8042.reset_evt().try_clone().map_err(Error::EventFd)?;
+        // The keyboard's IRQ 1, for the keys the VMM presses (Ctrl-Alt-Del).
+        let kbd_gsi = tvm_arch_x86::layout::I8042_KBD_GSI;
+        vm.register_irqfd(i8042.kbd_interrupt_evt(), kbd_gsi)
+            .map_err(|e| tvm_irq::Error::RegisterIrqfd(kbd_gsi, e))?;
         let i8042 = Arc::new(Mutex::new(i8042));
         register_pio_device(&mut io, I8042_DATA_PORT, 1, i8042.clone())?;
-        register_pio_device(&mut io, I8042_COMMAND_PORT, 1, i8042)?;
+        register_pio_device(&mut io, I8042_COMMAND_PORT, 1, i8042.clone())?;
         let cmos = Arc::new(Mutex::new(Cmos::new()));
         register_pio_device(&mut io, CMOS_PORT, CMOS_PORT_LEN, cmos)?;
         register_pio_device(&mut io, DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort)))?;
@@ -396,6 +420,7 @@ impl Vmm {
         // every vCPU but the boot CPU (id 0) waiting for INIT and SIPI, which the guest
         // sends through its local APIC when it brings the application processors up.
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(PauseGate::new());
         let cpu_count = cfg.cpus.cpu_count();
         let mut vcpus = Vec::with_capacity(usize::from(cpu_count));
         let mut monitors = Vec::with_capacity(usize::from(cpu_count));
@@ -426,6 +451,7 @@ impl Vmm {
                 seccomp: seccomp.get(ThreadKind::Vcpu),
                 monitor: Arc::new(VcpuMonitor::default()),
                 symbols: symbols.clone(),
+                gate: gate.clone(),
             });
             monitors.extend(vcpus.last().map(|v| v.monitor.clone()));
         }
@@ -437,6 +463,8 @@ impl Vmm {
             cfg.kernel
         );
 
+        let (command_sender, commands) =
+            crate::commands::channel(eventfd()?).map_err(Error::EventFd)?;
         let control = Control {
             exit: exit.clone(),
             exit_evt,
@@ -448,6 +476,8 @@ impl Vmm {
             panic_evt,
             done: Arc::new(AtomicBool::new(false)),
             dump: Arc::new(AtomicBool::new(false)),
+            command_evt: commands.wake_evt().try_clone().map_err(Error::EventFd)?,
+            commands: Arc::new(AtomicBool::new(false)),
         };
         Ok(Vmm {
             _kvm: kvm,
@@ -464,9 +494,19 @@ impl Vmm {
             output: Some(output),
             dropped_output: writer,
             stop,
+            gate,
+            commands,
+            command_sender: Some(command_sender),
+            i8042,
             times,
             seccomp,
         })
+    }
+
+    /// The handle through which another thread asks the running VM to pause, resume or
+    /// press Ctrl-Alt-Del; there is one, and the first call takes it.
+    pub fn take_command_sender(&mut self) -> Option<CommandSender> {
+        self.command_sender.take()
     }
 
     /// The guest memory (for tests and diagnostics).
@@ -476,12 +516,17 @@ impl Vmm {
 
     /// Runs the VM until it stops; returns why.
     pub fn run(mut self) -> Result<ExitReason> {
-        let (escape_evt, done, dump) = {
+        let (escape_evt, done, dump, commands) = {
             let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
             install_termination_handlers(&control.signal_evt)?;
             crate::dump::install_dump_handler(&control.dump_evt)?;
             let escape = control.escape_evt.try_clone().map_err(Error::EventFd)?;
-            (escape, control.done.clone(), control.dump.clone())
+            (
+                escape,
+                control.done.clone(),
+                control.dump.clone(),
+                control.commands.clone(),
+            )
         };
         install_kick_handler().map_err(Error::Signals)?;
 
@@ -512,7 +557,7 @@ impl Vmm {
                     // Threads already started are waiting on the barrier: stop them first.
                     self.stop.store(true, Ordering::Release);
                     barrier.wait();
-                    stop_vcpus(threads, &self.stop, &self.mem);
+                    stop_vcpus(threads, &self.stop, &self.gate, &self.mem);
                     drop(raw);
                     return Err(Error::SpawnVcpu(e));
                 }
@@ -528,7 +573,7 @@ impl Vmm {
         if let Err(e) = filtered {
             self.stop.store(true, Ordering::Release);
             barrier.wait();
-            stop_vcpus(threads, &self.stop, &self.mem);
+            stop_vcpus(threads, &self.stop, &self.gate, &self.mem);
             drop(raw);
             return Err(e);
         }
@@ -545,11 +590,20 @@ impl Vmm {
                 dumps += 1;
                 self.dump_state(dumps, &threads);
             }
+            if commands.swap(false, Ordering::AcqRel) {
+                if done.load(Ordering::Acquire) {
+                    self.commands
+                        .drain(|_| Err("the vm is shutting down".to_string()));
+                } else {
+                    self.commands
+                        .drain(|c| carry_out(c, &self.gate, &threads, &self.i8042));
+                }
+            }
         }
         self.times.mark(Phase::Exit);
         let reason = self.exit.reason();
         info!("shutting down: {reason:?}");
-        stop_vcpus(threads, &self.stop, &self.mem);
+        stop_vcpus(threads, &self.stop, &self.gate, &self.mem);
         self.flush_disks();
         for net in &self.nets {
             net.lock()
@@ -676,13 +730,80 @@ impl Vmm {
     }
 }
 
+/// How long a pause waits for every vCPU thread to park.
+const PAUSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Carries out one request of another thread (see [`crate::commands`]).
+fn carry_out(
+    command: &Command,
+    gate: &PauseGate,
+    threads: &[JoinHandle<()>],
+    i8042: &Mutex<I8042>,
+) -> crate::commands::Answer {
+    match command {
+        Command::Pause => pause_vcpus(gate, threads),
+        Command::Resume => {
+            if gate.is_closed() {
+                gate.open();
+                info!("vm resumed");
+            }
+            Ok(())
+        }
+        Command::CtrlAltDel => i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .trigger_ctrl_alt_del()
+            .map_err(|e| crate::error_chain(&e)),
+    }
+}
+
+/// Closes the pause gate and kicks every vCPU thread out of KVM_RUN until each has
+/// parked; gives up (and opens the gate again) after [`PAUSE_GRACE`].
+fn pause_vcpus(gate: &PauseGate, threads: &[JoinHandle<()>]) -> crate::commands::Answer {
+    if gate.is_closed() {
+        return Ok(());
+    }
+    gate.close();
+    let deadline = Instant::now() + PAUSE_GRACE;
+    let running = || threads.iter().filter(|t| !t.is_finished()).count();
+    loop {
+        // A kick that lands before a thread enters KVM_RUN sets immediate_exit, and one
+        // that lands on a parked thread is harmless: kick them all, every round.
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            if let Err(e) = t.kill(kick_signal()) {
+                debug!("failed to kick {}: {e}", thread_name(t));
+            }
+        }
+        let round = (Instant::now() + Duration::from_millis(10)).min(deadline);
+        if gate.wait_parked(round, &running) {
+            info!("vm paused: {} vcpu(s) parked", gate.parked());
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            gate.open();
+            return Err(format!(
+                "{} of {} vcpu(s) did not park within {PAUSE_GRACE:?}",
+                running().saturating_sub(gate.parked()),
+                running()
+            ));
+        }
+    }
+}
+
 /// Asks every vCPU thread to stop, kicks it out of KVM_RUN until it does, and joins it.
 ///
 /// A thread that does not stop may still run the guest, so guest memory must stay mapped
 /// (the contract of [`tvm_memory::register_memory_slots`]): a clone of `mem` is then kept
 /// until the process exits.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool, mem: &GuestMemoryMmap) {
+fn stop_vcpus(
+    threads: Vec<JoinHandle<()>>,
+    stop: &AtomicBool,
+    gate: &PauseGate,
+    mem: &GuestMemoryMmap,
+) {
     stop.store(true, Ordering::Release);
+    // Threads parked by a pause see the stop once woken.
+    gate.wake_for_stop();
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     // Every round kicks every thread still running: a kick that lands before a thread
     // enters KVM_RUN is lost, and waiting on one thread must not leave the others unkicked
@@ -748,6 +869,8 @@ mod tests {
             panic_evt: nonblocking(),
             done: Arc::new(AtomicBool::new(false)),
             dump: Arc::new(AtomicBool::new(false)),
+            command_evt: nonblocking(),
+            commands: Arc::new(AtomicBool::new(false)),
         };
         let control = Arc::new(Mutex::new(control));
         let mut em = EventManager::new().unwrap();

@@ -1004,6 +1004,20 @@ impl StdoutWatch {
         }
     }
 
+    /// Everything read by the end of `dur` (the child's output keeps coming meanwhile).
+    fn collect_for(&mut self, dur: Duration) -> String {
+        let deadline = Instant::now() + dur;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return text(&self.seen);
+            }
+            if let Ok(chunk) = self.rx.recv_timeout(left) {
+                self.seen.extend_from_slice(&chunk);
+            }
+        }
+    }
+
     /// Everything read so far once it contains `needle`; kills `child` and panics if it
     /// does not within `secs`.
     fn wait_for(&mut self, child: &mut std::process::Child, needle: &str, secs: u64) -> String {
@@ -1202,4 +1216,247 @@ fn kvm_a_terminal_on_stdin_is_put_back_under_seccomp() {
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(all.contains("on a tty"), "{all}");
     assert!(!all.contains("seccomp"), "{all}");
+}
+
+// ---- Firecracker's interface: --api-sock, --config-file, --no-api ----
+
+/// One HTTP request over the API socket (`Connection: close`); returns the status and
+/// the body. Every read and write is bounded by a 10 s timeout.
+fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // A refused body may close the connection before all of it is written.
+    let _ = s.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = text(&out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no status line in {out:?}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits up to 10 s for `path` to exist.
+fn wait_for_path(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{path:?} did not appear within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A guest that prints `t` every few milliseconds and resets the machine through the
+/// i8042 once its keyboard sends Ctrl (make code 0x1d, set 1: translation is on).
+fn ticking_guest_that_reboots_on_ctrl() -> Vec<u8> {
+    let a = Asm::new().label("top").print(0x3f8, b"t");
+    spin(a, 20, None)
+        .mov_dx(0x64)
+        .mov_eax(0)
+        .in_al_dx()
+        .and_al(1)
+        .je("top")
+        .mov_dx(0x60)
+        .mov_eax(0)
+        .in_al_dx()
+        .cmp_eax(0x1d)
+        .je("reset")
+        .jmp("top")
+        .label("reset")
+        .i8042_reset()
+        .halt_forever()
+        .finish()
+}
+
+fn ticks(out: &str) -> usize {
+    out.matches('t').count()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
+    let kernel = write_kernel("api-ticking.elf", &ticking_guest_that_reboots_on_ctrl());
+    let sock = scratch("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(VMM)
+        .args(["--api-sock", sock.to_str().unwrap(), "--id", "t1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&sock);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    let (status, body) = api(&sock, "GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"Not started\"") && body.contains("\"t1\""),
+        "{body}"
+    );
+    // Errors, each with a fault message.
+    for (method, path, body, want) in [
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}"#,
+            400,
+        ),
+        ("PUT", "/machine-config", "{not json", 400),
+        ("GET", "/no-such-thing", "", 404),
+        ("DELETE", "/machine-config", "", 405),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 1, "deflate_on_oom": false}"#,
+            400,
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+            400,
+        ),
+        ("PATCH", "/vm", r#"{"state": "Paused"}"#, 400),
+    ] {
+        let (status, reply) = api(&sock, method, path, body);
+        assert_eq!(status, want, "{method} {path}: {reply}");
+        if status != 404 && status != 405 {
+            assert!(reply.contains("fault_message"), "{method} {path}: {reply}");
+        }
+    }
+    // A 1 MiB body is refused; the server goes on.
+    let (status, _) = api(&sock, "PUT", "/machine-config", &"x".repeat(1 << 20));
+    assert!(status == 413 || status == 400, "{status}");
+
+    let kernel_json = format!(r#"{{"kernel_image_path": {:?}}}"#, kernel.to_str().unwrap());
+    for (path, body) in [
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+        ),
+        ("/boot-source", kernel_json.as_str()),
+        ("/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        let (status, reply) = api(&sock, "PUT", path, body);
+        assert_eq!(status, 204, "PUT {path}: {reply}");
+    }
+    let (_, body) = api(&sock, "GET", "/", "");
+    assert!(body.contains("\"Running\""), "{body}");
+    let (status, reply) = api(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("after starting"), "{reply}");
+
+    let mut out = StdoutWatch::new(&mut child);
+    out.wait_for(&mut child, "tttt", 20);
+    let (status, reply) = api(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(status, 204, "{reply}");
+    let (_, body) = api(&sock, "GET", "/", "");
+    assert!(body.contains("\"Paused\""), "{body}");
+    // What was written before the pause drains; then nothing more comes.
+    let at_pause = ticks(&out.collect_for(Duration::from_millis(300)));
+    let later = ticks(&out.collect_for(Duration::from_millis(700)));
+    assert_eq!(later, at_pause, "the guest ran while paused");
+    let (status, reply) = api(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(status, 204, "{reply}");
+    out.wait_for(&mut child, &"t".repeat(at_pause + 5), 20);
+
+    let (status, reply) = api(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    assert_eq!(status, 204, "{reply}");
+    let out = wait_with_deadline(child, 20);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(exit_reason(&stderr), "reboot", "{stderr}");
+    assert!(!sock.exists(), "the socket file is left behind");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_config_file_with_no_api_boots_the_guest() {
+    let code = Asm::new()
+        .print(0x3f8, b"from-config\n")
+        .i8042_reset()
+        .halt_forever()
+        .finish();
+    let kernel = write_kernel("config-file.elf", &code);
+    let cfg = scratch("vm-config.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": {:?}, "boot_args": "console=ttyS0 pci=off"}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}}, "drives": []}}"#,
+            kernel.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = run_vmm(&[
+        "--no-api",
+        "--config-file",
+        cfg.to_str().unwrap(),
+        "--level",
+        "Info",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(text(&out.stdout).contains("from-config"));
+    assert!(stderr.contains("2 vcpu(s)"), "{stderr}");
+    assert!(stderr.contains("dropped pci=off"), "{stderr}");
+}
+
+#[test]
+fn bad_firecracker_style_input_is_one_clear_error() {
+    let cfg = scratch("bad-config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "vcpus": 2}}"#,
+    )
+    .unwrap();
+    let out = run_vmm(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
+    assert_one_error_line(&out, "vcpus");
+    let out = run_vmm(&["--no-api", "--config-file", "/nonexistent/vm.json"]);
+    assert_one_error_line(&out, "cannot read the config file");
+    std::fs::write(
+        &cfg,
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
+    )
+    .unwrap();
+    let out = run_vmm(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
+    assert_one_error_line(&out, "boot source");
+    let out = run_vmm(&["--no-api", "--api-sock", "/tmp/x.sock"]);
+    assert_one_error_line(&out, "--no-api needs --config-file");
+    // An existing path is refused and left alone.
+    let taken = scratch("taken.sock");
+    std::fs::write(&taken, "keep me").unwrap();
+    let out = run_vmm(&["--api-sock", taken.to_str().unwrap()]);
+    assert_one_error_line(&out, "exists");
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), "keep me");
+    let out = run_vmm(&["--api-sock", "/tmp/y.sock", "--level", "loud"]);
+    assert_one_error_line(&out, "--level");
 }

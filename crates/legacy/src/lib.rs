@@ -4,9 +4,12 @@
 //! The PC legacy devices a Linux guest touches besides the UART, as small state machines
 //! on the port-I/O bus ([`vm_device::MutDevicePio`]) that never touch KVM:
 //!
-//! - [`I8042`]: the keyboard controller, without a keyboard or mouse. Linux probes it at
-//!   boot, and `reboot=k` (or the FADT reset register) resets the machine through it
-//!   (command 0xFE), which the device reports on its reset [`EventFd`].
+//! - [`I8042`]: the keyboard controller, with a minimal PS/2 keyboard and no mouse. Linux
+//!   probes it at boot, and `reboot=k` (or the FADT reset register) resets the machine
+//!   through it (command 0xFE), which the device reports on its reset [`EventFd`]. The
+//!   keyboard answers atkbd's commands and presses Ctrl-Alt-Del when the VMM asks
+//!   ([`I8042::trigger_ctrl_alt_del`]); its bytes raise IRQ 1 on the keyboard interrupt
+//!   [`EventFd`], which the VMM registers as an irqfd.
 //! - [`Cmos`]: the MC146818 real-time clock and its NVRAM at 0x70/0x71, reading the host's
 //!   UTC time.
 //! - [`DebugPort`]: the POST code port 0x80, which Linux writes for I/O delays.
@@ -68,6 +71,21 @@ pub enum Error {
     /// A device's EventFd could not be created.
     #[error("failed to create an eventfd")]
     CreateEventFd(#[source] std::io::Error),
+    /// The i8042 keyboard queue lacks room for all the bytes of a key sequence (the guest
+    /// has not read the keys sent before); none were queued.
+    #[error(
+        "failed to queue {needed} keyboard bytes, the i8042 keyboard queue has room for {free}"
+    )]
+    QueueKeysFull {
+        /// Bytes the key sequence needs.
+        needed: usize,
+        /// Bytes the queue has room for.
+        free: usize,
+    },
+    /// The guest disabled the keyboard (PS/2 command 0xF5), which sends no keys until the
+    /// guest enables it again (0xF4); none were queued.
+    #[error("failed to queue keys, the guest has disabled the i8042 keyboard")]
+    QueueKeysDisabled,
 }
 
 /// Result of the legacy devices.
