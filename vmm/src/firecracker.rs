@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::commands::{Command, CommandSender};
 use crate::config::{DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE, DISK_ID_MAX_BYTES};
-use crate::seccomp::SeccompLevel;
+use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::timing::BootTimes;
 use crate::vcpu::ExitReason;
 use crate::{Error, Result, Vmm};
@@ -306,7 +306,13 @@ fn answer(
 
 /// The API thread: applies the config file (and starts it), then serves the socket until
 /// `stop` is written.
-fn api_thread(opts: FcOptions, server: Option<Server>, to_main: Sender<ToMain>, stop: EventFd) {
+fn api_thread(
+    opts: FcOptions,
+    server: Option<Server>,
+    filter: Option<Arc<seccompiler::BpfProgram>>,
+    to_main: Sender<ToMain>,
+    stop: EventFd,
+) {
     let fail = |to_main: &Sender<ToMain>, why: String| {
         let _ = to_main.send(ToMain::Failed(why));
     };
@@ -355,6 +361,11 @@ fn api_thread(opts: FcOptions, server: Option<Server>, to_main: Sender<ToMain>, 
         // --no-api: nothing more to do; the VM runs on the main thread.
         return;
     };
+    // The config file is read and applied; from here on the thread only serves the
+    // socket, under its own filter.
+    if let Err(e) = crate::seccomp::apply(ThreadKind::Api, filter.as_deref()) {
+        return fail(&to_main, crate::error_chain(&e));
+    }
     let mut handler = |r| answer(r, &mut controller, &mut actions);
     if let Err(e) = server.serve(&mut handler, &stop) {
         warn!("the api server stopped: {}", crate::error_chain(&e));
@@ -382,13 +393,18 @@ pub fn run(opts: FcOptions, times: Arc<BootTimes>) -> Result<ExitReason> {
         }
         None => None,
     };
+    let filters = Filters::new(opts.seccomp)?;
+    if opts.seccomp == SeccompLevel::On {
+        crate::seccomp::install_sigsys_handler()?;
+    }
+    let filter = filters.get(ThreadKind::Api);
     let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     let thread_stop = stop.try_clone().map_err(Error::EventFd)?;
     let (to_main, from_api): (Sender<ToMain>, Receiver<ToMain>) = mpsc::channel();
     let api_opts = opts.clone();
     let api = std::thread::Builder::new()
         .name("fc_api".into())
-        .spawn(move || api_thread(api_opts, server, to_main, thread_stop))
+        .spawn(move || api_thread(api_opts, server, filter, to_main, thread_stop))
         .map_err(Error::SpawnVcpu)?;
 
     let result = loop {

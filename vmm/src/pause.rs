@@ -44,8 +44,9 @@ impl PauseGate {
         self.lock().closed
     }
 
-    /// Closes the gate: from now on a vCPU thread that calls [`park_if_closed`]
-    /// (Self::park_if_closed) parks. The caller kicks the threads out of `KVM_RUN`.
+    /// Closes the gate: from now on a vCPU thread that calls
+    /// [`park_if_closed`](Self::park_if_closed) parks. The caller kicks the threads out of
+    /// `KVM_RUN`.
     pub fn close(&self) {
         self.lock().closed = true;
     }

@@ -1,12 +1,14 @@
 //! seccomp-bpf filters, one per thread kind, installed after set-up and before the guest
 //! runs its first instruction or drives any I/O.
 //!
-//! Every thread of the VMM runs one of three filters:
+//! Every thread of the VMM runs one of four filters:
 //! - [`ThreadKind::Vcpu`]: KVM_RUN and the few things a BAR or PCI config write can lead to
 //!   (MSI routing, ioeventfd moves, TAP offloads, eventfd clones on device activation);
 //! - [`ThreadKind::EventLoop`] (the main thread): epoll, disk and TAP I/O, kicking vCPU
 //!   threads at shutdown, putting the terminal back;
-//! - [`ThreadKind::SerialOut`]: writing the console to stdout.
+//! - [`ThreadKind::SerialOut`]: writing the console to stdout;
+//! - [`ThreadKind::Api`]: the Firecracker-style API socket (accepting and serving clients,
+//!   opening the log and metrics files it is pointed at, removing the socket at exit).
 //!
 //! Filters are per thread (no TSYNC): a vCPU thread installs its own before it waits on the
 //! start barrier, the serial-out thread before it writes anything, and the main thread its
@@ -57,6 +59,8 @@ pub enum ThreadKind {
     EventLoop = 2,
     /// The thread that writes the console to stdout.
     SerialOut = 3,
+    /// The thread that serves the API socket (`fc_api`).
+    Api = 4,
 }
 
 impl ThreadKind {
@@ -66,6 +70,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::EventLoop => "event-loop",
             ThreadKind::SerialOut => "serial-out",
+            ThreadKind::Api => "api",
         }
     }
 
@@ -74,6 +79,7 @@ impl ThreadKind {
             1 => Some(ThreadKind::Vcpu),
             2 => Some(ThreadKind::EventLoop),
             3 => Some(ThreadKind::SerialOut),
+            4 => Some(ThreadKind::Api),
             _ => None,
         }
     }
@@ -91,6 +97,7 @@ pub struct Filters {
     vcpu: Option<Arc<BpfProgram>>,
     event_loop: Option<Arc<BpfProgram>>,
     serial_out: Option<Arc<BpfProgram>>,
+    api: Option<Arc<BpfProgram>>,
 }
 
 impl Filters {
@@ -106,6 +113,7 @@ impl Filters {
             vcpu: build(ThreadKind::Vcpu)?,
             event_loop: build(ThreadKind::EventLoop)?,
             serial_out: build(ThreadKind::SerialOut)?,
+            api: build(ThreadKind::Api)?,
         })
     }
 
@@ -115,6 +123,7 @@ impl Filters {
             ThreadKind::Vcpu => self.vcpu.clone(),
             ThreadKind::EventLoop => self.event_loop.clone(),
             ThreadKind::SerialOut => self.serial_out.clone(),
+            ThreadKind::Api => self.api.clone(),
         }
     }
 
@@ -363,6 +372,33 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),
         ],
         ThreadKind::SerialOut => vec![],
+        ThreadKind::Api => vec![
+            (libc::SYS_epoll_wait, any()),
+            (libc::SYS_epoll_pwait, any()),
+            // Connections join and leave the epoll set.
+            (libc::SYS_epoll_ctl, any()),
+            (libc::SYS_accept4, any()),
+            // Accepted connections are made non-blocking (std's set_nonblocking).
+            (libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO])?),
+            (libc::SYS_read, any()),
+            (libc::SYS_recvfrom, any()),
+            (libc::SYS_sendto, any()),
+            (libc::SYS_writev, any()),
+            (libc::SYS_shutdown, any()),
+            (libc::SYS_close, any()),
+            (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),
+            // `PUT /logger` and `PUT /metrics` open (create, append) the files they name;
+            // the log replaces stderr.
+            (libc::SYS_openat, any()),
+            (libc::SYS_dup2, any()),
+            (libc::SYS_dup3, any()),
+            // At exit the socket file is removed if it is still the one we created.
+            (libc::SYS_newfstatat, any()),
+            (libc::SYS_statx, any()),
+            (libc::SYS_fstat, any()),
+            (libc::SYS_unlink, any()),
+            (libc::SYS_unlinkat, any()),
+        ],
     })
 }
 
@@ -401,22 +437,21 @@ mod tests {
     const CHILD_ENV: &str = "TVM_SECCOMP_TEST_CHILD";
 
     #[test]
-    fn off_builds_nothing_and_on_and_log_build_three_filters() {
-        let off = Filters::new(SeccompLevel::Off).unwrap();
-        for kind in [
+    fn off_builds_nothing_and_on_and_log_build_four_filters() {
+        let kinds = [
             ThreadKind::Vcpu,
             ThreadKind::EventLoop,
             ThreadKind::SerialOut,
-        ] {
+            ThreadKind::Api,
+        ];
+        let off = Filters::new(SeccompLevel::Off).unwrap();
+        for kind in kinds {
             assert!(off.get(kind).is_none());
+            assert_eq!(ThreadKind::from_u8(kind as u8), Some(kind));
         }
         for level in [SeccompLevel::On, SeccompLevel::Log] {
             let f = Filters::new(level).unwrap();
-            for kind in [
-                ThreadKind::Vcpu,
-                ThreadKind::EventLoop,
-                ThreadKind::SerialOut,
-            ] {
+            for kind in kinds {
                 assert!(!f.get(kind).unwrap().is_empty(), "{level:?} {kind:?}");
             }
         }
@@ -431,6 +466,7 @@ mod tests {
         let len = |k| compile(k, SeccompAction::Trap).unwrap().len();
         assert!(len(ThreadKind::SerialOut) < len(ThreadKind::Vcpu));
         assert!(len(ThreadKind::SerialOut) < len(ThreadKind::EventLoop));
+        assert!(len(ThreadKind::SerialOut) < len(ThreadKind::Api));
     }
 
     #[test]

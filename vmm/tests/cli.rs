@@ -1347,7 +1347,15 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
     assert!(status == 413 || status == 400, "{status}");
 
     let kernel_json = format!(r#"{{"kernel_image_path": {:?}}}"#, kernel.to_str().unwrap());
+    // From here on the log (stderr) goes to this file, at level Info.
+    let log = scratch("api-test.log");
+    let _ = std::fs::remove_file(&log);
+    let logger_json = format!(
+        r#"{{"log_path": {:?}, "level": "Info"}}"#,
+        log.to_str().unwrap()
+    );
     for (path, body) in [
+        ("/logger", logger_json.as_str()),
         (
             "/machine-config",
             r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
@@ -1371,6 +1379,21 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
 
     let mut out = StdoutWatch::new(&mut child);
     out.wait_for(&mut child, "tttt", 20);
+    // Every thread, the API's included, runs under exactly one filter of its own.
+    let threads = seccomp_of_threads(child.id());
+    let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fc_api", "serial-out", "vcpu0", "vmm"],
+        "{threads:?}"
+    );
+    for (name, mode, filters) in &threads {
+        assert_eq!(
+            (mode.as_str(), filters.as_str()),
+            ("2", "1"),
+            "{name}: {threads:?}"
+        );
+    }
     let (status, reply) = api(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(status, 204, "{reply}");
     let (_, body) = api(&sock, "GET", "/", "");
@@ -1391,9 +1414,10 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
     );
     assert_eq!(status, 204, "{reply}");
     let out = wait_with_deadline(child, 20);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(exit_reason(&stderr), "reboot", "{stderr}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{logged}");
+    assert_eq!(exit_reason(&logged), "reboot", "{logged}");
+    assert!(logged.contains("microVM paused"), "{logged}");
     assert!(!sock.exists(), "the socket file is left behind");
 }
 
