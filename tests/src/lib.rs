@@ -7,6 +7,47 @@
 
 use std::collections::HashMap;
 
+/// One HTTP/1.1 request on a VMM's API socket (Unix), with `Connection: close`; every
+/// read and write is bounded by 10 s. Returns the status and the body. A client this small
+/// is enough for tests of our own server; the compatibility test uses a real client
+/// library.
+pub fn api_request(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let what = format!("{method} {path}");
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .map_err(|e| format!("{what}: connect: {e}"))?;
+    let limit = Some(std::time::Duration::from_secs(10));
+    s.set_read_timeout(limit)
+        .and_then(|()| s.set_write_timeout(limit))
+        .map_err(|e| format!("{what}: {e}"))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // A refused body may close the connection before all of it is written: the answer
+    // is still there to read.
+    let _ = s.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{what}: no status line in {out:?}"))?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// Where tiny guests are loaded and entered (the usual kernel load address).
 pub const GUEST_ENTRY: u64 = 0x10_0000;
 

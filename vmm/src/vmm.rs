@@ -535,14 +535,15 @@ impl Vmm {
         let input = SerialInput::new(self.serial.clone(), stdin_source()?, escape_evt)?;
         em.add_subscriber(Arc::new(Mutex::new(input)));
         em.add_subscriber(self.control.clone());
+        let mut devices = DeviceSubscribers::default();
         for disk in &self.disks {
-            em.add_subscriber(disk.clone());
+            devices.add(&mut em, disk.clone());
         }
         for net in &self.nets {
-            em.add_subscriber(net.clone());
+            devices.add(&mut em, net.clone());
         }
         if let Some(rng) = &self.rng {
-            em.add_subscriber(rng.clone());
+            devices.add(&mut em, rng.clone());
         }
 
         // The terminal goes raw only now, after every fallible set-up step.
@@ -595,8 +596,9 @@ impl Vmm {
                     self.commands
                         .drain(|_| Err("the vm is shutting down".to_string()));
                 } else {
-                    self.commands
-                        .drain(|c| carry_out(c, &self.gate, &threads, &self.i8042));
+                    self.commands.drain(|c| {
+                        carry_out(c, &self.gate, &threads, &self.i8042, &mut devices, &mut em)
+                    });
                 }
             }
         }
@@ -733,16 +735,70 @@ impl Vmm {
 /// How long a pause waits for every vCPU thread to park.
 const PAUSE_GRACE: Duration = Duration::from_secs(2);
 
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The virtio devices' event-loop subscribers, which leave the loop while the VM is
+/// paused: no queue is served and no device interrupt raised until it resumes (console
+/// input, Ctrl-A x and the stop requests stay live).
+#[derive(Default)]
+struct DeviceSubscribers {
+    /// Each device, and its id in the loop while it is there.
+    subs: Vec<(Subscriber, Option<event_manager::SubscriberId>)>,
+}
+
+impl DeviceSubscribers {
+    fn add(&mut self, em: &mut EventManager<Subscriber>, sub: Subscriber) {
+        let id = em.add_subscriber(sub.clone());
+        self.subs.push((sub, Some(id)));
+    }
+
+    /// Takes every device out of the loop; what they were notified of stays pending in
+    /// their (level-triggered) EventFds.
+    fn quiesce(&mut self, em: &mut EventManager<Subscriber>) {
+        for (_, id) in &mut self.subs {
+            if let Some(i) = id.take() {
+                if let Err(e) = em.remove_subscriber(i) {
+                    warn!("failed to take a device out of the event loop: {e:?}");
+                }
+            }
+        }
+    }
+
+    /// Puts every device back; pending notifications are served on the next round.
+    fn resume(&mut self, em: &mut EventManager<Subscriber>) {
+        for (sub, id) in &mut self.subs {
+            if id.is_none() {
+                *id = Some(em.add_subscriber(sub.clone()));
+            }
+        }
+    }
+
+    fn in_loop(&self) -> usize {
+        self.subs.iter().filter(|(_, id)| id.is_some()).count()
+    }
+}
+
 /// Carries out one request of another thread (see [`crate::commands`]).
 fn carry_out(
     command: &Command,
     gate: &PauseGate,
     threads: &[JoinHandle<()>],
     i8042: &Mutex<I8042>,
+    devices: &mut DeviceSubscribers,
+    em: &mut EventManager<Subscriber>,
 ) -> crate::commands::Answer {
     match command {
-        Command::Pause => pause_vcpus(gate, threads),
+        Command::Pause => {
+            pause_vcpus(gate, threads)?;
+            devices.quiesce(em);
+            debug!(
+                "paused: {} device(s) left in the event loop",
+                devices.in_loop()
+            );
+            Ok(())
+        }
         Command::Resume => {
+            devices.resume(em);
             if gate.is_closed() {
                 gate.open();
                 info!("vm resumed");
@@ -886,6 +942,62 @@ mod tests {
             }
         }
         panic!("the control subscriber never finished");
+    }
+
+    /// A device stand-in: counts the notifications of its EventFd it served.
+    struct Counter {
+        evt: EventFd,
+        served: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            if self.evt.read().is_ok() {
+                self.served.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_quiesced_device_serves_nothing_until_it_resumes_and_then_what_was_pending() {
+        let mut em: EventManager<Subscriber> = EventManager::new().unwrap();
+        let evt = nonblocking();
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut devices = DeviceSubscribers::default();
+        devices.add(
+            &mut em,
+            Arc::new(Mutex::new(Counter {
+                evt: evt.try_clone().unwrap(),
+                served: served.clone(),
+            })),
+        );
+        evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+
+        devices.quiesce(&mut em);
+        assert_eq!(devices.in_loop(), 0);
+        evt.write(1).unwrap();
+        for _ in 0..3 {
+            em.run_with_timeout(20).unwrap();
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 1, "served while quiesced");
+
+        devices.resume(&mut em);
+        assert_eq!(devices.in_loop(), 1);
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            2,
+            "the pending notification was lost"
+        );
+        // Resuming twice adds nothing twice.
+        devices.resume(&mut em);
+        assert_eq!(devices.in_loop(), 1);
     }
 
     #[test]

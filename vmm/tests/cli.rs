@@ -1220,33 +1220,9 @@ fn kvm_a_terminal_on_stdin_is_put_back_under_seccomp() {
 
 // ---- Firecracker's interface: --api-sock, --config-file, --no-api ----
 
-/// One HTTP request over the API socket (`Connection: close`); returns the status and
-/// the body. Every read and write is bounded by a 10 s timeout.
+/// [`tvm_tests::api_request`], which must answer.
 fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    // A refused body may close the connection before all of it is written.
-    let _ = s.write_all(req.as_bytes());
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let out = text(&out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {path}: no status line in {out:?}"));
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    tvm_tests::api_request(sock, method, path, body).unwrap()
 }
 
 /// Waits up to 10 s for `path` to exist.
@@ -1483,4 +1459,56 @@ fn bad_firecracker_style_input_is_one_clear_error() {
     assert_eq!(std::fs::read_to_string(&taken).unwrap(), "keep me");
     let out = run_vmm(&["--api-sock", "/tmp/y.sock", "--level", "loud"]);
     assert_one_error_line(&out, "--level");
+}
+
+/// The Python of the client-library environment (`cargo xtask kvm-test` makes it and sets
+/// the variable; see xtask/src/pyclient.rs).
+fn client_python() -> PathBuf {
+    std::env::var_os("TVM_PY_CLIENT_PYTHON")
+        .map(PathBuf::from)
+        .expect("TVM_PY_CLIENT_PYTHON is not set: run this test through `cargo xtask kvm-test`")
+}
+
+#[test]
+#[ignore = "needs /dev/kvm and the Python client environment of `cargo xtask kvm-test`"]
+fn kvm_a_firecracker_client_library_from_pypi_drives_the_vmm() {
+    let python = client_python();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/py/fc_client.py");
+    let kernel = write_kernel("pyclient.elf", &ticking_guest_that_reboots_on_ctrl());
+    let sock = scratch("pyclient.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(VMM)
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(&sock);
+    let mut client = Command::new(&python)
+        .arg(&script)
+        .args([sock.to_str().unwrap(), kernel.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = client.kill();
+            panic!("the python client did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let client = client.wait_with_output().unwrap();
+    let said = format!("{}{}", text(&client.stdout), text(&client.stderr));
+    assert!(client.status.success(), "client failed: {said}");
+    assert!(said.contains("CLIENT-OK"), "{said}");
+    // The client's SendCtrlAltDel reboots the guest, which ends the VMM cleanly.
+    let out = wait_with_deadline(child, 20);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(exit_reason(&stderr), "reboot", "{stderr}");
+    assert!(text(&out.stdout).contains('t'), "the guest never ran");
 }

@@ -39,9 +39,17 @@ pub struct Args {
     /// `key=value` part belongs to the count before it; `none` skips them.
     #[arg(long, default_value = "4,sockets=2,8,threads=2,sockets=2")]
     pub smp_cpus: String,
-    /// Only the many-vCPU boots (no disks, network or durability power cut).
+    /// Only the many-vCPU boots (no disks, network, durability power cut or Firecracker
+    /// API boots).
     #[arg(long)]
     pub smp_only: bool,
+    /// Skip the two boots through Firecracker's interface (one configured and started over
+    /// the API socket, with pause/resume and Ctrl-Alt-Del; one from `--config-file`).
+    #[arg(long)]
+    pub no_fc_api: bool,
+    /// Only the boots through Firecracker's interface.
+    #[arg(long, conflicts_with_all = ["no_fc_api", "smp_only"])]
+    pub fc_api_only: bool,
     /// Limit for the whole run, in seconds.
     #[arg(long, default_value_t = 1020)]
     pub timeout: u64,
@@ -724,7 +732,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "--cpus",
         &args.cpus,
     ];
-    if args.smp_cpus != "none" {
+    if !args.no_fc_api && !args.smp_only {
+        extra.push("--fc-api");
+    }
+    if args.fc_api_only {
+        extra.push("--fc-api-only");
+    } else if args.smp_cpus != "none" {
         extra.extend(["--smp-cpus", &args.smp_cpus]);
     } else if args.smp_only {
         bail!("--smp-only with --smp-cpus none leaves nothing to run");
@@ -733,6 +746,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
     // the durability power cut that follows it.
     let mode: &[&str] = if args.smp_only {
         extra.push("--smp-only");
+        &["boot"]
+    } else if args.fc_api_only {
         &["boot"]
     } else {
         &[]

@@ -1,7 +1,8 @@
 //! `cargo xtask kvm-test`: the tests that need /dev/kvm (tiny hand-made guests), which plain
 //! `cargo test` skips. They fail, not skip, when /dev/kvm is missing. The
 //! `kvm_hostile_net_*` tests among them also create TAP interfaces, which needs root
-//! (CAP_NET_ADMIN): CI runs as root; without it they fail, saying so.
+//! (CAP_NET_ADMIN): CI runs as root; without it they fail, saying so. The Python
+//! environment of the client-library test is made first ([`crate::pyclient`]).
 
 use std::process::{Command, ExitCode};
 
@@ -25,8 +26,11 @@ pub fn main(_args: Args) -> Result<ExitCode> {
              and will fail (they need CAP_NET_ADMIN)"
         );
     }
+    // The client-library test runs a Firecracker client from PyPI.
+    let python = crate::pyclient::ensure()?;
     let mut cmd = Command::new(util::cargo());
-    cmd.args(["test", "--workspace", "--", "--ignored", "kvm_"]);
+    cmd.args(["test", "--workspace", "--", "--ignored", "kvm_"])
+        .env(crate::pyclient::PYTHON_ENV, &python);
     println!("xtask: {}", util::display_cmd(&cmd));
     let status = cmd.status()?;
     Ok(if status.success() {

@@ -15,6 +15,7 @@ mod guest;
 mod kvm_test;
 mod modules;
 mod outer;
+mod pyclient;
 mod run;
 mod util;
 

@@ -34,6 +34,8 @@
 //! the consoles of the guests still running, kills them and exits 1), and a VMM never
 //! outlives the driver (PR_SET_PDEATHSIG).
 
+#[path = "tvm-e2e/fcapi.rs"]
+mod fcapi;
 #[path = "tvm-e2e/smp.rs"]
 mod smp;
 
@@ -198,6 +200,11 @@ struct Opts {
     smp_cpus: Option<String>,
     /// Only the many-vCPU boot.
     smp_only: bool,
+    /// The boots through Firecracker's interface ([`fcapi::fc_api_checks`]), after the
+    /// others.
+    fc_api: bool,
+    /// Only the boots through Firecracker's interface.
+    fc_api_only: bool,
     /// `boot-time`: the vCPU counts (or `--cpus` specs) to measure, one after another.
     bench_cpus: Vec<String>,
 }
@@ -231,6 +238,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         cpus: "1".into(),
         smp_cpus: None,
         smp_only: false,
+        fc_api: false,
+        fc_api_only: false,
         bench_cpus: vec!["1".into()],
     };
     let mut it = args.iter();
@@ -272,6 +281,11 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--cpus" => o.cpus = val()?,
             "--smp-cpus" => o.smp_cpus = Some(val()?),
             "--smp-only" => o.smp_only = true,
+            "--fc-api" => o.fc_api = true,
+            "--fc-api-only" => {
+                o.fc_api = true;
+                o.fc_api_only = true;
+            }
             "--bench-cpus" => {
                 o.bench_cpus = smp::split_specs(&val()?);
             }
@@ -285,7 +299,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
@@ -1603,18 +1617,24 @@ fn ext4_after_kill(
 }
 
 /// The main boot's checks (unless `--smp-only`), then one many-vCPU boot's for each spec
-/// in `--smp-cpus`; every boot runs even when an earlier one fails.
+/// in `--smp-cpus`, then the boots through Firecracker's interface (`--fc-api`); every
+/// boot runs even when an earlier one fails.
 fn all_boot_checks(o: &Opts) -> Result<bool, String> {
+    if o.fc_api_only {
+        return fcapi::fc_api_checks(o);
+    }
     let mut result = if o.smp_only { Ok(true) } else { boot_checks(o) };
-    let Some(list) = &o.smp_cpus else {
-        return result;
+    let and = |result, next| match (result, next) {
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        (Ok(a), Ok(b)) => Ok(a && b),
     };
-    for spec in smp::split_specs(list) {
-        let smp = smp::smp_checks(o, &spec);
-        result = match (result, smp) {
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-            (Ok(a), Ok(b)) => Ok(a && b),
-        };
+    if let Some(list) = &o.smp_cpus {
+        for spec in smp::split_specs(list) {
+            result = and(result, smp::smp_checks(o, &spec));
+        }
+    }
+    if o.fc_api {
+        result = and(result, fcapi::fc_api_checks(o));
     }
     result
 }

@@ -1,0 +1,325 @@
+//! The real-Linux boots through Firecracker's interface (`--fc-api`): one configured and
+//! started only through the API socket, one from `--config-file` with `--no-api`.
+//!
+//! Through the socket: the guest (2 vCPUs, the entropy device) reaches its prompt and reads
+//! /dev/hwrng; a ticker in the guest stops while the VM is paused and goes on after
+//! `Resumed`; a pause longer than the soft-lockup threshold (20 s), with both CPUs busy,
+//! adds no soft-lockup or RCU-stall report to the guest's log (without `KVM_KVMCLOCK_CTRL`
+//! the RCU stall detector reports the busy CPUs) and its uptime does not go backwards; `SendCtrlAltDel` reboots the
+//! guest, which ends the VMM with exit code 0, and the socket file is removed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{clean_reboot, hwrng_answer, reboot_check, Guest, Opts, Report, Runner, STEP_TIMEOUT};
+
+/// How long the long pause lasts: past the guest's soft-lockup threshold (2 x
+/// `watchdog_thresh`, 10 s by default).
+const LONG_PAUSE: Duration = Duration::from_secs(25);
+
+/// [`tvm_tests::api_request`] that must answer `want`.
+fn expect(sock: &Path, method: &str, path: &str, body: &str, want: u16) -> Result<String, String> {
+    let (status, reply) = tvm_tests::api_request(sock, method, path, body)?;
+    if status != want {
+        return Err(format!(
+            "{method} {path}: {status} {reply}, expected {want}"
+        ));
+    }
+    Ok(reply)
+}
+
+fn state(sock: &Path) -> Result<String, String> {
+    let body = expect(sock, "GET", "/", "", 200)?;
+    for s in ["Not started", "Running", "Paused"] {
+        if body.contains(&format!("\"{s}\"")) {
+            return Ok(s.to_string());
+        }
+    }
+    Err(format!("GET /: no state in {body}"))
+}
+
+/// The boot arguments both boots give the guest (the main boot's, without a network).
+fn boot_args() -> &'static str {
+    "console=ttyS0 reboot=k panic=1"
+}
+
+/// The JSON both boots describe the VM with.
+fn resources(o: &Opts) -> [(&'static str, String); 4] {
+    [
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 512}"#.to_string(),
+        ),
+        (
+            "/boot-source",
+            format!(
+                r#"{{"kernel_image_path": {:?}, "initrd_path": {:?}, "boot_args": {:?}}}"#,
+                o.kernel,
+                o.initrd,
+                boot_args()
+            ),
+        ),
+        ("/entropy", "{}".to_string()),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ]
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tvm-e2e-{}-{name}", std::process::id()))
+}
+
+fn wait_for_path(path: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{path:?} did not appear within 20 s"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Both boots; every check runs even when an earlier one fails.
+pub fn fc_api_checks(o: &Opts) -> Result<bool, String> {
+    let socket = socket_boot(o);
+    let file = config_file_boot(o);
+    match (socket, file) {
+        (Err(e), _) | (_, Err(e)) => Err(e),
+        (Ok(a), Ok(b)) => Ok(a && b),
+    }
+}
+
+fn socket_boot(o: &Opts) -> Result<bool, String> {
+    let sock = scratch("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    println!("E2E-INFO fc-api: vmm --api-sock {sock:?}, configured and started over the socket");
+    let mut cmd = Command::new(&o.vmm);
+    cmd.args([
+        "--api-sock",
+        sock.to_str().unwrap_or_default(),
+        "--level",
+        "Info",
+    ]);
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
+    let mut r = Report { failed: 0 };
+    let result = socket_checks(o, &mut g, &sock, &mut r);
+    if !matches!(result, Ok(())) || r.failed > 0 {
+        g.print_diag();
+    }
+    result.map(|()| r.failed == 0)
+}
+
+fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result<(), String> {
+    wait_for_path(sock)?;
+    let configured = (|| {
+        let before = state(sock)?;
+        for (path, body) in resources(o) {
+            expect(sock, "PUT", path, &body, 204)?;
+        }
+        Ok::<_, String>(format!("{before} -> {}", state(sock)?))
+    })();
+    let started = configured.is_ok();
+    r.check("fc-api-configure-and-start", configured);
+    if !started {
+        return Ok(());
+    }
+    let (took, mut pos) = g.ready_at_prompt("fc-api boot")?;
+    println!(
+        "E2E-INFO fc-api: ready {:.0} ms after spawn",
+        took.as_secs_f64() * 1000.0
+    );
+    let c = g.console.clone();
+
+    g.send(
+        b"echo rng-$((1+1))-$(cat /sys/devices/virtual/misc/hw_random/rng_current)\
+          -$(head -c 4096 /dev/hwrng | wc -c)-$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)\
+          -$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)-end\n",
+    )?;
+    let rng = c.value_until_end("rng-2-", pos, STEP_TIMEOUT);
+    r.check(
+        "fc-api-entropy-device",
+        match &rng {
+            Some((_, v)) => hwrng_answer(v),
+            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
+        },
+    );
+    if let Some((e, _)) = rng {
+        pos = e;
+    }
+
+    // A ticker in the guest: one line every 100 ms.
+    g.send(b"(i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.1; done) &\n")?;
+    let ticking = c.wait_for("tick-5", pos, STEP_TIMEOUT).is_some();
+    let paused = (|| {
+        if !ticking {
+            return Err(format!(
+                "the ticker never ran; console tail: {}",
+                c.tail(500)
+            ));
+        }
+        expect(sock, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204)?;
+        let now = state(sock)?;
+        // What was on its way drains; then nothing may come for 2 s.
+        thread::sleep(Duration::from_millis(500));
+        let at = c.len();
+        thread::sleep(Duration::from_secs(2));
+        let more = c.text_from(at);
+        if !more.is_empty() {
+            return Err(format!("the guest printed {more:?} while paused"));
+        }
+        expect(sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204)?;
+        let after = c.len();
+        if c.wait_for("tick-", after, Duration::from_secs(10))
+            .is_none()
+        {
+            return Err("no tick within 10 s of Resumed".into());
+        }
+        Ok(format!(
+            "state {now}, console silent for 2 s, ticking again after Resumed"
+        ))
+    })();
+    r.check("fc-api-pause-stops-the-guest", paused);
+
+    // A pause past the soft-lockup threshold while every CPU is busy (an idle CPU touches
+    // the watchdog when it leaves idle, which would hide the pause): kvmclock is told, so
+    // the watchdog stays quiet, and time goes on from where it was.
+    g.send(
+        b"kill $!; taskset -c 0 sh -c 'while :; do :; done' & b0=$!; \
+          taskset -c 1 sh -c 'while :; do :; done' & b1=$!; \
+          echo up-$((1+1))-$(cut -d' ' -f1 /proc/uptime),$(dmesg | grep -ciE 'soft lockup|rcu.*stall')-end\n",
+    )?;
+    let before = c.value_until_end("up-2-", pos, STEP_TIMEOUT);
+    let long = (|| {
+        let Some((e, v)) = before else {
+            return Err("no uptime before the pause".to_string());
+        };
+        let (u1, stalls_before) = v
+            .trim()
+            .split_once(',')
+            .ok_or_else(|| format!("unexpected answer {v:?}"))?;
+        let u1: f64 = u1.parse().map_err(|_| format!("uptime {u1:?}"))?;
+        expect(sock, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204)?;
+        thread::sleep(LONG_PAUSE);
+        expect(sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#, 204)?;
+        // Let the watchdog run a few periods after the pause.
+        thread::sleep(Duration::from_secs(5));
+        g.send(
+            b"kill $b0 $b1; \
+              echo lock-$((1+1))-$(dmesg | grep -ciE 'soft lockup|rcu.*stall'),$(cut -d' ' -f1 /proc/uptime),\
+              $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)-end\n",
+        )?;
+        let Some((_, v)) = c.value_until_end("lock-2-", e, STEP_TIMEOUT) else {
+            return Err("no answer after the long pause".into());
+        };
+        let parts: Vec<&str> = v.trim().split(',').collect();
+        let [stalls, u2, clock] = parts[..] else {
+            return Err(format!("unexpected answer {v:?}"));
+        };
+        let u2: f64 = u2.parse().map_err(|_| format!("uptime {u2:?}"))?;
+        if stalls != stalls_before {
+            return Err(format!(
+                "soft-lockup or RCU-stall lines went from {stalls_before} to {stalls} over a \
+                 {LONG_PAUSE:?} pause; console tail: {}",
+                c.tail(2000)
+            ));
+        }
+        if u2 < u1 {
+            return Err(format!("uptime went back from {u1} to {u2}"));
+        }
+        Ok(format!(
+            "{LONG_PAUSE:?} paused with both CPUs busy, no soft lockup or RCU stall \
+             reported, uptime {u1:.1} -> {u2:.1} s (clocksource {clock})"
+        ))
+    })();
+    r.check("fc-api-long-pause-no-soft-lockup", long);
+
+    // Ctrl-Alt-Del on the keyboard: Linux reboots, the VMM ends with exit code 0.
+    let asked = Instant::now();
+    let sent = expect(
+        sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+        204,
+    );
+    let status = sent
+        .as_ref()
+        .ok()
+        .and_then(|_| g.wait_exit(Duration::from_secs(60)));
+    thread::sleep(Duration::from_millis(200));
+    r.check(
+        "fc-api-ctrl-alt-del-reboots",
+        sent.and_then(|_| {
+            clean_reboot(
+                status.map(|s| s.code()),
+                &g.console.text_from(0),
+                &g.stderr.text_from(0),
+            )
+        })
+        .map(|why| {
+            format!(
+                "{why}, {:.0} ms after SendCtrlAltDel",
+                asked.elapsed().as_secs_f64() * 1000.0
+            )
+        }),
+    );
+    r.check(
+        "fc-api-socket-removed",
+        if sock.exists() {
+            Err(format!("{sock:?} is still there"))
+        } else {
+            Ok(String::new())
+        },
+    );
+    Ok(())
+}
+
+fn config_file_boot(o: &Opts) -> Result<bool, String> {
+    let [machine, boot, _, _] = resources(o);
+    let cfg = scratch("vm.json");
+    let json = format!(
+        r#"{{"boot-source": {}, "machine-config": {}, "entropy": {{}}, "drives": []}}"#,
+        boot.1, machine.1
+    );
+    std::fs::write(&cfg, json).map_err(|e| format!("writing {cfg:?}: {e}"))?;
+    println!("E2E-INFO fc-api: vmm --no-api --config-file {cfg:?}");
+    let mut cmd = Command::new(&o.vmm);
+    cmd.args([
+        "--no-api",
+        "--config-file",
+        cfg.to_str().unwrap_or_default(),
+    ]);
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
+    let mut r = Report { failed: 0 };
+    let result = (|| {
+        let (took, pos) = g.ready_at_prompt("config-file boot")?;
+        g.send(b"echo n-$((1+1))-$(nproc)-end\n")?;
+        let n = g.console.value_until_end("n-2-", pos, STEP_TIMEOUT);
+        r.check(
+            "fc-config-file-boot",
+            match n {
+                Some((_, v)) if v.trim() == "2" => Ok(format!(
+                    "ready {:.0} ms after spawn, nproc 2",
+                    took.as_secs_f64() * 1000.0
+                )),
+                other => Err(format!("nproc answer {other:?}")),
+            },
+        );
+        reboot_check(
+            &mut g,
+            &mut r,
+            "fc-config-file-reboot",
+            "reboot",
+            "`reboot`",
+        )
+    })();
+    if !matches!(result, Ok(())) || r.failed > 0 {
+        g.print_diag();
+    }
+    result.map(|()| r.failed == 0)
+}
