@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use tvm_api::{
     parse_request, Controller, ControllerConfig, FullVmConfig, Logger, Metrics, RateLimiter,
     VmResources, VmmActions,
@@ -424,7 +424,7 @@ pub fn run(opts: FcOptions, times: Arc<BootTimes>) -> Result<ExitReason> {
                 }
                 Err(e) => {
                     let text = crate::error_chain(&e);
-                    warn!("InstanceStart failed: {text}");
+                    debug!("InstanceStart failed: {text}");
                     let _ = reply.send(Err(text));
                 }
             },

@@ -1449,6 +1449,13 @@ fn bad_firecracker_style_input_is_one_clear_error() {
     .unwrap();
     let out = run_vmm(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
     assert_one_error_line(&out, "boot source");
+    std::fs::write(
+        &cfg,
+        r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#,
+    )
+    .unwrap();
+    let out = run_vmm(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
+    assert_one_error_line(&out, "cannot open the kernel");
     let out = run_vmm(&["--no-api", "--api-sock", "/tmp/x.sock"]);
     assert_one_error_line(&out, "--no-api needs --config-file");
     // An existing path is refused and left alone.

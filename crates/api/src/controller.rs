@@ -4,7 +4,7 @@
 //! The state machine: which request is allowed when, what it changes, and what the VMM is
 //! asked to do.
 
-use log::{error, info, warn};
+use log::{info, warn};
 use serde::Serialize;
 
 use crate::{
@@ -278,12 +278,11 @@ impl Controller {
         if self.resources.boot_source().is_none() {
             return Err(Error::MissingBootSource);
         }
-        vmm.start(&self.resources).map_err(|message| {
-            error!("failed to start the microVM: {message}");
-            Error::Vmm {
-                action: "start the microVM",
-                message,
-            }
+        // Not logged here: `handle` logs a failed request, and the config-file caller
+        // reports the error itself.
+        vmm.start(&self.resources).map_err(|message| Error::Vmm {
+            action: "start the microVM",
+            message,
         })?;
         self.state = InstanceState::Running;
         info!("microVM started");
