@@ -1699,6 +1699,27 @@ fn reboot_check(
     Ok(())
 }
 
+/// Checks, as `name`, that the guest's hwrng core picked virtio-rng and that /dev/hwrng
+/// gives what was asked for, different each time ([`hwrng_answer`]); asks after console
+/// position `pos` and returns the position after the answer (`pos` when none came).
+fn hwrng_check(g: &mut Guest, r: &mut Report, name: &str, pos: usize) -> Result<usize, String> {
+    let c = g.console.clone();
+    g.send(
+        b"echo rng-$((1+1))-$(cat /sys/devices/virtual/misc/hw_random/rng_current)\
+          -$(head -c 4096 /dev/hwrng | wc -c)-$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)\
+          -$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)-end\n",
+    )?;
+    let rng = c.value_until_end("rng-2-", pos, STEP_TIMEOUT);
+    r.check(
+        name,
+        match &rng {
+            Some((_, v)) => hwrng_answer(v),
+            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
+        },
+    );
+    Ok(rng.map_or(pos, |(e, _)| e))
+}
+
 /// The md5 of 64 zero bytes: what a device that writes nothing would give.
 const MD5_OF_64_ZEROS: &str = "3b5d3c7d207e37dceeedd301e35e2e58";
 
@@ -1934,24 +1955,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     );
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
-    // virtio-rng: the kernel's hwrng core picked the device, and /dev/hwrng gives what
-    // was asked for, different each time.
-    g.send(
-        b"echo rng-$((1+1))-$(cat /sys/devices/virtual/misc/hw_random/rng_current)\
-          -$(head -c 4096 /dev/hwrng | wc -c)-$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)\
-          -$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)-end\n",
-    )?;
-    let rng = c.value_until_end("rng-2-", pos, STEP_TIMEOUT);
-    r.check(
-        "entropy-from-hwrng",
-        match &rng {
-            Some((_, v)) => hwrng_answer(v),
-            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
-        },
-    );
-    if let Some((e, _)) = rng {
-        pos = e;
-    }
+    pos = hwrng_check(g, &mut r, "entropy-from-hwrng", pos)?;
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.

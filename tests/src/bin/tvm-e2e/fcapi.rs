@@ -13,7 +13,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{clean_reboot, hwrng_answer, reboot_check, Guest, Opts, Report, Runner, STEP_TIMEOUT};
+use super::{clean_reboot, hwrng_check, reboot_check, Guest, Opts, Report, Runner, STEP_TIMEOUT};
 
 /// How long the long pause lasts: past the guest's soft-lockup threshold (2 x
 /// `watchdog_thresh`, 10 s by default).
@@ -135,22 +135,7 @@ fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result
     );
     let c = g.console.clone();
 
-    g.send(
-        b"echo rng-$((1+1))-$(cat /sys/devices/virtual/misc/hw_random/rng_current)\
-          -$(head -c 4096 /dev/hwrng | wc -c)-$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)\
-          -$(head -c 64 /dev/hwrng | md5sum | cut -c1-32)-end\n",
-    )?;
-    let rng = c.value_until_end("rng-2-", pos, STEP_TIMEOUT);
-    r.check(
-        "fc-api-entropy-device",
-        match &rng {
-            Some((_, v)) => hwrng_answer(v),
-            None => Err(format!("no answer; console tail: {}", c.tail(1000))),
-        },
-    );
-    if let Some((e, _)) = rng {
-        pos = e;
-    }
+    pos = hwrng_check(g, r, "fc-api-entropy-device", pos)?;
 
     // A ticker in the guest: one line every 100 ms.
     g.send(b"(i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.1; done) &\n")?;
