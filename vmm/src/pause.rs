@@ -165,8 +165,10 @@ mod tests {
             "work went on while paused"
         );
         gate.open();
+        // Every thread leaves the gate (one that has not woken yet when the gate closes
+        // again would simply stay parked: one park, not two) and work goes on.
         let resumed_by = deadline();
-        while work.load(Ordering::Relaxed) == frozen {
+        while gate.parked() != 0 || work.load(Ordering::Relaxed) == frozen {
             assert!(Instant::now() < resumed_by, "work never resumed");
             std::thread::sleep(Duration::from_millis(1));
         }
