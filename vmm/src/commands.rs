@@ -1,15 +1,17 @@
 //! Requests to a running VM from another thread (the API server): pause, resume, a
-//! Ctrl-Alt-Del on the keyboard. Each goes through a channel and an EventFd that wakes
+//! Ctrl-Alt-Del on the keyboard, a disk's new medium. Each goes through a channel and an EventFd that wakes
 //! the event loop; the loop carries it out between two event batches, where it can reach
 //! the vCPU threads, and answers on a channel of the request's own.
 
+use std::fs::File;
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
 /// What a request to the running VM asks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     /// Park every vCPU outside the guest.
     Pause,
@@ -17,6 +19,27 @@ pub enum Command {
     Resume,
     /// Press Ctrl-Alt-Del on the guest's keyboard.
     CtrlAltDel,
+    /// Put a new medium in a disk (a media change the guest is told of).
+    ChangeMedia {
+        /// The disk, in the order of `VmConfig::disks`.
+        disk: usize,
+        /// The new image's path, for the device and the log.
+        path: PathBuf,
+        /// The new image, opened by the asking thread (the event loop opens no files):
+        /// read-write unless the disk is read-only.
+        file: OpenImage,
+    },
+}
+
+/// An opened image file whose `Debug` names only the descriptor (std's `File` looks its
+/// path up in /proc, a system call the API thread's seccomp filter does not allow).
+pub struct OpenImage(pub File);
+
+impl std::fmt::Debug for OpenImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::os::fd::AsRawFd;
+        write!(f, "OpenImage(fd {})", self.0.as_raw_fd())
+    }
 }
 
 /// The answer to a [`Command`]: done, or why not (one line for the API's fault message).
@@ -83,10 +106,10 @@ impl CommandReceiver {
     }
 
     /// Carries out every waiting request with `handle`, answering each.
-    pub fn drain(&self, mut handle: impl FnMut(&Command) -> Answer) {
+    pub fn drain(&self, mut handle: impl FnMut(Command) -> Answer) {
         let _ = self.wake.read();
         while let Ok((command, reply)) = self.rx.try_recv() {
-            let answer = handle(&command);
+            let answer = handle(command);
             // The asker may have given up waiting; nothing to do then.
             let _ = reply.send(answer);
         }
@@ -114,7 +137,7 @@ mod tests {
             }
             rx.wake_evt().write(1).unwrap();
             rx.drain(|c| {
-                seen.push(c.clone());
+                seen.push(format!("{c:?}"));
                 match c {
                     Command::Pause => Ok(()),
                     _ => Err("no keyboard".into()),
@@ -124,7 +147,7 @@ mod tests {
         let (paused, refused) = asker.join().unwrap();
         assert_eq!(paused, Ok(()));
         assert_eq!(refused, Err("no keyboard".to_string()));
-        assert_eq!(seen, [Command::Pause, Command::CtrlAltDel]);
+        assert_eq!(seen, ["Pause", "CtrlAltDel"]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tvm_arch_x86::CpuTopology;
 use tvm_http::{Limits, Request, RequestError, Response, Server};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::commands::{Command, CommandSender};
+use crate::commands::{Command, CommandSender, OpenImage};
 use crate::config::{DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE, DISK_ID_MAX_BYTES};
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::timing::BootTimes;
@@ -159,6 +159,8 @@ struct Actions {
     seccomp: SeccompLevel,
     /// The running VM, once started.
     running: Option<CommandSender>,
+    /// The drives of the running VM, in the order of its disks: id, read-only.
+    drives: Vec<(String, bool)>,
     metrics: Option<File>,
     /// Requests answered, and how many of them with an error (for the metrics).
     requests: u64,
@@ -185,6 +187,11 @@ impl VmmActions for Actions {
             .recv()
             .map_err(|_| "the vmm stopped while building the microVM".to_string())??;
         self.running = Some(sender);
+        self.drives = resources
+            .drives()
+            .iter()
+            .map(|d| (d.drive_id.clone(), d.read_only()))
+            .collect();
         Ok(())
     }
 
@@ -216,14 +223,25 @@ impl VmmActions for Actions {
             .map_err(|e| format!("cannot write the metrics: {e}"))
     }
 
-    fn update_drive_path(
-        &mut self,
-        drive_id: &str,
-        _path: &str,
-    ) -> std::result::Result<(), String> {
-        Err(format!(
-            "drive {drive_id}: changing the backing file of a running drive is not supported yet"
-        ))
+    fn update_drive_path(&mut self, drive_id: &str, path: &str) -> std::result::Result<(), String> {
+        let (disk, read_only) = self
+            .drives
+            .iter()
+            .enumerate()
+            .find_map(|(i, (id, ro))| (id == drive_id).then_some((i, *ro)))
+            .ok_or_else(|| format!("drive {drive_id} is not attached to the running microVM"))?;
+        // Opened here: this thread may open files, the event loop may not.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| format!("drive {drive_id}: cannot open {path:?}: {e}"))?;
+        self.command(Command::ChangeMedia {
+            disk,
+            path: PathBuf::from(path),
+            file: OpenImage(file),
+        })
+        .map_err(|e| format!("drive {drive_id}: {e}"))
     }
 
     fn update_drive_rate_limiter(
@@ -320,6 +338,7 @@ fn api_thread(
         to_main: to_main.clone(),
         seccomp: opts.seccomp,
         running: None,
+        drives: Vec::new(),
         metrics: None,
         requests: 0,
         errors: 0,

@@ -367,6 +367,13 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_fsync, any()),
             // DISCARD and WRITE_ZEROES: punch hole / zero range.
             (libc::SYS_fallocate, any()),
+            // A disk's new medium (Firecracker's PATCH /drives), opened by the API thread:
+            // locked, compared with the old one and measured here.
+            (libc::SYS_flock, any()),
+            (libc::SYS_statx, any()),
+            (libc::SYS_fstat, any()),
+            (libc::SYS_newfstatat, any()),
+            (libc::SYS_lseek, any()),
             // Files and eventfds dropped at shutdown (F_GETFD: std's debug check on close).
             (libc::SYS_close, any()),
             (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),

@@ -597,7 +597,13 @@ impl Vmm {
                         .drain(|_| Err("the vm is shutting down".to_string()));
                 } else {
                     self.commands.drain(|c| {
-                        carry_out(c, &self.gate, &threads, &self.i8042, &mut devices, &mut em)
+                        let vm = Running {
+                            gate: &self.gate,
+                            threads: &threads,
+                            i8042: &self.i8042,
+                            disks: &self.disks,
+                        };
+                        carry_out(c, &vm, &mut devices, &mut em)
                     });
                 }
             }
@@ -778,18 +784,25 @@ impl DeviceSubscribers {
     }
 }
 
+/// What a request to the running VM can reach.
+struct Running<'a> {
+    gate: &'a PauseGate,
+    threads: &'a [JoinHandle<()>],
+    i8042: &'a Mutex<I8042>,
+    disks: &'a [BlockDevice],
+}
+
 /// Carries out one request of another thread (see [`crate::commands`]).
 fn carry_out(
-    command: &Command,
-    gate: &PauseGate,
-    threads: &[JoinHandle<()>],
-    i8042: &Mutex<I8042>,
+    command: Command,
+    vm: &Running<'_>,
     devices: &mut DeviceSubscribers,
     em: &mut EventManager<Subscriber>,
 ) -> crate::commands::Answer {
+    let gate = vm.gate;
     match command {
         Command::Pause => {
-            pause_vcpus(gate, threads)?;
+            pause_vcpus(gate, vm.threads)?;
             devices.quiesce(em);
             debug!(
                 "paused: {} device(s) left in the event loop",
@@ -805,11 +818,31 @@ fn carry_out(
             }
             Ok(())
         }
-        Command::CtrlAltDel => i8042
+        Command::CtrlAltDel => vm
+            .i8042
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .trigger_ctrl_alt_del()
             .map_err(|e| crate::error_chain(&e)),
+        Command::ChangeMedia { disk, path, file } => {
+            let dev = vm
+                .disks
+                .get(disk)
+                .ok_or_else(|| format!("there is no disk {disk}"))?;
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            dev.device_mut()
+                .change_media_to(file.0, path)
+                .map_err(|e| crate::error_chain(&e))?;
+            // The new medium is in; a lost interrupt only delays the guest noticing.
+            if let Err(e) = dev.config_changed() {
+                warn!(
+                    "{}: the configuration-change interrupt failed: {}",
+                    dev.name(),
+                    crate::error_chain(&e)
+                );
+            }
+            Ok(())
+        }
     }
 }
 

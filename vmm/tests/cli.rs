@@ -6,7 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -1259,6 +1260,16 @@ fn ticking_guest_that_reboots_on_ctrl() -> Vec<u8> {
         .finish()
 }
 
+/// Whether another open file holds a lock on `path` (a non-blocking exclusive `flock`
+/// fails).
+fn locked(path: &Path) -> bool {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a descriptor `f` owns for the duration of the call; no memory is
+    // passed.
+    let ret = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    ret != 0
+}
+
 fn ticks(out: &str) -> usize {
     out.matches('t').count()
 }
@@ -1330,7 +1341,25 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
         r#"{{"log_path": {:?}, "level": "Info"}}"#,
         log.to_str().unwrap()
     );
+    // A drive to change the medium of once the VM runs.
+    let (first, second) = (scratch("media-1.img"), scratch("media-2.img"));
+    std::fs::write(&first, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&second, vec![0u8; 2 << 20]).unwrap();
+    let drive = |path: &Path| {
+        format!(
+            r#"{{"drive_id": "d1", "path_on_host": {:?}, "is_root_device": false}}"#,
+            path.to_str().unwrap()
+        )
+    };
+    let first_drive = drive(&first);
+    let patch = |path: &Path| {
+        format!(
+            r#"{{"drive_id": "d1", "path_on_host": {:?}}}"#,
+            path.to_str().unwrap()
+        )
+    };
     for (path, body) in [
+        ("/drives/d1", first_drive.as_str()),
         ("/logger", logger_json.as_str()),
         (
             "/machine-config",
@@ -1352,6 +1381,24 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
     );
     assert_eq!(status, 400, "{reply}");
     assert!(reply.contains("after starting"), "{reply}");
+
+    // A media change: a path that cannot be opened is refused and the drive keeps its
+    // image (and its lock); a new image takes the lock over from the old one.
+    assert!(locked(&first) && !locked(&second));
+    let (status, reply) = api(
+        &sock,
+        "PATCH",
+        "/drives/d1",
+        &patch(&scratch("missing.img")),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("cannot open"), "{reply}");
+    assert!(locked(&first));
+    let (status, reply) = api(&sock, "PATCH", "/drives/d1", &patch(&second));
+    assert_eq!(status, 204, "{reply}");
+    assert!(!locked(&first) && locked(&second));
+    let (_, config) = api(&sock, "GET", "/vm/config", "");
+    assert!(config.contains(second.to_str().unwrap()), "{config}");
 
     let mut out = StdoutWatch::new(&mut child);
     out.wait_for(&mut child, "tttt", 20);

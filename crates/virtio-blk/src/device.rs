@@ -99,6 +99,8 @@ pub struct Block {
     name: String,
     info: DiskInfo,
     config: [u8; CONFIG_LEN],
+    /// The id asked for at open, kept across media changes.
+    configured_id: Option<String>,
     active: Option<Active>,
     warnings: DriverWarnings,
 }
@@ -138,6 +140,113 @@ fn lock(file: &File, path: &Path, exclusive: bool) -> Result<()> {
     }
 }
 
+/// Opens the image at `path` for reading, and writing unless `read_only` (not locked).
+fn open_image(path: &Path, read_only: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Measures the image `file` (`cfg.path`) and fills in what the driver is told about it:
+/// the validation parameters and the config space.
+fn describe(file: &mut File, cfg: &BlockConfig) -> Result<(DiskInfo, [u8; CONFIG_LEN])> {
+    let size = file.seek(SeekFrom::End(0)).map_err(|source| Error::Size {
+        path: cfg.path.clone(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| Error::Size {
+        path: cfg.path.clone(),
+        source,
+    })?;
+    let mut id = [0u8; ID_LEN];
+    let id_src = match cfg.id.clone() {
+        Some(s) if s.len() > ID_LEN => return Err(Error::InvalidId(s)),
+        Some(s) => s,
+        None => format!("tvm{:x}-{:x}", meta.dev(), meta.ino()),
+    };
+    let n = id_src.len().min(ID_LEN);
+    id[..n].copy_from_slice(&id_src.as_bytes()[..n]);
+
+    let capacity_sectors = size / SECTOR_SIZE;
+    if size % SECTOR_SIZE != 0 {
+        warn!(
+            "disk image {} is not a multiple of 512 bytes; the last {} bytes are unused",
+            cfg.path.display(),
+            size % SECTOR_SIZE
+        );
+    }
+    let info = DiskInfo {
+        capacity_sectors,
+        read_only: cfg.read_only,
+        id,
+        seg_max: SEG_MAX,
+        size_max: SIZE_MAX,
+        discard: !cfg.read_only,
+        max_discard_seg: MAX_DISCARD_SEG,
+        max_discard_sectors: MAX_DISCARD_SECTORS,
+    };
+    let mut config = [0u8; CONFIG_LEN];
+    let c = &mut config;
+    set_config(
+        c,
+        offset_of!(virtio_blk_config, capacity),
+        &capacity_sectors.to_le_bytes(),
+    );
+    set_config(
+        c,
+        offset_of!(virtio_blk_config, size_max),
+        &SIZE_MAX.to_le_bytes(),
+    );
+    set_config(
+        c,
+        offset_of!(virtio_blk_config, seg_max),
+        &SEG_MAX.to_le_bytes(),
+    );
+    set_config(
+        c,
+        offset_of!(virtio_blk_config, blk_size),
+        &BLK_SIZE.to_le_bytes(),
+    );
+    if info.discard {
+        let sectors = MAX_DISCARD_SECTORS.to_le_bytes();
+        let segs = MAX_DISCARD_SEG.to_le_bytes();
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, max_discard_sectors),
+            &sectors,
+        );
+        set_config(c, offset_of!(virtio_blk_config, max_discard_seg), &segs);
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, discard_sector_alignment),
+            &1u32.to_le_bytes(),
+        );
+        let zeroes_sectors = offset_of!(virtio_blk_config, max_write_zeroes_sectors);
+        set_config(c, zeroes_sectors, &sectors);
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, max_write_zeroes_seg),
+            &segs,
+        );
+        set_config(
+            c,
+            offset_of!(virtio_blk_config, write_zeroes_may_unmap),
+            &[1],
+        );
+    }
+    info!(
+        "disk {}: {capacity_sectors} sectors{}",
+        cfg.path.display(),
+        if cfg.read_only { ", read-only" } else { "" }
+    );
+    Ok((info, config))
+}
+
 impl Block {
     /// Opens the image in `cfg`, locks it and reads its size.
     ///
@@ -146,114 +255,86 @@ impl Block {
     /// [`Error::Open`] (missing or unreadable), [`Error::Locked`] (another process holds
     /// the lock), [`Error::Lock`], [`Error::Size`], [`Error::InvalidId`].
     pub fn open(cfg: BlockConfig) -> Result<Block> {
-        let path = cfg.path;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(&path)
-            .map_err(|source| Error::Open {
-                path: path.clone(),
-                source,
-            })?;
-        lock(&file, &path, !cfg.read_only)?;
-        let size = file.seek(SeekFrom::End(0)).map_err(|source| Error::Size {
-            path: path.clone(),
-            source,
-        })?;
-        let meta = file.metadata().map_err(|source| Error::Size {
-            path: path.clone(),
-            source,
-        })?;
-        let mut id = [0u8; ID_LEN];
-        let id_src = match cfg.id {
-            Some(s) if s.len() > ID_LEN => return Err(Error::InvalidId(s)),
-            Some(s) => s,
-            None => format!("tvm{:x}-{:x}", meta.dev(), meta.ino()),
-        };
-        let n = id_src.len().min(ID_LEN);
-        id[..n].copy_from_slice(&id_src.as_bytes()[..n]);
+        let file = open_image(&cfg.path, cfg.read_only)?;
+        lock(&file, &cfg.path, !cfg.read_only)?;
+        Self::with_file(file, cfg)
+    }
 
-        let capacity_sectors = size / SECTOR_SIZE;
-        if size % SECTOR_SIZE != 0 {
-            warn!(
-                "disk image {} is not a multiple of 512 bytes; the last {} bytes are unused",
-                path.display(),
-                size % SECTOR_SIZE
-            );
-        }
-        let info = DiskInfo {
-            capacity_sectors,
-            read_only: cfg.read_only,
-            id,
-            seg_max: SEG_MAX,
-            size_max: SIZE_MAX,
-            discard: !cfg.read_only,
-            max_discard_seg: MAX_DISCARD_SEG,
-            max_discard_sectors: MAX_DISCARD_SECTORS,
-        };
-        let mut config = [0u8; CONFIG_LEN];
-        let c = &mut config;
-        set_config(
-            c,
-            offset_of!(virtio_blk_config, capacity),
-            &capacity_sectors.to_le_bytes(),
-        );
-        set_config(
-            c,
-            offset_of!(virtio_blk_config, size_max),
-            &SIZE_MAX.to_le_bytes(),
-        );
-        set_config(
-            c,
-            offset_of!(virtio_blk_config, seg_max),
-            &SEG_MAX.to_le_bytes(),
-        );
-        set_config(
-            c,
-            offset_of!(virtio_blk_config, blk_size),
-            &BLK_SIZE.to_le_bytes(),
-        );
-        if info.discard {
-            let sectors = MAX_DISCARD_SECTORS.to_le_bytes();
-            let segs = MAX_DISCARD_SEG.to_le_bytes();
-            set_config(
-                c,
-                offset_of!(virtio_blk_config, max_discard_sectors),
-                &sectors,
-            );
-            set_config(c, offset_of!(virtio_blk_config, max_discard_seg), &segs);
-            set_config(
-                c,
-                offset_of!(virtio_blk_config, discard_sector_alignment),
-                &1u32.to_le_bytes(),
-            );
-            let zeroes_sectors = offset_of!(virtio_blk_config, max_write_zeroes_sectors);
-            set_config(c, zeroes_sectors, &sectors);
-            set_config(
-                c,
-                offset_of!(virtio_blk_config, max_write_zeroes_seg),
-                &segs,
-            );
-            set_config(
-                c,
-                offset_of!(virtio_blk_config, write_zeroes_may_unmap),
-                &[1],
-            );
-        }
-        info!(
-            "disk {}: {capacity_sectors} sectors{}",
-            path.display(),
-            if cfg.read_only { ", read-only" } else { "" }
-        );
+    /// The device over `file`, opened and locked the way `cfg` asks.
+    fn with_file(mut file: File, cfg: BlockConfig) -> Result<Block> {
+        let (info, config) = describe(&mut file, &cfg)?;
         Ok(Block {
             file,
-            name: format!("virtio-blk {path:?}"),
-            path,
+            name: format!("virtio-blk {:?}", cfg.path),
+            path: cfg.path,
             info,
             config,
+            configured_id: cfg.id,
             active: None,
             warnings: DriverWarnings::default(),
         })
+    }
+
+    /// Puts the image at `path` in the drive in place of the current one, as a media
+    /// change (Firecracker's `PATCH /drives/{id}` with a new `path_on_host`; the same path
+    /// again picks up a new size). See [`change_media_to`](Self::change_media_to).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`open`](Self::open) for the new image, and [`Error::Flush`] for the old.
+    pub fn change_media(&mut self, path: PathBuf) -> Result<()> {
+        let file = open_image(&path, self.info.read_only)?;
+        self.change_media_to(file, path)
+    }
+
+    /// [`change_media`](Self::change_media) with the image already opened (by a thread
+    /// that may open files): `file` is `path`, opened for reading, and for writing unless
+    /// the drive is read-only. The drive stays read-only or read-write as configured and
+    /// keeps a configured id; it locks the new image as [`open`](Self::open) does, and
+    /// from now on requests go to it and are checked against its capacity. What was
+    /// written to the old image is made durable first. The caller tells the driver through
+    /// the transport (`VirtioPciDevice::config_changed`), so that it reads the new capacity.
+    ///
+    /// On any error the drive keeps its old image, untouched.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Locked`] / [`Error::Lock`] / [`Error::Size`] for the new image,
+    /// [`Error::Flush`] for the old.
+    pub fn change_media_to(&mut self, mut file: File, path: PathBuf) -> Result<()> {
+        let cfg = BlockConfig {
+            path,
+            read_only: self.info.read_only,
+            id: self.configured_id.clone(),
+        };
+        let same_file = match (file.metadata(), self.file.metadata()) {
+            (Ok(new), Ok(old)) => (new.dev(), new.ino()) == (old.dev(), old.ino()),
+            _ => false,
+        };
+        // The same file again: keep the open file that holds the lock (a second
+        // exclusive lock from this process would be refused) and measure it anew.
+        let (file, (info, config)) = if same_file {
+            drop(file);
+            let described = describe(&mut self.file, &cfg)?;
+            (None, described)
+        } else {
+            lock(&file, &cfg.path, !cfg.read_only)?;
+            let described = describe(&mut file, &cfg)?;
+            (Some(file), described)
+        };
+        self.flush()?;
+        info!(
+            "{}: media changed to {:?} ({} sectors)",
+            self.name, cfg.path, info.capacity_sectors
+        );
+        if let Some(file) = file {
+            self.file = file;
+        }
+        self.name = format!("virtio-blk {:?}", cfg.path);
+        self.path = cfg.path;
+        self.info = info;
+        self.config = config;
+        Ok(())
     }
 
     /// The validation parameters of this disk (capacity, read-only, id).

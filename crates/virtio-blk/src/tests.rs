@@ -1168,3 +1168,119 @@ fn bogus_avail_index_and_head_index_log_no_errors() {
     assert_eq!(errors_logged_here(), Vec::<String>::new());
     assert_eq!(img.contents(), content);
 }
+
+/// The capacity in the device's config space, in sectors.
+fn config_capacity(disk: &Block) -> u64 {
+    let mut cap = [0u8; 8];
+    disk.read_config(0, &mut cap);
+    u64::from_le_bytes(cap)
+}
+
+#[test]
+fn a_media_change_serves_the_new_image_and_a_failed_one_keeps_the_old() {
+    let (old, old_content) = TempImage::with_pattern();
+    let new_content: Vec<u8> = (0..2 * IMAGE_LEN).map(|i| (i * 13 % 241) as u8).collect();
+    let new = TempImage::new(&new_content);
+    let mem = test_mem();
+    let mut disk = Block::open(BlockConfig {
+        path: old.path.clone(),
+        read_only: false,
+        id: Some("drive0".into()),
+    })
+    .unwrap();
+    let mock = MockSplitQueue::new(&mem, 16);
+    let next = VRING_DESC_F_NEXT as u16;
+    // Chain i (descriptors 3i..3i+3) reads one sector into DATA + 0x1000 * i.
+    let read_chain = |i: u16| {
+        [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 3 * i + 1)),
+            RawDescriptor::from(SplitDescriptor::new(
+                DATA + 0x1000 * u64::from(i),
+                512,
+                next | W,
+                3 * i + 2,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, W, 0)),
+        ]
+    };
+    write_header(&mem, VIRTIO_BLK_T_IN, 3);
+    mock.add_desc_chains(&read_chain(0), 0).unwrap();
+    disk.activate(ActivateContext {
+        mem: mem.clone(),
+        features: 0,
+        queues: vec![mock.create_queue().unwrap()],
+        queue_evts: vec![EventFd::new(0).unwrap()],
+        interrupt: Arc::new(FakeInterrupt::default()),
+    })
+    .unwrap();
+    disk.process_queue(0);
+    assert_eq!(guest(&mem, DATA, 512), old_content[3 * 512..4 * 512]);
+
+    disk.change_media(new.path.clone()).unwrap();
+    assert_eq!(disk.path(), new.path);
+    assert_eq!(disk.info().capacity_sectors, 32);
+    assert_eq!(config_capacity(&disk), 32);
+    assert_eq!(&disk.info().id[..6], b"drive0");
+    // A sector only the new, larger image has.
+    write_header(&mem, VIRTIO_BLK_T_IN, 20);
+    mock.add_desc_chains(&read_chain(1), 3).unwrap();
+    disk.process_queue(0);
+    assert_eq!(mock.used().idx().load(), 2);
+    assert_eq!(status(&mem), OK);
+    assert_eq!(
+        guest(&mem, DATA + 0x1000, 512),
+        new_content[20 * 512..21 * 512]
+    );
+    // The old image is free for others; the new one is locked.
+    drop(open_disk(&old));
+    let rw = BlockConfig {
+        path: new.path.clone(),
+        read_only: false,
+        id: None,
+    };
+    assert!(matches!(Block::open(rw.clone()), Err(Error::Locked(_))));
+
+    // Failures leave the drive on its image.
+    let missing = disk.change_media(new.path.with_extension("missing"));
+    assert!(matches!(missing, Err(Error::Open { .. })), "{missing:?}");
+    let holder = open_disk(&old);
+    let taken = disk.change_media(old.path.clone());
+    assert!(matches!(taken, Err(Error::Locked(_))), "{taken:?}");
+    drop(holder);
+    assert_eq!(disk.path(), new.path);
+    assert_eq!(config_capacity(&disk), 32);
+
+    // The same path again picks up a new size and keeps the lock.
+    new.open_rw().set_len(3 * IMAGE_LEN as u64).unwrap();
+    disk.change_media(new.path.clone()).unwrap();
+    assert_eq!(config_capacity(&disk), 48);
+    assert!(matches!(Block::open(rw), Err(Error::Locked(_))));
+    assert_eq!(old.contents(), old_content);
+}
+
+#[test]
+fn a_read_only_drive_stays_read_only_across_a_media_change() {
+    let (old, _) = TempImage::with_pattern();
+    let (new, _) = TempImage::with_pattern();
+    let mut disk = Block::open(BlockConfig {
+        path: old.path.clone(),
+        read_only: true,
+        id: None,
+    })
+    .unwrap();
+    disk.change_media(new.path.clone()).unwrap();
+    assert!(disk.info().read_only);
+    assert_ne!(disk.device_features() & 1 << VIRTIO_BLK_F_RO, 0);
+    // Shared lock: another reader may open it, a writer may not.
+    let ro = BlockConfig {
+        path: new.path.clone(),
+        read_only: true,
+        id: None,
+    };
+    drop(Block::open(ro.clone()).unwrap());
+    let rw = BlockConfig {
+        read_only: false,
+        ..ro
+    };
+    assert!(matches!(Block::open(rw), Err(Error::Locked(_))));
+}

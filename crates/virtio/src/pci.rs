@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupt::TransportInterrupt;
-use crate::{Error, InterruptSink, Result, VirtioDevice, WarnOnce};
+use crate::{Error, InterruptSink, Result, VirtioDevice, VirtioInterrupt, WarnOnce};
 
 mod activation;
 mod common;
@@ -131,6 +131,9 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     status: u8,
     queue_select: u16,
     active: bool,
+    /// `config_generation`: moves on each time the device config changes under the driver
+    /// ([`config_changed`](Self::config_changed)).
+    config_generation: u8,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -190,6 +193,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             status: 0,
             queue_select: 0,
             active: false,
+            config_generation: 0,
         })
     }
 
@@ -212,6 +216,22 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// The wrapped device, mutably (for the VMM's shutdown flush, for instance).
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
+    }
+
+    /// Tells the driver that the device config changed (a block device's new medium, for
+    /// instance): `config_generation` moves on, so that a driver reading the config across
+    /// the change reads it again, and a configuration-change interrupt is raised when the
+    /// device is live (a driver that is not live reads the config when it starts).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TriggerInterrupt`] when the interrupt could not be delivered.
+    pub fn config_changed(&mut self) -> Result<()> {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.active {
+            self.interrupt.signal_config()?;
+        }
+        Ok(())
     }
 
     /// The device status byte as the driver last left it (with DEVICE_NEEDS_RESET).

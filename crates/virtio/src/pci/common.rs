@@ -37,8 +37,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             (0x10, 2) => u64::from(self.interrupt.config_vector()),
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => u64::from(self.status),
-            // config_generation: the device config never changes under the driver.
-            (0x15, 1) => 0,
+            (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
             (0x1a, 2) => {

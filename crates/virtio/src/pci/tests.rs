@@ -800,3 +800,32 @@ fn a_spurious_wakeup_or_a_live_device_is_no_warning() {
     assert_eq!(h.log.lock().unwrap().processed, vec![0]);
     assert_eq!(warnings(), Vec::<String>::new());
 }
+
+#[test]
+fn a_config_change_moves_the_generation_and_interrupts_only_a_live_driver() {
+    let mut h = harness();
+    assert_eq!(h.r(CONFIG_GENERATION, 1), 0);
+    // Not live yet: the generation moves, no interrupt (the driver reads the config when it
+    // starts).
+    h.dev.config_changed().unwrap();
+    assert_eq!(h.r(CONFIG_GENERATION, 1), 1);
+    assert!(h.sink.take().is_empty());
+    h.full_init();
+    h.dev.config_changed().unwrap();
+    assert_eq!(h.r(CONFIG_GENERATION, 1), 2);
+    // INTx (MSI-X is off): the line goes up and the ISR says "config".
+    assert_eq!(h.sink.take(), vec![SinkCall::Intx(true)]);
+    assert_eq!(h.r(ISR_OFFSET, 1), 2);
+    // Through the config vector once MSI-X is on.
+    h.enable_msix(false);
+    h.program_vector(0, false);
+    h.w(CONFIG_MSIX_VECTOR, 2, 0);
+    h.sink.take();
+    h.dev.config_changed().unwrap();
+    assert_eq!(h.sink.take(), vec![SinkCall::Msix(0)]);
+    // The generation wraps.
+    for _ in 0..256 {
+        h.dev.config_changed().unwrap();
+    }
+    assert_eq!(h.r(CONFIG_GENERATION, 1), 3);
+}

@@ -6,7 +6,11 @@
 //! `Resumed`; a pause longer than the soft-lockup threshold (20 s), with both CPUs busy,
 //! adds no soft-lockup or RCU-stall report to the guest's log (without `KVM_KVMCLOCK_CTRL`
 //! the RCU stall detector reports the busy CPUs) and its uptime does not go backwards; `SendCtrlAltDel` reboots the
-//! guest, which ends the VMM with exit code 0, and the socket file is removed.
+//! guest, which ends the VMM with exit code 0, and the socket file is removed. A drive
+//! gets a new medium while the guest runs (`PATCH /drives/data` with a new
+//! `path_on_host`): the guest sees the new size and reads the new image, what it wrote
+//! before is in the old image, and a path that cannot be opened is refused with the drive
+//! left as it was.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,8 +120,16 @@ fn socket_boot(o: &Opts) -> Result<bool, String> {
 
 fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result<(), String> {
     wait_for_path(sock)?;
+    let media = Media::new()?;
     let configured = (|| {
         let before = state(sock)?;
+        expect(
+            sock,
+            "PUT",
+            "/drives/data",
+            &media.drive_json(&media.first),
+            204,
+        )?;
         for (path, body) in resources(o) {
             expect(sock, "PUT", path, &body, 204)?;
         }
@@ -136,6 +148,7 @@ fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result
     let c = g.console.clone();
 
     pos = hwrng_check(g, r, "fc-api-entropy-device", pos)?;
+    pos = media.check(g, r, sock, pos)?;
 
     // A ticker in the guest: one line every 100 ms.
     g.send(b"(i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.1; done) &\n")?;
@@ -262,6 +275,131 @@ fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result
         },
     );
     Ok(())
+}
+
+/// Two raw images for the media change: the first, 1 MiB, starts with `MEDIA-A`; the
+/// second, 2 MiB, with `MEDIA-B`.
+struct Media {
+    first: PathBuf,
+    second: PathBuf,
+}
+
+impl Media {
+    fn new() -> Result<Self, String> {
+        let m = Media {
+            first: scratch("media-a.img"),
+            second: scratch("media-b.img"),
+        };
+        for (path, tag, mib) in [(&m.first, b"MEDIA-A", 1), (&m.second, b"MEDIA-B", 2)] {
+            let mut image = vec![0u8; mib << 20];
+            image[..tag.len()].copy_from_slice(tag);
+            std::fs::write(path, image).map_err(|e| format!("writing {path:?}: {e}"))?;
+        }
+        Ok(m)
+    }
+
+    fn drive_json(&self, path: &Path) -> String {
+        format!(
+            r#"{{"drive_id": "data", "path_on_host": {:?}, "is_root_device": false, "is_read_only": false}}"#,
+            path.to_str().unwrap_or_default()
+        )
+    }
+
+    fn patch_json(path: &Path) -> String {
+        format!(
+            r#"{{"drive_id": "data", "path_on_host": {:?}}}"#,
+            path.to_str().unwrap_or_default()
+        )
+    }
+
+    /// Asks the guest for /dev/vda's size in sectors and its first 7 bytes (read past the
+    /// page cache), after waiting up to 10 s for the size to be `size`.
+    fn look(g: &mut Guest, tag: &str, size: u32, pos: usize) -> Result<(usize, String), String> {
+        g.send(
+            format!(
+                "for i in $(seq 100); do [ $(cat /sys/block/vda/size) = {size} ] && break; sleep 0.1; done; \
+                 echo {tag}-$((1+1))-$(cat /sys/block/vda/size),$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 7)-end\n"
+            )
+            .as_bytes(),
+        )?;
+        g.console
+            .value_until_end(&format!("{tag}-2-"), pos, STEP_TIMEOUT)
+            .map(|(at, v)| (at, v.trim().to_string()))
+            .ok_or_else(|| format!("no answer to {tag}; console tail: {}", g.console.tail(800)))
+    }
+
+    fn check(
+        &self,
+        g: &mut Guest,
+        r: &mut Report,
+        sock: &Path,
+        pos: usize,
+    ) -> Result<usize, String> {
+        let mut end = pos;
+        let result = (|| {
+            let (at, before) = Self::look(g, "media1", 2048, pos)?;
+            end = at;
+            if before != "2048,MEDIA-A" {
+                return Err(format!("before the change the guest saw {before:?}"));
+            }
+            // The guest writes to the first image, past the page cache.
+            g.send(b"printf GUEST-W | dd of=/dev/vda bs=512 seek=1 conv=sync oflag=direct 2>/dev/null; echo wrote-$((1+1))-ok-end\n")?;
+            let (at, _) = g
+                .console
+                .value_until_end("wrote-2-", end, STEP_TIMEOUT)
+                .ok_or("the guest's write did not finish")?;
+            end = at;
+            let asked = Instant::now();
+            expect(
+                sock,
+                "PATCH",
+                "/drives/data",
+                &Self::patch_json(&self.second),
+                204,
+            )?;
+            let took = asked.elapsed();
+            let (at, after) = Self::look(g, "media2", 4096, end)?;
+            end = at;
+            if after != "4096,MEDIA-B" {
+                return Err(format!("after the change the guest saw {after:?}"));
+            }
+            let old = std::fs::read(&self.first).map_err(|e| format!("{:?}: {e}", self.first))?;
+            if old.get(512..519) != Some(&b"GUEST-W"[..]) {
+                return Err("the guest's write is not in the first image".into());
+            }
+            let config = expect(sock, "GET", "/vm/config", "", 200)?;
+            if !config.contains(self.second.to_str().unwrap_or("?")) {
+                return Err(format!(
+                    "GET /vm/config does not show the new path: {config}"
+                ));
+            }
+            // A path that cannot be opened: refused, the drive keeps its medium.
+            let missing = self.second.with_extension("missing");
+            let refused = expect(
+                sock,
+                "PATCH",
+                "/drives/data",
+                &Self::patch_json(&missing),
+                400,
+            )?;
+            let (at, still) = Self::look(g, "media3", 4096, end)?;
+            end = at;
+            if still != "4096,MEDIA-B" {
+                return Err(format!("after a refused change the guest saw {still:?}"));
+            }
+            Ok(format!(
+                "2048 sectors MEDIA-A -> 4096 sectors MEDIA-B (PATCH answered in {:.0} ms), \
+                 the guest's write is in the first image, a missing path refused: {}",
+                took.as_secs_f64() * 1000.0,
+                refused.trim()
+            ))
+        })();
+        r.check("fc-api-drive-media-change", result);
+        for p in [&self.first, &self.second] {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(end)
+    }
 }
 
 fn config_file_boot(o: &Opts) -> Result<bool, String> {
