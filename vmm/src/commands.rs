@@ -6,7 +6,10 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+
 use std::time::Duration;
+use tvm_virtio_blk::BlockCounters;
+use tvm_virtio_net::NetCounters;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,6 +32,21 @@ pub enum Command {
         /// read-write unless the disk is read-only.
         file: OpenImage,
     },
+    /// Read the VM's counters and send them here (for `FlushMetrics`).
+    Metrics(SyncSender<VmCounters>),
+}
+
+/// The running VM's counters, absolute (since it started).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmCounters {
+    /// vCPU exits by kind ([`crate::dump::ExitKind::name`]), summed over the vCPUs.
+    pub exits: Vec<(&'static str, u64)>,
+    /// Each disk's, in the order of `VmConfig::disks`.
+    pub disks: Vec<BlockCounters>,
+    /// Each network interface's, in the order of `VmConfig::nets`.
+    pub nets: Vec<NetCounters>,
+    /// Bytes the entropy device served, if there is one.
+    pub entropy_bytes: Option<u64>,
 }
 
 /// An opened image file whose `Debug` names only the descriptor (std's `File` looks its

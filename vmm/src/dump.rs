@@ -66,7 +66,8 @@ pub enum ExitKind {
 /// Number of [`ExitKind`]s.
 pub const EXIT_KINDS: usize = 11;
 
-const KINDS: [ExitKind; EXIT_KINDS] = [
+/// Every [`ExitKind`], in the order of their values.
+pub const KINDS: [ExitKind; EXIT_KINDS] = [
     ExitKind::IoIn,
     ExitKind::IoOut,
     ExitKind::MmioRead,

@@ -8,6 +8,7 @@
 //! answers with the handle for requests to the running VM ([`crate::commands`]), and runs
 //! it until it stops. Pause, resume and Ctrl-Alt-Del go through that handle.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,14 +18,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 use tvm_api::{
-    parse_request, Controller, ControllerConfig, FullVmConfig, Logger, Metrics, RateLimiter,
-    VmResources, VmmActions,
+    add_total, parse_request, Controller, ControllerConfig, FullVmConfig, Logger, MetricSections,
+    Metrics, MetricsLog, RateLimiter, VmResources, VmmActions,
 };
 use tvm_arch_x86::CpuTopology;
 use tvm_http::{Limits, Request, RequestError, Response, Server};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::commands::{Command, CommandSender, OpenImage};
+use crate::commands::{Command, CommandSender, OpenImage, VmCounters};
 use crate::config::{DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE, DISK_ID_MAX_BYTES};
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::timing::BootTimes;
@@ -161,6 +162,10 @@ struct Actions {
     running: Option<CommandSender>,
     /// The drives of the running VM, in the order of its disks: id, read-only.
     drives: Vec<(String, bool)>,
+    /// The network interfaces of the running VM, in the order of its nets.
+    ifaces: Vec<String>,
+    /// What the previous metrics line counted.
+    metrics_log: MetricsLog,
     metrics: Option<File>,
     /// Requests answered, and how many of them with an error (for the metrics).
     requests: u64,
@@ -192,6 +197,11 @@ impl VmmActions for Actions {
             .iter()
             .map(|d| (d.drive_id.clone(), d.read_only()))
             .collect();
+        self.ifaces = resources
+            .network_interfaces()
+            .iter()
+            .map(|n| n.iface_id.clone())
+            .collect();
         Ok(())
     }
 
@@ -208,17 +218,34 @@ impl VmmActions for Actions {
     }
 
     fn flush_metrics(&mut self) -> std::result::Result<(), String> {
+        if self.metrics.is_none() {
+            return Err("no metrics output: PUT /metrics first".into());
+        }
+        let counters = match &self.running {
+            Some(vm) => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                vm.send(Command::Metrics(tx), COMMAND_TIMEOUT)?;
+                Some(
+                    rx.try_recv()
+                        .map_err(|e| format!("no counters came back: {e}"))?,
+                )
+            }
+            None => None,
+        };
+        let sections = metric_sections(
+            counters.as_ref(),
+            &self.drives,
+            &self.ifaces,
+            (self.requests, self.errors),
+        );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let line = self.metrics_log.line(now, sections);
         let Some(file) = &mut self.metrics else {
             return Err("no metrics output: PUT /metrics first".into());
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let line = format!(
-            "{{\"utc_timestamp_ms\":{now},\"api_server\":{{\"requests\":{},\"errors\":{}}}}}\n",
-            self.requests, self.errors
-        );
         file.write_all(line.as_bytes())
             .map_err(|e| format!("cannot write the metrics: {e}"))
     }
@@ -280,6 +307,73 @@ impl VmmActions for Actions {
     }
 }
 
+/// The metrics sections of one `FlushMetrics` line, absolute: `api_server` (requests
+/// answered and errors), and once the VM runs `vcpu` (exits by kind, summed over the
+/// vCPUs), `block_<drive id>` and their total `block`, `net_<iface id>` and `net`,
+/// `entropy`. Firecracker's names where it has the counter.
+fn metric_sections(
+    vm: Option<&VmCounters>,
+    drives: &[(String, bool)],
+    ifaces: &[String],
+    (requests, errors): (u64, u64),
+) -> MetricSections {
+    let section = |list: &[(&str, u64)]| -> BTreeMap<String, u64> {
+        list.iter().map(|(k, v)| ((*k).to_string(), *v)).collect()
+    };
+    let mut s = MetricSections::new();
+    s.insert(
+        "api_server".into(),
+        section(&[("requests", requests), ("errors", errors)]),
+    );
+    let Some(vm) = vm else {
+        return s;
+    };
+    s.insert(
+        "vcpu".into(),
+        vm.exits
+            .iter()
+            .map(|(kind, n)| (format!("exit_{}", kind.replace('-', "_")), *n))
+            .collect(),
+    );
+    for ((id, _), c) in drives.iter().zip(&vm.disks) {
+        s.insert(
+            format!("block_{id}"),
+            section(&[
+                ("read_bytes", c.read_bytes),
+                ("write_bytes", c.write_bytes),
+                ("read_count", c.read_count),
+                ("write_count", c.write_count),
+                ("flush_count", c.flush_count),
+                ("other_count", c.other_count),
+                ("unsupported_count", c.unsupported_count),
+                ("execute_fails", c.execute_fails),
+                ("invalid_reqs_count", c.invalid_reqs_count),
+            ]),
+        );
+    }
+    for (id, c) in ifaces.iter().zip(&vm.nets) {
+        s.insert(
+            format!("net_{id}"),
+            section(&[
+                ("rx_bytes_count", c.rx_bytes),
+                ("rx_packets_count", c.rx_packets),
+                ("rx_dropped_count", c.rx_dropped),
+                ("rx_fails", c.rx_errors),
+                ("tx_bytes_count", c.tx_bytes),
+                ("tx_packets_count", c.tx_packets),
+                ("tx_dropped_count", c.tx_dropped),
+                ("tx_fails", c.tx_errors),
+            ]),
+        );
+    }
+    add_total(&mut s, "block_", "block");
+    add_total(&mut s, "net_", "net");
+    if let Some(bytes) = vm.entropy_bytes {
+        s.insert("entropy".into(), section(&[("entropy_bytes", bytes)]));
+    }
+    s
+}
+
 fn open_metrics(path: &Path) -> std::result::Result<File, String> {
     OpenOptions::new()
         .append(true)
@@ -339,6 +433,8 @@ fn api_thread(
         seccomp: opts.seccomp,
         running: None,
         drives: Vec::new(),
+        ifaces: Vec::new(),
+        metrics_log: MetricsLog::new(),
         metrics: None,
         requests: 0,
         errors: 0,
@@ -584,6 +680,62 @@ mod tests {
         let none = resources(&[]);
         let e = vm_config_from_resources(&none, SeccompLevel::On).unwrap_err();
         assert!(e.contains("boot source"), "{e}");
+    }
+
+    #[test]
+    fn metrics_sections_name_every_device_and_add_the_totals() {
+        use tvm_virtio_blk::BlockCounters;
+        use tvm_virtio_net::NetCounters;
+        let before = metric_sections(None, &[], &[], (3, 1));
+        assert_eq!(before.keys().collect::<Vec<_>>(), ["api_server"]);
+        assert_eq!(before["api_server"]["requests"], 3);
+        assert_eq!(before["api_server"]["errors"], 1);
+        let vm = VmCounters {
+            exits: vec![("io-in", 4), ("mmio-write", 2)],
+            disks: vec![
+                BlockCounters {
+                    read_bytes: 4096,
+                    read_count: 1,
+                    ..BlockCounters::default()
+                },
+                BlockCounters {
+                    read_bytes: 512,
+                    write_count: 2,
+                    invalid_reqs_count: 1,
+                    ..BlockCounters::default()
+                },
+            ],
+            nets: vec![NetCounters {
+                rx_bytes: 60,
+                tx_packets: 1,
+                ..NetCounters::default()
+            }],
+            entropy_bytes: Some(64),
+        };
+        let drives = [("rootfs".to_string(), false), ("data".to_string(), true)];
+        let s = metric_sections(Some(&vm), &drives, &["eth0".to_string()], (0, 0));
+        assert_eq!(
+            s.keys().collect::<Vec<_>>(),
+            [
+                "api_server",
+                "block",
+                "block_data",
+                "block_rootfs",
+                "entropy",
+                "net",
+                "net_eth0",
+                "vcpu"
+            ]
+        );
+        assert_eq!(s["vcpu"]["exit_io_in"], 4);
+        assert_eq!(s["vcpu"]["exit_mmio_write"], 2);
+        assert_eq!(s["block_rootfs"]["read_bytes"], 4096);
+        assert_eq!(s["block_data"]["invalid_reqs_count"], 1);
+        assert_eq!(s["block"]["read_bytes"], 4608);
+        assert_eq!(s["block"]["write_count"], 2);
+        assert_eq!(s["net_eth0"]["rx_bytes_count"], 60);
+        assert_eq!(s["net"]["tx_packets_count"], 1);
+        assert_eq!(s["entropy"]["entropy_bytes"], 64);
     }
 
     #[test]

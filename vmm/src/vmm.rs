@@ -31,7 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
-use crate::commands::{Command, CommandReceiver, CommandSender};
+use crate::commands::{Command, CommandReceiver, CommandSender, VmCounters};
 use crate::config::VmConfig;
 use crate::dump::SymbolMap;
 use crate::pause::PauseGate;
@@ -602,6 +602,9 @@ impl Vmm {
                             threads: &threads,
                             i8042: &self.i8042,
                             disks: &self.disks,
+                            nets: &self.nets,
+                            rng: self.rng.as_ref(),
+                            monitors: &self.monitors,
                         };
                         carry_out(c, &vm, &mut devices, &mut em)
                     });
@@ -790,6 +793,52 @@ struct Running<'a> {
     threads: &'a [JoinHandle<()>],
     i8042: &'a Mutex<I8042>,
     disks: &'a [BlockDevice],
+    nets: &'a [NetDevice],
+    rng: Option<&'a RngDevice>,
+    monitors: &'a [Arc<VcpuMonitor>],
+}
+
+impl Running<'_> {
+    /// The VM's counters now.
+    fn counters(&self) -> VmCounters {
+        VmCounters {
+            exits: crate::dump::KINDS
+                .iter()
+                .map(|k| {
+                    (
+                        k.name(),
+                        self.monitors.iter().map(|m| m.stats.count(*k)).sum(),
+                    )
+                })
+                .collect(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| {
+                    d.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .device()
+                        .counters()
+                })
+                .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|n| {
+                    n.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .device()
+                        .counters()
+                })
+                .collect(),
+            entropy_bytes: self.rng.map(|r| {
+                r.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .bytes_served()
+            }),
+        }
+    }
 }
 
 /// Carries out one request of another thread (see [`crate::commands`]).
@@ -824,6 +873,12 @@ fn carry_out(
             .unwrap_or_else(|e| e.into_inner())
             .trigger_ctrl_alt_del()
             .map_err(|e| crate::error_chain(&e)),
+        Command::Metrics(reply) => {
+            // The asker waits for this command's answer, so the slot is free.
+            reply
+                .try_send(vm.counters())
+                .map_err(|e| format!("the counters could not be handed over: {e}"))
+        }
         Command::ChangeMedia { disk, path, file } => {
             let dev = vm
                 .disks

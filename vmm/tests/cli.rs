@@ -1352,6 +1352,8 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
         )
     };
     let first_drive = drive(&first);
+    let metrics = scratch("metrics.json");
+    let metrics_json = format!(r#"{{"metrics_path": {:?}}}"#, metrics.to_str().unwrap());
     let patch = |path: &Path| {
         format!(
             r#"{{"drive_id": "d1", "path_on_host": {:?}}}"#,
@@ -1360,6 +1362,7 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
     };
     for (path, body) in [
         ("/drives/d1", first_drive.as_str()),
+        ("/metrics", metrics_json.as_str()),
         ("/logger", logger_json.as_str()),
         (
             "/machine-config",
@@ -1402,6 +1405,31 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
 
     let mut out = StdoutWatch::new(&mut child);
     out.wait_for(&mut child, "tttt", 20);
+    // Metrics: each line counts what grew since the one before.
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    let (status, reply) = api(&sock, "PUT", "/actions", flush);
+    assert_eq!(status, 204, "{reply}");
+    // The guest goes on printing meanwhile.
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, reply) = api(&sock, "PUT", "/actions", flush);
+    assert_eq!(status, 204, "{reply}");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in &lines {
+        assert!(line["utc_timestamp_ms"].as_u64().unwrap() > 0, "{line}");
+        // The guest prints with `out`: every interval has port-output exits.
+        assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
+        assert!(
+            line["block_d1"].is_object() && line["block"].is_object(),
+            "{line}"
+        );
+    }
+    // Between the two flushes the API answered one request: the second flush.
+    assert_eq!(lines[1]["api_server"]["requests"], 1, "{text}");
     // Every thread, the API's included, runs under exactly one filter of its own.
     let threads = seccomp_of_threads(child.id());
     let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();

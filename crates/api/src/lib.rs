@@ -79,6 +79,7 @@ mod controller;
 mod devices;
 mod error;
 mod machine;
+mod metrics;
 mod request;
 mod resources;
 
@@ -98,5 +99,6 @@ pub use machine::{
     CpuTemplate, HugePages, MachineConfig, MachineConfigUpdate, DEFAULT_MEM_SIZE_MIB,
     DEFAULT_VCPU_COUNT, MAX_MEM_SIZE_MIB, MAX_VCPUS,
 };
+pub use metrics::{add_total, MetricSections, MetricsLog};
 pub use request::{allowed_methods, parse_request, ApiRequest};
 pub use resources::VmResources;

@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use tvm_util::{warn_once, WarnOnce};
 use tvm_virtio::{ActivateContext, QueueDrain, VirtioDevice, VirtioInterrupt};
 
-use crate::request::{handle_request, BlockBackend, DiskInfo, ID_LEN, SECTOR_SIZE};
+use crate::request::{handle_request, BlockBackend, DiskInfo, Outcome, ID_LEN, SECTOR_SIZE};
 use crate::{Error, Result};
 
 /// Virtio device ID of a block device (virtio 1.2, 5), from virtio-bindings.
@@ -73,6 +73,51 @@ struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+/// What the device did since it was opened, request by request (a media change keeps
+/// counting). Firecracker's metric names where it has one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounters {
+    /// Bytes read from the disk into guest memory.
+    pub read_bytes: u64,
+    /// Bytes written from guest memory to the disk.
+    pub write_bytes: u64,
+    /// Reads that completed.
+    pub read_count: u64,
+    /// Writes that completed.
+    pub write_count: u64,
+    /// FLUSHes that completed.
+    pub flush_count: u64,
+    /// Other requests that completed (GET_ID, DISCARD, WRITE_ZEROES).
+    pub other_count: u64,
+    /// Requests answered UNSUPP.
+    pub unsupported_count: u64,
+    /// Valid requests the host failed (answered IOERR).
+    pub execute_fails: u64,
+    /// Requests that broke the rules (answered IOERR, or not at all).
+    pub invalid_reqs_count: u64,
+}
+
+impl BlockCounters {
+    fn count(&mut self, outcome: Outcome) {
+        let c = match outcome {
+            Outcome::Read(bytes) => {
+                self.read_bytes += bytes;
+                &mut self.read_count
+            }
+            Outcome::Written(bytes) => {
+                self.write_bytes += bytes;
+                &mut self.write_count
+            }
+            Outcome::Flushed => &mut self.flush_count,
+            Outcome::Other => &mut self.other_count,
+            Outcome::Unsupported => &mut self.unsupported_count,
+            Outcome::HostError => &mut self.execute_fails,
+            Outcome::DriverError => &mut self.invalid_reqs_count,
+        };
+        *c += 1;
+    }
+}
+
 /// Driver errors the device reports once at `warn!` (then at `debug!`), one flag per kind.
 #[derive(Debug, Default)]
 struct DriverWarnings {
@@ -103,6 +148,7 @@ pub struct Block {
     configured_id: Option<String>,
     active: Option<Active>,
     warnings: DriverWarnings,
+    counters: BlockCounters,
 }
 
 impl std::fmt::Debug for Block {
@@ -272,6 +318,7 @@ impl Block {
             configured_id: cfg.id,
             active: None,
             warnings: DriverWarnings::default(),
+            counters: BlockCounters::default(),
         })
     }
 
@@ -342,6 +389,11 @@ impl Block {
         &self.info
     }
 
+    /// What the device did so far.
+    pub fn counters(&self) -> BlockCounters {
+        self.counters
+    }
+
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -375,6 +427,7 @@ impl Block {
         };
         let (info, file, name) = (&self.info, &mut self.file, &self.name);
         let request_warn = &mut self.warnings.request;
+        let counters = &mut self.counters;
         let mem = &active.mem;
         QueueDrain {
             name,
@@ -389,6 +442,7 @@ impl Block {
         .run(|chain| {
             let head = chain.head_index();
             let done = handle_request(mem, chain, info, file);
+            counters.count(done.outcome);
             if let Some(why) = done.driver_error {
                 warn_once!(
                     request_warn,

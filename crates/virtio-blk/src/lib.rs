@@ -41,10 +41,12 @@ mod device;
 mod request;
 
 pub use device::{
-    Block, BlockConfig, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE, SEG_MAX,
-    SIZE_MAX, VIRTIO_ID_BLOCK,
+    Block, BlockConfig, BlockCounters, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE,
+    SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
 };
-pub use request::{handle_request, BlockBackend, Completion, DiskInfo, ID_LEN, SECTOR_SIZE};
+pub use request::{
+    handle_request, BlockBackend, Completion, DiskInfo, Outcome, ID_LEN, SECTOR_SIZE,
+};
 
 /// Errors of the block device.
 #[derive(Debug, thiserror::Error)]

@@ -336,6 +336,27 @@ pub struct Completion {
     /// usable status byte. `None` for a request that succeeded, one refused as
     /// unsupported, or one that failed on the host side.
     pub driver_error: Option<String>,
+    /// What became of the request, for the device's counters.
+    pub outcome: Outcome,
+}
+
+/// What became of one request (see [`Completion`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Read from the disk into guest memory: that many bytes.
+    Read(u64),
+    /// Written from guest memory to the disk: that many bytes.
+    Written(u64),
+    /// A FLUSH that completed.
+    Flushed,
+    /// Any other request that completed (GET_ID, DISCARD, WRITE_ZEROES).
+    Other,
+    /// A request type or flag the device does not offer (UNSUPP).
+    Unsupported,
+    /// A valid request the host failed (IOERR).
+    HostError,
+    /// A request that broke the rules (IOERR, or no answer at all).
+    DriverError,
 }
 
 /// Why a request failed: the status to answer, and the driver's error if it was one.
@@ -377,6 +398,7 @@ fn unanswered(msg: String) -> Completion {
     Completion {
         len: 0,
         driver_error: Some(msg),
+        outcome: Outcome::DriverError,
     }
 }
 
@@ -424,9 +446,16 @@ pub fn handle_request<M: GuestMemory, B: BlockBackend>(
         ));
     }
     let mut written = 0u32;
-    let (code, driver_error) = match execute(mem, rest, disk, backend, &mut written) {
-        Ok(()) => (STATUS_OK, None),
-        Err(f) => (f.status, f.driver_error),
+    let (code, driver_error, outcome) = match execute(mem, rest, disk, backend, &mut written) {
+        Ok(outcome) => (STATUS_OK, None, outcome),
+        Err(f) => {
+            let outcome = match (&f.driver_error, f.status) {
+                (Some(_), _) => Outcome::DriverError,
+                (None, STATUS_UNSUPP) => Outcome::Unsupported,
+                (None, _) => Outcome::HostError,
+            };
+            (f.status, f.driver_error, outcome)
+        }
     };
     let len = match mem.write_obj(code, status.addr()) {
         Ok(()) => written.saturating_add(1),
@@ -435,7 +464,11 @@ pub fn handle_request<M: GuestMemory, B: BlockBackend>(
             written
         }
     };
-    Completion { len, driver_error }
+    Completion {
+        len,
+        driver_error,
+        outcome,
+    }
 }
 
 /// Checks that every data descriptor has the direction `write` (device-writable or not),
@@ -499,7 +532,7 @@ fn execute<M: GuestMemory, B: BlockBackend>(
     disk: &DiskInfo,
     backend: &mut B,
     written: &mut u32,
-) -> Result<(), Failed> {
+) -> Result<Outcome, Failed> {
     let (hdr, data) = descs
         .split_first()
         .ok_or_else(|| ioerr(format_args!("no header descriptor")))?;
@@ -556,15 +589,17 @@ fn execute<M: GuestMemory, B: BlockBackend>(
                     .map_err(|e| host_err(format_args!("read at {offset}: {e}")))?;
                 // total <= seg_max * size_max, far below 4 GiB.
                 *written = written.saturating_add(u32::try_from(total).unwrap_or(u32::MAX));
+                Ok(Outcome::Read(total))
             } else {
                 backend
                     .write_vectored_at(&slices, offset)
                     .map_err(|e| host_err(format_args!("write at {offset}: {e}")))?;
+                Ok(Outcome::Written(total))
             }
-            Ok(())
         }
         VIRTIO_BLK_T_FLUSH => backend
             .flush()
+            .map(|()| Outcome::Flushed)
             .map_err(|e| host_err(format_args!("flush: {e}"))),
         VIRTIO_BLK_T_GET_ID => {
             if data.is_empty() {
@@ -580,13 +615,14 @@ fn execute<M: GuestMemory, B: BlockBackend>(
                 *written = written.saturating_add(n as u32);
                 id = &id[n..];
             }
-            Ok(())
+            Ok(Outcome::Other)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if !disk.discard || disk.read_only {
                 return Err(unsupp(format_args!("discard/write-zeroes not offered")));
             }
             discard_or_zero(mem, data, disk, backend, req_type == VIRTIO_BLK_T_DISCARD)
+                .map(|()| Outcome::Other)
         }
         other => Err(unsupp(format_args!("unsupported request type {other}"))),
     }

@@ -681,6 +681,15 @@ fn process_queue_end_to_end() {
     assert_eq!(st2, UNSUPP);
     assert_eq!(guest(&mem, DATA, 512), content[3 * 512..4 * 512]);
     assert_eq!(*irq.queue.lock().unwrap(), vec![0]);
+    assert_eq!(
+        disk.counters(),
+        BlockCounters {
+            read_bytes: 512,
+            read_count: 1,
+            unsupported_count: 1,
+            ..BlockCounters::default()
+        }
+    );
     // Nothing new: no interrupt.
     disk.process_queue(0);
     assert_eq!(irq.queue.lock().unwrap().len(), 1);
@@ -1104,7 +1113,8 @@ fn a_read_past_the_end_of_a_shrunken_file_is_an_ioerr() {
         done,
         Completion {
             len: 1,
-            driver_error: None
+            driver_error: None,
+            outcome: Outcome::HostError,
         }
     );
     assert_eq!(img.contents(), content[..8 * 512]);
@@ -1227,6 +1237,11 @@ fn a_media_change_serves_the_new_image_and_a_failed_one_keeps_the_old() {
     disk.process_queue(0);
     assert_eq!(mock.used().idx().load(), 2);
     assert_eq!(status(&mem), OK);
+    // The counters go on across the change.
+    assert_eq!(
+        (disk.counters().read_count, disk.counters().read_bytes),
+        (2, 1024)
+    );
     assert_eq!(
         guest(&mem, DATA + 0x1000, 512),
         new_content[20 * 512..21 * 512]
@@ -1283,4 +1298,39 @@ fn a_read_only_drive_stays_read_only_across_a_media_change() {
         ..ro
     };
     assert!(matches!(Block::open(rw), Err(Error::Locked(_))));
+}
+
+#[test]
+fn each_request_reports_what_became_of_it() {
+    let mem = test_mem();
+    let mut backend = CountingBackend {
+        flushes: 0,
+        fail: false,
+    };
+    let outcome = |req_type: u32, sector: u64, descs: &[RawDescriptor], b: &mut CountingBackend| {
+        write_header(&mem, req_type, sector);
+        run_request(&mem, descs, &info(false), b).outcome
+    };
+    let read = [desc(HDR, 16, R), desc(DATA, 1024, W), desc(STATUS, 1, W)];
+    let write = [desc(HDR, 16, R), desc(DATA, 1536, R), desc(STATUS, 1, W)];
+    let bare = [desc(HDR, 16, R), desc(STATUS, 1, W)];
+    let id = [desc(HDR, 16, R), desc(DATA, 20, W), desc(STATUS, 1, W)];
+    let b = &mut backend;
+    assert_eq!(outcome(VIRTIO_BLK_T_IN, 0, &read, b), Outcome::Read(1024));
+    assert_eq!(
+        outcome(VIRTIO_BLK_T_OUT, 0, &write, b),
+        Outcome::Written(1536)
+    );
+    assert_eq!(outcome(VIRTIO_BLK_T_FLUSH, 0, &bare, b), Outcome::Flushed);
+    assert_eq!(outcome(VIRTIO_BLK_T_GET_ID, 0, &id, b), Outcome::Other);
+    assert_eq!(outcome(77, 0, &bare, b), Outcome::Unsupported);
+    // Past the end of the 16-sector disk: the driver's error.
+    assert_eq!(outcome(VIRTIO_BLK_T_IN, 15, &read, b), Outcome::DriverError);
+    // No usable status byte: not answered, still the driver's error.
+    assert_eq!(
+        outcome(VIRTIO_BLK_T_IN, 0, &read[..2], b),
+        Outcome::DriverError
+    );
+    b.fail = true;
+    assert_eq!(outcome(VIRTIO_BLK_T_FLUSH, 0, &bare, b), Outcome::HostError);
 }
