@@ -515,6 +515,9 @@ pub fn run(opts: FcOptions, times: Arc<BootTimes>) -> Result<ExitReason> {
     let filter = filters.get(ThreadKind::Api);
     let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     let thread_stop = stop.try_clone().map_err(Error::EventFd)?;
+    // Until a VM runs (and its event loop takes them over), a termination signal stops the
+    // API server, which removes the socket file; the loop below then ends on it.
+    crate::vmm::install_termination_handlers(&stop)?;
     let (to_main, from_api): (Sender<ToMain>, Receiver<ToMain>) = mpsc::channel();
     let api_opts = opts.clone();
     let api = std::thread::Builder::new()
@@ -545,8 +548,11 @@ pub fn run(opts: FcOptions, times: Arc<BootTimes>) -> Result<ExitReason> {
             },
             Ok(ToMain::Failed(why)) => break Err(Error::Api(why)),
             // The API thread ended: with --no-api after a start that failed it said so;
-            // otherwise the server stopped.
-            Err(_) => break Err(Error::Api("the api thread ended".into())),
+            // a termination signal stopped the server; otherwise the server failed.
+            Err(_) => match crate::vmm::last_signal() {
+                0 => break Err(Error::Api("the api thread ended".into())),
+                n => break Ok(ExitReason::Signal(n)),
+            },
         }
     };
     let _ = stop.write(1);

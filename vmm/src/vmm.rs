@@ -58,6 +58,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long a state dump waits for each vCPU thread to answer.
 const DUMP_GRACE: Duration = Duration::from_secs(1);
 
+/// The last termination signal received (0: none).
+pub(crate) fn last_signal() -> i32 {
+    LAST_SIGNAL.load(Ordering::Relaxed)
+}
+
 /// The raw fd of the EventFd that termination signals write (-1 until installed).
 static SIGNAL_EVT_FD: signal_evt::Slot = signal_evt::Slot::new(-1);
 /// The last termination signal received.
@@ -68,7 +73,9 @@ extern "C" fn handle_termination(num: libc::c_int, _: *mut libc::siginfo_t, _: *
     signal_evt::wake(&SIGNAL_EVT_FD);
 }
 
-fn install_termination_handlers(evt: &EventFd) -> Result<()> {
+/// Makes SIGTERM, SIGINT, SIGHUP and SIGQUIT write `evt` (and record the signal for
+/// [`last_signal`]); the VM's event loop installs its own on [`Vmm::run`].
+pub(crate) fn install_termination_handlers(evt: &EventFd) -> Result<()> {
     signal_evt::install(
         evt,
         &SIGNAL_EVT_FD,

@@ -1543,6 +1543,35 @@ fn bad_firecracker_style_input_is_one_clear_error() {
     assert_one_error_line(&out, "--level");
 }
 
+#[test]
+fn a_termination_signal_before_instance_start_removes_the_socket() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let sock = scratch(&format!("early-signal-{signal}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(VMM)
+            .args(["--api-sock", sock.to_str().unwrap(), "--level", "Info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_path(&sock);
+        let (status, _) = api(&sock, "GET", "/", "");
+        assert_eq!(status, 200);
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory
+        // effects.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let out = wait_with_deadline(child, 10);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains(&format!("signal {signal}")), "{stderr}");
+        assert!(
+            !sock.exists(),
+            "signal {signal}: the socket file is left behind"
+        );
+    }
+}
+
 /// The Python of the client-library environment (`cargo xtask kvm-test` makes it and sets
 /// the variable; see xtask/src/pyclient.rs).
 fn client_python() -> PathBuf {

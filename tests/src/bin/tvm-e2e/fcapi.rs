@@ -149,6 +149,7 @@ fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result
 
     pos = hwrng_check(g, r, "fc-api-entropy-device", pos)?;
     pos = media.check(g, r, sock, pos)?;
+    r.check("fc-api-metrics", media.metrics_check(sock));
 
     // A ticker in the guest: one line every 100 ms.
     g.send(b"(i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.1; done) &\n")?;
@@ -282,6 +283,8 @@ fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result
 struct Media {
     first: PathBuf,
     second: PathBuf,
+    /// Where `FlushMetrics` writes.
+    metrics: PathBuf,
 }
 
 impl Media {
@@ -289,7 +292,9 @@ impl Media {
         let m = Media {
             first: scratch("media-a.img"),
             second: scratch("media-b.img"),
+            metrics: scratch("metrics.json"),
         };
+        let _ = std::fs::remove_file(&m.metrics);
         for (path, tag, mib) in [(&m.first, b"MEDIA-A", 1), (&m.second, b"MEDIA-B", 2)] {
             let mut image = vec![0u8; mib << 20];
             image[..tag.len()].copy_from_slice(tag);
@@ -399,6 +404,47 @@ impl Media {
             let _ = std::fs::remove_file(p);
         }
         Ok(end)
+    }
+}
+
+impl Media {
+    /// After the media change (and the hwrng read): one `FlushMetrics` line, whose counters
+    /// show the guest's reads and write on the drive, its entropy, and vCPU exits.
+    fn metrics_check(&self, sock: &Path) -> Result<String, String> {
+        expect(
+            sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "FlushMetrics"}"#,
+            204,
+        )?;
+        let text = std::fs::read_to_string(&self.metrics)
+            .map_err(|e| format!("{:?}: {e}", self.metrics))?;
+        let _ = std::fs::remove_file(&self.metrics);
+        let line: serde_json::Value = text
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .ok_or_else(|| format!("no metrics line in {text:?}"))?;
+        let get = |section: &str, name: &str| line[section][name].as_u64().unwrap_or(0);
+        let (reads, writes) = (
+            get("block_data", "read_count"),
+            get("block_data", "write_count"),
+        );
+        let entropy = get("entropy", "entropy_bytes");
+        let exits = get("vcpu", "exit_mmio_write") + get("vcpu", "exit_io_out");
+        if reads < 3
+            || writes < 1
+            || entropy == 0
+            || exits == 0
+            || get("block", "read_count") != reads
+        {
+            return Err(format!("unexpected counters: {line}"));
+        }
+        Ok(format!(
+            "block_data: {reads} reads ({} bytes), {writes} writes; entropy {entropy} bytes; {exits} mmio-write and io-out exits",
+            get("block_data", "read_bytes")
+        ))
     }
 }
 
