@@ -1238,6 +1238,23 @@ fn wait_for_path(path: &std::path::Path) {
     }
 }
 
+/// `vmm --api-sock SOCK EXTRA...` with its output piped, once the socket is there (a file
+/// left at SOCK by an earlier run is removed first).
+fn spawn_api_vmm(sock: &Path, extra: &[&str]) -> std::process::Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(VMM)
+        .arg("--api-sock")
+        .arg(sock)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_path(sock);
+    child
+}
+
 /// A guest that prints `t` every few milliseconds and resets the machine through the
 /// i8042 once its keyboard sends Ctrl (make code 0x1d, set 1: translation is on).
 fn ticking_guest_that_reboots_on_ctrl() -> Vec<u8> {
@@ -1279,15 +1296,7 @@ fn ticks(out: &str) -> usize {
 fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
     let kernel = write_kernel("api-ticking.elf", &ticking_guest_that_reboots_on_ctrl());
     let sock = scratch("api.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(VMM)
-        .args(["--api-sock", sock.to_str().unwrap(), "--id", "t1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_path(&sock);
+    let mut child = spawn_api_vmm(&sock, &["--id", "t1"]);
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
@@ -1547,15 +1556,7 @@ fn bad_firecracker_style_input_is_one_clear_error() {
 fn a_termination_signal_before_instance_start_removes_the_socket() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let sock = scratch(&format!("early-signal-{signal}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(VMM)
-            .args(["--api-sock", sock.to_str().unwrap(), "--level", "Info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_path(&sock);
+        let child = spawn_api_vmm(&sock, &["--level", "Info"]);
         let (status, _) = api(&sock, "GET", "/", "");
         assert_eq!(status, 200);
         // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory
