@@ -48,6 +48,26 @@ pub fn api_request(
     Ok((status, body))
 }
 
+/// The byte at `offset` of the test streams vsock checks send (host and guest side
+/// agree on it without sharing data): not periodic at any power of two below 2^24.
+pub fn stream_byte(offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (offset >> 17);
+    (x >> 56) as u8
+}
+
+/// FNV-1a over a byte stream, fed in pieces: `fnv1a(fnv1a(FNV_START, a), b)` is the hash
+/// of `a` followed by `b`.
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The FNV-1a starting value.
+pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// Where tiny guests are loaded and entered (the usual kernel load address).
 pub const GUEST_ENTRY: u64 = 0x10_0000;
 

@@ -163,6 +163,50 @@ pub fn parse_net(text: &str) -> Result<NetConfig> {
     Ok(NetConfig { tap, mac })
 }
 
+/// A `--vsock` option: `cid=N,uds=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockOptions {
+    /// The guest's context id (3 to 2^32 - 2).
+    pub cid: u32,
+    /// Where the host side listens; a guest connection to port P goes to `PATH_P`.
+    pub uds: PathBuf,
+}
+
+/// Parses a `--vsock` value.
+pub fn parse_vsock(text: &str) -> Result<VsockOptions> {
+    let bad = |why: String| Error::InvalidVsock {
+        value: text.to_string(),
+        why,
+    };
+    let (mut cid, mut uds) = (None, None);
+    for part in text.split(',') {
+        let (key, value) = key_value(part).map_err(bad)?;
+        match key {
+            "cid" if cid.is_none() => {
+                cid = Some(
+                    value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|c| (3..u32::MAX).contains(c))
+                        .ok_or_else(|| bad(format!("cid={value:?}: use 3 to {}", u32::MAX - 1)))?,
+                );
+            }
+            "uds" if uds.is_none() => {
+                if value.is_empty() {
+                    return Err(bad("uds= is empty".into()));
+                }
+                uds = Some(PathBuf::from(value));
+            }
+            "cid" | "uds" => return Err(bad(format!("{key} is given twice"))),
+            other => return Err(bad(format!("unknown option {other:?}"))),
+        }
+    }
+    Ok(VsockOptions {
+        cid: cid.ok_or_else(|| bad("cid=N is missing".into()))?,
+        uds: uds.ok_or_else(|| bad("uds=PATH is missing".into()))?,
+    })
+}
+
 /// The VM to build.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -182,6 +226,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng entropy device, filled from the host's getrandom.
     pub rng: bool,
+    /// A virtio-vsock device with its host side on a Unix socket.
+    pub vsock: Option<VsockOptions>,
     /// The seccomp filters to install.
     pub seccomp: crate::seccomp::SeccompLevel,
     /// The guest kernel's System.map, to name RIP in state dumps (SIGUSR2).
@@ -327,6 +373,36 @@ mod tests {
     }
 
     #[test]
+    fn vsock_options() {
+        assert_eq!(
+            parse_vsock("cid=3,uds=/tmp/v.sock").unwrap(),
+            VsockOptions {
+                cid: 3,
+                uds: PathBuf::from("/tmp/v.sock")
+            }
+        );
+        assert_eq!(
+            parse_vsock("uds=/v,cid=4294967294").unwrap().cid,
+            u32::MAX - 1
+        );
+        for bad in [
+            "",
+            "cid=3",
+            "uds=/v",
+            "cid=2,uds=/v",
+            "cid=4294967295,uds=/v",
+            "cid=x,uds=/v",
+            "cid=3,uds=",
+            "cid=3,cid=4,uds=/v",
+            "cid=3,uds=/v,port=1",
+        ] {
+            let e = parse_vsock(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidVsock { .. }), "{bad}");
+            assert!(e.to_string().contains("cid=N,uds=PATH"), "{e}");
+        }
+    }
+
+    #[test]
     fn cpu_options() {
         let t = |text| parse_cpus(text).unwrap();
         assert_eq!(t("1"), CpuTopology::flat(1).unwrap());
@@ -404,6 +480,7 @@ mod tests {
             seccomp: Default::default(),
             system_map: None,
             rng: false,
+            vsock: None,
         }
     }
 

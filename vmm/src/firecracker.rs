@@ -26,7 +26,9 @@ use tvm_http::{Limits, Request, RequestError, Response, Server};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::commands::{Command, CommandSender, OpenImage, VmCounters};
-use crate::config::{DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE, DISK_ID_MAX_BYTES};
+use crate::config::{
+    DiskConfig, NetConfig, VmConfig, VsockOptions, DEFAULT_CMDLINE, DISK_ID_MAX_BYTES,
+};
 use crate::seccomp::{Filters, SeccompLevel, ThreadKind};
 use crate::timing::BootTimes;
 use crate::vcpu::ExitReason;
@@ -149,6 +151,10 @@ pub fn vm_config_from_resources(
         disks,
         nets,
         rng: r.entropy().is_some(),
+        vsock: r.vsock().map(|v| VsockOptions {
+            cid: v.guest_cid,
+            uds: PathBuf::from(&v.uds_path),
+        }),
         seccomp,
         system_map: None,
     })

@@ -44,6 +44,14 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A `--vsock` value did not parse.
+    #[error("invalid --vsock {value:?}: {why}; expected cid=N,uds=PATH")]
+    InvalidVsock {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A `--net` value did not parse.
     #[error("invalid --net {value:?}: {why}; expected tap=NAME[,mac=MAC]")]
     InvalidNet {

@@ -8,7 +8,8 @@ use std::time::Instant;
 use clap::Parser;
 use log::LevelFilter;
 use tvm_vmm::config::{
-    parse_cpus, parse_disk, parse_mem_size, parse_net, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEM_SIZE,
+    parse_cpus, parse_disk, parse_mem_size, parse_net, parse_vsock, VmConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEM_SIZE,
 };
 use tvm_vmm::seccomp::SeccompLevel;
 use tvm_vmm::timing::BootTimes;
@@ -49,6 +50,12 @@ struct Cli {
     /// getrandom(2).
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device: the guest's context id and the host Unix socket. A host
+    /// program connects to PATH and writes `CONNECT <port>\n` to reach a guest listener;
+    /// a guest connection to host port P goes to the socket PATH_P (Firecracker's hybrid
+    /// vsock).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<String>,
     /// vCPUs: N, optionally with a topology ,threads=T,cores=C,sockets=S whose product is
     /// N (default: N single-threaded cores on one socket). At most 254, and at most what
     /// this host's KVM allows.
@@ -273,12 +280,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (disks, nets) = match (
+    let (disks, nets, vsock) = match (
         parse_all(&cli.disks, parse_disk),
         parse_all(&cli.nets, parse_net),
+        cli.vsock.as_deref().map(parse_vsock).transpose(),
     ) {
-        (Ok(d), Ok(n)) => (d, n),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(d), Ok(n), Ok(v)) => (d, n, v),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             eprintln!("vmm: error: {}", error_chain(&e));
             return ExitCode::from(1);
         }
@@ -292,6 +300,7 @@ fn main() -> ExitCode {
         disks,
         nets,
         rng: cli.rng,
+        vsock,
         seccomp: cli.seccomp,
         system_map: cli.system_map,
     };

@@ -259,6 +259,13 @@ impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, irqchip, kernel, devices, vCPUs.
     pub fn build(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<Vmm> {
         cfg.validate()?;
+        if let Some(v) = &cfg.vsock {
+            // The device is being wired in; until then a vsock is refused, not ignored.
+            return Err(Error::Api(format!(
+                "vsock (cid {}, {:?}) is not supported by this build yet",
+                v.cid, v.uds
+            )));
+        }
         let open = |what, path: &std::path::PathBuf| {
             File::open(path).map_err(|source| Error::OpenFile {
                 what,

@@ -1338,6 +1338,15 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
             assert!(reply.contains("fault_message"), "{method} {path}: {reply}");
         }
     }
+    // A client that goes away in the middle of its request costs nothing.
+    {
+        use std::io::Write;
+        let mut half = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        half.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu")
+            .unwrap();
+    }
+    let (status, _) = api(&sock, "GET", "/", "");
+    assert_eq!(status, 200);
     // A 1 MiB body is refused; the server goes on.
     let (status, _) = api(&sock, "PUT", "/machine-config", &"x".repeat(1 << 20));
     assert!(status == 413 || status == 400, "{status}");

@@ -208,19 +208,7 @@ fn boot_counts(list: &str) -> u64 {
     n.max(1) as u64
 }
 
-/// The test initramfs with the static `tvm-iobench` appended as `/bin/tvm-iobench` (a
-/// second, uncompressed newc archive: the kernel unpacks concatenated archives in order).
+/// The test initramfs with the static `tvm-iobench` in `/bin`.
 fn bench_initramfs() -> Result<PathBuf> {
-    let images = crate::guest::ensure_prepared()?;
-    let iobench = crate::outer::build_static("tvm-tests", "tvm-iobench")?;
-    let mut extra = crate::cpio::Archive::new();
-    extra.file("bin/tvm-iobench", 0o755, std::fs::read(&iobench)?)?;
-    let mut data = std::fs::read(&images.initramfs)?;
-    // The kernel looks for an uncompressed archive only at 4-byte offsets and skips the
-    // zeros in between.
-    data.resize(data.len().next_multiple_of(4), 0);
-    data.extend_from_slice(&extra.to_bytes());
-    let path = images.dir.join("bench-initramfs.cpio.gz");
-    util::write_atomic(&path, &data)?;
-    Ok(path)
+    crate::guest::initramfs_with(&["tvm-iobench"], "bench-initramfs.cpio.gz")
 }

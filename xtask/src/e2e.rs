@@ -265,6 +265,15 @@ fn run_driver_with(
     let vmm = outer::build_static("tvm-vmm", "vmm")?;
     let driver = outer::build_static("tvm-tests", "tvm-e2e")?;
     let images = guest::ensure_prepared()?;
+    // The checks' guest has the vsock checks' program (tests/src/bin/tvm-vsock-guest.rs).
+    let checks_initrd = match (mode.is_empty(), initrd) {
+        (true, None) => Some(guest::initramfs_with(
+            &["tvm-vsock-guest"],
+            "e2e-initramfs.cpio.gz",
+        )?),
+        _ => None,
+    };
+    let initrd = checks_initrd.as_deref().or(initrd);
     // The guest writes to its disk: give it a scratch copy of the pristine image.
     let scratch_disk = images.dir.join("e2e-disk.ext4");
     std::fs::copy(&images.disk, &scratch_disk)?;

@@ -51,6 +51,10 @@ pub const INNER_MODULES: &[&str] = &[
     // its own exit reason instead of looking like a reboot.
     "pvpanic",
     "pvpanic_mmio",
+    // AF_VSOCK over the VMM's virtio-vsock (`--vsock`).
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
 ];
 
 /// Modules the outer guest loads: KVM on the emulated AMD SVM, tun for TAP devices, and
@@ -262,6 +266,26 @@ pub fn ensure_prepared() -> Result<GuestImages> {
         return Ok(images);
     }
     prepare_with(false)
+}
+
+/// The test initramfs with the static binaries `bins` of tvm-tests appended in `/bin` (a
+/// second, uncompressed newc archive: the kernel unpacks concatenated archives in order),
+/// written to `name` in the guest directory.
+pub fn initramfs_with(bins: &[&str], name: &str) -> Result<PathBuf> {
+    let images = ensure_prepared()?;
+    let mut extra = crate::cpio::Archive::new();
+    for bin in bins {
+        let path = crate::outer::build_static("tvm-tests", bin)?;
+        extra.file(&format!("bin/{bin}"), 0o755, fs::read(&path)?)?;
+    }
+    let mut data = fs::read(&images.initramfs)?;
+    // The kernel looks for an uncompressed archive only at 4-byte offsets and skips the
+    // zeros in between.
+    data.resize(data.len().next_multiple_of(4), 0);
+    data.extend_from_slice(&extra.to_bytes());
+    let path = images.dir.join(name);
+    util::write_atomic(&path, &data)?;
+    Ok(path)
 }
 
 fn is_current(images: &GuestImages) -> bool {

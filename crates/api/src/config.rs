@@ -8,13 +8,13 @@ use serde_json::Value;
 
 use crate::{
     BootSource, Drive, EntropyDevice, Error, Logger, MachineConfig, Metrics, NetworkInterface,
-    Result,
+    Result, Vsock,
 };
 
 /// The JSON of `GET /vm/config` and of Firecracker's `--config-file`.
 ///
 /// Every section may be absent. The sections Firecracker has and this VMM does not
-/// (`balloon`, `cpu-config`, `memory-hotplug`, `mmds-config`, `pmem`, `vsock`, `serial`) are
+/// (`balloon`, `cpu-config`, `memory-hotplug`, `mmds-config`, `pmem`, `serial`) are
 /// kept as raw JSON: absent, `null` (and an empty `pmem` list) are accepted, anything else is
 /// refused by [`FullVmConfig::check_supported`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,9 +53,9 @@ pub struct FullVmConfig {
     /// virtio-pmem devices (not supported; `[]` accepted).
     #[serde(default)]
     pub pmem: Option<Vec<Value>>,
-    /// vsock device (not supported).
+    /// vsock device.
     #[serde(default)]
-    pub vsock: Option<Value>,
+    pub vsock: Option<Vsock>,
     /// Entropy device.
     #[serde(default)]
     pub entropy: Option<EntropyDevice>,
@@ -78,7 +78,6 @@ impl FullVmConfig {
             ("cpu-config", &self.cpu_config),
             ("memory-hotplug", &self.memory_hotplug),
             ("mmds-config", &self.mmds_config),
-            ("vsock", &self.vsock),
             ("serial", &self.serial),
         ];
         if let Some((key, _)) = raw.iter().find(|(_, value)| value.is_some()) {
@@ -143,7 +142,6 @@ mod tests {
     fn unsupported_sections_are_refused_by_name() {
         for (key, value) in [
             ("balloon", r#"{"amount_mib": 0, "deflate_on_oom": false}"#),
-            ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
             ("mmds-config", r#"{"network_interfaces": ["eth0"]}"#),
             ("cpu-config", r#"{"kvm_capabilities": []}"#),
             ("memory-hotplug", r#"{"total_size_mib": 1024}"#),

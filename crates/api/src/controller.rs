@@ -11,7 +11,7 @@ use crate::{
     ActionType, ApiError, ApiRequest, BootSource, Drive, EntropyDevice, Error, FirecrackerVersion,
     FullVmConfig, InstanceInfo, InstanceState, Logger, MachineConfigUpdate, Metrics,
     NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, Result, VmResources,
-    VmState,
+    VmState, Vsock,
 };
 
 /// What the VMM does when the API asks. Each method returns `Err(explanation)` when it cannot
@@ -177,6 +177,9 @@ impl Controller {
         if let Some(entropy) = vm_config.entropy {
             controller.put_entropy(entropy)?;
         }
+        if let Some(vsock) = vm_config.vsock {
+            controller.put_vsock(vsock)?;
+        }
         Ok(controller)
     }
 
@@ -213,6 +216,7 @@ impl Controller {
             network_interfaces: r.network_interfaces().to_vec(),
             pmem: Some(Vec::new()),
             entropy: r.entropy().cloned(),
+            vsock: r.vsock().cloned(),
             ..FullVmConfig::default()
         }
     }
@@ -222,7 +226,7 @@ impl Controller {
     /// | request | not started | running / paused |
     /// |---|---|---|
     /// | GETs | yes | yes |
-    /// | PUT/PATCH machine-config, PUT boot-source, drives, network-interfaces, entropy, logger, metrics | yes | refused |
+    /// | PUT/PATCH machine-config, PUT boot-source, drives, network-interfaces, entropy, vsock, logger, metrics | yes | refused |
     /// | InstanceStart | yes | refused |
     /// | PATCH drives, network-interfaces, vm; FlushMetrics, SendCtrlAltDel | refused | yes |
     pub fn handle(&mut self, request: ApiRequest, vmm: &mut dyn VmmActions) -> Response {
@@ -252,6 +256,7 @@ impl Controller {
             ApiRequest::PutDrive(drive) => done(self.put_drive(drive)),
             ApiRequest::PutNetworkInterface(iface) => done(self.put_network_interface(iface)),
             ApiRequest::PutEntropy(entropy) => done(self.put_entropy(entropy)),
+            ApiRequest::PutVsock(vsock) => done(self.put_vsock(vsock)),
             ApiRequest::PutLogger(logger) => done(self.put_logger(logger, vmm)),
             ApiRequest::PutMetrics(metrics) => done(self.put_metrics(metrics, vmm)),
             ApiRequest::PatchDrive(patch) => done(self.patch_drive(&patch, vmm)),
@@ -321,6 +326,11 @@ impl Controller {
     fn put_network_interface(&mut self, iface: NetworkInterface) -> Result<()> {
         self.pre_boot()?;
         self.resources.insert_network_interface(iface)
+    }
+
+    fn put_vsock(&mut self, vsock: Vsock) -> Result<()> {
+        self.pre_boot()?;
+        self.resources.set_vsock(vsock)
     }
 
     fn put_entropy(&mut self, entropy: EntropyDevice) -> Result<()> {
@@ -772,6 +782,42 @@ mod tests {
         assert_eq!(r.network_interfaces()[0].host_dev_name, "tap0");
         assert_eq!(r.entropy(), Some(&EntropyDevice::default()));
         assert_eq!(r.kernel_cmdline("unused"), "console=ttyS0 root=/dev/vda rw");
+    }
+
+    #[test]
+    fn vsock_is_stored_before_start_refused_after_and_in_the_vm_config() {
+        let mut c = Controller::new(ControllerConfig::default());
+        let mut vmm = FakeVmm::default();
+        let v = r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#;
+        assert_eq!(
+            call(
+                &mut c,
+                &mut vmm,
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid": 2, "uds_path": "/v"}"#
+            )
+            .status,
+            400
+        );
+        assert_eq!(c.resources().vsock(), None);
+        assert_204(call(&mut c, &mut vmm, "PUT", "/vsock", v));
+        assert_eq!(c.resources().vsock().map(|v| v.guest_cid), Some(3));
+        let config = json(&call(&mut c, &mut vmm, "GET", "/vm/config", ""));
+        assert_eq!(config["vsock"]["uds_path"], "/tmp/v.sock");
+        // The same document configures a new controller the same way.
+        let again = Controller::from_config(
+            ControllerConfig::default(),
+            FullVmConfig::from_json(&config.to_string()).unwrap(),
+            &mut vmm,
+        )
+        .unwrap();
+        assert_eq!(again.resources().vsock(), c.resources().vsock());
+        assert_204(call(&mut c, &mut vmm, "PUT", "/boot-source", BOOT));
+        assert_204(call(&mut c, &mut vmm, "PUT", "/actions", START));
+        let after = call(&mut c, &mut vmm, "PUT", "/vsock", v);
+        assert_eq!(after.status, 400);
+        assert!(after.body.unwrap().contains("after starting"));
     }
 
     #[test]
@@ -1404,8 +1450,8 @@ mod tests {
                 "metrics_path is empty",
             ),
             (
-                r#"{"vsock": {"guest_cid": 3, "uds_path": "/v"}}"#,
-                "\"vsock\" is not supported by this VMM yet",
+                r#"{"vsock": {"guest_cid": 2, "uds_path": "/v"}}"#,
+                "invalid guest_cid 2",
             ),
         ];
         for (text, needle) in cases {

@@ -383,6 +383,36 @@ pub struct PartialNetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// Body of `PUT /vsock`; the config file's `vsock`: a virtio-vsock device whose host side
+/// is the Unix socket `uds_path` (Firecracker's hybrid vsock).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id: at least 3 (0 to 2 are reserved), below `u32::MAX`.
+    pub guest_cid: u32,
+    /// Where the host side listens; guest connections to port P go to `<uds_path>_P`.
+    pub uds_path: String,
+    /// Deprecated in Firecracker and ignored there too; accepted and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// The smallest guest context id (0 to 2 are the hypervisor, local and host).
+pub const MIN_GUEST_CID: u32 = 3;
+
+impl Vsock {
+    /// Checks the context id and the path.
+    pub(crate) fn validated(self) -> Result<Vsock> {
+        if self.guest_cid < MIN_GUEST_CID || self.guest_cid == u32::MAX {
+            return Err(Error::InvalidGuestCid(self.guest_cid));
+        }
+        if self.uds_path.is_empty() {
+            return Err(Error::EmptyPath("uds_path"));
+        }
+        Ok(self)
+    }
+}
+
 /// Body of `PUT /entropy`; the config file's `entropy`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -710,6 +740,44 @@ mod tests {
             .validated()
             .unwrap_err();
         assert!(matches!(err, Error::EmptyId("network interface")), "{err}");
+    }
+
+    #[test]
+    fn vsock_shape_and_checks() {
+        let v: Vsock = serde_json::from_str(r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#).unwrap();
+        assert_eq!(
+            (v.guest_cid, v.uds_path.as_str(), v.vsock_id.as_deref()),
+            (3, "/v.sock", None)
+        );
+        assert_eq!(v.clone().validated().unwrap(), v);
+        let with_id: Vsock = serde_json::from_str(
+            r#"{"vsock_id": "vsock0", "guest_cid": 52, "uds_path": "/v.sock"}"#,
+        )
+        .unwrap();
+        assert_eq!(with_id.vsock_id.as_deref(), Some("vsock0"));
+        for bad in [
+            r#"{"guest_cid": 3}"#,
+            r#"{"uds_path": "/v"}"#,
+            r#"{"guest_cid": -1, "uds_path": "/v"}"#,
+            r#"{"guest_cid": 3, "uds_path": "/v", "port": 1}"#,
+        ] {
+            assert!(serde_json::from_str::<Vsock>(bad).is_err(), "{bad}");
+        }
+        for cid in [0, 1, 2, u32::MAX] {
+            let v = Vsock {
+                guest_cid: cid,
+                ..v.clone()
+            };
+            assert!(matches!(v.validated(), Err(Error::InvalidGuestCid(c)) if c == cid));
+        }
+        let empty = Vsock {
+            uds_path: String::new(),
+            ..v
+        };
+        assert!(matches!(
+            empty.validated(),
+            Err(Error::EmptyPath("uds_path"))
+        ));
     }
 
     #[test]

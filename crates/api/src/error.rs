@@ -87,6 +87,9 @@ pub enum Error {
     /// Huge pages other than `None` were asked for.
     #[error("huge_pages {0} is not supported by this VMM yet")]
     HugePagesNotSupported(String),
+    /// A vsock `guest_cid` that is reserved.
+    #[error("invalid guest_cid {0}: use {min} to {max}", min = crate::MIN_GUEST_CID, max = u32::MAX - 1)]
+    InvalidGuestCid(u32),
     /// A path field is an empty string.
     #[error("{0} is empty")]
     EmptyPath(&'static str),

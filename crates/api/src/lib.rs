@@ -91,8 +91,8 @@ pub use config::FullVmConfig;
 pub use controller::{Controller, ControllerConfig, Response, VmmActions};
 pub use devices::{
     validate_id, CacheType, Drive, EntropyDevice, IoEngine, MacAddr, NetworkInterface,
-    PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, MAX_HOST_DEV_NAME_LEN,
-    MAX_ID_LEN, MAX_REFILL_TIME_MS,
+    PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, Vsock, MAX_HOST_DEV_NAME_LEN,
+    MAX_ID_LEN, MAX_REFILL_TIME_MS, MIN_GUEST_CID,
 };
 pub use error::{ApiError, Error, FaultMessage, Result};
 pub use machine::{

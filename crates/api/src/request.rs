@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     validate_id, ApiError, BootSource, Drive, EntropyDevice, Error, InstanceActionInfo, Logger,
     MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Result, Vm,
+    PartialNetworkInterface, Result, Vm, Vsock,
 };
 
 /// One supported API call, its body parsed (values are validated when it is handled).
@@ -46,6 +46,8 @@ pub enum ApiRequest {
     GetVmConfig,
     /// `PUT /entropy` (pre-boot).
     PutEntropy(EntropyDevice),
+    /// `PUT /vsock` (pre-boot).
+    PutVsock(Vsock),
 }
 
 /// Endpoints of Firecracker's OpenAPI file (1.17) that this VMM does not implement yet;
@@ -64,7 +66,6 @@ const NOT_SUPPORTED: &[&str] = &[
     "/serial",
     "/snapshot/create",
     "/snapshot/load",
-    "/vsock",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +82,7 @@ enum Route<'a> {
     Vm,
     VmConfig,
     Entropy,
+    Vsock,
 }
 
 impl Route<'_> {
@@ -93,7 +95,8 @@ impl Route<'_> {
             | Route::Logger
             | Route::Metrics
             | Route::Actions
-            | Route::Entropy => &["PUT"],
+            | Route::Entropy
+            | Route::Vsock => &["PUT"],
             Route::Vm => &["PATCH"],
         }
     }
@@ -142,6 +145,7 @@ fn route(path: &str) -> Result<Route<'_>> {
         ["vm"] => Route::Vm,
         ["vm", "config"] => Route::VmConfig,
         ["entropy"] => Route::Entropy,
+        ["vsock"] => Route::Vsock,
         _ if NOT_SUPPORTED.iter().any(|p| matches_pattern(p, path)) => {
             return Err(Error::EndpointNotSupported(path.to_string()))
         }
@@ -263,6 +267,7 @@ fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest> {
         (Route::Actions, _) => ApiRequest::PutActions(body(bytes)?),
         (Route::Vm, _) => ApiRequest::PatchVm(body(bytes)?),
         (Route::Entropy, _) => ApiRequest::PutEntropy(body(bytes)?),
+        (Route::Vsock, _) => ApiRequest::PutVsock(body(bytes)?),
     };
     Ok(request)
 }
@@ -606,7 +611,8 @@ mod tests {
             Some(&["GET", "PUT", "PATCH"][..])
         );
         assert_eq!(allowed_methods("/drives/x/"), Some(&["PUT", "PATCH"][..]));
-        assert_eq!(allowed_methods("/vsock"), None);
+        assert_eq!(allowed_methods("/vsock"), Some(&["PUT"][..]));
+        assert_eq!(allowed_methods("/balloon"), None);
         assert_eq!(allowed_methods("/nope"), None);
     }
 
@@ -631,8 +637,6 @@ mod tests {
             ("PUT", "/serial"),
             ("PUT", "/snapshot/create"),
             ("PUT", "/snapshot/load"),
-            ("PUT", "/vsock"),
-            ("PUT", "/vsock/"),
         ] {
             let e = err(method, path, "{}");
             assert_eq!(e.status, 400, "{method} {path}");

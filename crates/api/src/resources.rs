@@ -6,7 +6,7 @@
 
 use crate::{
     BootSource, Drive, EntropyDevice, Error, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, Result,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, Result, Vsock,
 };
 
 /// What the microVM is built from: the validated result of every configuration call.
@@ -19,6 +19,7 @@ pub struct VmResources {
     drives: Vec<Drive>,
     network_interfaces: Vec<NetworkInterface>,
     entropy: Option<EntropyDevice>,
+    vsock: Option<Vsock>,
     logger: Option<Logger>,
     metrics: Option<Metrics>,
 }
@@ -82,6 +83,11 @@ impl VmResources {
     /// Network interfaces in the order they were added (eth0, eth1, ...).
     pub fn network_interfaces(&self) -> &[NetworkInterface] {
         &self.network_interfaces
+    }
+
+    /// The vsock device, if configured.
+    pub fn vsock(&self) -> Option<&Vsock> {
+        self.vsock.as_ref()
     }
 
     /// The entropy device, if configured.
@@ -196,6 +202,12 @@ impl VmResources {
             Some(slot) => *slot = iface,
             None => self.network_interfaces.push(iface),
         }
+        Ok(())
+    }
+
+    /// `PUT /vsock`: adds or replaces the vsock device.
+    pub(crate) fn set_vsock(&mut self, vsock: Vsock) -> Result<()> {
+        self.vsock = Some(vsock.validated()?);
         Ok(())
     }
 
