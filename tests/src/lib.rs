@@ -48,8 +48,9 @@ pub fn api_request(
     Ok((status, body))
 }
 
-/// The byte at `offset` of the test streams vsock checks send (host and guest side
-/// agree on it without sharing data): not periodic at any power of two below 2^24.
+/// The byte at `offset` of the test streams the vsock checks send (host and guest side
+/// agree on it without sharing data): a multiplicative hash of the offset, so a byte lost,
+/// repeated or moved changes the stream's [`fnv1a`].
 pub fn stream_byte(offset: u64) -> u8 {
     let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (offset >> 17);
     (x >> 56) as u8
