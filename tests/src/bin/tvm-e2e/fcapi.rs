@@ -130,6 +130,7 @@ fn socket_checks(o: &Opts, g: &mut Guest, sock: &Path, r: &mut Report) -> Result
             &media.drive_json(&media.first),
             204,
         )?;
+        expect(sock, "PUT", "/metrics", &media.metrics_json(), 204)?;
         for (path, body) in resources(o) {
             expect(sock, "PUT", path, &body, 204)?;
         }
@@ -307,6 +308,13 @@ impl Media {
         format!(
             r#"{{"drive_id": "data", "path_on_host": {:?}, "is_root_device": false, "is_read_only": false}}"#,
             path.to_str().unwrap_or_default()
+        )
+    }
+
+    fn metrics_json(&self) -> String {
+        format!(
+            r#"{{"metrics_path": {:?}}}"#,
+            self.metrics.to_str().unwrap_or_default()
         )
     }
 
