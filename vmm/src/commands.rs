@@ -47,6 +47,8 @@ pub struct VmCounters {
     pub nets: Vec<NetCounters>,
     /// Bytes the entropy device served, if there is one.
     pub entropy_bytes: Option<u64>,
+    /// The socket device's, if there is one.
+    pub vsock: Option<tvm_vsock::VsockCounters>,
 }
 
 /// An opened image file whose `Debug` names only the descriptor (std's `File` looks its

@@ -316,7 +316,7 @@ impl VmmActions for Actions {
 /// The metrics sections of one `FlushMetrics` line, absolute: `api_server` (requests
 /// answered and errors), and once the VM runs `vcpu` (exits by kind, summed over the
 /// vCPUs), `block_<drive id>` and their total `block`, `net_<iface id>` and `net`,
-/// `entropy`. Firecracker's names where it has the counter.
+/// `entropy`, `vsock`. Firecracker's names where it has the counter.
 fn metric_sections(
     vm: Option<&VmCounters>,
     drives: &[(String, bool)],
@@ -376,6 +376,26 @@ fn metric_sections(
     add_total(&mut s, "net_", "net");
     if let Some(bytes) = vm.entropy_bytes {
         s.insert("entropy".into(), section(&[("entropy_bytes", bytes)]));
+    }
+    if let Some(c) = &vm.vsock {
+        s.insert(
+            "vsock".into(),
+            section(&[
+                ("rx_bytes_count", c.rx_bytes),
+                ("rx_packets_count", c.rx_packets),
+                ("tx_bytes_count", c.tx_bytes),
+                ("tx_packets_count", c.tx_packets),
+                ("conns_added", c.conns_added),
+                ("conns_removed", c.conns_removed),
+                ("conns_killed", c.conns_killed),
+                ("tx_fails", c.tx_errors),
+                ("rx_fails", c.rx_errors),
+                ("host_fails", c.host_errors),
+                ("host_refused", c.host_refused),
+                ("guest_refused", c.guest_refused),
+                ("rst_dropped", c.rst_dropped),
+            ]),
+        );
     }
     s
 }
@@ -723,6 +743,11 @@ mod tests {
                 ..NetCounters::default()
             }],
             entropy_bytes: Some(64),
+            vsock: Some(tvm_vsock::VsockCounters {
+                rx_bytes: 7,
+                conns_added: 2,
+                ..Default::default()
+            }),
         };
         let drives = [("rootfs".to_string(), false), ("data".to_string(), true)];
         let s = metric_sections(Some(&vm), &drives, &["eth0".to_string()], (0, 0));
@@ -736,7 +761,8 @@ mod tests {
                 "entropy",
                 "net",
                 "net_eth0",
-                "vcpu"
+                "vcpu",
+                "vsock"
             ]
         );
         assert_eq!(s["vcpu"]["exit_io_in"], 4);
@@ -748,6 +774,8 @@ mod tests {
         assert_eq!(s["net_eth0"]["rx_bytes_count"], 60);
         assert_eq!(s["net"]["tx_packets_count"], 1);
         assert_eq!(s["entropy"]["entropy_bytes"], 64);
+        assert_eq!(s["vsock"]["rx_bytes_count"], 7);
+        assert_eq!(s["vsock"]["conns_added"], 2);
     }
 
     #[test]

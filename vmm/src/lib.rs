@@ -163,6 +163,9 @@ pub enum Error {
     /// A TAP could not be opened.
     #[error(transparent)]
     Net(#[from] tvm_virtio_net::Error),
+    /// The vsock device could not be set up (a bad CID, its Unix socket path taken).
+    #[error(transparent)]
+    Vsock(#[from] tvm_vsock::Error),
     /// An EventFd could not be created.
     #[error("failed to create an eventfd")]
     EventFd(#[source] std::io::Error),

@@ -4,8 +4,8 @@
 //! Every thread of the VMM runs one of four filters:
 //! - [`ThreadKind::Vcpu`]: KVM_RUN and the few things a BAR or PCI config write can lead to
 //!   (MSI routing, ioeventfd moves, TAP offloads, eventfd clones on device activation);
-//! - [`ThreadKind::EventLoop`] (the main thread): epoll, disk and TAP I/O, kicking vCPU
-//!   threads at shutdown, putting the terminal back;
+//! - [`ThreadKind::EventLoop`] (the main thread): epoll, disk and TAP I/O, the vsock
+//!   device's Unix sockets, kicking vCPU threads at shutdown, putting the terminal back;
 //! - [`ThreadKind::SerialOut`]: writing the console to stdout;
 //! - [`ThreadKind::Api`]: the Firecracker-style API socket (accepting and serving clients,
 //!   opening the log and metrics files it is pointed at, removing the socket at exit).
@@ -377,6 +377,21 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             // Files and eventfds dropped at shutdown (F_GETFD: std's debug check on close).
             (libc::SYS_close, any()),
             (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),
+            // virtio-vsock's host side: host processes connect to its Unix socket
+            // (accepted, made non-blocking), guest connections open Unix streams to
+            // `<uds>_<port>`, bytes move with recv/send (send with MSG_NOSIGNAL),
+            // half-closes are shutdown(2), timeouts a timerfd. The socket file is removed
+            // when the device is dropped at exit.
+            (libc::SYS_accept4, any()),
+            (libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO])?),
+            (libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64])?),
+            (libc::SYS_connect, any()),
+            (libc::SYS_recvfrom, any()),
+            (libc::SYS_sendto, any()),
+            (libc::SYS_shutdown, any()),
+            (libc::SYS_timerfd_settime, any()),
+            (libc::SYS_unlink, any()),
+            (libc::SYS_unlinkat, any()),
         ],
         ThreadKind::SerialOut => vec![],
         ThreadKind::Api => vec![

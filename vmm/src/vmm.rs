@@ -27,6 +27,7 @@ use tvm_virtio::VirtioPciDevice;
 use tvm_virtio_blk::{Block, BlockConfig};
 use tvm_virtio_net::{Net, Tap};
 use tvm_virtio_rng::Rng;
+use tvm_vsock::{Vsock, VsockConfig};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
@@ -49,6 +50,8 @@ type BlockDevice = Arc<Mutex<VirtioPciDevice<Block>>>;
 type NetDevice = Arc<Mutex<VirtioPciDevice<Net<Tap>>>>;
 /// The entropy device behind its transport.
 type RngDevice = Arc<Mutex<VirtioPciDevice<Rng>>>;
+/// The socket device behind its transport.
+type VsockDevice = Arc<Mutex<VirtioPciDevice<Vsock>>>;
 
 type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
 type Serial = SerialDevice<ConsoleWriter>;
@@ -189,6 +192,7 @@ pub struct Vmm {
     disks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
     rng: Option<RngDevice>,
+    vsock: Option<VsockDevice>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     /// Each vCPU's statistics and dump handshake, in vCPU order.
@@ -259,13 +263,6 @@ impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, irqchip, kernel, devices, vCPUs.
     pub fn build(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<Vmm> {
         cfg.validate()?;
-        if let Some(v) = &cfg.vsock {
-            // The device is being wired in; until then a vsock is refused, not ignored.
-            return Err(Error::Api(format!(
-                "vsock (cid {}, {:?}) is not supported by this build yet",
-                v.cid, v.uds
-            )));
-        }
         let open = |what, path: &std::path::PathBuf| {
             File::open(path).map_err(|source| Error::OpenFile {
                 what,
@@ -293,6 +290,17 @@ impl Vmm {
                 mac: n.mac,
             })?);
         }
+        // The vsock listener too: a socket path already taken is refused before boot.
+        let vsock = cfg
+            .vsock
+            .as_ref()
+            .map(|v| {
+                Vsock::new(VsockConfig {
+                    guest_cid: u64::from(v.cid),
+                    uds_path: v.uds.clone(),
+                })
+            })
+            .transpose()?;
 
         let symbols = match &cfg.system_map {
             Some(path) => {
@@ -424,6 +432,10 @@ impl Vmm {
         } else {
             None
         };
+        let vsock = match vsock {
+            Some(v) => Some(wiring.add(v, "virtio-vsock")?),
+            None => None,
+        };
         let pci_irqs = wiring.pci_irqs().to_vec();
         wiring.finish()?;
         let apic_ids = cfg.cpus.apic_ids();
@@ -499,6 +511,7 @@ impl Vmm {
             disks,
             nets,
             rng,
+            vsock,
             mem,
             vcpus,
             monitors,
@@ -559,6 +572,9 @@ impl Vmm {
         if let Some(rng) = &self.rng {
             devices.add(&mut em, rng.clone());
         }
+        if let Some(vsock) = &self.vsock {
+            devices.add(&mut em, vsock.clone());
+        }
 
         // The terminal goes raw only now, after every fallible set-up step.
         let raw = RawTerminal::enter().map_err(Error::Terminal)?;
@@ -618,6 +634,7 @@ impl Vmm {
                             disks: &self.disks,
                             nets: &self.nets,
                             rng: self.rng.as_ref(),
+                            vsock: self.vsock.as_ref(),
                             monitors: &self.monitors,
                         };
                         carry_out(c, &vm, &mut devices, &mut em)
@@ -632,6 +649,13 @@ impl Vmm {
         self.flush_disks();
         for net in &self.nets {
             net.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .log_counters();
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock
+                .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .device()
                 .log_counters();
@@ -719,6 +743,13 @@ impl Vmm {
                 "dump {seq}: virtio-rng: {} bytes handed to the guest",
                 rng.device().bytes_served()
             );
+        }
+        if let Some(vsock) = &self.vsock {
+            let vsock = vsock.lock().unwrap_or_else(|e| e.into_inner());
+            for line in vsock.debug_state() {
+                warn!("dump {seq}: {line}");
+            }
+            warn!("dump {seq}: {:?}", vsock.device().counters());
         }
         warn!("dump {seq}: end");
     }
@@ -809,6 +840,7 @@ struct Running<'a> {
     disks: &'a [BlockDevice],
     nets: &'a [NetDevice],
     rng: Option<&'a RngDevice>,
+    vsock: Option<&'a VsockDevice>,
     monitors: &'a [Arc<VcpuMonitor>],
 }
 
@@ -850,6 +882,12 @@ impl Running<'_> {
                     .unwrap_or_else(|e| e.into_inner())
                     .device()
                     .bytes_served()
+            }),
+            vsock: self.vsock.map(|v| {
+                v.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .counters()
             }),
         }
     }

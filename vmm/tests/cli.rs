@@ -913,6 +913,70 @@ fn bad_nets_are_one_clear_error() {
 }
 
 #[test]
+fn bad_vsocks_are_one_clear_error() {
+    let kernel = write_kernel("vsock-bad.elf", &Asm::new().halt_forever().finish());
+    let k = kernel.to_str().unwrap();
+    for (value, needle) in [
+        ("cid=2,uds=/tmp/x", "use 3 to 4294967294"),
+        ("cid=4294967295,uds=/tmp/x", "use 3 to 4294967294"),
+        ("cid=three,uds=/tmp/x", "use 3 to"),
+        ("uds=/tmp/x", "cid=N is missing"),
+        ("cid=3", "uds=PATH is missing"),
+        ("cid=3,uds=", "uds= is empty"),
+        ("cid=3,cid=4,uds=/tmp/x", "given twice"),
+        ("cid=3,uds=/tmp/x,port=5", "unknown option"),
+    ] {
+        assert_one_error_line(&run_vmm(&["--kernel", k, "--vsock", value]), needle);
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_vsock_path_that_exists_is_one_clear_error_and_left_alone() {
+    let kernel = write_kernel("vsock-taken.elf", &Asm::new().halt_forever().finish());
+    let taken = scratch("vsock-taken.sock");
+    std::fs::write(&taken, b"not a socket").unwrap();
+    let vsock = format!("cid=3,uds={}", taken.to_str().unwrap());
+    let out = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--vsock", &vsock]);
+    assert_one_error_line(&out, "already exists");
+    assert_eq!(std::fs::read(&taken).unwrap(), b"not a socket");
+}
+
+/// The vsock listener runs in the event loop under its seccomp filter: a host process
+/// connects and names a port; the guest has no vsock driver, so the device is not active
+/// and closes the connection. SIGTERM then ends the run and the socket file is removed.
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_vsock_host_connection_to_an_inactive_device_is_closed_and_the_socket_removed() {
+    use std::io::{Read, Write};
+    let uds = scratch("vsock-inactive.sock");
+    let vsock = format!("cid=3,uds={}", uds.to_str().unwrap());
+    let child = spawn_halting_guest_with("vsock-inactive.elf", &["--vsock", &vsock]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&uds) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("no vsock listener at {uds:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"CONNECT 52\n").unwrap();
+    let mut answer = Vec::new();
+    // EOF (Ok(0)) or a reset: either way no "OK <port>" line.
+    let _ = stream.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let out = wait_with_deadline(child, 10);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(!uds.exists(), "the vsock socket file is still there");
+}
+
+#[test]
 #[ignore = "needs /dev/net/tun"]
 fn host_a_tap_without_permission_is_one_clear_error_and_creates_nothing() {
     // As root, drop to nobody for this one run; otherwise we already lack CAP_NET_ADMIN

@@ -38,6 +38,8 @@
 mod fcapi;
 #[path = "tvm-e2e/smp.rs"]
 mod smp;
+#[path = "tvm-e2e/vsock.rs"]
+mod vsock;
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -1640,14 +1642,18 @@ fn all_boot_checks(o: &Opts) -> Result<bool, String> {
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
-    // The main boot also has the entropy device (`entropy-from-hwrng`).
+    // The main boot also has the entropy device (`entropy-from-hwrng`) and a vsock device
+    // (the `vsock-*` checks, tvm-e2e/vsock.rs).
+    let uds = vsock::uds_path();
+    let _ = std::fs::remove_file(&uds);
     let mut cmd = vmm_command(o);
-    cmd.arg("--rng");
+    cmd.arg("--rng").args(["--vsock", &vsock::vmm_arg(&uds)]);
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
-    let result = boot_checks_on(o, &mut g);
+    let result = boot_checks_on(o, &mut g, &uds);
+    let _ = std::fs::remove_file(&uds);
     if !matches!(result, Ok(true)) {
         // Whatever went wrong, say how the VMM is doing, what the guest printed last and
         // what the VMM logged.
@@ -1853,7 +1859,7 @@ fn uname_check(
     })
 }
 
-fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
+fn boot_checks_on(o: &Opts, g: &mut Guest, uds: &std::path::Path) -> Result<bool, String> {
     let mut r = Report { failed: 0 };
     let ro_before = o
         .ro_disk
@@ -1956,6 +1962,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest) -> Result<bool, String> {
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
     pos = hwrng_check(g, &mut r, "entropy-from-hwrng", pos)?;
+    pos = vsock::vsock_checks(g, &mut r, uds, pos)?;
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.
