@@ -10,6 +10,11 @@
 //! `tvm-iobench` (tests/src/bin/tvm-iobench.rs) appended to its initramfs: O_DIRECT
 //! sequential write then read of `--disk-mib` MiB in 1 MiB blocks, 4 KiB random reads for
 //! `--disk-secs` seconds (queue depth 1), and each process's peak RSS (`VmHWM`).
+//!
+//! Vsock: the same guest with `tvm-vsock-guest` in its initramfs, our `--vsock` (hybrid:
+//! a Unix socket on the host) against QEMU's `vhost-vsock-pci` (in-kernel vhost: AF_VSOCK
+//! on the host, `vhost_vsock` loaded in the outer guest): `--vsock-mib` MiB each way with
+//! one connection and with 8 at once, and peak RSS (tests/src/bin/tvm-e2e/vsockbench.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,7 +34,7 @@ pub struct Args {
     /// Copy the consoles to stderr.
     #[arg(long)]
     pub verbose: bool,
-    /// Which benchmarks: `boot`, `disk`, `net` or `all`.
+    /// Which benchmarks: `boot`, `disk`, `net`, `vsock` or `all`.
     #[arg(long, default_value = "all")]
     pub only: String,
     /// MiB written and read sequentially by the disk benchmark.
@@ -42,6 +47,9 @@ pub struct Args {
     /// guest-to-host TCP runs at about 0.2 MiB/s).
     #[arg(long, default_value_t = 16)]
     pub net_mib: u64,
+    /// MiB the vsock benchmark moves in each direction (split over the connections).
+    #[arg(long, default_value_t = 64)]
+    pub vsock_mib: u64,
     /// Words added to both guests' kernel command line, e.g. `--append "initcall_debug
     /// loglevel=8"` with `--verbose` to compare driver initcall times (docs/performance.md).
     #[arg(long, default_value = "")]
@@ -81,12 +89,13 @@ fn qemu_files() -> Result<Vec<(PathBuf, String)>> {
 
 /// `cargo xtask bench`.
 pub fn main(args: Args) -> Result<ExitCode> {
-    let (boot, disk, net) = match args.only.as_str() {
-        "all" => (true, true, true),
-        "boot" => (true, false, false),
-        "disk" => (false, true, false),
-        "net" => (false, false, true),
-        other => bail!("--only {other}: expected boot, disk, net or all"),
+    let (boot, disk, net, vsock) = match args.only.as_str() {
+        "all" => (true, true, true, true),
+        "boot" => (true, false, false, false),
+        "disk" => (false, true, false, false),
+        "net" => (false, false, true, false),
+        "vsock" => (false, false, false, true),
+        other => bail!("--only {other}: expected boot, disk, net, vsock or all"),
     };
     let files = qemu_files()?;
     let qemu = files[0].1.clone();
@@ -184,6 +193,27 @@ pub fn main(args: Args) -> Result<ExitCode> {
         )?;
         if code != 0 {
             bail!("the network benchmark failed (driver exit code {code})");
+        }
+        summary.extend(
+            report
+                .lines()
+                .filter(|l| l.contains("median"))
+                .map(String::from),
+        );
+    }
+    if vsock {
+        let initrd = crate::guest::initramfs_with(&["tvm-vsock-guest"], "e2e-initramfs.cpio.gz")?;
+        let mib = args.vsock_mib.to_string();
+        let (code, report) = run_driver(
+            &["vsock-bench"],
+            &["--qemu", &qemu, "--runs", &runs, "--vsock-mib", &mib],
+            &files,
+            Some(&initrd),
+            args.verbose,
+            Duration::from_secs(3600),
+        )?;
+        if code != 0 {
+            bail!("the vsock benchmark failed (driver exit code {code})");
         }
         summary.extend(
             report

@@ -70,6 +70,12 @@ pub const OUTER_MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci",
     "virtio_blk",
+    // /dev/vhost-vsock for QEMU's vhost-vsock-pci, the peer of the vsock benchmark.
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vhost_iotlb",
+    "vhost",
+    "vhost_vsock",
 ];
 
 /// Bump when the layout or the way images are built changes.

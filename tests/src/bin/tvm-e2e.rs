@@ -12,7 +12,9 @@
 //! `tvm-e2e disk-bench` boots both with the same disk image as virtio-blk and runs
 //! `tvm-iobench` in the guest: O_DIRECT sequential write and read, 4 KiB random reads, and
 //! each VMM's peak RSS. `tvm-e2e net-bench` boots both with eth0 on the same TAP and times
-//! TCP transfers both ways against this process.
+//! TCP transfers both ways against this process. `tvm-e2e vsock-bench` boots ours with
+//! `--vsock` and QEMU with `vhost-vsock-pci` and times vsock streams both ways with one and
+//! with eight connections (tvm-e2e/vsockbench.rs).
 //!
 //! With `--disk`/`--ro-disk` the checks include virtio-blk (ext4 mount, write, re-read, a
 //! read-only disk, e2fsck/debugfs on the image afterwards); with `--tap` they include
@@ -40,6 +42,8 @@ mod fcapi;
 mod smp;
 #[path = "tvm-e2e/vsock.rs"]
 mod vsock;
+#[path = "tvm-e2e/vsockbench.rs"]
+mod vsockbench;
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -178,6 +182,8 @@ struct Opts {
     tap: Option<String>,
     /// MiB moved over TCP in each direction by the net check and bench.
     net_mib: u64,
+    /// MiB each direction of `vsock-bench` moves, split over the connections.
+    vsock_mib: u64,
     verbose: bool,
     /// What `uname -r` must print in the guest (the packaged kernel's release).
     kernel_release: Option<String>,
@@ -228,6 +234,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         bench_secs: 10,
         tap: None,
         net_mib: 64,
+        vsock_mib: 64,
         verbose: false,
         kernel_release: None,
         kernel_version: None,
@@ -269,6 +276,9 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             }
             "--tap" => o.tap = Some(val()?),
             "--net-mib" => o.net_mib = val()?.parse().map_err(|e| format!("--net-mib: {e}"))?,
+            "--vsock-mib" => {
+                o.vsock_mib = val()?.parse().map_err(|e| format!("--vsock-mib: {e}"))?
+            }
             "--verbose" => o.verbose = true,
             "--kernel-release" => o.kernel_release = Some(val()?),
             "--kernel-version" => o.kernel_version = Some(val()?),
@@ -301,7 +311,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
@@ -2552,6 +2562,7 @@ fn main() -> ExitCode {
         Some("boot-time") => ("boot-time", &args[1..]),
         Some("disk-bench") => ("disk-bench", &args[1..]),
         Some("net-bench") => ("net-bench", &args[1..]),
+        Some("vsock-bench") => ("vsock-bench", &args[1..]),
         Some("power-cut") => ("power-cut", &args[1..]),
         Some("boot") => ("boot", &args[1..]),
         _ => ("boot", &args[..]),
@@ -2566,6 +2577,7 @@ fn main() -> ExitCode {
         "power-cut" => power_cut(&o),
         "disk-bench" => disk_bench(&o),
         "net-bench" => net_bench(&o),
+        "vsock-bench" => vsockbench::vsock_bench(&o),
         _ => all_boot_checks(&o),
     });
     match result {

@@ -9,11 +9,19 @@
 //!                                   tvm_tests::stream_byte, shut down the write side, read
 //!                                   the host's answer to EOF
 //! tvm-vsock-guest connect PORT      connect to the host on PORT and report the outcome
+//! tvm-vsock-guest sink PORT         listen on PORT; every connection is read to EOF, then
+//!                                   answered `count=<bytes>` and closed (one thread each)
+//! tvm-vsock-guest blast PORT BYTES CONNS
+//!                                   CONNS connections to the host on PORT at once, each
+//!                                   sending BYTES zero bytes, shutting down its write side
+//!                                   and reading the answer to EOF (for benchmarks)
 //! ```
 //!
 //! Each command prints one line ending in ` end`: `VSOCK-LISTENING port=P end` once
 //! listening; `VSOCK-SEND port=P bytes=N hash=H reply=TEXT ms=T end`;
-//! `VSOCK-CONNECT port=P result=ok|errno=E end`; or `VSOCK-ERROR <why> end` (exit 1).
+//! `VSOCK-CONNECT port=P result=ok|errno=E end`; `VSOCK-BLAST port=P bytes=N conns=C
+//! ms=T replies=R end` (T from the first connect to the last answer, R the answers joined
+//! by `;`); or `VSOCK-ERROR <why> end` (exit 1).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -96,7 +104,65 @@ fn echo_one(mut conn: File) {
     let _ = shutdown_write(&conn);
 }
 
+/// Reads to EOF, answers `count=<bytes>` and closes.
+fn sink_one(mut conn: File) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut count = 0u64;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => count += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+    let _ = conn.write_all(format!("count={count}").as_bytes());
+}
+
+/// `count` connections at once to the host's `port`, each sending `bytes` zero bytes.
+fn blast(port: u32, bytes: u64, conns: u64) -> Result<String, String> {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..conns)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<String, String> {
+                let mut conn = connect(port).map_err(|e| format!("connect to port {port}: {e}"))?;
+                let buf = vec![0u8; 64 << 10];
+                let mut sent = 0u64;
+                while sent < bytes {
+                    let n = (bytes - sent).min(buf.len() as u64) as usize;
+                    conn.write_all(&buf[..n])
+                        .map_err(|e| format!("write at {sent}: {e}"))?;
+                    sent += n as u64;
+                }
+                shutdown_write(&conn).map_err(|e| format!("shutdown: {e}"))?;
+                let mut reply = String::new();
+                conn.read_to_string(&mut reply)
+                    .map_err(|e| format!("reading the reply: {e}"))?;
+                Ok(reply.trim().to_string())
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for t in threads {
+        replies.push(t.join().map_err(|_| "a sender panicked".to_string())??);
+    }
+    Ok(format!(
+        "VSOCK-BLAST port={port} bytes={bytes} conns={conns} ms={} replies={} end",
+        start.elapsed().as_millis(),
+        replies.join(";")
+    ))
+}
+
 fn echo(port: u32) -> Result<(), String> {
+    serve(port, echo_one)
+}
+
+fn sink(port: u32) -> Result<(), String> {
+    serve(port, sink_one)
+}
+
+/// Listens on `port` and hands every connection to `handle` on a thread of its own.
+fn serve(port: u32, handle: fn(File)) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let sock = vsock_socket().map_err(|e| format!("socket: {e}"))?;
     let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
@@ -131,7 +197,7 @@ fn echo(port: u32) -> Result<(), String> {
         }
         // SAFETY: `fd` is a new descriptor nothing else owns.
         let conn = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        std::thread::spawn(move || echo_one(conn));
+        std::thread::spawn(move || handle(conn));
     }
 }
 
@@ -182,7 +248,13 @@ fn main() -> ExitCode {
         Some("echo") => port(1).and_then(echo).map(|()| String::new()),
         Some("send") => port(1).and_then(|p| send(p, num(2)?)),
         Some("connect") => port(1).map(try_connect),
-        _ => Err("usage: tvm-vsock-guest echo PORT | send PORT BYTES | connect PORT".into()),
+        Some("sink") => port(1).and_then(sink).map(|()| String::new()),
+        Some("blast") => port(1).and_then(|p| blast(p, num(2)?, num(3)?)),
+        _ => Err(
+            "usage: tvm-vsock-guest echo PORT | send PORT BYTES | connect PORT | sink PORT | \
+             blast PORT BYTES CONNS"
+                .into(),
+        ),
     };
     match result {
         Ok(line) => {

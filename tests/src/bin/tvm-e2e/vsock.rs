@@ -347,7 +347,7 @@ fn echo_once(
 /// Waits for the line the guest program prints after console position `from`, which
 /// starts with `prefix` and ends in ` end` (or for its `VSOCK-ERROR ... end`, an error);
 /// returns the position after it and the text between `prefix` and ` end`.
-fn guest_line(
+pub fn guest_line(
     g: &Guest,
     prefix: &str,
     from: usize,
