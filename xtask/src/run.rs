@@ -196,7 +196,20 @@ impl VmmInvocation {
 /// `cargo xtask run`.
 pub fn main(args: Args) -> Result<ExitCode> {
     let vmm = outer::build_static(VMM_PACKAGE, VMM_BIN)?;
-    let images = guest::prepare()?;
+    let mut images = guest::prepare()?;
+    let vsock = args
+        .vmm_args
+        .iter()
+        .any(|a| a == "--vsock" || a.starts_with("--vsock="));
+    if vsock {
+        // A listener for the host to reach: `tvm-vsock-guest echo PORT &` in the guest.
+        images.initramfs =
+            guest::initramfs_with(&["tvm-vsock-guest"], "run-vsock-initramfs.cpio.gz")?;
+        println!(
+            "xtask: the guest has /bin/tvm-vsock-guest (echo PORT, sink PORT, send PORT BYTES, \
+             connect PORT); the host connects to the --vsock uds and writes `CONNECT PORT`"
+        );
+    }
     let inv = VmmInvocation::new(vmm, &images, &args.vmm_args);
     for d in &inv.disks {
         // Checked here so a typo fails before the (slow) outer guest boots; the VMM checks
@@ -221,6 +234,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
         println!("xtask: {}", util::display_cmd(&cmd));
         let err = cmd.exec();
         return Err(err).context(format!("executing {}", inv.vmm.host.display()));
+    }
+    if vsock {
+        println!(
+            "xtask: note: /dev/kvm here cannot run Linux, so the VMM runs inside an outer QEMU \
+             guest, and the vsock Unix socket is created there, not on this host"
+        );
     }
     let mut run = inv.outer_run(true);
     run.timeout = Duration::MAX;

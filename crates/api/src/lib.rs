@@ -18,8 +18,8 @@
 //!
 //! What it does not do: open the kernel, disk images, TAP devices or log files (the VMM
 //! does, in [`VmmActions`]), and the endpoints this VMM lacks (balloon, MMDS, snapshots,
-//! vsock, pmem, cpu-config, serial, memory hotplug), which answer 400 "... is not supported
-//! by this VMM yet".
+//! pmem, cpu-config, serial, memory hotplug), which answer 400 "... is not supported by
+//! this VMM yet".
 //!
 //! Differences from Firecracker, on purpose: an unknown path is 404 and a wrong method 405
 //! (Firecracker answers 400 for both); a query string is ignored (Firecracker treats it as
