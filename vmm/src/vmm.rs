@@ -646,7 +646,7 @@ impl Vmm {
         let reason = self.exit.reason();
         info!("shutting down: {reason:?}");
         stop_vcpus(threads, &self.stop, &self.gate, &self.mem);
-        self.flush_disks();
+        let flush_failed = self.flush_disks();
         for net in &self.nets {
             net.lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -665,7 +665,20 @@ impl Vmm {
         if let Some(e) = loop_error {
             return Err(Error::EventManager(e));
         }
-        Ok(reason.unwrap_or(ExitReason::Error("the vm stopped without a reason".into())))
+        let mut reason =
+            reason.unwrap_or(ExitReason::Error("the vm stopped without a reason".into()));
+        let mut flush_failed = flush_failed.into_iter();
+        if reason.exit_code() == 0 {
+            // What the guest wrote may be lost: not a clean exit, whatever the guest did.
+            // The first failure becomes the run's error (the binary prints it).
+            if let Some(why) = flush_failed.next() {
+                reason = ExitReason::Error(why);
+            }
+        }
+        for why in flush_failed {
+            error!("{why}");
+        }
+        Ok(reason)
     }
 
     /// Logs dump number `seq` (see [`crate::dump`]): asks each vCPU thread for its part
@@ -754,13 +767,18 @@ impl Vmm {
         warn!("dump {seq}: end");
     }
 
-    fn flush_disks(&self) {
+    /// Flushes every disk and logs its counters; returns the failures, for the caller to
+    /// report (a run whose flush failed must not end with exit code 0).
+    fn flush_disks(&self) -> Vec<String> {
+        let mut failed = Vec::new();
         for disk in &self.disks {
             let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = d.device_mut().flush() {
-                error!("{}", crate::error_chain(&e));
+                failed.push(crate::error_chain(&e));
             }
+            d.device().log_counters();
         }
+        failed
     }
 
     fn finish_output(&mut self) {

@@ -930,6 +930,33 @@ fn bad_vsocks_are_one_clear_error() {
     }
 }
 
+/// A disk whose flush fails at shutdown (fdatasync on /dev/full is EINVAL) makes the exit
+/// code 1 even though the run itself ended cleanly, and the error names the image; the
+/// disk's counters are logged at exit.
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_a_flush_that_fails_at_shutdown_makes_the_exit_code_non_zero() {
+    let child = spawn_halting_guest_with(
+        "flush-fails.elf",
+        &["--disk", "/dev/full", "--log-level", "info"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let out = wait_with_deadline(child, 10);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("failed to flush disk image /dev/full"),
+        "stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("failed on the host: none"),
+        "stderr: {stderr}"
+    );
+}
+
 #[test]
 #[ignore = "needs /dev/kvm"]
 fn kvm_a_vsock_path_that_exists_is_one_clear_error_and_left_alone() {

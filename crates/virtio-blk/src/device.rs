@@ -3,6 +3,7 @@
 
 //! The block device: opening and locking the image, config space, queue processing.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::mem::offset_of;
@@ -23,7 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 use tvm_util::{warn_once, WarnOnce};
 use tvm_virtio::{ActivateContext, QueueDrain, VirtioDevice, VirtioInterrupt};
 
-use crate::request::{handle_request, BlockBackend, DiskInfo, Outcome, ID_LEN, SECTOR_SIZE};
+use crate::request::{
+    handle_request, BlockBackend, DiskInfo, HostError, Outcome, ID_LEN, SECTOR_SIZE,
+};
 use crate::{Error, Result};
 
 /// Virtio device ID of a block device (virtio 1.2, 5), from virtio-bindings.
@@ -118,6 +121,45 @@ impl BlockCounters {
     }
 }
 
+/// How many kinds of host I/O error a device tells apart; more kinds count as `other`.
+pub const MAX_HOST_ERROR_KINDS: usize = 16;
+
+/// Host I/O errors by kind (the error's text, `No space left on device (os error 28)`):
+/// the first of each kind is logged at `warn!`, the rest at `debug!`, and
+/// [`Block::log_counters`] lists them all.
+#[derive(Debug, Default)]
+struct HostErrors(BTreeMap<String, u64>);
+
+impl HostErrors {
+    fn note(&mut self, name: &str, e: HostError) {
+        let key = if self.0.contains_key(&e.kind) || self.0.len() < MAX_HOST_ERROR_KINDS {
+            e.kind
+        } else {
+            "other".to_string()
+        };
+        let count = self.0.entry(key.clone()).or_default();
+        *count += 1;
+        if *count == 1 {
+            warn!(
+                "{name}: host i/o error during {}: {key}; the guest got an i/o error \
+                 (more of this kind are counted and listed at exit)",
+                e.during
+            );
+        } else {
+            debug!("{name}: host i/o error during {}: {key}", e.during);
+        }
+    }
+
+    /// `kind xN, kind xM`, or `none`.
+    fn summary(&self) -> String {
+        if self.0.is_empty() {
+            return "none".into();
+        }
+        let parts: Vec<String> = self.0.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        parts.join(", ")
+    }
+}
+
 /// Driver errors the device reports once at `warn!` (then at `debug!`), one flag per kind.
 #[derive(Debug, Default)]
 struct DriverWarnings {
@@ -149,6 +191,7 @@ pub struct Block {
     active: Option<Active>,
     warnings: DriverWarnings,
     counters: BlockCounters,
+    host_errors: HostErrors,
 }
 
 impl std::fmt::Debug for Block {
@@ -319,6 +362,7 @@ impl Block {
             active: None,
             warnings: DriverWarnings::default(),
             counters: BlockCounters::default(),
+            host_errors: HostErrors::default(),
         })
     }
 
@@ -394,6 +438,43 @@ impl Block {
         self.counters
     }
 
+    /// Host I/O errors by kind (the error's text, `other` beyond
+    /// [`MAX_HOST_ERROR_KINDS`] kinds) and how many requests each failed.
+    pub fn host_errors(&self) -> Vec<(String, u64)> {
+        self.host_errors
+            .0
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
+
+    /// Swaps the image file behind the device's back (tests: a handle whose writes fail).
+    #[cfg(test)]
+    pub(crate) fn swap_file_for_test(&mut self, file: File) {
+        self.file = file;
+    }
+
+    /// Logs the counters at `info!`, the host errors by kind among them (the VMM calls it
+    /// at exit).
+    pub fn log_counters(&self) {
+        let c = &self.counters;
+        info!(
+            "{}: {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} other, \
+             {} unsupported, {} refused as malformed; {} failed on the host: {}",
+            self.name,
+            c.read_count,
+            c.read_bytes,
+            c.write_count,
+            c.write_bytes,
+            c.flush_count,
+            c.other_count,
+            c.unsupported_count,
+            c.invalid_reqs_count,
+            c.execute_fails,
+            self.host_errors.summary()
+        );
+    }
+
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -428,6 +509,7 @@ impl Block {
         let (info, file, name) = (&self.info, &mut self.file, &self.name);
         let request_warn = &mut self.warnings.request;
         let counters = &mut self.counters;
+        let host_errors = &mut self.host_errors;
         let mem = &active.mem;
         QueueDrain {
             name,
@@ -443,6 +525,9 @@ impl Block {
             let head = chain.head_index();
             let done = handle_request(mem, chain, info, file);
             counters.count(done.outcome);
+            if let Some(e) = done.host_error {
+                host_errors.note(name, e);
+            }
             if let Some(why) = done.driver_error {
                 warn_once!(
                     request_warn,

@@ -41,11 +41,11 @@ mod device;
 mod request;
 
 pub use device::{
-    Block, BlockConfig, BlockCounters, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, QUEUE_SIZE,
-    SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
+    Block, BlockConfig, BlockCounters, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    MAX_HOST_ERROR_KINDS, QUEUE_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
 };
 pub use request::{
-    handle_request, BlockBackend, Completion, DiskInfo, Outcome, ID_LEN, SECTOR_SIZE,
+    handle_request, BlockBackend, Completion, DiskInfo, HostError, Outcome, ID_LEN, SECTOR_SIZE,
 };
 
 /// Errors of the block device.

@@ -336,6 +336,8 @@ pub struct Completion {
     /// usable status byte. `None` for a request that succeeded, one refused as
     /// unsupported, or one that failed on the host side.
     pub driver_error: Option<String>,
+    /// The host's error when it failed a valid request (answered IOERR); `None` otherwise.
+    pub host_error: Option<HostError>,
     /// What became of the request, for the device's counters.
     pub outcome: Outcome,
 }
@@ -359,10 +361,21 @@ pub enum Outcome {
     DriverError,
 }
 
-/// Why a request failed: the status to answer, and the driver's error if it was one.
+/// A host I/O error that failed a valid request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostError {
+    /// The error itself, as the OS puts it (`No space left on device (os error 28)`): one
+    /// kind per text, whatever the request.
+    pub kind: String,
+    /// What the device was doing: `write at 4096`, `flush`, ...
+    pub during: String,
+}
+
+/// Why a request failed: the status to answer, and the driver's or the host's error.
 struct Failed {
     status: u8,
     driver_error: Option<String>,
+    host_error: Option<HostError>,
 }
 
 /// The driver broke the rules: IOERR.
@@ -371,15 +384,20 @@ fn ioerr(msg: std::fmt::Arguments<'_>) -> Failed {
     Failed {
         status: STATUS_IOERR,
         driver_error: Some(msg.to_string()),
+        host_error: None,
     }
 }
 
-/// The host failed a valid request: IOERR.
-fn host_err(msg: std::fmt::Arguments<'_>) -> Failed {
-    debug!("virtio-blk: i/o error: {msg}");
+/// The host failed a valid request with `err` while doing `during`: IOERR.
+fn host_err(during: std::fmt::Arguments<'_>, err: &io::Error) -> Failed {
+    debug!("virtio-blk: i/o error: {during}: {err}");
     Failed {
         status: STATUS_IOERR,
         driver_error: None,
+        host_error: Some(HostError {
+            kind: err.to_string(),
+            during: during.to_string(),
+        }),
     }
 }
 
@@ -389,6 +407,7 @@ fn unsupp(msg: std::fmt::Arguments<'_>) -> Failed {
     Failed {
         status: STATUS_UNSUPP,
         driver_error: None,
+        host_error: None,
     }
 }
 
@@ -398,6 +417,7 @@ fn unanswered(msg: String) -> Completion {
     Completion {
         len: 0,
         driver_error: Some(msg),
+        host_error: None,
         outcome: Outcome::DriverError,
     }
 }
@@ -446,17 +466,18 @@ pub fn handle_request<M: GuestMemory, B: BlockBackend>(
         ));
     }
     let mut written = 0u32;
-    let (code, driver_error, outcome) = match execute(mem, rest, disk, backend, &mut written) {
-        Ok(outcome) => (STATUS_OK, None, outcome),
-        Err(f) => {
-            let outcome = match (&f.driver_error, f.status) {
-                (Some(_), _) => Outcome::DriverError,
-                (None, STATUS_UNSUPP) => Outcome::Unsupported,
-                (None, _) => Outcome::HostError,
-            };
-            (f.status, f.driver_error, outcome)
-        }
-    };
+    let (code, driver_error, host_error, outcome) =
+        match execute(mem, rest, disk, backend, &mut written) {
+            Ok(outcome) => (STATUS_OK, None, None, outcome),
+            Err(f) => {
+                let outcome = match (&f.driver_error, f.status) {
+                    (Some(_), _) => Outcome::DriverError,
+                    (None, STATUS_UNSUPP) => Outcome::Unsupported,
+                    (None, _) => Outcome::HostError,
+                };
+                (f.status, f.driver_error, f.host_error, outcome)
+            }
+        };
     let len = match mem.write_obj(code, status.addr()) {
         Ok(()) => written.saturating_add(1),
         Err(e) => {
@@ -467,6 +488,7 @@ pub fn handle_request<M: GuestMemory, B: BlockBackend>(
     Completion {
         len,
         driver_error,
+        host_error,
         outcome,
     }
 }
@@ -586,21 +608,21 @@ fn execute<M: GuestMemory, B: BlockBackend>(
             if write_to_guest {
                 backend
                     .read_vectored_at(&slices, offset)
-                    .map_err(|e| host_err(format_args!("read at {offset}: {e}")))?;
+                    .map_err(|e| host_err(format_args!("read at {offset}"), &e))?;
                 // total <= seg_max * size_max, far below 4 GiB.
                 *written = written.saturating_add(u32::try_from(total).unwrap_or(u32::MAX));
                 Ok(Outcome::Read(total))
             } else {
                 backend
                     .write_vectored_at(&slices, offset)
-                    .map_err(|e| host_err(format_args!("write at {offset}: {e}")))?;
+                    .map_err(|e| host_err(format_args!("write at {offset}"), &e))?;
                 Ok(Outcome::Written(total))
             }
         }
         VIRTIO_BLK_T_FLUSH => backend
             .flush()
             .map(|()| Outcome::Flushed)
-            .map_err(|e| host_err(format_args!("flush: {e}"))),
+            .map_err(|e| host_err(format_args!("flush"), &e)),
         VIRTIO_BLK_T_GET_ID => {
             if data.is_empty() {
                 return Err(ioerr(format_args!("get-id without a buffer")));
@@ -688,7 +710,10 @@ fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
         } else {
             backend.write_zeroes(offset, len)
         };
-        res.map_err(|e| host_err(format_args!("discard/zero {offset}+{len}: {e}")))?;
+        res.map_err(|e| {
+            let op = if discard { "discard" } else { "write-zeroes" };
+            host_err(format_args!("{op} at {offset}+{len}"), &e)
+        })?;
     }
     Ok(())
 }

@@ -823,6 +823,84 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
     );
 }
 
+/// Host I/O errors: each is IOERR to the guest, counted, and logged at `warn!` once per
+/// kind (the error's text) with what the device was doing; the rest go to `debug!` and
+/// the summary at exit lists every kind with its count. Writes fail with EBADF on a
+/// read-only handle and with ENOSPC on /dev/full.
+#[test]
+fn host_errors_are_ioerr_counted_and_one_warning_per_kind() {
+    tvm_util::test_log::start();
+    let (img, content) = TempImage::with_pattern();
+    let mem = test_mem();
+    let mut disk = open_disk(&img);
+    let mock = MockSplitQueue::new(&mem, 16);
+    let irq = Arc::new(FakeInterrupt::default());
+    disk.activate(ActivateContext {
+        mem: mem.clone(),
+        features: 0,
+        queues: vec![mock.create_queue().unwrap()],
+        queue_evts: vec![EventFd::new(0).unwrap()],
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    let next = VRING_DESC_F_NEXT as u16;
+    let mut head = 0u16;
+    // One write of sector 2 per call; returns its status byte.
+    let mut write_once = |disk: &mut Block| -> u8 {
+        write_header(&mem, VIRTIO_BLK_T_OUT, 2);
+        mem.write_obj(FILL, GuestAddress(STATUS)).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, head + 1)),
+            RawDescriptor::from(SplitDescriptor::new(DATA, 512, next, head + 2)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, W, 0)),
+        ];
+        mock.add_desc_chains(&descs, head).unwrap();
+        head += 3;
+        disk.process_queue(0);
+        status(&mem)
+    };
+    disk.swap_file_for_test(std::fs::File::open(&img.path).unwrap());
+    assert_eq!(write_once(&mut disk), IOERR);
+    assert_eq!(write_once(&mut disk), IOERR);
+    disk.swap_file_for_test(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    );
+    for _ in 0..3 {
+        assert_eq!(write_once(&mut disk), IOERR);
+    }
+    assert_eq!(mock.used().idx().load(), 5);
+    assert_eq!(disk.counters().execute_fails, 5);
+    assert_eq!(disk.counters().write_count, 0);
+    assert_eq!(disk.counters().invalid_reqs_count, 0);
+    let ebadf = "Bad file descriptor (os error 9)";
+    let enospc = "No space left on device (os error 28)";
+    assert_eq!(
+        disk.host_errors(),
+        [(ebadf.to_string(), 2), (enospc.to_string(), 3)]
+    );
+    let warnings = tvm_util::test_log::lines(log::Level::Warn);
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    let name = format!("virtio-blk {:?}: ", img.path);
+    for (w, kind) in warnings.iter().zip([ebadf, enospc]) {
+        assert!(w.starts_with(&name), "{w}");
+        assert!(w.contains(&format!("during write at 1024: {kind}")), "{w}");
+    }
+    disk.log_counters();
+    let info = tvm_util::test_log::lines(log::Level::Info);
+    let summary = info
+        .iter()
+        .find(|l| l.contains("failed on the host"))
+        .unwrap();
+    assert!(
+        summary.contains(&format!("5 failed on the host: {ebadf} x2, {enospc} x3")),
+        "{summary}"
+    );
+    assert_eq!(img.contents(), content);
+}
+
 #[test]
 fn activate_requires_queue_zero() {
     let (img, _) = TempImage::with_pattern();
@@ -1114,6 +1192,10 @@ fn a_read_past_the_end_of_a_shrunken_file_is_an_ioerr() {
         Completion {
             len: 1,
             driver_error: None,
+            host_error: Some(crate::HostError {
+                kind: "unexpected end of file".into(),
+                during: format!("read at {}", 6 * 512),
+            }),
             outcome: Outcome::HostError,
         }
     );
