@@ -33,6 +33,7 @@ pub mod virtio_blk;
 pub mod virtio_pci;
 pub mod virtio_rng;
 pub mod virtqueue;
+pub mod vsock;
 
 use arbitrary::Unstructured;
 

@@ -13,15 +13,16 @@ use virtio_bindings::virtio_blk::{
 };
 
 use crate::guest::{raw_desc, F_INDIRECT, F_NEXT, F_WRITE};
-use crate::SeedWriter;
+use crate::{vsock, SeedWriter};
 
 /// The fuzz targets, by name (the files in `fuzz_targets/`).
-pub const TARGETS: [&str; 11] = [
+pub const TARGETS: [&str; 12] = [
     "virtqueue",
     "virtio_blk",
     "virtio_rng",
     "virtio_net_tx",
     "virtio_net_rx",
+    "vsock",
     "virtio_pci",
     "pci_config",
     "serial",
@@ -42,6 +43,7 @@ pub fn run_target(target: &str, data: &[u8]) {
         "virtio_rng" => crate::virtio_rng::run(data),
         "virtio_net_tx" => crate::net::run_tx(data),
         "virtio_net_rx" => crate::net::run_rx(data),
+        "vsock" => crate::vsock::run(data),
         "virtio_pci" => crate::virtio_pci::run(data),
         "pci_config" => crate::pci::run(data),
         "serial" => crate::serial::run(data),
@@ -60,6 +62,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "virtio_rng" => virtio_rng(),
         "virtio_net_tx" => virtio_net_tx(),
         "virtio_net_rx" => virtio_net_rx(),
+        "vsock" => vsock(),
         "virtio_pci" => virtio_pci(),
         "pci_config" => pci_config(),
         "serial" => serial(),
@@ -300,6 +303,263 @@ fn virtio_net_rx() -> Vec<(&'static str, Vec<u8>)> {
         seeds.push((name, w.finish()));
     }
     seeds
+}
+
+/// A TX packet in `tvm_fuzz::vsock`'s layout: from the guest's CID to the host's, of
+/// stream type, unless `mode` makes fields raw.
+#[derive(Debug, Clone, Copy, Default)]
+struct VsockTx {
+    mode: u8,
+    src_cid: u64,
+    dst_cid: u64,
+    type_: u16,
+    op: u16,
+    src_port: u32,
+    dst_port: u32,
+    payload: u16,
+    len: u32,
+    flags: u8,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+    shape: u8,
+    splits: [u16; 3],
+}
+
+impl VsockTx {
+    /// `op` from guest port `src` to host port `dst` (each below 8), with the device's
+    /// own `buf_alloc` as the guest's credit.
+    fn new(op: u16, src: u32, dst: u32) -> Self {
+        VsockTx {
+            op,
+            src_port: src,
+            dst_port: dst,
+            buf_alloc: tvm_vsock::BUF_ALLOC,
+            ..Self::default()
+        }
+    }
+
+    fn payload(self, payload: u16) -> Self {
+        VsockTx { payload, ..self }
+    }
+
+    fn flags(self, flags: u8) -> Self {
+        VsockTx { flags, ..self }
+    }
+
+    /// The chain's shape and the split positions after its first descriptor.
+    fn shape(self, shape: u8, splits: &[u16]) -> Self {
+        let mut s = [0; 3];
+        s[..splits.len()].copy_from_slice(splits);
+        VsockTx {
+            shape: shape | (splits.len() as u8 & vsock::shape::PIECES),
+            splits: s,
+            ..self
+        }
+    }
+
+    fn write(&self, w: &mut SeedWriter) {
+        use vsock::mode::*;
+        w.u8(vsock::Op::Tx as u8).u8(self.mode);
+        if self.mode & RAW_SRC_CID != 0 {
+            w.u64(self.src_cid);
+        }
+        if self.mode & RAW_DST_CID != 0 {
+            w.u64(self.dst_cid);
+        }
+        if self.mode & RAW_TYPE != 0 {
+            w.u16(self.type_);
+        }
+        if self.mode & RAW_OP != 0 {
+            w.u16(self.op);
+        } else {
+            w.u8(self.op as u8);
+        }
+        if self.mode & RAW_PORTS != 0 {
+            w.u32(self.src_port).u32(self.dst_port);
+        } else {
+            w.u8(self.src_port as u8).u8(self.dst_port as u8);
+        }
+        w.u16(self.payload);
+        if self.mode & RAW_LEN != 0 {
+            w.u32(self.len);
+        }
+        w.u8(self.flags)
+            .u32(self.buf_alloc)
+            .u32(self.fwd_cnt)
+            .u8(self.shape);
+        for s in &self.splits[..usize::from(self.shape & vsock::shape::PIECES)] {
+            w.u16(*s);
+        }
+    }
+}
+
+fn vsock_rx(w: &mut SeedWriter, room: u32, max: u8) {
+    w.u8(vsock::Op::Rx as u8).u32(room).u8(max);
+}
+
+fn vsock_advance(w: &mut SeedWriter, ms: u16) {
+    w.u8(vsock::Op::Advance as u8).u16(ms);
+}
+
+fn vsock_poll(w: &mut SeedWriter) {
+    w.u8(vsock::Op::Poll as u8);
+}
+
+fn vsock_raw(w: &mut SeedWriter, descs: &[[u8; 16]], head: u8) {
+    w.u8(vsock::Op::RawTx as u8).u8(descs.len() as u8 - 1);
+    for d in descs {
+        w.bytes(d);
+    }
+    w.u8(head);
+}
+
+/// A connection's life (data, credit, half and full shutdown, RSTs); the host stream
+/// filled past the device's buffer (a credit overrun) and a close whose data never drains
+/// (the flush timeout); every kind of malformed packet and chain.
+fn vsock() -> Vec<(&'static str, Vec<u8>)> {
+    use vsock::shape::{HOLE, INDIRECT, LOOP, SHORT, TAIL, WRITABLE};
+    use vsock::vsock_op::*;
+
+    let mut w = SeedWriter::new();
+    VsockTx::new(REQUEST, 1, 2).write(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    VsockTx::new(RW, 1, 2)
+        .payload(1000)
+        .shape(0, &[20, 500])
+        .write(&mut w);
+    VsockTx::new(CREDIT_REQUEST, 1, 2).write(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    VsockTx::new(CREDIT_UPDATE, 1, 2).write(&mut w);
+    VsockTx::new(RW, 1, 2)
+        .payload(300)
+        .shape(INDIRECT, &[44])
+        .write(&mut w);
+    // A second connection: data after its own SHUTDOWN(SEND) resets it.
+    VsockTx::new(REQUEST, 3, 4).write(&mut w);
+    VsockTx::new(SHUTDOWN, 3, 4).flags(2).write(&mut w);
+    VsockTx::new(RW, 3, 4).payload(10).write(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    // The first: half-closed, then closed (answered with an RST), then unknown.
+    VsockTx::new(SHUTDOWN, 1, 2).flags(1).write(&mut w);
+    vsock_poll(&mut w);
+    VsockTx::new(SHUTDOWN, 1, 2).flags(3).write(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    VsockTx::new(RW, 1, 2).payload(5).write(&mut w);
+    VsockTx::new(RST, 1, 2).write(&mut w);
+    vsock_rx(&mut w, 0, 255);
+    vsock_advance(&mut w, 3000);
+    vsock_poll(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    let life = w.finish();
+
+    let mut w = SeedWriter::new();
+    VsockTx::new(REQUEST, 5, 6).write(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    for i in 0..9 {
+        let p = VsockTx::new(RW, 5, 6).payload(u16::MAX);
+        let p = if i % 2 == 0 {
+            p
+        } else {
+            p.shape(INDIRECT, &[44, 30000, 60000])
+        };
+        p.write(&mut w);
+        vsock_poll(&mut w);
+        vsock_rx(&mut w, 65536, 4);
+    }
+    VsockTx::new(REQUEST, 7, 0).write(&mut w);
+    for _ in 0..4 {
+        VsockTx::new(RW, 7, 0).payload(u16::MAX).write(&mut w);
+    }
+    VsockTx::new(SHUTDOWN, 7, 0).flags(3).write(&mut w);
+    vsock_rx(&mut w, 4096, 16);
+    vsock_advance(&mut w, 9000);
+    vsock_rx(&mut w, 4096, 16);
+    vsock_poll(&mut w);
+    let full = w.finish();
+
+    use vsock::mode::{RAW_DST_CID, RAW_LEN, RAW_OP, RAW_PORTS, RAW_SRC_CID, RAW_TYPE};
+    let mut w = SeedWriter::new();
+    let base = VsockTx::new(REQUEST, 1, 2);
+    for p in [
+        VsockTx {
+            mode: RAW_SRC_CID,
+            src_cid: 7,
+            ..base
+        },
+        VsockTx {
+            mode: RAW_DST_CID,
+            dst_cid: 9,
+            ..base
+        },
+        VsockTx {
+            mode: RAW_TYPE,
+            type_: 2,
+            ..base
+        },
+        VsockTx {
+            mode: RAW_OP,
+            op: 0x100,
+            ..base
+        },
+        VsockTx { op: 0, ..base },
+        VsockTx {
+            mode: RAW_LEN,
+            len: 100,
+            ..base.payload(10)
+        },
+        VsockTx {
+            mode: RAW_LEN,
+            len: tvm_vsock::MAX_PKT_LEN + 1,
+            ..base.payload(u16::MAX)
+        },
+        VsockTx {
+            mode: RAW_PORTS,
+            src_port: u32::MAX,
+            dst_port: tvm_vsock::FIRST_LOCAL_PORT,
+            ..base
+        },
+        VsockTx {
+            mode: RAW_PORTS,
+            op: RW,
+            src_port: u32::MAX,
+            dst_port: tvm_vsock::FIRST_LOCAL_PORT,
+            ..base.payload(100)
+        },
+        base.payload(8).shape(WRITABLE, &[44]),
+        base.shape(HOLE, &[]),
+        base.shape(SHORT, &[]),
+        base.payload(4).shape(SHORT, &[20]),
+        base.shape(LOOP, &[22]),
+        base.shape(INDIRECT | LOOP, &[22]),
+        VsockTx::new(RW, 1, 2)
+            .payload(50)
+            .shape(TAIL | INDIRECT, &[0, 0, 44]),
+    ] {
+        p.write(&mut w);
+    }
+    vsock_rx(&mut w, 0, 255);
+    vsock_rx(&mut w, 0x1_ffff, 4);
+    let pkt = vsock::PACKET;
+    vsock_raw(
+        &mut w,
+        &[
+            raw_desc(pkt, 44, F_NEXT, 1),
+            raw_desc(pkt + 44, 16, F_NEXT, 0),
+        ],
+        0,
+    );
+    vsock_raw(&mut w, &[raw_desc(pkt, 44, 0, 0)], 20);
+    vsock_raw(&mut w, &[raw_desc(vsock::TABLE, 17, F_INDIRECT, 0)], 0);
+    vsock_rx(&mut w, 4096, 255);
+    vsock_advance(&mut w, u16::MAX);
+    vsock_poll(&mut w);
+    vsock_rx(&mut w, 4096, 255);
+
+    vec![
+        ("seed-connection-life", life),
+        ("seed-fill-host-stream", full),
+        ("seed-malformed", w.finish()),
+    ]
 }
 
 /// The dword index of the MSI-X capability of a virtio-pci device (the transport's fixed
