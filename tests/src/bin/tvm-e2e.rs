@@ -38,6 +38,8 @@
 
 #[path = "tvm-e2e/fcapi.rs"]
 mod fcapi;
+#[path = "tvm-e2e/hosterr.rs"]
+mod hosterr;
 #[path = "tvm-e2e/smp.rs"]
 mod smp;
 #[path = "tvm-e2e/vsock.rs"]
@@ -1652,17 +1654,25 @@ fn all_boot_checks(o: &Opts) -> Result<bool, String> {
 }
 
 fn boot_checks(o: &Opts) -> Result<bool, String> {
-    // The main boot also has the entropy device (`entropy-from-hwrng`) and a vsock device
-    // (the `vsock-*` checks, tvm-e2e/vsock.rs).
+    // The main boot also has the entropy device (`entropy-from-hwrng`), a vsock device
+    // (the `vsock-*` checks, tvm-e2e/vsock.rs) and, as its last disk, one whose host file
+    // system fills up (`host-enospc-*`, tvm-e2e/hosterr.rs).
     let uds = vsock::uds_path();
     let _ = std::fs::remove_file(&uds);
+    let full = hosterr::FullDisk::new()?;
     let mut cmd = vmm_command(o);
     cmd.arg("--rng").args(["--vsock", &vsock::vmm_arg(&uds)]);
+    cmd.arg("--disk").arg(full.image());
+    // The guest names virtio disks in PCI order: after --disk and --disk ...,readonly=on.
+    let full_dev = format!(
+        "vd{}",
+        char::from(b'a' + u8::from(o.disk.is_some()) + u8::from(o.ro_disk.is_some()))
+    );
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
-    let result = boot_checks_on(o, &mut g, &uds);
+    let result = boot_checks_on(o, &mut g, &uds, &full_dev);
     let _ = std::fs::remove_file(&uds);
     if !matches!(result, Ok(true)) {
         // Whatever went wrong, say how the VMM is doing, what the guest printed last and
@@ -1869,7 +1879,12 @@ fn uname_check(
     })
 }
 
-fn boot_checks_on(o: &Opts, g: &mut Guest, uds: &std::path::Path) -> Result<bool, String> {
+fn boot_checks_on(
+    o: &Opts,
+    g: &mut Guest,
+    uds: &std::path::Path,
+    full_dev: &str,
+) -> Result<bool, String> {
     let mut r = Report { failed: 0 };
     let ro_before = o
         .ro_disk
@@ -1973,6 +1988,7 @@ fn boot_checks_on(o: &Opts, g: &mut Guest, uds: &std::path::Path) -> Result<bool
 
     pos = hwrng_check(g, &mut r, "entropy-from-hwrng", pos)?;
     pos = vsock::vsock_checks(g, &mut r, uds, pos)?;
+    pos = hosterr::check(g, &mut r, full_dev, pos)?;
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.
@@ -2157,6 +2173,9 @@ fn boot_checks_on(o: &Opts, g: &mut Guest, uds: &std::path::Path) -> Result<bool
         reboot_check(g, &mut r, "reboot-exits-0", "reboot", "`reboot`")?;
     }
     let stderr = g.stderr.text_from(0);
+    if g.stdin.is_some() {
+        hosterr::check_after_exit(&stderr, &mut r);
+    }
     let timing = stderr.lines().find(|l| l.starts_with("TVM-BOOT-TIMES "));
     r.check(
         "boot-times-line",
