@@ -1,8 +1,8 @@
 // Copyright the tvm authors.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The network device: features, config space, activation, and the receive and transmit
-//! loops.
+//! The network device: features, config space, activation, the receive loop, and the
+//! transmit path (a [`QueueDrain`] over the transmit queue).
 
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use tvm_util::warn_once;
-use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::{ActivateContext, EventSet, QueueDrain, VirtioDevice, VirtioInterrupt};
 
 use crate::backend::NetBackend;
 use crate::consts::{
@@ -302,6 +302,11 @@ impl<B: NetBackend> Net<B> {
     /// backend is not read again until the driver kicks the receive queue), or
     /// [`MAX_RX_FRAMES_PER_RUN`] frames (then the receive queue's EventFd brings us back).
     /// Reading until EAGAIN or a kick is what edge-triggered watching needs.
+    ///
+    /// Not a [`QueueDrain`]: the frames waiting in the backend drive this loop, not the
+    /// chains the driver posts; a frame may take several chains (mergeable buffers), which
+    /// are put back when it does not fit; and notifications stay off while buffers last.
+    /// The interrupt at the end is the drain's ([`QueueDrain::signal_used`]).
     fn process_rx(&mut self) {
         let Net {
             backend,
@@ -394,16 +399,25 @@ impl<B: NetBackend> Net<B> {
             *rx_len = 0;
         }
         if used {
-            signal_used(&mut active.rx, mem, active.interrupt.as_ref(), RX_QUEUE);
+            QueueDrain::signal_used(
+                &warnings.name,
+                "rx",
+                RX_QUEUE,
+                &mut active.rx,
+                mem,
+                active.interrupt.as_ref(),
+            );
         }
     }
 
     /// Transmits every available chain (at most [`MAX_TX_FRAMES_PER_RUN`] per call, the
-    /// rest through the transmit queue's EventFd), returning each with used length 0.
+    /// rest through the transmit queue's EventFd), returning each with used length 0: a
+    /// [`QueueDrain`] over the transmit queue.
     ///
     /// A malformed chain is returned unsent. A ring the driver broke is left alone: while
     /// the available index is too far ahead nothing is popped, and a head index beyond the
-    /// queue is skipped (it cannot be returned). Each is a driver error, warned once.
+    /// queue is skipped (there is nothing to send, and it cannot be returned). Each is a
+    /// driver error, warned once.
     fn process_tx(&mut self) {
         let Net {
             backend,
@@ -417,80 +431,43 @@ impl<B: NetBackend> Net<B> {
             debug!("virtio-net: tx while inactive");
             return;
         };
+        let DriverWarnings {
+            name,
+            tx_chain,
+            ring,
+            ..
+        } = warnings;
         let mem = &active.mem;
-        let mut handled = 0usize;
-        'outer: loop {
-            if let Err(e) = active.tx.disable_notification(mem) {
-                debug!("virtio-net: tx disable_notification failed: {e}");
-                break;
+        let size = active.tx.size();
+        QueueDrain {
+            name,
+            index: TX_QUEUE,
+            queue: &mut active.tx,
+            mem,
+            queue_evt: &active.queue_evts[usize::from(TX_QUEUE)],
+            interrupt: active.interrupt.as_ref(),
+            budget: MAX_TX_FRAMES_PER_RUN,
+            ring_warn: ring,
+        }
+        .run_named("tx", |chain| {
+            let head = chain.head_index();
+            if head >= size {
+                // No such chain: the drain warns (a broken ring) when it cannot return it.
+                counters.tx_errors += 1;
+                return 0;
             }
-            let mut popped = false;
-            loop {
-                match tvm_virtio::chains_pending(&active.tx, mem) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn_once!(warnings.ring, "{}: tx queue left alone: {e}", warnings.name);
-                        break;
-                    }
-                }
-                let Some(chain) = active.tx.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                popped = true;
-                handled += 1;
-                let head = chain.head_index();
-                if head >= active.tx.size() {
-                    // Nothing to send and nowhere to return it (virtio-queue would log an
-                    // error).
+            match read_tx_frame(mem, chain, tx_buf) {
+                Ok(len) => transmit(backend, &tx_buf[..len], counters),
+                Err(e) => {
                     counters.tx_errors += 1;
                     warn_once!(
-                        warnings.ring,
-                        "{}: tx chain skipped: head index {head} is beyond the queue size {}",
-                        warnings.name,
-                        active.tx.size()
+                        tx_chain,
+                        "{name}: malformed tx chain {head} returned unsent: {e}"
                     );
-                } else {
-                    match read_tx_frame(mem, chain, tx_buf) {
-                        Ok(len) => transmit(backend, &tx_buf[..len], counters),
-                        Err(e) => {
-                            counters.tx_errors += 1;
-                            warn_once!(
-                                warnings.tx_chain,
-                                "{}: malformed tx chain {head} returned unsent: {e}",
-                                warnings.name
-                            );
-                        }
-                    }
-                    if let Err(e) = tvm_virtio::add_used(&mut active.tx, mem, head, 0) {
-                        warn_once!(
-                            warnings.ring,
-                            "{}: tx chain {head} not returned: {e}",
-                            warnings.name
-                        );
-                    }
-                }
-                if handled >= MAX_TX_FRAMES_PER_RUN {
-                    if let Err(e) = active.queue_evts[usize::from(TX_QUEUE)].write(1) {
-                        warn!("virtio-net: failed to re-signal the tx queue: {e}");
-                    }
-                    break 'outer;
                 }
             }
-            match active.tx.enable_notification(mem) {
-                // More arrived while notifications were off; an invalid avail index
-                // (nothing poppable) also reads as "more", so stop then.
-                Ok(true) if popped => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    debug!("virtio-net: tx enable_notification failed: {e}");
-                    break;
-                }
-            }
-        }
-        if handled > 0 {
-            signal_used(&mut active.tx, mem, active.interrupt.as_ref(), TX_QUEUE);
-        }
+            0
+        });
     }
 }
 
@@ -523,25 +500,6 @@ fn write_all_frame<B: NetBackend>(backend: &mut B, frame: &[u8]) -> io::Result<u
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             r => return r,
         }
-    }
-}
-
-/// Signals queue `index` if the driver wants an interrupt for what was just used
-/// (EVENT_IDX aware).
-fn signal_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
-    interrupt: &dyn VirtioInterrupt,
-    index: u16,
-) {
-    match queue.needs_notification(mem) {
-        Ok(true) => {
-            if let Err(e) = interrupt.signal_queue(index) {
-                warn!("virtio-net: failed to signal queue {index}: {e}");
-            }
-        }
-        Ok(false) => {}
-        Err(e) => debug!("virtio-net: needs_notification on queue {index} failed: {e}"),
     }
 }
 

@@ -21,6 +21,9 @@
 //! watched edge-triggered by the transport's event-manager subscriber; queue notifications
 //! arrive through [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue).
 //! All packet work runs on the event-loop thread, except one receive attempt at activation.
+//! The transmit queue is served by [`tvm_virtio::QueueDrain`], the queue loop the other
+//! virtio devices share; the receive loop is the device's own, driven by the frames the TAP
+//! holds rather than by the chains the driver posts.
 //!
 //! What it does not do: the control queue (promiscuous mode, MAC filters, VLAN filters,
 //! announce), multiqueue, UFO/USO, `VIRTIO_NET_F_MTU`, rate limiting, vhost.

@@ -1428,7 +1428,7 @@ fn each_kind_of_driver_error_is_one_warning_naming_the_device() {
     for (line, what) in w.iter().zip([
         "malformed tx chain 0 returned unsent: device-writable descriptor at 0x110000",
         "malformed rx chain 0 returned unused: device-readable descriptor at 0x130000",
-        "tx chain skipped: head index 300 is beyond the queue size 64",
+        "tx chain not returned: head index 300 is beyond the queue size 64",
         "write of 6 bytes to the read-only config at 0x0 ignored",
     ]) {
         assert!(line.starts_with("virtio-net 02:11:22:33:44:55: "), "{line}");

@@ -3,7 +3,8 @@
 
 //! Checks in front of the virtio-queue calls that log at `error!` when the guest's ring
 //! holds nonsense (an available index too far ahead, a head index beyond the queue), so
-//! that a device can report such a driver once instead of on every kick.
+//! that a device can report such a driver once instead of on every kick; and
+//! [`QueueDrain`], the queue-serving loop built on them.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
@@ -95,11 +96,35 @@ impl std::fmt::Debug for QueueDrain<'_> {
     }
 }
 
+/// How a drain's log lines name its queue: `tx ` for a device with several, nothing for a
+/// device with one (`virtio-net tap0: tx queue left alone: …`, `virtio-rng: queue left
+/// alone: …`).
+struct QueueLabel<'a>(&'a str);
+
+impl std::fmt::Display for QueueLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, "{} ", self.0)
+        }
+    }
+}
+
 impl QueueDrain<'_> {
     /// Serves every available chain with `serve`, which returns how many bytes it wrote
     /// into the chain's device-writable buffers (the used length). Returns how many chains
     /// were served.
-    pub fn run<F>(self, mut serve: F) -> usize
+    pub fn run<F>(self, serve: F) -> usize
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> u32,
+    {
+        self.run_named("", serve)
+    }
+
+    /// [`run`](Self::run) for one of a device's several queues: its log lines name the
+    /// queue after the device (`virtio-net tap0: tx queue left alone: …`).
+    pub fn run_named<F>(self, queue_name: &str, mut serve: F) -> usize
     where
         F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> u32,
     {
@@ -113,11 +138,12 @@ impl QueueDrain<'_> {
             budget,
             ring_warn,
         } = self;
+        let q = QueueLabel(queue_name);
         let mut served = 0usize;
         let mut used_any = false;
         'outer: loop {
             if let Err(e) = queue.disable_notification(mem) {
-                debug!("{name}: disable_notification failed: {e}");
+                debug!("{name}: {q}disable_notification failed: {e}");
                 break;
             }
             let mut popped = false;
@@ -126,7 +152,7 @@ impl QueueDrain<'_> {
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(e) => {
-                        warn_once!(ring_warn, "{name}: queue left alone: {e}");
+                        warn_once!(ring_warn, "{name}: {q}queue left alone: {e}");
                         // Leave the inner loop only: notifications are re-enabled below, so
                         // a driver without EVENT_IDX that fixes its index can kick again.
                         break;
@@ -140,12 +166,12 @@ impl QueueDrain<'_> {
                 let len = serve(chain);
                 match add_used(queue, mem, head, len) {
                     Ok(()) => used_any = true,
-                    Err(e) => warn_once!(ring_warn, "{name}: chain not returned: {e}"),
+                    Err(e) => warn_once!(ring_warn, "{name}: {q}chain not returned: {e}"),
                 }
                 served += 1;
                 if served >= budget {
                     if let Err(e) = queue_evt.write(1) {
-                        warn!("{name}: failed to re-signal the queue: {e}");
+                        warn!("{name}: failed to re-signal the {q}queue: {e}");
                     }
                     break 'outer;
                 }
@@ -156,23 +182,39 @@ impl QueueDrain<'_> {
                 Ok(true) if popped => continue,
                 Ok(_) => break,
                 Err(e) => {
-                    debug!("{name}: enable_notification failed: {e}");
+                    debug!("{name}: {q}enable_notification failed: {e}");
                     break;
                 }
             }
         }
         if used_any {
-            match queue.needs_notification(mem) {
-                Ok(true) => {
-                    if let Err(e) = interrupt.signal_queue(index) {
-                        warn!("{name}: failed to signal the queue interrupt: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => debug!("{name}: needs_notification failed: {e}"),
-            }
+            Self::signal_used(name, queue_name, index, queue, mem, interrupt);
         }
         served
+    }
+
+    /// Raises queue `index`'s interrupt if the driver wants one for what was just added
+    /// to its used ring (EVENT_IDX aware): how [`run`](Self::run) ends, for a queue that a
+    /// device fills its own way (virtio-net's receive queue, frame by frame from the TAP).
+    /// `name` and `queue_name` as in [`run_named`](Self::run_named).
+    pub fn signal_used(
+        name: &str,
+        queue_name: &str,
+        index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap<()>,
+        interrupt: &dyn VirtioInterrupt,
+    ) {
+        let q = QueueLabel(queue_name);
+        match queue.needs_notification(mem) {
+            Ok(true) => {
+                if let Err(e) = interrupt.signal_queue(index) {
+                    warn!("{name}: failed to signal the {q}queue interrupt: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => debug!("{name}: {q}needs_notification failed: {e}"),
+        }
     }
 }
 
@@ -199,57 +241,118 @@ mod tests {
         }
     }
 
+    /// 1 MiB of guest memory for a mock queue.
+    fn guest_mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// What a test drain needs besides its queue and memory.
+    struct Ends {
+        evt: EventFd,
+        irq: CountingIrq,
+        warn: WarnOnce,
+    }
+
+    impl Ends {
+        fn new() -> Self {
+            Ends {
+                evt: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+                irq: CountingIrq::default(),
+                warn: WarnOnce::new(),
+            }
+        }
+
+        /// A drain named `test`, of queue 3.
+        fn drain<'a>(
+            &'a mut self,
+            queue: &'a mut Queue,
+            mem: &'a GuestMemoryMmap<()>,
+            budget: usize,
+        ) -> QueueDrain<'a> {
+            QueueDrain {
+                name: "test",
+                index: 3,
+                queue,
+                mem,
+                queue_evt: &self.evt,
+                interrupt: &self.irq,
+                budget,
+                ring_warn: &mut self.warn,
+            }
+        }
+    }
+
     #[test]
     fn a_drain_serves_up_to_its_budget_then_resignals_the_queue() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = guest_mem();
         let vq = MockSplitQueue::new(&mem, 16);
         let mut q: Queue = vq.create_queue().unwrap();
         let descs: Vec<_> = (0..3)
             .map(|i| RawDescriptor::from(Descriptor::new(0x8000 + 0x100 * i, 16, 2, 0)))
             .collect();
         vq.add_desc_chains(&descs, 0).unwrap();
-        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let irq = CountingIrq::default();
-        let mut warn = WarnOnce::new();
-        let mut drain = |q: &mut Queue, budget| {
+        let mut ends = Ends::new();
+        let drain = |ends: &mut Ends, q: &mut Queue| {
             let mut heads = Vec::new();
-            let served = QueueDrain {
-                name: "test",
-                index: 3,
-                queue: q,
-                mem: &mem,
-                queue_evt: &evt,
-                interrupt: &irq,
-                budget,
-                ring_warn: &mut warn,
-            }
-            .run(|chain| {
+            let served = ends.drain(q, &mem, 2).run(|chain| {
                 heads.push(chain.head_index());
                 7
             });
             (served, heads)
         };
         // Two of three, then the EventFd says there is more.
-        assert_eq!(drain(&mut q, 2), (2, vec![0, 1]));
+        assert_eq!(drain(&mut ends, &mut q), (2, vec![0, 1]));
         assert_eq!(vq.used().idx().load(), 2);
-        assert_eq!(evt.read().unwrap(), 1);
-        assert_eq!(*irq.0.lock().unwrap(), [3]);
+        assert_eq!(ends.evt.read().unwrap(), 1);
+        assert_eq!(*ends.irq.0.lock().unwrap(), [3]);
         // The rest, with the used length the closure gave; nothing left to signal.
-        assert_eq!(drain(&mut q, 2), (1, vec![2]));
+        assert_eq!(drain(&mut ends, &mut q), (1, vec![2]));
         let e = vq.used().ring().ref_at(2).unwrap().load();
         assert_eq!((e.id(), e.len()), (2, 7));
-        assert!(evt.read().is_err(), "no re-signal under the budget");
-        assert_eq!(*irq.0.lock().unwrap(), [3, 3]);
+        assert!(ends.evt.read().is_err(), "no re-signal under the budget");
+        assert_eq!(*ends.irq.0.lock().unwrap(), [3, 3]);
         // Nothing available: nothing served, no interrupt.
-        assert_eq!(drain(&mut q, 2), (0, vec![]));
-        assert_eq!(irq.0.lock().unwrap().len(), 2);
-        assert!(!warn.warned());
+        assert_eq!(drain(&mut ends, &mut q), (0, vec![]));
+        assert_eq!(ends.irq.0.lock().unwrap().len(), 2);
+        assert!(!ends.warn.warned());
+    }
+
+    #[test]
+    fn a_named_drain_names_its_queue_in_its_log_lines() {
+        crate::test_log::start();
+        let mem = guest_mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        // One available entry whose head is beyond the queue of 16.
+        vq.avail().ring().ref_at(0).unwrap().store(16);
+        vq.avail().idx().store(1);
+        let mut ends = Ends::new();
+        // Served (the device sees it) but not returned, so no interrupt either.
+        assert_eq!(ends.drain(&mut q, &mem, 16).run_named("tx", |_| 0), 1);
+        assert_eq!(vq.used().idx().load(), 0);
+        assert!(ends.irq.0.lock().unwrap().is_empty());
+        // Then an available index too far ahead: left alone, named or not.
+        vq.avail().idx().store(1 + 17);
+        assert_eq!(ends.drain(&mut q, &mem, 16).run_named("tx", |_| 0), 0);
+        assert_eq!(ends.drain(&mut q, &mem, 16).run(|_| 0), 0);
+        let warned = "test: tx chain not returned: head index 16 is beyond the queue size 16 \
+                      (repeats are logged at debug level)";
+        assert_eq!(crate::test_log::lines(log::Level::Warn), [warned]);
+        let debug = crate::test_log::lines(log::Level::Debug);
+        let far = "queue left alone: the available index 18 is more than the queue size 16 \
+                   ahead of 1";
+        assert_eq!(
+            debug,
+            [format!("test: tx {far}"), format!("test: {far}")],
+            "{debug:#?}"
+        );
+        assert!(crate::test_log::lines(log::Level::Error).is_empty());
     }
 
     #[test]
     fn pending_chains_and_an_index_too_far_ahead() {
         crate::test_log::start();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = guest_mem();
         let vq = MockSplitQueue::new(&mem, 16);
         let mut q: Queue = vq.create_queue().unwrap();
         assert_eq!(chains_pending(&q, &mem).unwrap(), 0);
