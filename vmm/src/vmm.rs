@@ -23,7 +23,7 @@ use tvm_serial::{
     stdin_source, NonBlockingWriter, OutputThread, SerialDevice, SerialInput, COM1_PORT_BASE,
     DEFAULT_OUTPUT_BUFFER_BYTES, SERIAL_PORT_SIZE,
 };
-use tvm_virtio::VirtioPciDevice;
+use tvm_virtio::{Threaded, VirtioPciDevice};
 use tvm_virtio_blk::{Block, BlockConfig};
 use tvm_virtio_net::{Net, Tap};
 use tvm_virtio_rng::Rng;
@@ -45,7 +45,8 @@ use crate::virtio::VirtioPciWiring;
 use crate::{Error, Result};
 
 /// A virtio-blk device on the PCI bus.
-type BlockDevice = Arc<Mutex<VirtioPciDevice<Block>>>;
+/// A virtio-blk device on the PCI bus, its queue served by a worker thread of its own.
+type BlockDevice = Arc<Mutex<VirtioPciDevice<Threaded<Block>>>>;
 /// A virtio-net device on the PCI bus.
 type NetDevice = Arc<Mutex<VirtioPciDevice<Net<Tap>>>>;
 /// The entropy device behind its transport.
@@ -58,6 +59,10 @@ type Serial = SerialDevice<ConsoleWriter>;
 
 /// How long shutdown waits for vCPU threads and for the console to drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long the event loop waits for a disk's worker to finish the requests it is serving
+/// (for a pause, a media change, the counters, the flush at exit) before it gives up on a
+/// request that is stuck.
+const DISK_BUSY_GRACE: Duration = Duration::from_secs(2);
 /// How long a state dump waits for each vCPU thread to answer.
 const DUMP_GRACE: Duration = Duration::from_secs(1);
 
@@ -419,7 +424,13 @@ impl Vmm {
         )?;
         let mut wiring = VirtioPciWiring::new(vm.clone(), &mem, pci, allocator, window);
         let mut disks = Vec::with_capacity(blocks.len());
-        for (block, d) in blocks.into_iter().zip(&cfg.disks) {
+        for (i, (block, d)) in blocks.into_iter().zip(&cfg.disks).enumerate() {
+            // The worker exists before any filter (it would inherit the creator's) and
+            // installs its own first thing.
+            let install = seccomp.installer(ThreadKind::Io);
+            let block = Threaded::spawn(block, &format!("virtio-blk{i}"), move || {
+                install().map_err(|e| crate::error_chain(&e))
+            })?;
             disks.push(wiring.add(block, &format!("virtio-blk {:?}", d.path))?);
         }
         let mut nets = Vec::with_capacity(taps.len());
@@ -772,11 +783,19 @@ impl Vmm {
     fn flush_disks(&self) -> Vec<String> {
         let mut failed = Vec::new();
         for disk in &self.disks {
-            let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = d.device_mut().flush() {
+            let d = disk.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(mut block) = d.device().lock_within(DISK_BUSY_GRACE) else {
+                failed.push(format!(
+                    "{}: a request still had not completed after {DISK_BUSY_GRACE:?}; the \
+                     disk was not flushed",
+                    d.name()
+                ));
+                continue;
+            };
+            if let Err(e) = block.flush() {
                 failed.push(crate::error_chain(&e));
             }
-            d.device().log_counters();
+            block.log_counters();
         }
         failed
     }
@@ -879,10 +898,16 @@ impl Running<'_> {
                 .disks
                 .iter()
                 .map(|d| {
-                    d.lock()
-                        .unwrap_or_else(|e| e.into_inner())
+                    let d = d.lock().unwrap_or_else(|e| e.into_inner());
+                    let counters = d
                         .device()
-                        .counters()
+                        .lock_within(DISK_BUSY_GRACE)
+                        .map(|b| b.counters());
+                    // A disk stuck in a request is left out of this line (zeros).
+                    counters.unwrap_or_else(|| {
+                        warn!("{}: busy, its counters are left out", d.name());
+                        Default::default()
+                    })
                 })
                 .collect(),
             nets: self
@@ -923,6 +948,17 @@ fn carry_out(
         Command::Pause => {
             pause_vcpus(gate, vm.threads)?;
             devices.quiesce(em);
+            // The disks' workers finish the batch they serve and take no more.
+            for disk in vm.disks {
+                let disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+                if !disk.device().pause(DISK_BUSY_GRACE) {
+                    warn!(
+                        "{}: a request is still running after {DISK_BUSY_GRACE:?}; the disk \
+                         stops once it completes",
+                        disk.name()
+                    );
+                }
+            }
             debug!(
                 "paused: {} device(s) left in the event loop",
                 devices.in_loop()
@@ -931,6 +967,12 @@ fn carry_out(
         }
         Command::Resume => {
             devices.resume(em);
+            for disk in vm.disks {
+                disk.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .resume();
+            }
             if gate.is_closed() {
                 gate.open();
                 info!("vm resumed");
@@ -956,7 +998,12 @@ fn carry_out(
                 .ok_or_else(|| format!("there is no disk {disk}"))?;
             let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
             dev.device_mut()
-                .change_media_to(file.0, path)
+                .with_mut_within(DISK_BUSY_GRACE, |b| b.change_media_to(file.0, path))
+                .ok_or_else(|| {
+                    format!(
+                        "the drive is busy: a request did not complete within {DISK_BUSY_GRACE:?}"
+                    )
+                })?
                 .map_err(|e| crate::error_chain(&e))?;
             // The new medium is in; a lost interrupt only delays the guest noticing.
             if let Err(e) = dev.config_changed() {

@@ -1539,12 +1539,13 @@ fn kvm_the_api_socket_configures_starts_pauses_resumes_and_reboots_a_guest() {
     }
     // Between the two flushes the API answered one request: the second flush.
     assert_eq!(lines[1]["api_server"]["requests"], 1, "{text}");
-    // Every thread, the API's included, runs under exactly one filter of its own.
+    // Every thread, the API's and the disk worker's included, runs under exactly one
+    // filter of its own.
     let threads = seccomp_of_threads(child.id());
     let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
     assert_eq!(
         names,
-        ["fc_api", "serial-out", "vcpu0", "vmm"],
+        ["fc_api", "serial-out", "vcpu0", "virtio-blk0", "vmm"],
         "{threads:?}"
     );
     for (name, mode, filters) in &threads {

@@ -979,10 +979,11 @@ fn kvm_hostile_kicks_before_driver_ok_are_ignored() {
     assert_eq!(f.value("b.used_early"), 0);
     assert_eq!(f.value("b.status_early"), STATUS_FILL.into());
     assert_good_read(&f, &disks, 1);
-    f.assert_warnings(
-        &disks.name(B),
-        &["queue 0 notified while the device is not live"],
-    );
+    // A disk's queue is its worker's (tvm_virtio::Threaded), which watches the queue's
+    // EventFd only while the device is active: the early kicks wait there, unserved, and
+    // nothing is logged (the transport's "notified while the device is not live" warning
+    // is for devices the event loop serves).
+    f.assert_warnings(&disks.name(B), &[]);
 }
 
 #[test]

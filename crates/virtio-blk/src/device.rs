@@ -41,9 +41,11 @@ pub const SEG_MAX: u32 = 254;
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Block size reported to the guest (VIRTIO_BLK_F_BLK_SIZE).
 pub const BLK_SIZE: u32 = 512;
-/// Most requests handled per notification before yielding to the event loop (the rest is
-/// picked up by re-signalling the queue's EventFd).
-const MAX_REQUESTS_PER_RUN: usize = 1024;
+/// Most requests handled per notification before yielding (the rest is picked up by
+/// re-signalling the queue's EventFd): half a queue, so that on a worker thread
+/// ([`tvm_virtio::Threaded`]) a reset, a pause or a counters read waits for at most that
+/// many requests.
+const MAX_REQUESTS_PER_RUN: usize = 128;
 /// Most segments in one DISCARD / WRITE_ZEROES request.
 pub const MAX_DISCARD_SEG: u32 = 16;
 /// Most sectors in one DISCARD / WRITE_ZEROES segment (1 GiB).

@@ -15,8 +15,10 @@
 //! [`BlockBackend`], so every validation rule is unit-tested without KVM. I/O is
 //! synchronous (`preadv`/`pwritev` straight between the file and guest memory, `fdatasync`
 //! for FLUSH) and runs on whatever thread calls
-//! [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue): the event
-//! loop, through [`tvm_virtio::VirtioPciDevice`]'s event-manager subscriber.
+//! [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue): in the VMM a
+//! worker thread of the disk's own ([`tvm_virtio::Threaded`]), so that a slow or stuck
+//! image stalls nothing else; the event loop, through
+//! [`tvm_virtio::VirtioPciDevice`]'s event-manager subscriber, for a bare `Block`.
 //!
 //! # Example
 //!

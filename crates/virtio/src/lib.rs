@@ -76,6 +76,7 @@ use vmm_sys_util::eventfd::EventFd;
 mod interrupt;
 mod pci;
 mod ring;
+mod threaded;
 
 // Documented by its inner (`//!`) docs, whose links resolve in the module.
 #[cfg(any(test, feature = "test-utils"))]
@@ -87,6 +88,7 @@ pub mod test_utils;
 pub use tvm_util::test_log;
 
 pub use ring::{add_used, chains_pending, QueueDrain};
+pub use threaded::Threaded;
 /// Warn-once logging for guest-triggerable paths, re-exported from [`tvm_util`].
 pub use tvm_util::{warn_once, WarnOnce};
 
@@ -202,6 +204,12 @@ pub trait VirtioDevice: Send {
     fn process_extra_event(&mut self, index: usize, events: EventSet) {
         let _ = (index, events);
     }
+    /// Whether the device serves its queue notifications itself, on a thread of its own
+    /// ([`Threaded`]); the transport then leaves the queue EventFds out of the event loop.
+    /// Default: no.
+    fn serves_own_queues(&self) -> bool {
+        false
+    }
 }
 
 /// Copies the bytes of a device's config space `config` at `offset` into `data`; bytes
@@ -296,6 +304,15 @@ pub enum Error {
     /// A BAR could not be mapped where it decodes: named by the device, with the reason.
     #[error("cannot map the bar of {0}: {1}")]
     MapBar(String, String),
+    /// A device worker's epoll could not be set up.
+    #[error("failed to set up a device worker's epoll")]
+    CreateEpoll(#[source] io::Error),
+    /// A device's worker thread could not be started.
+    #[error("failed to start a device worker thread")]
+    SpawnWorker(#[source] io::Error),
+    /// A device's worker thread failed to set itself up (named, with the reason).
+    #[error("device worker {0} failed to start: {1}")]
+    WorkerInit(String, String),
 }
 
 /// Result of the virtio transport's fallible operations.

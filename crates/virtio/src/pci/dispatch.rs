@@ -148,7 +148,13 @@ impl<D: VirtioDevice> MutEventSubscriber for VirtioPciDevice<D> {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
+        // A device with its own worker polls its queue EventFds there.
+        let queue_evts = if self.device.serves_own_queues() {
+            &[][..]
+        } else {
+            &self.queue_evts[..]
+        };
+        for (i, evt) in queue_evts.iter().enumerate() {
             // i < MAX_QUEUES.
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 warn!("virtio: failed to watch the notification eventfd of queue {i}: {e}");

@@ -829,3 +829,29 @@ fn a_config_change_moves_the_generation_and_interrupts_only_a_live_driver() {
     }
     assert_eq!(h.r(CONFIG_GENERATION, 1), 3);
 }
+
+#[test]
+fn a_device_with_its_own_worker_keeps_its_queues_out_of_the_event_loop() {
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+    let trigger = evt.try_clone().unwrap();
+    let dev = ExtraSourceDevice {
+        evt,
+        seen: seen.clone(),
+    };
+    let dev = crate::Threaded::spawn(dev, "tvm-test-io", || Ok(())).unwrap();
+    let pci = VirtioPciDevice::new(dev, test_mem(0x10_0000), Arc::new(NullSink)).unwrap();
+    let notify = pci.notify_eventfd(0).unwrap().try_clone().unwrap();
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    let pci: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(pci));
+    em.add_subscriber(pci);
+    // A queue notification is the worker's: the loop does not see it (nor consume it).
+    notify.write(1).unwrap();
+    assert_eq!(em.run_with_timeout(50).unwrap(), 0);
+    assert_eq!(notify.read().unwrap(), 1);
+    // The device's extra sources still come through the loop.
+    trigger.write(1).unwrap();
+    assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+    assert_eq!(*seen.lock().unwrap(), vec![(0, true)]);
+}
