@@ -366,16 +366,10 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_read, any()),
             (libc::SYS_readv, any()),
             (libc::SYS_writev, any()),
-            // Disk requests go straight between the image and guest memory.
-            (libc::SYS_pread64, any()),
-            (libc::SYS_pwrite64, any()),
-            (libc::SYS_preadv, any()),
-            (libc::SYS_pwritev, any()),
-            // FLUSH, and every disk at shutdown.
+            // Disk requests run on the disks' own workers (ThreadKind::Io); here only
+            // every disk's flush at shutdown, and the old image's before a media change.
             (libc::SYS_fdatasync, any()),
             (libc::SYS_fsync, any()),
-            // DISCARD and WRITE_ZEROES: punch hole / zero range.
-            (libc::SYS_fallocate, any()),
             // A disk's new medium (Firecracker's PATCH /drives), opened by the API thread:
             // locked, compared with the old one and measured here.
             (libc::SYS_flock, any()),
