@@ -113,23 +113,15 @@ pub fn main(args: Args) -> Result<ExitCode> {
         if !args.append.is_empty() {
             boot_args.extend(["--append", args.append.as_str()]);
         }
-        let (code, report) = run_driver(
+        summary.extend(bench_step(
+            "boot-time",
             &["boot-time"],
             &boot_args,
             &files,
             None,
             args.verbose,
             Duration::from_secs(1200 * boot_counts(&args.cpus)),
-        )?;
-        if code != 0 {
-            bail!("the boot-time benchmark failed (driver exit code {code})");
-        }
-        summary.extend(
-            report
-                .lines()
-                .filter(|l| l.contains("median"))
-                .map(String::from),
-        );
+        )?);
     }
     if disk {
         let initrd = bench_initramfs()?;
@@ -143,7 +135,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
             "/tvm/bench-disk.img".to_string()
         };
         let (mib, secs) = (args.disk_mib.to_string(), args.disk_secs.to_string());
-        let (code, report) = run_driver(
+        summary.extend(bench_step(
+            "disk",
             &["disk-bench"],
             &[
                 "--qemu",
@@ -161,20 +154,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
             Some(&initrd),
             args.verbose,
             Duration::from_secs(3600),
-        )?;
-        if code != 0 {
-            bail!("the disk benchmark failed (driver exit code {code})");
-        }
-        summary.extend(
-            report
-                .lines()
-                .filter(|l| l.contains("median"))
-                .map(String::from),
-        );
+        )?);
     }
     if net {
         let mib = args.net_mib.to_string();
-        let (code, report) = run_driver(
+        summary.extend(bench_step(
+            "network",
             &["net-bench"],
             &[
                 "--qemu",
@@ -190,42 +175,47 @@ pub fn main(args: Args) -> Result<ExitCode> {
             None,
             args.verbose,
             Duration::from_secs(3600),
-        )?;
-        if code != 0 {
-            bail!("the network benchmark failed (driver exit code {code})");
-        }
-        summary.extend(
-            report
-                .lines()
-                .filter(|l| l.contains("median"))
-                .map(String::from),
-        );
+        )?);
     }
     if vsock {
         let initrd = crate::guest::initramfs_with(&["tvm-vsock-guest"], "e2e-initramfs.cpio.gz")?;
         let mib = args.vsock_mib.to_string();
-        let (code, report) = run_driver(
+        summary.extend(bench_step(
+            "vsock",
             &["vsock-bench"],
             &["--qemu", &qemu, "--runs", &runs, "--vsock-mib", &mib],
             &files,
             Some(&initrd),
             args.verbose,
             Duration::from_secs(3600),
-        )?;
-        if code != 0 {
-            bail!("the vsock benchmark failed (driver exit code {code})");
-        }
-        summary.extend(
-            report
-                .lines()
-                .filter(|l| l.contains("median"))
-                .map(String::from),
-        );
+        )?);
     }
     for line in summary {
         println!("xtask: {line}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one benchmark driver (`run_driver`'s arguments); returns its `median` lines, or
+/// an error naming `what` when the driver failed.
+fn bench_step(
+    what: &str,
+    mode: &[&str],
+    extra_args: &[&str],
+    files: &[(PathBuf, String)],
+    initrd: Option<&Path>,
+    verbose: bool,
+    limit: Duration,
+) -> Result<Vec<String>> {
+    let (code, report) = run_driver(mode, extra_args, files, initrd, verbose, limit)?;
+    if code != 0 {
+        bail!("the {what} benchmark failed (driver exit code {code})");
+    }
+    Ok(report
+        .lines()
+        .filter(|l| l.contains("median"))
+        .map(String::from)
+        .collect())
 }
 
 /// How many boot configurations `--cpus` lists (a `key=value` part belongs to the count

@@ -230,7 +230,14 @@ impl Vsock {
                         }
                     };
                     match add_used(&mut a.event, mem, head, len) {
-                        Ok(()) => signal_used(&mut a.event, mem, a.interrupt.as_ref(), EVENT_QUEUE),
+                        Ok(()) => QueueDrain::signal_used(
+                            NAME,
+                            "event",
+                            EVENT_QUEUE,
+                            &mut a.event,
+                            mem,
+                            a.interrupt.as_ref(),
+                        ),
                         Err(e) => {
                             warn_once!(self.warnings.ring, "{NAME}: event chain not returned: {e}")
                         }
@@ -374,7 +381,7 @@ impl Vsock {
             }
         }
         if used {
-            signal_used(&mut a.rx, mem, a.interrupt.as_ref(), RX_QUEUE);
+            QueueDrain::signal_used(NAME, "rx", RX_QUEUE, &mut a.rx, mem, a.interrupt.as_ref());
         }
     }
 
@@ -419,25 +426,6 @@ fn check_cid(cid: u64) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidCid(cid))
-    }
-}
-
-/// Signals queue `index` if the driver wants an interrupt for what was just used
-/// (EVENT_IDX aware).
-fn signal_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
-    interrupt: &dyn VirtioInterrupt,
-    index: u16,
-) {
-    match queue.needs_notification(mem) {
-        Ok(true) => {
-            if let Err(e) = interrupt.signal_queue(index) {
-                warn!("{NAME}: failed to signal queue {index}: {e}");
-            }
-        }
-        Ok(false) => {}
-        Err(e) => debug!("{NAME}: needs_notification on queue {index} failed: {e}"),
     }
 }
 
