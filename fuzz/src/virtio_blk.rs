@@ -283,9 +283,7 @@ pub fn run(data: &[u8]) {
     // (a queue holds at most 256 chains, so a few rounds).
     for _ in 0..16 {
         dev.process_notification(0);
-        let again = dev
-            .notify_eventfd(0)
-            .is_some_and(|evt| evt.read().is_ok());
+        let again = dev.notify_eventfd(0).is_some_and(|evt| evt.read().is_ok());
         if !again {
             break;
         }
