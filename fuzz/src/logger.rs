@@ -6,24 +6,21 @@
 //! `warn!` from one call site within one input (STYLE.md: guest-triggered lines are
 //! `debug!`, or `warn!` once).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::sync::{Mutex, Once, PoisonError};
+use std::sync::Once;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-struct RuleLogger {
-    /// `warn!` records of the current input, by call site.
-    warns: Mutex<BTreeMap<(String, u32), usize>>,
-}
+struct RuleLogger;
 
-static LOGGER: RuleLogger = RuleLogger {
-    warns: Mutex::new(BTreeMap::new()),
-};
+static LOGGER: RuleLogger = RuleLogger;
 
-impl RuleLogger {
-    fn warns(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u32), usize>> {
-        self.warns.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+thread_local! {
+    /// `warn!` records of the input this thread runs, by call site: per thread, because
+    /// the replay tests run inputs on several threads at once (two inputs warning from the
+    /// same site at the same time are not a repeat).
+    static WARNS: RefCell<BTreeMap<(String, u32), usize>> = const { RefCell::new(BTreeMap::new()) };
 }
 
 impl Log for RuleLogger {
@@ -50,11 +47,14 @@ impl Log for RuleLogger {
                     record.file().unwrap_or("?").to_string(),
                     record.line().unwrap_or(0),
                 );
-                let mut warns = self.warns();
-                let n = warns.entry(key).or_insert(0);
-                *n += 1;
+                let n = WARNS.with(|w| {
+                    let mut w = w.borrow_mut();
+                    let n = w.entry(key).or_insert(0);
+                    *n += 1;
+                    *n
+                });
                 assert!(
-                    *n <= 1,
+                    n <= 1,
                     "warn! repeated within one input at {}: {}",
                     site(),
                     record.args()
@@ -77,5 +77,5 @@ pub fn start_input() {
             log::set_max_level(LevelFilter::Warn);
         }
     });
-    LOGGER.warns().clear();
+    WARNS.with(|w| w.borrow_mut().clear());
 }
