@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
@@ -21,7 +21,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::test_utils::RecordingInterrupt;
+use tvm_virtio::{ActivateContext, VirtioDevice};
 
 use crate::*;
 
@@ -612,21 +613,6 @@ fn looping_chain_is_dropped() {
     assert_eq!(img.contents(), content);
 }
 
-#[derive(Default)]
-struct FakeInterrupt {
-    queue: Mutex<Vec<u16>>,
-}
-
-impl VirtioInterrupt for FakeInterrupt {
-    fn signal_queue(&self, queue: u16) -> tvm_virtio::Result<()> {
-        self.queue.lock().unwrap().push(queue);
-        Ok(())
-    }
-    fn signal_config(&self) -> tvm_virtio::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn process_queue_end_to_end() {
     let (img, content) = TempImage::with_pattern();
@@ -660,7 +646,7 @@ fn process_queue_end_to_end() {
     ];
     mock.add_desc_chains(&descs, 0).unwrap();
     let queue: Queue = mock.create_queue().unwrap();
-    let irq = Arc::new(FakeInterrupt::default());
+    let irq = Arc::new(RecordingInterrupt::default());
     let evt = EventFd::new(0).unwrap();
     disk.activate(ActivateContext {
         mem: mem.clone(),
@@ -680,7 +666,7 @@ fn process_queue_end_to_end() {
     let st2: u8 = mem.read_obj(GuestAddress(STATUS + 0x10)).unwrap();
     assert_eq!(st2, UNSUPP);
     assert_eq!(guest(&mem, DATA, 512), content[3 * 512..4 * 512]);
-    assert_eq!(*irq.queue.lock().unwrap(), vec![0]);
+    assert_eq!(irq.queues(), vec![0]);
     assert_eq!(
         disk.counters(),
         BlockCounters {
@@ -692,7 +678,7 @@ fn process_queue_end_to_end() {
     );
     // Nothing new: no interrupt.
     disk.process_queue(0);
-    assert_eq!(irq.queue.lock().unwrap().len(), 1);
+    assert_eq!(irq.queues().len(), 1);
     disk.flush().unwrap();
 
     // After a reset the queue is gone and notifications are ignored.
@@ -746,7 +732,7 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
             .store(3 + i as u16, RawDescriptor::from(d))
             .unwrap();
     }
-    let irq = Arc::new(FakeInterrupt::default());
+    let irq = Arc::new(RecordingInterrupt::default());
     disk.activate(ActivateContext {
         mem: mem.clone(),
         features: 0,
@@ -834,7 +820,7 @@ fn host_errors_are_ioerr_counted_and_one_warning_per_kind() {
     let mem = test_mem();
     let mut disk = open_disk(&img);
     let mock = MockSplitQueue::new(&mem, 16);
-    let irq = Arc::new(FakeInterrupt::default());
+    let irq = Arc::new(RecordingInterrupt::default());
     disk.activate(ActivateContext {
         mem: mem.clone(),
         features: 0,
@@ -912,7 +898,7 @@ fn activate_requires_queue_zero() {
         features: 0,
         queues: vec![queue],
         queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: Arc::new(FakeInterrupt::default()),
+        interrupt: Arc::new(RecordingInterrupt::default()),
     });
     assert!(matches!(res, Err(tvm_virtio::Error::QueueNotReady(0))));
 }
@@ -1229,7 +1215,7 @@ fn bogus_avail_index_and_head_index_log_no_errors() {
         features: 0,
         queues: vec![queue],
         queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: Arc::new(FakeInterrupt::default()),
+        interrupt: Arc::new(RecordingInterrupt::default()),
     })
     .unwrap();
 
@@ -1302,7 +1288,7 @@ fn a_media_change_serves_the_new_image_and_a_failed_one_keeps_the_old() {
         features: 0,
         queues: vec![mock.create_queue().unwrap()],
         queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: Arc::new(FakeInterrupt::default()),
+        interrupt: Arc::new(RecordingInterrupt::default()),
     })
     .unwrap();
     disk.process_queue(0);

@@ -26,7 +26,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use tvm_virtio::{features, ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::test_utils::RecordingInterrupt;
+use tvm_virtio::{features, ActivateContext, EventSet, VirtioDevice};
 
 use crate::*;
 
@@ -128,28 +129,6 @@ impl NetBackend for Fake {
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         self.state.offloads.lock().unwrap().push(flags);
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Irq {
-    signals: Mutex<Vec<u16>>,
-}
-
-impl Irq {
-    fn take(&self) -> Vec<u16> {
-        std::mem::take(&mut *self.signals.lock().unwrap())
-    }
-}
-
-impl VirtioInterrupt for Irq {
-    fn signal_queue(&self, queue: u16) -> tvm_virtio::Result<()> {
-        self.signals.lock().unwrap().push(queue);
-        Ok(())
-    }
-
-    fn signal_config(&self) -> tvm_virtio::Result<()> {
         Ok(())
     }
 }
@@ -315,7 +294,7 @@ struct Harness<'a> {
     /// The far end of the fake TAP: what the host network would see.
     peer: UnixDatagram,
     state: Arc<FakeState>,
-    irq: Arc<Irq>,
+    irq: Arc<RecordingInterrupt>,
     evts: Vec<EventFd>,
 }
 
@@ -347,7 +326,7 @@ impl<'a> Harness<'a> {
             net: Net::new(backend, MAC),
             peer,
             state,
-            irq: Arc::new(Irq::default()),
+            irq: Arc::new(RecordingInterrupt::default()),
             evts: (0..2)
                 .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
                 .collect(),

@@ -14,8 +14,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use tvm_virtio::test_utils::{self, DriverRing, QueueSetup, RecordingSink};
-use tvm_virtio::{features, ActivateContext, VirtioDevice, VirtioInterrupt, VirtioPciDevice};
+use tvm_virtio::test_utils::{self, DriverRing, QueueSetup, RecordingInterrupt, RecordingSink};
+use tvm_virtio::{features, ActivateContext, VirtioDevice, VirtioPciDevice};
 
 use crate::*;
 
@@ -223,32 +223,17 @@ fn host_random_fills_every_byte() {
     assert_ne!(buf, other);
 }
 
-#[derive(Default)]
-struct FakeInterrupt {
-    queue: Mutex<Vec<u16>>,
-}
-
-impl VirtioInterrupt for FakeInterrupt {
-    fn signal_queue(&self, queue: u16) -> tvm_virtio::Result<()> {
-        self.queue.lock().unwrap().push(queue);
-        Ok(())
-    }
-    fn signal_config(&self) -> tvm_virtio::Result<()> {
-        Ok(())
-    }
-}
-
 /// A counting device activated on a mock queue of 16 entries.
 fn active_device<'a>(
     mem: &'a GuestMemoryMmap<()>,
 ) -> (
     Rng,
     MockSplitQueue<'a, GuestMemoryMmap<()>>,
-    Arc<FakeInterrupt>,
+    Arc<RecordingInterrupt>,
 ) {
     let mock = MockSplitQueue::new(mem, 16);
     let mut rng = Rng::with_source(Box::new(Counting::default()));
-    let irq = Arc::new(FakeInterrupt::default());
+    let irq = Arc::new(RecordingInterrupt::default());
     rng.activate(ActivateContext {
         mem: mem.clone(),
         features: 0,
@@ -284,10 +269,10 @@ fn requests_are_returned_with_their_lengths_and_one_interrupt() {
     assert_eq!(used, [(0, 32), (1, 64), (2, 0)]);
     assert_eq!(guest(&mem, BUF + 0x1000, 64), stream(96)[32..]);
     assert_eq!(rng.bytes_served(), 96);
-    assert_eq!(*irq.queue.lock().unwrap(), [0]);
+    assert_eq!(irq.queues(), [0]);
     // Nothing new: no interrupt.
     rng.process_queue(0);
-    assert_eq!(irq.queue.lock().unwrap().len(), 1);
+    assert_eq!(irq.queues().len(), 1);
     // After a reset notifications are ignored.
     rng.reset();
     mock.add_desc_chains(&[desc(BUF, 8, W, 0)], 3).unwrap();
@@ -340,7 +325,7 @@ fn activate_requires_a_ready_queue() {
         features: 0,
         queues: vec![Queue::new(QUEUE_SIZE).unwrap()],
         queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: Arc::new(FakeInterrupt::default()),
+        interrupt: Arc::new(RecordingInterrupt::default()),
     });
     assert!(matches!(res, Err(tvm_virtio::Error::QueueNotReady(0))));
 }

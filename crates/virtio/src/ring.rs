@@ -227,19 +227,7 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
-
-    #[derive(Default)]
-    struct CountingIrq(std::sync::Mutex<Vec<u16>>);
-
-    impl VirtioInterrupt for CountingIrq {
-        fn signal_queue(&self, queue: u16) -> Result<()> {
-            self.0.lock().unwrap().push(queue);
-            Ok(())
-        }
-        fn signal_config(&self) -> Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_utils::RecordingInterrupt;
 
     /// 1 MiB of guest memory for a mock queue.
     fn guest_mem() -> GuestMemoryMmap<()> {
@@ -249,7 +237,7 @@ mod tests {
     /// What a test drain needs besides its queue and memory.
     struct Ends {
         evt: EventFd,
-        irq: CountingIrq,
+        irq: RecordingInterrupt,
         warn: WarnOnce,
     }
 
@@ -257,7 +245,7 @@ mod tests {
         fn new() -> Self {
             Ends {
                 evt: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
-                irq: CountingIrq::default(),
+                irq: RecordingInterrupt::default(),
                 warn: WarnOnce::new(),
             }
         }
@@ -304,16 +292,16 @@ mod tests {
         assert_eq!(drain(&mut ends, &mut q), (2, vec![0, 1]));
         assert_eq!(vq.used().idx().load(), 2);
         assert_eq!(ends.evt.read().unwrap(), 1);
-        assert_eq!(*ends.irq.0.lock().unwrap(), [3]);
+        assert_eq!(ends.irq.queues(), [3]);
         // The rest, with the used length the closure gave; nothing left to signal.
         assert_eq!(drain(&mut ends, &mut q), (1, vec![2]));
         let e = vq.used().ring().ref_at(2).unwrap().load();
         assert_eq!((e.id(), e.len()), (2, 7));
         assert!(ends.evt.read().is_err(), "no re-signal under the budget");
-        assert_eq!(*ends.irq.0.lock().unwrap(), [3, 3]);
+        assert_eq!(ends.irq.queues(), [3, 3]);
         // Nothing available: nothing served, no interrupt.
         assert_eq!(drain(&mut ends, &mut q), (0, vec![]));
-        assert_eq!(ends.irq.0.lock().unwrap().len(), 2);
+        assert_eq!(ends.irq.queues().len(), 2);
         assert!(!ends.warn.warned());
     }
 
@@ -330,7 +318,7 @@ mod tests {
         // Served (the device sees it) but not returned, so no interrupt either.
         assert_eq!(ends.drain(&mut q, &mem, 16).run_named("tx", |_| 0), 1);
         assert_eq!(vq.used().idx().load(), 0);
-        assert!(ends.irq.0.lock().unwrap().is_empty());
+        assert!(ends.irq.queues().is_empty());
         // Then an available index too far ahead: left alone, named or not.
         vq.avail().idx().store(1 + 17);
         assert_eq!(ends.drain(&mut q, &mem, 16).run_named("tx", |_| 0), 0);

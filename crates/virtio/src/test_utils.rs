@@ -4,7 +4,9 @@
 //! Fakes and a guest-driver harness for tests that drive a device behind
 //! [`VirtioPciDevice`] the way a guest driver would: the register offsets by name, a
 //! [`NullDevice`] and a [`NullSink`] for tests that need a device or a sink but never look
-//! at it, an [`InterruptSink`] that records what it is asked to do ([`RecordingSink`]),
+//! at it, an [`InterruptSink`] that records what it is asked to do ([`RecordingSink`]), a
+//! [`VirtioInterrupt`] that records the queues a device signals when it runs without a
+//! transport ([`RecordingInterrupt`]),
 //! MSI-X programming, feature negotiation and queue set-up through the BAR, and driver
 //! rings whose used ring can be read back.
 //!
@@ -46,8 +48,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{
-    features, status, ActivateContext, InterruptSink, MsixEntry, VirtioDevice, VirtioPciDevice,
-    NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
+    features, status, ActivateContext, InterruptSink, MsixEntry, VirtioDevice, VirtioInterrupt,
+    VirtioPciDevice, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
 };
 
 /// BAR offsets of the common configuration fields (`virtio_pci_common_cfg`, virtio 1.2,
@@ -180,6 +182,37 @@ impl InterruptSink for NullSink {
     }
 
     fn intx(&self, _level: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`VirtioInterrupt`] that records every queue a device signals, in order, and takes
+/// configuration interrupts without recording them: for tests that activate a device
+/// directly, without a transport.
+#[derive(Debug, Default)]
+pub struct RecordingInterrupt {
+    queues: Mutex<Vec<u16>>,
+}
+
+impl RecordingInterrupt {
+    /// The queues signalled since the last [`take`](Self::take), in order.
+    pub fn queues(&self) -> Vec<u16> {
+        lock(&self.queues).clone()
+    }
+
+    /// The queues signalled since the last call, in order; forgets them.
+    pub fn take(&self) -> Vec<u16> {
+        std::mem::take(&mut *lock(&self.queues))
+    }
+}
+
+impl VirtioInterrupt for RecordingInterrupt {
+    fn signal_queue(&self, queue: u16) -> crate::Result<()> {
+        lock(&self.queues).push(queue);
+        Ok(())
+    }
+
+    fn signal_config(&self) -> crate::Result<()> {
         Ok(())
     }
 }

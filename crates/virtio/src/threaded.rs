@@ -422,7 +422,7 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use super::*;
-    use crate::VirtioInterrupt;
+    use crate::test_utils::RecordingInterrupt;
 
     /// What the fake device saw, and a gate that holds it inside `process_queue`.
     #[derive(Default)]
@@ -515,17 +515,6 @@ mod tests {
         }
     }
 
-    struct NoInterrupt;
-
-    impl VirtioInterrupt for NoInterrupt {
-        fn signal_queue(&self, _queue: u16) -> Result<()> {
-            Ok(())
-        }
-        fn signal_config(&self) -> Result<()> {
-            Ok(())
-        }
-    }
-
     /// A threaded fake device, activated; returns it with the probe and the queue
     /// EventFds as the transport keeps them.
     fn started() -> (Threaded<FakeDevice>, Arc<Probe>, Vec<EventFd>) {
@@ -544,7 +533,7 @@ mod tests {
             features: 0,
             queues: vec![Queue::new(16).unwrap(), Queue::new(16).unwrap()],
             queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
-            interrupt: Arc::new(NoInterrupt),
+            interrupt: Arc::new(RecordingInterrupt::default()),
         };
         t.activate(ctx).unwrap();
         (t, probe, evts)

@@ -12,7 +12,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -22,8 +22,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
 
-use tvm_virtio::test_utils::{desc, DriverRing};
-use tvm_virtio::{ActivateContext, EventSet, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::test_utils::{desc, DriverRing, RecordingInterrupt};
+use tvm_virtio::{ActivateContext, EventSet, VirtioDevice};
 
 use crate::packet::{op, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use crate::*;
@@ -75,28 +75,6 @@ fn gpkt(op: u16, src_port: u32, dst_port: u32) -> Header {
 /// Bytes 0, 1, ... 250, 0, ...: each byte says where in the stream it came from.
 fn pattern(len: usize, seed: usize) -> Vec<u8> {
     (0..len).map(|i| ((i + seed) % 251) as u8).collect()
-}
-
-#[derive(Default)]
-struct Irq {
-    signals: Mutex<Vec<u16>>,
-}
-
-impl Irq {
-    fn take(&self) -> Vec<u16> {
-        std::mem::take(&mut *self.signals.lock().unwrap())
-    }
-}
-
-impl VirtioInterrupt for Irq {
-    fn signal_queue(&self, queue: u16) -> tvm_virtio::Result<()> {
-        self.signals.lock().unwrap().push(queue);
-        Ok(())
-    }
-
-    fn signal_config(&self) -> tvm_virtio::Result<()> {
-        Ok(())
-    }
 }
 
 /// A driver's split ring: chains at consecutive descriptor indices, used entries read in
@@ -176,7 +154,7 @@ struct Guest<'a> {
     tx: Ring<'a>,
     ev: Ring<'a>,
     dev: Vsock,
-    irq: Arc<Irq>,
+    irq: Arc<RecordingInterrupt>,
     /// Watches the device's event source, as the VMM's event loop does.
     outer: Epoll,
     /// RX head -> buffer address.
@@ -219,7 +197,7 @@ impl<'a> Guest<'a> {
             tx: Ring::new(mem, TX_RING),
             ev: Ring::new(mem, EV_RING),
             dev,
-            irq: Arc::new(Irq::default()),
+            irq: Arc::new(RecordingInterrupt::default()),
             outer,
             rx_bufs: HashMap::new(),
             rx_slot: 0,
