@@ -146,6 +146,21 @@ fn run<B: BlockBackend>(
     run_request(mem, descs, info, backend).len
 }
 
+/// Activates `disk` on `queue` (no features, a fresh notification EventFd); returns the
+/// interrupt it signals.
+fn activate(disk: &mut Block, mem: &GuestMemoryMmap<()>, queue: Queue) -> Arc<RecordingInterrupt> {
+    let irq = Arc::new(RecordingInterrupt::default());
+    disk.activate(ActivateContext {
+        mem: mem.clone(),
+        features: 0,
+        queues: vec![queue],
+        queue_evts: vec![EventFd::new(0).unwrap()],
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    irq
+}
+
 fn status(mem: &GuestMemoryMmap<()>) -> u8 {
     mem.read_obj(GuestAddress(STATUS)).unwrap()
 }
@@ -645,17 +660,7 @@ fn process_queue_end_to_end() {
         RawDescriptor::from(SplitDescriptor::new(STATUS + 0x10, 1, W, 0)),
     ];
     mock.add_desc_chains(&descs, 0).unwrap();
-    let queue: Queue = mock.create_queue().unwrap();
-    let irq = Arc::new(RecordingInterrupt::default());
-    let evt = EventFd::new(0).unwrap();
-    disk.activate(ActivateContext {
-        mem: mem.clone(),
-        features: 0,
-        queues: vec![queue],
-        queue_evts: vec![evt],
-        interrupt: irq.clone(),
-    })
-    .unwrap();
+    let irq = activate(&mut disk, &mem, mock.create_queue().unwrap());
     disk.process_queue(0);
     assert_eq!(mock.used().idx().load(), 2);
     let e0 = mock.used().ring().ref_at(0).unwrap().load();
@@ -732,15 +737,7 @@ fn broken_requests_rings_and_config_writes_are_one_warning_each() {
             .store(3 + i as u16, RawDescriptor::from(d))
             .unwrap();
     }
-    let irq = Arc::new(RecordingInterrupt::default());
-    disk.activate(ActivateContext {
-        mem: mem.clone(),
-        features: 0,
-        queues: vec![mock.create_queue().unwrap()],
-        queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: irq.clone(),
-    })
-    .unwrap();
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
     let avail = |i: usize, head: u16| {
         mock.avail().ring().ref_at(i).unwrap().store(head);
         mock.avail().idx().store(i as u16 + 1);
@@ -820,15 +817,7 @@ fn host_errors_are_ioerr_counted_and_one_warning_per_kind() {
     let mem = test_mem();
     let mut disk = open_disk(&img);
     let mock = MockSplitQueue::new(&mem, 16);
-    let irq = Arc::new(RecordingInterrupt::default());
-    disk.activate(ActivateContext {
-        mem: mem.clone(),
-        features: 0,
-        queues: vec![mock.create_queue().unwrap()],
-        queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: irq.clone(),
-    })
-    .unwrap();
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
     let next = VRING_DESC_F_NEXT as u16;
     let mut head = 0u16;
     // One write of sector 2 per call; returns its status byte.
@@ -1210,14 +1199,7 @@ fn bogus_avail_index_and_head_index_log_no_errors() {
     ];
     mock.add_desc_chains(&descs, 0).unwrap();
     let queue: Queue = mock.create_queue().unwrap();
-    disk.activate(ActivateContext {
-        mem: mem.clone(),
-        features: 0,
-        queues: vec![queue],
-        queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: Arc::new(RecordingInterrupt::default()),
-    })
-    .unwrap();
+    activate(&mut disk, &mem, queue);
 
     // 31 entries available in a 16-entry queue (what the fuzzer sent): nothing is popped.
     mock.avail().idx().store(31);
@@ -1283,14 +1265,7 @@ fn a_media_change_serves_the_new_image_and_a_failed_one_keeps_the_old() {
     };
     write_header(&mem, VIRTIO_BLK_T_IN, 3);
     mock.add_desc_chains(&read_chain(0), 0).unwrap();
-    disk.activate(ActivateContext {
-        mem: mem.clone(),
-        features: 0,
-        queues: vec![mock.create_queue().unwrap()],
-        queue_evts: vec![EventFd::new(0).unwrap()],
-        interrupt: Arc::new(RecordingInterrupt::default()),
-    })
-    .unwrap();
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
     disk.process_queue(0);
     assert_eq!(guest(&mem, DATA, 512), old_content[3 * 512..4 * 512]);
 
