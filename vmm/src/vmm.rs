@@ -44,7 +44,6 @@ use crate::vcpu::{install_kick_handler, kick_signal, ExitReason, ExitSignal, Vcp
 use crate::virtio::VirtioPciWiring;
 use crate::{Error, Result};
 
-/// A virtio-blk device on the PCI bus.
 /// A virtio-blk device on the PCI bus, its queue served by a worker thread of its own.
 type BlockDevice = Arc<Mutex<VirtioPciDevice<Threaded<Block>>>>;
 /// A virtio-net device on the PCI bus.

@@ -159,17 +159,7 @@ impl<D: VirtioDevice + 'static> Threaded<D> {
     /// The device, locked, if the batch the worker is serving ends within `limit`; `None`
     /// when a request is stuck (an image on a file system that stopped answering).
     pub fn lock_within(&self, limit: Duration) -> Option<MutexGuard<'_, D>> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.shared.device.try_lock() {
-                Ok(guard) => return Some(guard),
-                Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => return None,
-            }
-        }
+        lock_within(&self.shared.device, limit)
     }
 
     /// Runs `f` on the locked device, then takes a new copy of its config (for a change
@@ -188,21 +178,9 @@ impl<D: VirtioDevice + 'static> Threaded<D> {
         limit: Duration,
         f: impl FnOnce(&mut D) -> R,
     ) -> Option<R> {
-        let config = &mut self.config;
-        let shared = &self.shared;
-        let deadline = Instant::now() + limit;
-        let mut device = loop {
-            match shared.device.try_lock() {
-                Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => return None,
-            }
-        };
+        let mut device = lock_within(&self.shared.device, limit)?;
         let r = f(&mut device);
-        device.read_config(0, config);
+        device.read_config(0, &mut self.config);
         Some(r)
     }
 
@@ -250,6 +228,21 @@ impl<D: VirtioDevice + 'static> Drop for Threaded<D> {
         }
         if t.join().is_err() {
             warn!("{}: the worker thread panicked", self.name);
+        }
+    }
+}
+
+/// `mutex`, locked, if it comes free within `limit` (a poisoned lock is taken as it is).
+fn lock_within<T>(mutex: &Mutex<T>, limit: Duration) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match mutex.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
         }
     }
 }
