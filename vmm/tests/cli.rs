@@ -29,7 +29,7 @@ fn write_kernel(name: &str, code: &[u8]) -> PathBuf {
 
 /// Runs the vmm with stdin from /dev/null, killing it after 30 s.
 fn run_vmm(args: &[&str]) -> Output {
-    let mut child = Command::new(VMM)
+    let mut child = tvm_tests::vmm_command(VMM)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -297,7 +297,7 @@ fn spawn_halting_guest_with(name: &str, extra: &[&str]) -> std::process::Child {
         .halt_forever()
         .finish();
     let kernel = write_kernel(name, &code);
-    Command::new(VMM)
+    tvm_tests::vmm_command(VMM)
         .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
         .args(extra)
         .stdin(Stdio::piped())
@@ -616,7 +616,7 @@ fn kvm_sigterm_ends_a_four_cpu_halted_guest_cleanly() {
 /// Starts the vmm with `--cpus N --log-level debug` on `code`, stdin piped.
 fn spawn_smp_guest(name: &str, code: &[u8], cpus: u8) -> std::process::Child {
     let kernel = write_kernel(name, code);
-    Command::new(VMM)
+    tvm_tests::vmm_command(VMM)
         .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
         .args(["--cpus", &cpus.to_string(), "--log-level", "debug"])
         .stdin(Stdio::piped())
@@ -854,7 +854,7 @@ fn bad_disks_are_one_clear_error_and_leave_the_file_alone() {
 
 #[test]
 fn help_names_every_option() {
-    let out = Command::new(VMM).arg("--help").output().unwrap();
+    let out = tvm_tests::vmm_command(VMM).arg("--help").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let help = text(&out.stdout);
     for opt in [
@@ -1333,7 +1333,7 @@ fn wait_for_path(path: &std::path::Path) {
 /// left at SOCK by an earlier run is removed first).
 fn spawn_api_vmm(sock: &Path, extra: &[&str]) -> std::process::Child {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new(VMM)
+    let child = tvm_tests::vmm_command(VMM)
         .arg("--api-sock")
         .arg(sock)
         .args(extra)
@@ -1690,7 +1690,7 @@ fn kvm_a_firecracker_client_library_from_pypi_drives_the_vmm() {
     let kernel = write_kernel("pyclient.elf", &ticking_guest_that_reboots_on_ctrl());
     let sock = scratch("pyclient.sock");
     let _ = std::fs::remove_file(&sock);
-    let child = Command::new(VMM)
+    let child = tvm_tests::vmm_command(VMM)
         .args(["--api-sock", sock.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

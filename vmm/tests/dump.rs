@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,7 @@ fn kvm_sigusr2_dumps_a_spinning_guest_and_it_keeps_running() {
     let disk = scratch("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
 
-    let mut child = Command::new(VMM)
+    let mut child = tvm_tests::vmm_command(VMM)
         .args(["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
         .args(["--system-map", map.to_str().unwrap()])
         .args(["--disk", disk.to_str().unwrap()])

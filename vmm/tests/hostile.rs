@@ -598,7 +598,7 @@ impl Running {
         let k = disks.dir.join("guest.elf");
         std::fs::write(&k, kernel).unwrap();
         let arg = |p: &Path| p.to_str().unwrap().to_string();
-        let mut child = Command::new(VMM)
+        let mut child = tvm_tests::vmm_command(VMM)
             .args(["--kernel", &arg(&k), "--memory", "64M"])
             .args(
                 log_level()
