@@ -262,6 +262,8 @@ pub fn run(data: &[u8]) {
         path: file.path().to_path_buf(),
         read_only,
         id: Some(DISK_ID.into()),
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .expect("a fresh image opens");
     let sink = Arc::new(RecordingSink::default());

@@ -30,7 +30,7 @@ use tvm_virtio::{
     features, status, MsixEntry, VirtioDevice, VirtioPciDevice, MSIX_TABLE_OFFSET, NOTIFY_OFFSET,
     VIRTIO_MSI_NO_VECTOR,
 };
-use tvm_virtio_blk::{Block, BlockConfig};
+use tvm_virtio_blk::{Block, BlockConfig, IoEngine};
 use tvm_virtio_net::Net;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -118,6 +118,8 @@ pub fn run(data: &[u8]) {
             path: file.path().to_path_buf(),
             read_only: false,
             id: None,
+            engine: IoEngine::Sync,
+            ..BlockConfig::default()
         })
         .expect("a fresh image opens");
         let dev = VirtioPciDevice::new(block, mem.clone(), sink.clone()).expect("transport");

@@ -29,6 +29,7 @@
 //!     path: "disk.ext4".into(),
 //!     read_only: false,
 //!     id: Some("root".into()),
+//!     ..BlockConfig::default()
 //! })?;
 //! assert!(!disk.info().read_only);
 //! # Ok::<(), tvm_virtio_blk::Error>(())
@@ -40,11 +41,13 @@ use std::io;
 use std::path::PathBuf;
 
 mod device;
+mod engine;
 mod request;
 
 pub use device::{
-    Block, BlockConfig, BlockCounters, BLK_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
-    MAX_HOST_ERROR_KINDS, QUEUE_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK,
+    Block, BlockConfig, BlockCounters, CacheMode, IoEngine, BLK_SIZE, MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG, MAX_HOST_ERROR_KINDS, MAX_QUEUES, QUEUE_SIZE, SEG_MAX, SIZE_MAX,
+    VIRTIO_ID_BLOCK,
 };
 pub use request::{
     handle_request, BlockBackend, Completion, DiskInfo, HostError, Outcome, ID_LEN, SECTOR_SIZE,
@@ -87,6 +90,22 @@ pub enum Error {
     /// The configured serial (GET_ID) is longer than 20 bytes.
     #[error("disk id {0:?} is longer than 20 bytes")]
     InvalidId(String),
+    /// `cache=none` asked for an image whose file system has no direct I/O (or, for a
+    /// media change, another direct-I/O alignment than the drive was started with).
+    #[error("disk image {}: direct i/o (cache=none) is not possible there", .0.display())]
+    NoDirectIo(PathBuf),
+    /// `num_queues` out of range.
+    #[error("num_queues={0}: a disk has 1 to 64 queues")]
+    InvalidQueues(u16),
+    /// io_uring was asked for and the kernel does not offer it.
+    #[error("disk image {}: io_uring is not available", .path.display())]
+    IoUring {
+        /// The image path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// `fdatasync` failed.
     #[error("failed to flush disk image {}", .path.display())]
     Flush {

@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::{BitmapSlice, BS};
-use vm_memory::{Bytes, GuestMemory, Permissions, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 /// Bytes per virtio-blk sector, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -323,6 +323,10 @@ pub struct DiskInfo {
     pub max_discard_seg: u32,
     /// Most sectors in one DISCARD or WRITE_ZEROES segment.
     pub max_discard_sectors: u32,
+    /// The logical block size the driver was told (VIRTIO_BLK_F_BLK_SIZE): a multiple of
+    /// 512; reads and writes must be aligned to it in offset and length (more than 512
+    /// only where the host's direct I/O asks for it).
+    pub block_size: u32,
 }
 
 /// What [`handle_request`] did with a request.
@@ -372,7 +376,8 @@ pub struct HostError {
 }
 
 /// Why a request failed: the status to answer, and the driver's or the host's error.
-struct Failed {
+#[derive(Debug)]
+pub(crate) struct Failed {
     status: u8,
     driver_error: Option<String>,
     host_error: Option<HostError>,
@@ -389,7 +394,7 @@ fn ioerr(msg: std::fmt::Arguments<'_>) -> Failed {
 }
 
 /// The host failed a valid request with `err` while doing `during`: IOERR.
-fn host_err(during: std::fmt::Arguments<'_>, err: &io::Error) -> Failed {
+pub(crate) fn host_err(during: std::fmt::Arguments<'_>, err: &io::Error) -> Failed {
     debug!("virtio-blk: i/o error: {during}: {err}");
     Failed {
         status: STATUS_IOERR,
@@ -422,6 +427,54 @@ fn unanswered(msg: String) -> Completion {
     }
 }
 
+/// A request that validated, with what is left to do.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    /// Where the status byte goes.
+    pub(crate) status: GuestAddress,
+    /// Bytes the device already wrote into the chain (a GET_ID's answer); a read adds its
+    /// data when it completes.
+    pub(crate) written: u32,
+    pub(crate) work: Work,
+}
+
+/// What a validated request asks of the image.
+#[derive(Debug)]
+pub(crate) enum Work {
+    /// Read `total` bytes at `offset` into the data descriptors (checked: device-writable,
+    /// in guest memory).
+    Read {
+        offset: u64,
+        total: u64,
+        data: Vec<Descriptor>,
+    },
+    /// Write the data descriptors (checked: device-readable, in guest memory), `total`
+    /// bytes, at `offset`.
+    Write {
+        offset: u64,
+        total: u64,
+        data: Vec<Descriptor>,
+    },
+    /// Make written data durable.
+    Flush,
+    /// Discard (or zero, `discard == false`) each `(offset, len)` byte range, in order.
+    Ranges {
+        discard: bool,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Nothing left to do (GET_ID, answered while parsing).
+    Done(Outcome),
+}
+
+/// What [`prepare`] made of a chain.
+#[derive(Debug)]
+pub(crate) enum Prepared {
+    /// Valid: execute it, then [`finish`] it.
+    Ready(Parsed),
+    /// Answered already (refused, or no usable status byte).
+    Answered(Completion),
+}
+
 /// Parses, validates and executes the request in `chain`, writes its status byte and
 /// returns the number of bytes written to guest memory (for the used ring) and, for a
 /// request that broke the rules, what was wrong.
@@ -440,45 +493,83 @@ pub fn handle_request<M: GuestMemory, B: BlockBackend>(
     disk: &DiskInfo,
     backend: &mut B,
 ) -> Completion {
+    match prepare(mem, chain, disk) {
+        Prepared::Answered(done) => done,
+        Prepared::Ready(p) => {
+            let result = execute(mem, &p.work, backend);
+            let written = match &result {
+                // total <= seg_max * size_max, far below 4 GiB.
+                Ok(Outcome::Read(n)) => p.written.saturating_add(*n as u32),
+                _ => p.written,
+            };
+            finish(mem, p.status, written, result)
+        }
+    }
+}
+
+/// Parses and validates the request in `chain` (see [`handle_request`]); answers one that
+/// fails validation, and executes a GET_ID (it needs nothing from the image).
+pub(crate) fn prepare<M: GuestMemory>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+    disk: &DiskInfo,
+) -> Prepared {
     // Header + data + status; one more to notice a chain that is too long.
     let limit = disk.seg_max as usize + 3;
     let descs: Vec<Descriptor> = chain.take(limit).collect();
     let Some((status, rest)) = descs.split_last() else {
-        return unanswered("empty descriptor chain".into());
+        return Prepared::Answered(unanswered("empty descriptor chain".into()));
     };
     if status.has_next() {
         // virtio-queue stops a chain after queue-size descriptors, so a loop ends here;
         // it also stops before a descriptor that takes the chain past 4 GiB.
-        return unanswered(format!(
+        return Prepared::Answered(unanswered(format!(
             "descriptor chain loops, or is longer than {} descriptors or 4 GiB",
             limit - 1
-        ));
+        )));
     }
     if !status.is_write_only()
         || status.len() == 0
         || !mem.check_range(status.addr(), 1, Permissions::Write)
     {
-        return unanswered(format!(
+        return Prepared::Answered(unanswered(format!(
             "unusable status descriptor at {:#x}, {} bytes, flags {:#x}",
             status.addr().0,
             status.len(),
             status.flags()
-        ));
+        )));
     }
     let mut written = 0u32;
-    let (code, driver_error, host_error, outcome) =
-        match execute(mem, rest, disk, backend, &mut written) {
-            Ok(outcome) => (STATUS_OK, None, None, outcome),
-            Err(f) => {
-                let outcome = match (&f.driver_error, f.status) {
-                    (Some(_), _) => Outcome::DriverError,
-                    (None, STATUS_UNSUPP) => Outcome::Unsupported,
-                    (None, _) => Outcome::HostError,
-                };
-                (f.status, f.driver_error, f.host_error, outcome)
-            }
-        };
-    let len = match mem.write_obj(code, status.addr()) {
+    match parse(mem, rest, disk, &mut written) {
+        Ok(work) => Prepared::Ready(Parsed {
+            status: status.addr(),
+            written,
+            work,
+        }),
+        Err(f) => Prepared::Answered(finish(mem, status.addr(), written, Err(f))),
+    }
+}
+
+/// Writes the status byte of a request that ended with `result` at `status` and says what
+/// became of it; `written` is what the device put in the chain's data buffers.
+pub(crate) fn finish<M: GuestMemory>(
+    mem: &M,
+    status: GuestAddress,
+    written: u32,
+    result: Result<Outcome, Failed>,
+) -> Completion {
+    let (code, driver_error, host_error, outcome) = match result {
+        Ok(outcome) => (STATUS_OK, None, None, outcome),
+        Err(f) => {
+            let outcome = match (&f.driver_error, f.status) {
+                (Some(_), _) => Outcome::DriverError,
+                (None, STATUS_UNSUPP) => Outcome::Unsupported,
+                (None, _) => Outcome::HostError,
+            };
+            (f.status, f.driver_error, f.host_error, outcome)
+        }
+    };
+    let len = match mem.write_obj(code, status) {
         Ok(()) => written.saturating_add(1),
         Err(e) => {
             debug!("virtio-blk: failed to write the status byte: {e}");
@@ -531,7 +622,7 @@ fn check_data<M: GuestMemory>(
 }
 
 /// The host memory behind the data descriptors (checked by [`check_data`]), in order.
-fn guest_slices<'a, M: GuestMemory>(
+pub(crate) fn guest_slices<'a, M: GuestMemory>(
     mem: &'a M,
     data: &[Descriptor],
     perm: Permissions,
@@ -548,13 +639,14 @@ fn guest_slices<'a, M: GuestMemory>(
     Ok(slices)
 }
 
-fn execute<M: GuestMemory, B: BlockBackend>(
+/// Validates the request whose header and data descriptors are `descs`; answers a
+/// GET_ID (adding its bytes to `written`).
+fn parse<M: GuestMemory>(
     mem: &M,
     descs: &[Descriptor],
     disk: &DiskInfo,
-    backend: &mut B,
     written: &mut u32,
-) -> Result<Outcome, Failed> {
+) -> Result<Work, Failed> {
     let (hdr, data) = descs
         .split_first()
         .ok_or_else(|| ioerr(format_args!("no header descriptor")))?;
@@ -584,9 +676,10 @@ fn execute<M: GuestMemory, B: BlockBackend>(
             if total == 0 {
                 return Err(ioerr(format_args!("transfer without data")));
             }
-            if total % SECTOR_SIZE != 0 {
+            let align = u64::from(disk.block_size.max(SECTOR_SIZE as u32));
+            if total % align != 0 {
                 return Err(ioerr(format_args!(
-                    "data length {total} not a multiple of 512"
+                    "data length {total} not a multiple of {align}"
                 )));
             }
             let end = sector.checked_add(total / SECTOR_SIZE);
@@ -599,30 +692,27 @@ fn execute<M: GuestMemory, B: BlockBackend>(
             }
             // sector + len <= capacity <= u64::MAX / 512: no overflow.
             let offset = sector * SECTOR_SIZE;
-            let perm = if write_to_guest {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
-            let slices = guest_slices(mem, data, perm)?;
-            if write_to_guest {
-                backend
-                    .read_vectored_at(&slices, offset)
-                    .map_err(|e| host_err(format_args!("read at {offset}"), &e))?;
-                // total <= seg_max * size_max, far below 4 GiB.
-                *written = written.saturating_add(u32::try_from(total).unwrap_or(u32::MAX));
-                Ok(Outcome::Read(total))
-            } else {
-                backend
-                    .write_vectored_at(&slices, offset)
-                    .map_err(|e| host_err(format_args!("write at {offset}"), &e))?;
-                Ok(Outcome::Written(total))
+            if offset % align != 0 {
+                return Err(ioerr(format_args!(
+                    "sector {sector} not aligned to the {align}-byte block size"
+                )));
             }
+            let data = data.to_vec();
+            Ok(if write_to_guest {
+                Work::Read {
+                    offset,
+                    total,
+                    data,
+                }
+            } else {
+                Work::Write {
+                    offset,
+                    total,
+                    data,
+                }
+            })
         }
-        VIRTIO_BLK_T_FLUSH => backend
-            .flush()
-            .map(|()| Outcome::Flushed)
-            .map_err(|e| host_err(format_args!("flush"), &e)),
+        VIRTIO_BLK_T_FLUSH => Ok(Work::Flush),
         VIRTIO_BLK_T_GET_ID => {
             if data.is_empty() {
                 return Err(ioerr(format_args!("get-id without a buffer")));
@@ -637,28 +727,87 @@ fn execute<M: GuestMemory, B: BlockBackend>(
                 *written = written.saturating_add(n as u32);
                 id = &id[n..];
             }
-            Ok(Outcome::Other)
+            Ok(Work::Done(Outcome::Other))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if !disk.discard || disk.read_only {
                 return Err(unsupp(format_args!("discard/write-zeroes not offered")));
             }
-            discard_or_zero(mem, data, disk, backend, req_type == VIRTIO_BLK_T_DISCARD)
-                .map(|()| Outcome::Other)
+            let discard = req_type == VIRTIO_BLK_T_DISCARD;
+            let ranges = discard_ranges(mem, data, disk, discard)?;
+            Ok(Work::Ranges { discard, ranges })
         }
         other => Err(unsupp(format_args!("unsupported request type {other}"))),
     }
 }
 
-/// DISCARD / WRITE_ZEROES (virtio 1.2, 5.2.6): reads and checks every segment, then
-/// executes them.
-fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
+/// Executes validated `work` on `backend`, synchronously.
+fn execute<M: GuestMemory, B: BlockBackend>(
+    mem: &M,
+    work: &Work,
+    backend: &mut B,
+) -> Result<Outcome, Failed> {
+    match work {
+        Work::Read {
+            offset,
+            total,
+            data,
+        } => {
+            let slices = guest_slices(mem, data, Permissions::Write)?;
+            backend
+                .read_vectored_at(&slices, *offset)
+                .map_err(|e| host_err(format_args!("read at {offset}"), &e))?;
+            Ok(Outcome::Read(*total))
+        }
+        Work::Write {
+            offset,
+            total,
+            data,
+        } => {
+            let slices = guest_slices(mem, data, Permissions::Read)?;
+            backend
+                .write_vectored_at(&slices, *offset)
+                .map_err(|e| host_err(format_args!("write at {offset}"), &e))?;
+            Ok(Outcome::Written(*total))
+        }
+        Work::Flush => backend
+            .flush()
+            .map(|()| Outcome::Flushed)
+            .map_err(|e| host_err(format_args!("flush"), &e)),
+        Work::Ranges { discard, ranges } => {
+            for &(offset, len) in ranges {
+                let res = if *discard {
+                    backend.discard(offset, len)
+                } else {
+                    backend.write_zeroes(offset, len)
+                };
+                res.map_err(|e| {
+                    host_err(format_args!("{} at {offset}+{len}", range_op(*discard)), &e)
+                })?;
+            }
+            Ok(Outcome::Other)
+        }
+        Work::Done(outcome) => Ok(*outcome),
+    }
+}
+
+/// The name of a DISCARD or WRITE_ZEROES operation, for errors.
+pub(crate) fn range_op(discard: bool) -> &'static str {
+    if discard {
+        "discard"
+    } else {
+        "write-zeroes"
+    }
+}
+
+/// DISCARD / WRITE_ZEROES (virtio 1.2, 5.2.6): reads and checks every segment; returns
+/// their byte ranges.
+fn discard_ranges<M: GuestMemory>(
     mem: &M,
     data: &[Descriptor],
     disk: &DiskInfo,
-    backend: &mut B,
     discard: bool,
-) -> Result<(), Failed> {
+) -> Result<Vec<(u64, u64)>, Failed> {
     let max_total = u64::from(disk.max_discard_seg) * SEGMENT_LEN;
     let total = check_data(mem, data, false, u32::MAX)?;
     if total == 0 || total % SEGMENT_LEN != 0 || total > max_total {
@@ -704,16 +853,5 @@ fn discard_or_zero<M: GuestMemory, B: BlockBackend>(
         }
         ranges.push((sector * SECTOR_SIZE, u64::from(num) * SECTOR_SIZE));
     }
-    for (offset, len) in ranges {
-        let res = if discard {
-            backend.discard(offset, len)
-        } else {
-            backend.write_zeroes(offset, len)
-        };
-        res.map_err(|e| {
-            let op = if discard { "discard" } else { "write-zeroes" };
-            host_err(format_args!("{op} at {offset}+{len}"), &e)
-        })?;
-    }
-    Ok(())
+    Ok(ranges)
 }

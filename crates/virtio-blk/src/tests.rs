@@ -26,6 +26,10 @@ use tvm_virtio::{ActivateContext, VirtioDevice};
 
 use crate::*;
 
+/// The asynchronous engine's tests, which share this module's helpers.
+#[path = "async_tests.rs"]
+mod async_tests;
+
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
@@ -87,6 +91,8 @@ fn open_disk(img: &TempImage) -> Block {
         path: img.path.clone(),
         read_only: false,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap()
 }
@@ -110,6 +116,7 @@ fn info(read_only: bool) -> DiskInfo {
         discard: !read_only,
         max_discard_seg: 2,
         max_discard_sectors: 8,
+        block_size: 512,
     }
 }
 
@@ -290,6 +297,8 @@ fn get_id() {
         path: img.path.clone(),
         read_only: true,
         id: Some("serial-1".into()),
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap();
     assert_eq!(&disk.info().id[..9], b"serial-1\0");
@@ -298,6 +307,8 @@ fn get_id() {
         path: img.path.clone(),
         read_only: true,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap();
     assert!(disk.info().id.starts_with(b"tvm"));
@@ -306,6 +317,8 @@ fn get_id() {
             path: img.path.clone(),
             read_only: true,
             id: Some("x".repeat(21)),
+            engine: IoEngine::Sync,
+            ..BlockConfig::default()
         }),
         Err(Error::InvalidId(_))
     ));
@@ -325,6 +338,8 @@ fn read_only_refuses_writes() {
         path: img.path.clone(),
         read_only: true,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap();
     assert_ne!(disk.device_features() & 1 << VIRTIO_BLK_F_RO, 0);
@@ -899,6 +914,8 @@ fn open_locks_and_errors() {
         path: img.path.clone(),
         read_only: false,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     };
     let first = Block::open(rw.clone()).unwrap();
     let err = Block::open(rw.clone()).unwrap_err();
@@ -919,6 +936,8 @@ fn open_locks_and_errors() {
         path: img.path.with_extension("missing"),
         read_only: false,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     });
     assert!(matches!(missing, Err(Error::Open { .. })));
 }
@@ -1246,6 +1265,8 @@ fn a_media_change_serves_the_new_image_and_a_failed_one_keeps_the_old() {
         path: old.path.clone(),
         read_only: false,
         id: Some("drive0".into()),
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -1295,6 +1316,8 @@ fn a_media_change_serves_the_new_image_and_a_failed_one_keeps_the_old() {
         path: new.path.clone(),
         read_only: false,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     };
     assert!(matches!(Block::open(rw.clone()), Err(Error::Locked(_))));
 
@@ -1324,6 +1347,8 @@ fn a_read_only_drive_stays_read_only_across_a_media_change() {
         path: old.path.clone(),
         read_only: true,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap();
     disk.change_media(new.path.clone()).unwrap();
@@ -1334,6 +1359,8 @@ fn a_read_only_drive_stays_read_only_across_a_media_change() {
         path: new.path.clone(),
         read_only: true,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     };
     drop(Block::open(ro.clone()).unwrap());
     let rw = BlockConfig {

@@ -17,7 +17,7 @@ use tvm_virtio::test_utils::{
     desc, enable_msix, init_driver, notify, set_status, DriverRing, QueueSetup, RecordingSink,
 };
 use tvm_virtio::{features, VirtioPciDevice, NOTIFY_OFFSET};
-use tvm_virtio_blk::{Block, BlockConfig};
+use tvm_virtio_blk::{Block, BlockConfig, IoEngine};
 use virtio_bindings::virtio_blk::{
     virtio_blk_outhdr, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -57,6 +57,8 @@ fn guest_driver_round_trip_with_reset() {
         path: path.clone(),
         read_only: false,
         id: None,
+        engine: IoEngine::Sync,
+        ..BlockConfig::default()
     })
     .unwrap();
     let sink = Arc::new(RecordingSink::default());

@@ -128,6 +128,26 @@ impl QueueDrain<'_> {
     where
         F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> u32,
     {
+        self.drain(queue_name, |chain| Some(serve(chain)))
+    }
+
+    /// [`run`](Self::run) for a device that completes some chains later (an asynchronous
+    /// I/O engine): `serve` returns the used length of a chain it finished at once, or
+    /// `None` for one it keeps, which the device puts in the used ring itself when it
+    /// completes ([`add_used`], then [`signal_used`](Self::signal_used)). Keep `budget` at
+    /// most the chains the device can still hold; when it is reached the queue is
+    /// re-signalled as by [`run`](Self::run). Returns how many chains were popped.
+    pub fn run_async<F>(self, serve: F) -> usize
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> Option<u32>,
+    {
+        self.drain("", serve)
+    }
+
+    fn drain<F>(self, queue_name: &str, mut serve: F) -> usize
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> Option<u32>,
+    {
         let QueueDrain {
             name,
             index,
@@ -163,10 +183,11 @@ impl QueueDrain<'_> {
                 };
                 popped = true;
                 let head = chain.head_index();
-                let len = serve(chain);
-                match add_used(queue, mem, head, len) {
-                    Ok(()) => used_any = true,
-                    Err(e) => warn_once!(ring_warn, "{name}: {q}chain not returned: {e}"),
+                if let Some(len) = serve(chain) {
+                    match add_used(queue, mem, head, len) {
+                        Ok(()) => used_any = true,
+                        Err(e) => warn_once!(ring_warn, "{name}: {q}chain not returned: {e}"),
+                    }
                 }
                 served += 1;
                 if served >= budget {

@@ -14,8 +14,12 @@
 //! changed (construction, a config write, [`Threaded::with_mut`]). A slow or stuck image
 //! stalls only its own worker: the console, signals, the other devices and the vCPUs go
 //! on.
+//!
+//! The device's [`extra_event_sources`](VirtioDevice::extra_event_sources) (a TAP, the
+//! completion EventFd of an I/O engine) are polled by the worker too, not by the event
+//! loop: their work runs on the worker, under the same lock, and stops while paused.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -103,6 +107,7 @@ impl<D: VirtioDevice + 'static> Threaded<D> {
         let features = device.device_features();
         let mut config = [0u8; CONFIG_COPY_LEN];
         device.read_config(0, &mut config);
+        let extras = device.extra_event_sources();
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
             queue_evts: Mutex::new(Vec::new()),
@@ -129,7 +134,7 @@ impl<D: VirtioDevice + 'static> Threaded<D> {
                 let ok = ready.is_ok();
                 let _ = ready_tx.send(ready);
                 if ok {
-                    serve(&worker, &epoll, &name);
+                    serve(&worker, &epoll, &extras, &name);
                 }
             })
             .map_err(Error::SpawnWorker)?;
@@ -249,20 +254,52 @@ fn lock_within<T>(mutex: &Mutex<T>, limit: Duration) -> Option<MutexGuard<'_, T>
 
 /// Event data of the wake EventFd in the worker's epoll; queue `i` uses `i`.
 const WAKE_DATA: u64 = u64::MAX;
+/// Event data of the device's extra event source `i`: `EXTRA_DATA + i`.
+const EXTRA_DATA: u64 = 1 << 32;
 
-/// The worker: waits on the wake EventFd and the active queues' EventFds, consumes a
-/// notification and serves that queue with the device locked.
-fn serve<D: VirtioDevice>(shared: &Shared<D>, epoll: &Epoll, name: &str) {
+/// Adds (`on`) or removes the device's extra event sources in the worker's `epoll`.
+fn watch_extras(epoll: &Epoll, extras: &[(RawFd, EventSet)], on: bool, name: &str) {
+    for (i, (fd, set)) in extras.iter().enumerate() {
+        let r = if on {
+            epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(*set, EXTRA_DATA + i as u64),
+            )
+        } else {
+            epoll.ctl(ControlOperation::Delete, *fd, EpollEvent::default())
+        };
+        if let Err(e) = r {
+            warn!("{name}: cannot change the watch on event source {i} (fd {fd}): {e}");
+        }
+    }
+}
+
+/// The worker: waits on the wake EventFd, the active queues' EventFds and the device's
+/// extra event sources; consumes a notification and serves that queue, or hands the
+/// device the readiness of an extra source, with the device locked.
+fn serve<D: VirtioDevice>(
+    shared: &Shared<D>,
+    epoll: &Epoll,
+    extras: &[(RawFd, EventSet)],
+    name: &str,
+) {
     // The queue EventFds registered in `epoll`, kept open here until they are removed from
     // it (a reset drops its own clones at any time).
     let mut registered: Vec<Arc<EventFd>> = Vec::new();
+    let mut extras_watched = false;
     let mut events = [EpollEvent::default(); 8];
     let mut wait_failures = 0u32;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let wanted: Vec<Arc<EventFd>> = if shared.paused.load(Ordering::Acquire) {
+        let paused = shared.paused.load(Ordering::Acquire);
+        if extras_watched == paused {
+            watch_extras(epoll, extras, !paused, name);
+            extras_watched = !paused;
+        }
+        let wanted: Vec<Arc<EventFd>> = if paused {
             Vec::new()
         } else {
             shared.lock_evts().clone()
@@ -313,6 +350,12 @@ fn serve<D: VirtioDevice>(shared: &Shared<D>, epoll: &Epoll, name: &str) {
             }
             if shared.stop.load(Ordering::Acquire) || shared.paused.load(Ordering::Acquire) {
                 break;
+            }
+            if let Some(i) = data.checked_sub(EXTRA_DATA) {
+                if let Ok(i) = usize::try_from(i) {
+                    shared.lock_device().process_extra_event(i, ev.event_set());
+                }
+                continue;
             }
             let (Ok(queue), Some(evt)) = (
                 u16::try_from(data),
@@ -391,12 +434,9 @@ impl<D: VirtioDevice + 'static> VirtioDevice for Threaded<D> {
         self.shared.lock_device().process_queue(queue);
     }
 
-    fn extra_event_sources(&self) -> Vec<(std::os::fd::RawFd, EventSet)> {
-        self.shared.lock_device().extra_event_sources()
-    }
-
-    fn process_extra_event(&mut self, index: usize, events: EventSet) {
-        self.shared.lock_device().process_extra_event(index, events);
+    /// None: the worker polls the device's own.
+    fn extra_event_sources(&self) -> Vec<(RawFd, EventSet)> {
+        Vec::new()
     }
 
     fn serves_own_queues(&self) -> bool {
