@@ -35,8 +35,8 @@ use std::sync::Arc;
 
 use tvm_virtio::{features, VirtioPciDevice};
 use tvm_virtio_blk::{
-    Block, BlockConfig, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX,
-    SIZE_MAX,
+    Block, BlockConfig, IoEngine, ID_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE,
+    SEG_MAX, SIZE_MAX,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,

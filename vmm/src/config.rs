@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use tvm_arch_x86::CpuTopology;
+use tvm_virtio_blk::{CacheMode, IoEngine, MAX_QUEUES};
 
 use crate::{Error, Result};
 
@@ -12,8 +13,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=conf1";
 /// Default guest memory (the arch layout's: 1 GiB).
 pub const DEFAULT_MEM_SIZE: u64 = tvm_arch_x86::layout::DEFAULT_MEM_SIZE;
 
-/// A `--disk` option: `PATH[,readonly=on|off][,id=STRING]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A `--disk` option: `PATH[,readonly=on|off][,id=STRING][,cache=writeback|none]
+/// [,num_queues=N][,io_engine=auto|io_uring|sync]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
@@ -21,6 +23,12 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The serial the guest reads with GET_ID (at most 20 bytes).
     pub id: Option<String>,
+    /// The host cache mode.
+    pub cache: CacheMode,
+    /// Request queues; 0: one per vCPU.
+    pub num_queues: u16,
+    /// The I/O engine.
+    pub engine: IoEngine,
 }
 
 /// Longest virtio-blk id (VIRTIO_BLK_ID_BYTES).
@@ -39,8 +47,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig> {
     }
     let mut disk = DiskConfig {
         path: PathBuf::from(path),
-        read_only: false,
-        id: None,
+        ..DiskConfig::default()
     };
     for part in parts {
         let (key, value) = key_value(part).map_err(bad)?;
@@ -59,6 +66,35 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig> {
                     )));
                 }
                 disk.id = Some(value.to_string());
+            }
+            "cache" => {
+                disk.cache = match value {
+                    "writeback" => CacheMode::Writeback,
+                    "none" => CacheMode::None,
+                    _ => return Err(bad(format!("cache={value:?}: use writeback or none"))),
+                }
+            }
+            "num_queues" => {
+                disk.num_queues = match value.parse::<u16>() {
+                    Ok(n) if (1..=MAX_QUEUES).contains(&n) => n,
+                    _ => {
+                        return Err(bad(format!(
+                            "num_queues={value:?}: a number from 1 to {MAX_QUEUES}"
+                        )))
+                    }
+                }
+            }
+            "io_engine" => {
+                disk.engine = match value {
+                    "auto" => IoEngine::Auto,
+                    "io_uring" => IoEngine::Uring,
+                    "sync" => IoEngine::Sync,
+                    _ => {
+                        return Err(bad(format!(
+                            "io_engine={value:?}: use auto, io_uring or sync"
+                        )))
+                    }
+                }
             }
             other => return Err(bad(format!("unknown option {other:?}"))),
         }
@@ -319,12 +355,22 @@ mod tests {
             DiskConfig {
                 path: "disk.img".into(),
                 read_only: false,
-                id: None
+                id: None,
+                cache: CacheMode::Writeback,
+                num_queues: 0,
+                engine: IoEngine::Auto,
             }
         );
         let d = parse_disk("/a/b.ext4,readonly=on,id=data-1").unwrap();
         assert!(d.read_only);
         assert_eq!(d.id.as_deref(), Some("data-1"));
+        let d = parse_disk("x,cache=none,num_queues=4,io_engine=sync").unwrap();
+        assert_eq!(
+            (d.cache, d.num_queues, d.engine),
+            (CacheMode::None, 4, IoEngine::Sync)
+        );
+        let d = parse_disk("x,cache=writeback,io_engine=io_uring").unwrap();
+        assert_eq!((d.cache, d.engine), (CacheMode::Writeback, IoEngine::Uring));
         for bad in [
             "",
             ",readonly=on",
@@ -332,7 +378,11 @@ mod tests {
             "x,id=",
             "x,id=123456789012345678901",
             "x,ro",
-            "x,cache=none",
+            "x,cache=unsafe",
+            "x,num_queues=0",
+            "x,num_queues=65",
+            "x,num_queues=four",
+            "x,io_engine=aio",
         ] {
             assert!(
                 matches!(parse_disk(bad), Err(Error::InvalidDisk { .. })),

@@ -18,11 +18,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 use tvm_api::{
-    add_total, parse_request, Controller, ControllerConfig, FullVmConfig, Logger, MetricSections,
-    Metrics, MetricsLog, RateLimiter, VmResources, VmmActions,
+    add_total, parse_request, Controller, ControllerConfig, FullVmConfig, IoEngine, Logger,
+    MetricSections, Metrics, MetricsLog, RateLimiter, VmResources, VmmActions,
 };
 use tvm_arch_x86::CpuTopology;
 use tvm_http::{Limits, Request, RequestError, Response, Server};
+use tvm_virtio_blk::IoEngine as BlockEngine;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::commands::{Command, CommandSender, OpenImage, VmCounters};
@@ -122,6 +123,13 @@ pub fn vm_config_from_resources(
             path: PathBuf::from(d.path()),
             read_only: d.read_only(),
             id,
+            // Firecracker's `Async` is its io_uring engine; without the field, ours picks.
+            engine: match d.io_engine {
+                Some(IoEngine::Sync) => BlockEngine::Sync,
+                Some(IoEngine::Async) => BlockEngine::Uring,
+                None => BlockEngine::Auto,
+            },
+            ..DiskConfig::default()
         });
     }
     let mut nets = Vec::new();

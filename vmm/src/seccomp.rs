@@ -416,6 +416,10 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_fsync, any()),
             // DISCARD and WRITE_ZEROES: punch hole / zero range.
             (libc::SYS_fallocate, any()),
+            // The io_uring engine hands its operations to the kernel (the ring was set up,
+            // and its EventFd registered, before the filters went on: no io_uring_setup or
+            // io_uring_register anywhere).
+            (libc::SYS_io_uring_enter, any()),
             // The last clone of a reset device's queue EventFd is dropped here (F_GETFD:
             // std's debug check on close).
             (libc::SYS_close, any()),

@@ -24,7 +24,7 @@ use tvm_serial::{
     DEFAULT_OUTPUT_BUFFER_BYTES, SERIAL_PORT_SIZE,
 };
 use tvm_virtio::{Threaded, VirtioPciDevice};
-use tvm_virtio_blk::{Block, BlockConfig};
+use tvm_virtio_blk::{Block, BlockConfig, MAX_QUEUES};
 use tvm_virtio_net::{Net, Tap};
 use tvm_virtio_rng::Rng;
 use tvm_vsock::{Vsock, VsockConfig};
@@ -285,6 +285,13 @@ impl Vmm {
                 path: d.path.clone(),
                 read_only: d.read_only,
                 id: d.id.clone(),
+                engine: d.engine,
+                cache: d.cache,
+                // One queue per vCPU unless asked otherwise.
+                num_queues: match d.num_queues {
+                    0 => u16::from(cfg.cpus.cpu_count()).clamp(1, MAX_QUEUES),
+                    n => n,
+                },
             })?);
         }
         let mut taps = Vec::with_capacity(cfg.nets.len());
@@ -782,19 +789,23 @@ impl Vmm {
     fn flush_disks(&self) -> Vec<String> {
         let mut failed = Vec::new();
         for disk in &self.disks {
-            let d = disk.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(mut block) = d.device().lock_within(DISK_BUSY_GRACE) else {
-                failed.push(format!(
-                    "{}: a request still had not completed after {DISK_BUSY_GRACE:?}; the \
-                     disk was not flushed",
-                    d.name()
-                ));
-                continue;
-            };
-            if let Err(e) = block.flush() {
-                failed.push(crate::error_chain(&e));
+            let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+            let name = d.name().to_string();
+            // On the disk's worker: completing the requests in flight needs its engine's
+            // system calls.
+            let flushed = d.device_mut().with_mut_on_worker(DISK_BUSY_GRACE, |block| {
+                let r = block.flush().map_err(|e| crate::error_chain(&e));
+                block.log_counters();
+                r
+            });
+            match flushed {
+                Some(Ok(())) => {}
+                Some(Err(e)) => failed.push(e),
+                None => failed.push(format!(
+                    "{name}: a request still had not completed after {DISK_BUSY_GRACE:?}; the \
+                     disk was not flushed"
+                )),
             }
-            block.log_counters();
         }
         failed
     }
@@ -997,13 +1008,15 @@ fn carry_out(
                 .ok_or_else(|| format!("there is no disk {disk}"))?;
             let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
             dev.device_mut()
-                .with_mut_within(DISK_BUSY_GRACE, |b| b.change_media_to(file.0, path))
+                .with_mut_on_worker(DISK_BUSY_GRACE, move |b| {
+                    b.change_media_to(file.0, path)
+                        .map_err(|e| crate::error_chain(&e))
+                })
                 .ok_or_else(|| {
                     format!(
                         "the drive is busy: a request did not complete within {DISK_BUSY_GRACE:?}"
                     )
-                })?
-                .map_err(|e| crate::error_chain(&e))?;
+                })??;
             // The new medium is in; a lost interrupt only delays the guest noticing.
             if let Err(e) = dev.config_changed() {
                 warn!(

@@ -39,9 +39,14 @@ pub const WORKER_STOP_GRACE: Duration = Duration::from_secs(2);
 /// 60, vsock 8); reads past them answer 0, as reads past a device's own config do.
 const CONFIG_COPY_LEN: usize = 0x100;
 
+/// Work handed to the worker by [`Threaded::with_mut_on_worker`].
+type Job<D> = Box<dyn FnOnce(&mut D) + Send>;
+
 /// What the worker and the device's other users share.
 struct Shared<D> {
     device: Mutex<D>,
+    /// Work for the worker to run on the device, between batches (paused or not).
+    jobs: Mutex<Vec<Job<D>>>,
     /// The active device's queue notification EventFds (clones of the transport's), by
     /// queue index; empty while the device is not active.
     queue_evts: Mutex<Vec<Arc<EventFd>>>,
@@ -110,6 +115,7 @@ impl<D: VirtioDevice + 'static> Threaded<D> {
         let extras = device.extra_event_sources();
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
+            jobs: Mutex::new(Vec::new()),
             queue_evts: Mutex::new(Vec::new()),
             wake: EventFd::new(EFD_NONBLOCK).map_err(Error::CreateEventFd)?,
             stop: AtomicBool::new(false),
@@ -186,6 +192,35 @@ impl<D: VirtioDevice + 'static> Threaded<D> {
         let mut device = lock_within(&self.shared.device, limit)?;
         let r = f(&mut device);
         device.read_config(0, &mut self.config);
+        Some(r)
+    }
+
+    /// [`with_mut`](Self::with_mut) run on the worker thread, for work that must happen
+    /// there (it may need system calls only the worker's seccomp filter allows, such as
+    /// completing the requests an I/O engine has in flight). Runs between two batches,
+    /// paused or not. `None`, and `f` dropped or run later, when the worker does not get to
+    /// it within `limit` (a request is stuck, or the worker is gone); the config copy is
+    /// then left as it was.
+    pub fn with_mut_on_worker<R, F>(&mut self, limit: Duration, f: F) -> Option<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut D) -> R + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job: Job<D> = Box::new(move |device: &mut D| {
+            let r = f(device);
+            let mut config = [0u8; CONFIG_COPY_LEN];
+            device.read_config(0, &mut config);
+            let _ = tx.send((r, config));
+        });
+        self.shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(job);
+        self.shared.wake();
+        let (r, config) = rx.recv_timeout(limit).ok()?;
+        self.config = config;
         Some(r)
     }
 
@@ -328,6 +363,10 @@ fn serve<D: VirtioDevice>(
             }
             registered = wanted;
         }
+        let jobs = std::mem::take(&mut *shared.jobs.lock().unwrap_or_else(|e| e.into_inner()));
+        for job in jobs {
+            job(&mut shared.lock_device());
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -467,6 +506,10 @@ mod tests {
         hold: Mutex<bool>,
         released: Condvar,
         dropped: AtomicBool,
+        /// A clone of the device's extra event source, to trigger it.
+        extra: Mutex<Option<EventFd>>,
+        /// Thread names of the extra events the device handled.
+        extra_seen: Mutex<Vec<String>>,
     }
 
     impl Probe {
@@ -496,6 +539,7 @@ mod tests {
         probe: Arc<Probe>,
         config: [u8; 8],
         active: bool,
+        extra: EventFd,
     }
 
     impl Drop for FakeDevice {
@@ -531,6 +575,14 @@ mod tests {
         fn reset(&mut self) {
             self.active = false;
         }
+        fn extra_event_sources(&self) -> Vec<(RawFd, EventSet)> {
+            vec![(self.extra.as_raw_fd(), EventSet::IN)]
+        }
+        fn process_extra_event(&mut self, _index: usize, _events: EventSet) {
+            let _ = self.extra.read();
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            self.probe.extra_seen.lock().unwrap().push(name);
+        }
         fn process_queue(&mut self, queue: u16) {
             if !self.active {
                 *self.probe.ignored.lock().unwrap() += 1;
@@ -548,6 +600,13 @@ mod tests {
         }
     }
 
+    /// The fake device's extra event source; the probe keeps a clone to trigger it.
+    fn fake_extra(probe: &Probe) -> EventFd {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        *probe.extra.lock().unwrap() = Some(evt.try_clone().unwrap());
+        evt
+    }
+
     /// A threaded fake device, activated; returns it with the probe and the queue
     /// EventFds as the transport keeps them.
     fn started() -> (Threaded<FakeDevice>, Arc<Probe>, Vec<EventFd>) {
@@ -556,6 +615,7 @@ mod tests {
             probe: probe.clone(),
             config: [7, 6, 5, 4, 3, 2, 1, 0],
             active: false,
+            extra: fake_extra(&probe),
         };
         let mut t = Threaded::spawn(dev, "tvm-test-io", || Ok(())).unwrap();
         let evts: Vec<EventFd> = (0..2)
@@ -670,6 +730,9 @@ mod tests {
         assert!(t
             .with_mut_within(Duration::from_millis(100), |d| d.config[0] = 1)
             .is_none());
+        assert!(t
+            .with_mut_on_worker(Duration::from_millis(100), |d| d.config[0] = 1)
+            .is_none());
         t.read_config(0, &mut b);
         assert_eq!(b, [7]);
         drop(t);
@@ -708,6 +771,60 @@ mod tests {
     }
 
     #[test]
+    fn with_mut_on_worker_runs_there_paused_or_not_and_refreshes_the_copy() {
+        let (mut t, _probe, _evts) = started();
+        let limit = Duration::from_secs(5);
+        let name = t.with_mut_on_worker(limit, |d| {
+            d.config[2] = 0xcc;
+            std::thread::current().name().unwrap_or("").to_string()
+        });
+        assert_eq!(name.as_deref(), Some("tvm-test-io"));
+        let mut b = [0u8; 1];
+        t.read_config(2, &mut b);
+        assert_eq!(b, [0xcc]);
+        assert!(t.pause(limit));
+        assert_eq!(t.with_mut_on_worker(limit, |_| 5), Some(5));
+    }
+
+    #[test]
+    fn extra_event_sources_are_served_on_the_worker_and_held_while_paused() {
+        let (t, probe, _evts) = started();
+        // The transport is given none: the worker polls them.
+        assert!(t.extra_event_sources().is_empty());
+        let trigger = probe
+            .extra
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .try_clone()
+            .unwrap();
+        let seen = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while probe.extra_seen.lock().unwrap().len() < n {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            true
+        };
+        trigger.write(1).unwrap();
+        assert!(seen(1));
+        assert_eq!(probe.extra_seen.lock().unwrap()[0], "tvm-test-io");
+        assert!(t.pause(Duration::from_secs(5)));
+        trigger.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            probe.extra_seen.lock().unwrap().len(),
+            1,
+            "served while paused"
+        );
+        t.resume();
+        assert!(seen(2));
+    }
+
+    #[test]
     fn dropping_it_stops_the_worker_and_drops_the_device() {
         let (t, probe, _evts) = started();
         drop(t);
@@ -721,6 +838,7 @@ mod tests {
             probe: probe.clone(),
             config: [0; 8],
             active: false,
+            extra: fake_extra(&probe),
         };
         let e = Threaded::spawn(dev, "tvm-test-io", || Err("no filter".into())).unwrap_err();
         assert_eq!(
