@@ -366,17 +366,10 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_read, any()),
             (libc::SYS_readv, any()),
             (libc::SYS_writev, any()),
-            // Disk requests run on the disks' own workers (ThreadKind::Io); here only
-            // every disk's flush at shutdown, and the old image's before a media change.
+            // Disk requests, media changes and the flush at exit run on the disks' own
+            // workers (ThreadKind::Io).
             (libc::SYS_fdatasync, any()),
             (libc::SYS_fsync, any()),
-            // A disk's new medium (Firecracker's PATCH /drives), opened by the API thread:
-            // locked, compared with the old one and measured here.
-            (libc::SYS_flock, any()),
-            (libc::SYS_statx, any()),
-            (libc::SYS_fstat, any()),
-            (libc::SYS_newfstatat, any()),
-            (libc::SYS_lseek, any()),
             // Files and eventfds dropped at shutdown (F_GETFD: std's debug check on close).
             (libc::SYS_close, any()),
             (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),
@@ -395,6 +388,10 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_timerfd_settime, any()),
             (libc::SYS_unlink, any()),
             (libc::SYS_unlinkat, any()),
+            // ... after checking that it is still the socket it made.
+            (libc::SYS_statx, any()),
+            (libc::SYS_fstat, any()),
+            (libc::SYS_newfstatat, any()),
         ],
         ThreadKind::SerialOut => vec![],
         ThreadKind::Io => vec![
@@ -416,6 +413,14 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_fsync, any()),
             // DISCARD and WRITE_ZEROES: punch hole / zero range.
             (libc::SYS_fallocate, any()),
+            // A disk's new medium (Firecracker's PATCH /drives), opened by the API thread,
+            // is locked, compared with the old one and measured here (the event loop hands
+            // the change to the disk's worker).
+            (libc::SYS_flock, any()),
+            (libc::SYS_statx, any()),
+            (libc::SYS_fstat, any()),
+            (libc::SYS_newfstatat, any()),
+            (libc::SYS_lseek, any()),
             // The io_uring engine hands its operations to the kernel (the ring was set up,
             // and its EventFd registered, before the filters went on: no io_uring_setup or
             // io_uring_register anywhere).
