@@ -362,7 +362,7 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_epoll_pwait, any()),
             // Sources leave and rejoin the epoll set (serial input backpressure, errors).
             (libc::SYS_epoll_ctl, any()),
-            // Eventfds, console input, TAP frames.
+            // Eventfds, console input.
             (libc::SYS_read, any()),
             (libc::SYS_readv, any()),
             (libc::SYS_writev, any()),
@@ -401,8 +401,10 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_epoll_pwait, any()),
             (libc::SYS_epoll_ctl, any()),
             // Notifications consumed; queue EventFds re-signalled when a budget runs out
-            // (write is common).
+            // (write is common). A network device's frames: one read(2) per received
+            // frame, one writev(2) per sent frame, on its TAP.
             (libc::SYS_read, any()),
+            (libc::SYS_writev, any()),
             // Disk requests go straight between the image and guest memory.
             (libc::SYS_pread64, any()),
             (libc::SYS_pwrite64, any()),

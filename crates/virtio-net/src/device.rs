@@ -566,9 +566,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             mergeable: has(features, VIRTIO_NET_F_MRG_RXBUF),
             offloads,
         });
-        // Frames may be waiting in the backend since before activation, and the
-        // edge-triggered watch will not report them again.
-        self.process_rx();
+        // Frames waiting in the backend since before activation (the edge-triggered watch
+        // does not report them again) are delivered by the first RX kick, or on a
+        // `Threaded` worker by the pass it makes over the backend after an activation:
+        // never here, on the vCPU thread that activates.
         Ok(())
     }
 

@@ -965,7 +965,7 @@ fn rx_more_than_a_run_reschedules_itself() {
 // ---------------------------------------------------------------- lifecycle
 
 #[test]
-fn activation_sets_offloads_and_receives_waiting_frames() {
+fn activation_sets_offloads_and_leaves_waiting_frames_to_the_worker() {
     let mem = test_mem();
     let mut h = Harness::inactive(&mem, 16);
     h.rx.add(&[(BUF, 1500, W)]);
@@ -981,7 +981,12 @@ fn activation_sets_offloads_and_receives_waiting_frames() {
         h.offloads(),
         vec![libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN]
     );
-    // Activation tried RX once: the waiting frame is in.
+    // Activation runs no RX on the activating (vCPU) thread ...
+    assert!(h.rx.used().is_empty());
+    assert_eq!(h.state.reads.load(Ordering::SeqCst), 0);
+    // ... the pass a `Threaded` worker makes over the backend after it does: the waiting
+    // frame is in.
+    h.tap_event();
     assert_eq!(h.rx.used(), vec![(0, f.len() as u32)]);
     assert_eq!(h.irq.take(), vec![RX_QUEUE]);
 }
@@ -1034,6 +1039,8 @@ fn reset_drops_the_pending_frame_and_keeps_the_backend() {
     let new = frame(80, 17);
     h.host_send(&new);
     h.activate(MRG, false);
+    // The RX kick of a driver that adds buffers.
+    h.kick_rx();
     assert_eq!(h.rx.used(), vec![(0, new.len() as u32)]);
     assert_eq!(guest(&mem, BUF, new.len()), with_num_buffers(&new, 1));
     let out = frame(30, 18);

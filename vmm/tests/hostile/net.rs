@@ -542,13 +542,10 @@ fn kvm_hostile_net_bad_queue_sizes_and_early_kicks_are_ignored() {
         "the TAP saw {:#?}",
         summary(&frames)
     );
-    f.assert_warnings(
-        &tap.device_name(),
-        &[
-            "queue size 100 refused",
-            "queue 1 notified while the device is not live",
-        ],
-    );
+    // The queues are the device's worker's (tvm_virtio::Threaded), which watches their
+    // EventFds only while the device is live: the early kick waited there, unserved and
+    // unlogged, and was served after DRIVER_OK (above).
+    f.assert_warnings(&tap.device_name(), &["queue size 100 refused"]);
     tap.delete();
 }
 
