@@ -430,7 +430,18 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             // The last clone of a reset device's queue EventFd is dropped here (F_GETFD:
             // std's debug check on close).
             (libc::SYS_close, any()),
-            (libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?),
+            // F_GETFL/F_SETFL: a `cache=none` disk's new medium is switched to O_DIRECT.
+            (
+                libc::SYS_fcntl,
+                arg_in(
+                    1,
+                    &[
+                        libc::F_GETFD as u64,
+                        libc::F_GETFL as u64,
+                        libc::F_SETFL as u64,
+                    ],
+                )?,
+            ),
         ],
         ThreadKind::Api => vec![
             (libc::SYS_epoll_wait, any()),

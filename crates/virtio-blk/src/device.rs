@@ -312,6 +312,25 @@ fn open_image(path: &Path, read_only: bool, cache: CacheMode) -> Result<File> {
         })
 }
 
+/// Turns `O_DIRECT` on for `file` (opened elsewhere, without it).
+fn set_direct(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: fcntl(F_GETFL) takes a descriptor, valid while `file` is borrowed, and
+    // touches no memory of ours.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::NoDirectIo(path.to_path_buf()));
+    }
+    if flags & libc::O_DIRECT != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; F_SETFL takes the new flags as an integer.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) };
+    if ret < 0 {
+        return Err(Error::NoDirectIo(path.to_path_buf()));
+    }
+    Ok(())
+}
+
 /// Direct-I/O alignment of `file` as `(memory, offset)` in bytes (statx `STATX_DIOALIGN`);
 /// 512 for both where the kernel does not say.
 fn dio_align(file: &File, path: &Path) -> Result<(u32, u32)> {
@@ -721,6 +740,7 @@ impl Block {
             ..BlockConfig::default()
         };
         if self.cache == CacheMode::None {
+            set_direct(&file, &cfg.path)?;
             // The guest keeps the block size it was told at probe time.
             let (mem, offset) = dio_align(&file, &cfg.path)?;
             if offset.max(BLK_SIZE) != self.info.block_size {
