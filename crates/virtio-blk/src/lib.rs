@@ -3,21 +3,23 @@
 
 //! A virtio block device (virtio 1.2, 5.2) over a host file.
 //!
-//! [`Block`] implements [`tvm_virtio::VirtioDevice`] with one request queue and the
+//! [`Block`] implements [`tvm_virtio::VirtioDevice`] with 1 to 64 request queues and the
 //! requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES; it offers
-//! VIRTIO_BLK_F_FLUSH, SEG_MAX, SIZE_MAX, BLK_SIZE, and DISCARD + WRITE_ZEROES
-//! (`fallocate` punch hole / zero range, with a zero-writing fallback) for read-write
-//! images or RO for read-only ones.
+//! VIRTIO_BLK_F_FLUSH, SEG_MAX, SIZE_MAX, BLK_SIZE, MQ (more than one queue), and DISCARD +
+//! WRITE_ZEROES (`fallocate` punch hole / zero range, with a zero-writing fallback) for
+//! read-write images or RO for read-only ones.
 //! Images are opened with a non-blocking `flock` (exclusive when read-write) so that two
-//! VMMs never write one image.
+//! VMMs never write one image; [`CacheMode::None`] opens them with `O_DIRECT`.
 //!
-//! Request handling is the pure function [`handle_request`] over guest memory and a
-//! [`BlockBackend`], so every validation rule is unit-tested without KVM. I/O is
-//! synchronous (`preadv`/`pwritev` straight between the file and guest memory, `fdatasync`
-//! for FLUSH) and runs on whatever thread calls
-//! [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue): in the VMM a
-//! worker thread of the disk's own ([`tvm_virtio::Threaded`]), so that a slow or stuck
-//! image stalls nothing else; the event loop, through
+//! Request validation is the pure function [`handle_request`] over guest memory and a
+//! [`BlockBackend`], so every validation rule is unit-tested without KVM. Two engines
+//! ([`IoEngine`]) execute requests: synchronous (`preadv`/`pwritev` straight between the
+//! file and guest memory, `fdatasync` for FLUSH), one request at a time, and io_uring,
+//! with up to a queue's worth in flight, completed in the order they finish. Both run on
+//! whatever thread calls [`VirtioDevice::process_queue`](tvm_virtio::VirtioDevice::process_queue)
+//! and [`VirtioDevice::process_extra_event`](tvm_virtio::VirtioDevice::process_extra_event):
+//! in the VMM a worker thread of the disk's own ([`tvm_virtio::Threaded`]), so that a slow
+//! or stuck image stalls nothing else; the event loop, through
 //! [`tvm_virtio::VirtioPciDevice`]'s event-manager subscriber, for a bare `Block`.
 //!
 //! # Example
