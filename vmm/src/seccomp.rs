@@ -303,6 +303,10 @@ fn common() -> Result<Rules> {
         // Signal handlers (the vCPU kick, termination signals on any thread) return with
         // rt_sigreturn; thread exit masks signals and drops the alternate signal stack.
         (libc::SYS_rt_sigreturn, any()),
+        // A timed wait (a futex or a sleep with a timeout) that a handled signal interrupts
+        // is resumed by the kernel through restart_syscall (seen: the event loop waiting
+        // for a disk worker at exit when SIGTERM arrived).
+        (libc::SYS_restart_syscall, any()),
         (libc::SYS_rt_sigprocmask, any()),
         (libc::SYS_sigaltstack, any()),
         // abort() on a panic (panic = "abort" in release) raises SIGABRT on itself.

@@ -878,6 +878,159 @@ fn kvm_hostile_descriptor_loops_are_returned_unanswered() {
     );
 }
 
+/// An ext4 file system on a loop device (`mount -o loop`) in `dir/stall`, frozen with
+/// `fsfreeze` on request: a write to a file there then blocks in the kernel until it is
+/// thawed, a real backend that stops answering. Dropping it thaws and unmounts.
+struct FreezableFs {
+    mnt: PathBuf,
+    image: PathBuf,
+}
+
+impl FreezableFs {
+    fn new(dir: &Path) -> FreezableFs {
+        let image = dir.join("stall-fs.img");
+        let mnt = dir.join("stall");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt));
+        FreezableFs { mnt, image }
+    }
+
+    fn freeze(&self, on: bool) {
+        let flag = if on { "-f" } else { "-u" };
+        let out = Command::new("fsfreeze")
+            .arg(flag)
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fsfreeze {flag}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mnt).output();
+        // Lazily: after a failed test the VMM may still hold the image open (it dies with
+        // the test thread, after this).
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A backend that stops answering: disk B's image is on a file system frozen before the
+/// guest writes to it, so that write never completes. The guest goes on (its vCPU runs),
+/// prints on the console and reads disk A twice while B's request is stuck; SIGTERM still
+/// ends the run: the exit flush gives B up after 2 s, says so and makes the exit code 1
+/// (the process is reaped once the file system is thawed and the stuck write returns).
+#[test]
+#[ignore = "needs /dev/kvm, and root for a loop mount and fsfreeze"]
+fn kvm_hostile_a_stalled_disk_stalls_nothing_else() {
+    let mut disks = Disks::new("stalled");
+    let fs = FreezableFs::new(&disks.dir);
+    let b = fs.mnt.join("b.img");
+    std::fs::copy(&disks.paths[1], &b).unwrap();
+    disks.paths[1] = b;
+    // Frozen before the VMM starts: opening, locking and reading the image still work,
+    // the first write blocks.
+    fs.freeze(true);
+    let mut g = Guest::new();
+    g.init(B);
+    g.good_read(B);
+    let k = g.header(B, BLK_T_OUT, 0);
+    let head = g.chain(
+        B,
+        &[
+            (B.header(k), 16, 0),
+            (B.buf(k), 512, 0),
+            (B.status_byte(k), 1, F_WRITE),
+        ],
+    );
+    let n = g.offer(B, head);
+    g.publish(B);
+    g.kick(B);
+    g.print("B-WRITE-SENT\n");
+    g.good_read(A);
+    g.show("b.status_stuck", B.status_byte(k), 1);
+    g.show("b.used_stuck", B.used() + 2, 2);
+    let mut vmm = Running::start(&g.finish(), &disks, None);
+    vmm.wait_for("HOSTILE-END");
+    let out = vmm.stdout();
+    assert!(out.contains("B-WRITE-SENT"), "{out}");
+    // SAFETY: kill() sends a signal to a process id and touches no memory; the child has
+    // not been reaped, so the id is still its own.
+    let ret = unsafe { libc::kill(vmm.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(ret, 0);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    while !vmm.stderr().contains("was not flushed") {
+        assert!(
+            Instant::now() < deadline,
+            "no shutdown within 15 s of SIGTERM; stderr:\n{}",
+            vmm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    fs.freeze(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = vmm.child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = vmm.child.kill();
+            panic!(
+                "the vmm did not exit after the thaw; stderr:\n{}",
+                vmm.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let f = Finished {
+        stdout: vmm.stdout(),
+        stderr: vmm.stderr(),
+    };
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    assert_eq!(status.code(), Some(1), "stderr:\n{}", f.stderr);
+    assert_good_read(&f, &disks, 1);
+    // A's first read, one after B stalled, then the one `finish` makes.
+    for n in [1, 2, 3] {
+        assert_eq!(f.value(&format!("a.len{n}")), 513);
+        assert_eq!(f.text(&format!("a.data{n}")), disks.shown(A));
+    }
+    // B's write was never answered while the guest ran.
+    assert_eq!(f.value("b.status_stuck"), STATUS_FILL.into());
+    assert_eq!(f.value("b.used_stuck"), u32::from(n) - 1);
+    assert!(
+        f.stderr.contains(&format!(
+            "{}: a request still had not completed",
+            disks.name(B)
+        )),
+        "{}",
+        f.stderr
+    );
+}
+
 #[test]
 #[ignore = "needs /dev/kvm"]
 fn kvm_hostile_4gib_lengths_are_refused() {

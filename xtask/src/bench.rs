@@ -5,11 +5,21 @@
 //! readiness marker, reported as medians and their ratio. On a host without hardware KVM
 //! both run inside the same outer QEMU TCG guest, so only the ratio means anything.
 //!
-//! Disk: the same guest with a 320 MiB raw image (written full once before the runs) as virtio-blk (ours, and QEMU's
-//! virtio-blk-pci with `cache=writeback,aio=threads`, both through the host page cache), and
-//! `tvm-iobench` (tests/src/bin/tvm-iobench.rs) appended to its initramfs: O_DIRECT
-//! sequential write then read of `--disk-mib` MiB in 1 MiB blocks, 4 KiB random reads for
-//! `--disk-secs` seconds (queue depth 1), and each process's peak RSS (`VmHWM`).
+//! Disk: the same guest with a raw image of `--disk-mib` + 64 MiB (written full once before
+//! the runs) as virtio-blk: ours (`--disk IMAGE`, with `,cache=none` for `--disk-cache
+//! none`) and QEMU's virtio-blk-pci on its fastest engine (`-drive
+//! ...,cache=MODE,aio=io_uring`), both with the host cache mode `--disk-cache`: `writeback`
+//! (the default: through the host page cache) or `none` (O_DIRECT on the host). In the
+//! outer guest the image is a file on its tmpfs for `writeback`, and a RAM block device
+//! (`brd`, /dev/ram0) for `none`: the outer kernel (6.1) has no O_DIRECT on tmpfs (that came
+//! in 6.6); both keep the outer guest's disk emulation out of the figures. The guest runs
+//! `tvm-iobench` (tests/src/bin/tvm-iobench.rs, appended to its initramfs), every access
+//! O_DIRECT in the guest: sequential write then read of `--disk-mib` MiB in 1 MiB blocks
+//! (queue depth 1), 4 KiB reads at random aligned offsets for `--disk-secs` seconds at
+//! queue depth 1 (IOPS and mean latency), the same with 32 threads each doing one
+//! synchronous read at a time (queue depth up to 32; aggregate IOPS), and each process's
+//! peak RSS (`VmHWM`). Each figure: medians over `--runs`, ours next to QEMU's, and the
+//! ratio vmm/qemu.
 //!
 //! Vsock: the same guest with `tvm-vsock-guest` in its initramfs, our `--vsock` (hybrid:
 //! a Unix socket on the host) against QEMU's `vhost-vsock-pci` (in-kernel vhost: AF_VSOCK
@@ -40,9 +50,14 @@ pub struct Args {
     /// MiB written and read sequentially by the disk benchmark.
     #[arg(long, default_value_t = 256)]
     pub disk_mib: u64,
-    /// Seconds of 4 KiB random reads.
+    /// Seconds of 4 KiB random reads, for each of the two random-read runs (queue depth 1,
+    /// and 32 threads).
     #[arg(long, default_value_t = 10)]
     pub disk_secs: u64,
+    /// Host cache mode of the disk benchmark's image, for our VMM and QEMU alike:
+    /// `writeback` (host page cache) or `none` (O_DIRECT on the host).
+    #[arg(long, value_enum, default_value = "writeback")]
+    pub disk_cache: DiskCache,
     /// MiB sent over TCP in each direction by the network benchmark (small: nested, QEMU's
     /// guest-to-host TCP runs at about 0.2 MiB/s).
     #[arg(long, default_value_t = 16)]
@@ -60,6 +75,53 @@ pub struct Args {
     /// network benchmarks use one vCPU.
     #[arg(long, default_value = "1,2,4")]
     pub cpus: String,
+}
+
+/// Host cache mode of the disk benchmark's image (`--disk-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskCache {
+    /// Through the host page cache: our `--disk IMAGE`, QEMU's `cache=writeback`.
+    Writeback,
+    /// O_DIRECT on the host: our `--disk IMAGE,cache=none`, QEMU's `cache=none`.
+    None,
+}
+
+impl DiskCache {
+    /// The name both VMMs and `tvm-e2e --disk-cache` use.
+    fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::Writeback => "writeback",
+            DiskCache::None => "none",
+        }
+    }
+}
+
+/// MiB `tvm-e2e disk-bench` makes the image beyond `--disk-mib`.
+const IMAGE_SPARE_MIB: u64 = 64;
+
+/// Where the disk benchmark's image goes, and the outer guest's set-up for it (shell lines
+/// for [`run_driver`]'s `nested_setup`).
+fn bench_image(cache: DiskCache, mib: u64) -> (String, String) {
+    if crate::outer::kvm_is_usable_directly() {
+        // This host's file system; for `none` it must support O_DIRECT (our VMM refuses
+        // the disk otherwise).
+        let image = util::guest_dir().join("bench-disk.img");
+        return (image.to_string_lossy().into_owned(), String::new());
+    }
+    match cache {
+        // On the outer guest's tmpfs: the outer disk emulation stays out of the figures.
+        DiskCache::Writeback => ("/tvm/bench-disk.img".to_string(), String::new()),
+        // A RAM block device of the image's size (`rd_size` in KiB), for the same reason:
+        // the outer kernel has no O_DIRECT on tmpfs.
+        DiskCache::None => (
+            "/dev/ram0".to_string(),
+            format!(
+                "insmod {}/brd.ko rd_nr=1 rd_size={}\ntest -b /dev/ram0",
+                crate::guest::SPARE_MODULE_DIR,
+                (mib + IMAGE_SPARE_MIB) * 1024
+            ),
+        ),
+    }
 }
 
 /// QEMU, the shared libraries it loads and the firmware it reads, as `(host, guest)` pairs
@@ -119,22 +181,17 @@ pub fn main(args: Args) -> Result<ExitCode> {
             &boot_args,
             &files,
             None,
+            "",
             args.verbose,
             Duration::from_secs(1200 * boot_counts(&args.cpus)),
         )?);
     }
     if disk {
         let initrd = bench_initramfs()?;
-        let image = if crate::outer::kvm_is_usable_directly() {
-            util::guest_dir()
-                .join("bench-disk.img")
-                .to_string_lossy()
-                .into_owned()
-        } else {
-            // On the outer guest's tmpfs: the outer disk emulation stays out of the figures.
-            "/tvm/bench-disk.img".to_string()
-        };
+        let (image, setup) = bench_image(args.disk_cache, args.disk_mib);
         let (mib, secs) = (args.disk_mib.to_string(), args.disk_secs.to_string());
+        // Two timed random-read runs in each of the two guests of a run.
+        let timed = 4 * args.runs as u64 * args.disk_secs;
         summary.extend(bench_step(
             "disk",
             &["disk-bench"],
@@ -145,6 +202,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 &runs,
                 "--disk",
                 &image,
+                "--disk-cache",
+                args.disk_cache.as_str(),
                 "--bench-mib",
                 &mib,
                 "--bench-secs",
@@ -152,8 +211,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
             ],
             &files,
             Some(&initrd),
+            &setup,
             args.verbose,
-            Duration::from_secs(3600),
+            Duration::from_secs(3600 + timed),
         )?);
     }
     if net {
@@ -173,6 +233,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
             ],
             &files,
             None,
+            "",
             args.verbose,
             Duration::from_secs(3600),
         )?);
@@ -186,6 +247,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
             &["--qemu", &qemu, "--runs", &runs, "--vsock-mib", &mib],
             &files,
             Some(&initrd),
+            "",
             args.verbose,
             Duration::from_secs(3600),
         )?);
@@ -198,16 +260,26 @@ pub fn main(args: Args) -> Result<ExitCode> {
 
 /// Runs one benchmark driver (`run_driver`'s arguments); returns its `median` lines, or
 /// an error naming `what` when the driver failed.
+#[allow(clippy::too_many_arguments)]
 fn bench_step(
     what: &str,
     mode: &[&str],
     extra_args: &[&str],
     files: &[(PathBuf, String)],
     initrd: Option<&Path>,
+    nested_setup: &str,
     verbose: bool,
     limit: Duration,
 ) -> Result<Vec<String>> {
-    let (code, report) = run_driver(mode, extra_args, files, initrd, verbose, limit)?;
+    let (code, report) = run_driver(
+        mode,
+        extra_args,
+        files,
+        initrd,
+        nested_setup,
+        verbose,
+        limit,
+    )?;
     if code != 0 {
         bail!("the {what} benchmark failed (driver exit code {code})");
     }

@@ -94,15 +94,34 @@ const DIRECT_GRACE: Duration = Duration::from_secs(60);
 /// to the durability drives reaches the host files only through its FLUSH (fdatasync on the
 /// outer block device), and the driver in `power-cut` mode, which prints
 /// [`POWER_CUT_MARK`] for xtask to kill the outer QEMU.
-fn nested_payload(main_args: Option<&[String]>, power_cut_args: Option<&[String]>) -> String {
+///
+/// A non-empty `setup` (shell lines) runs first, in a subshell with `set -e`; if it fails,
+/// the driver does not run, the payload prints `E2E FAIL outer-setup` and its status is 1.
+fn nested_payload(
+    setup: &str,
+    main_args: Option<&[String]>,
+    power_cut_args: Option<&[String]>,
+) -> String {
     let mut script = match main_args {
         Some(args) => format!(
-            "{pin} /tvm/tvm-e2e {main}\nrc=$?\nsync\n",
+            "{pin} /tvm/tvm-e2e {main}\nrc=$?\n",
             pin = outer::PIN_TO_ONE_CPU,
             main = util::shell_join(args),
         ),
         None => "rc=0\n".to_string(),
     };
+    if !setup.is_empty() {
+        script = format!(
+            // Not `if ( set -e ..)`: a condition's subshell ignores `set -e`.
+            "( set -e\n{setup}\n)\nif [ $? -eq 0 ]; then\n{script}else\n\
+             \x20   echo \"E2E FAIL outer-setup: the set-up before the driver failed\"\n\
+             \x20   rc=1\n\
+             fi\n"
+        );
+    }
+    if main_args.is_some() {
+        script.push_str("sync\n");
+    }
     script.push_str("echo \"E2E-MAIN-EXIT $rc\"\n");
     if let Some(args) = power_cut_args {
         script.push_str(&format!(
@@ -232,11 +251,15 @@ fn run_with_limit(cmd: &mut Command, limit: Duration) -> Result<(i32, String)> {
 /// `initrd` replaces the test guest's initramfs (a host path; carried into the outer guest).
 /// `timeout` limits the whole run, wherever the driver runs: the driver gets it (less
 /// what the outer boot needs) as its own `--timeout`, and xtask kills what is left after it.
+/// `nested_setup`: shell lines the outer guest runs (as root, with `set -e`) before the
+/// driver, e.g. to load a [`guest::OUTER_SPARE_MODULES`] module; not run when the driver
+/// runs directly on this host.
 pub fn run_driver(
     mode: &[&str],
     extra_args: &[&str],
     extra_files: &[(std::path::PathBuf, String)],
     initrd: Option<&std::path::Path>,
+    nested_setup: &str,
     verbose: bool,
     timeout: Duration,
 ) -> Result<(i32, String)> {
@@ -245,6 +268,7 @@ pub fn run_driver(
         extra_args,
         extra_files,
         initrd,
+        nested_setup,
         verbose,
         timeout,
         false,
@@ -253,11 +277,13 @@ pub fn run_driver(
 
 /// [`run_driver`]; with `durability_only` (nested, checks mode only) the payload skips
 /// the checks and runs only the durability power cut.
+#[allow(clippy::too_many_arguments)]
 fn run_driver_with(
     mode: &[&str],
     extra_args: &[&str],
     extra_files: &[(std::path::PathBuf, String)],
     initrd: Option<&std::path::Path>,
+    nested_setup: &str,
     verbose: bool,
     timeout: Duration,
     durability_only: bool,
@@ -377,10 +403,14 @@ fn run_driver_with(
         )
     });
     let main_args = (!durability_only).then_some(args.as_slice());
-    let mut run = OuterRun::new(nested_payload(main_args, power_cut_args.as_deref()))
-        .file(&vmm, "vmm")
-        .file(&driver, "tvm-e2e")
-        .with_test_guest(&images);
+    let mut run = OuterRun::new(nested_payload(
+        nested_setup,
+        main_args,
+        power_cut_args.as_deref(),
+    ))
+    .file(&vmm, "vmm")
+    .file(&driver, "tvm-e2e")
+    .with_test_guest(&images);
     if mode.is_empty() {
         // The read-write attachment is deliberate for the read-only disk too: our VMM's
         // readonly=on is what must keep it unchanged.
@@ -766,6 +796,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         &extra,
         &[],
         None,
+        "",
         args.verbose,
         Duration::from_secs(args.timeout),
         args.durability_only,
@@ -796,7 +827,7 @@ mod tests {
     fn nested_payload_cuts_the_power_only_after_passing_checks() {
         let main = vec!["--vmm".to_string(), "/tvm/vmm".to_string()];
         let cut = vec!["power-cut".to_string(), "--dur-raw".to_string()];
-        let script = nested_payload(Some(&main), Some(&cut));
+        let script = nested_payload("", Some(&main), Some(&cut));
         let st = Command::new("sh")
             .args(["-n", "-c", &script])
             .status()
@@ -814,8 +845,8 @@ mod tests {
         assert!(script.contains("360000 >/proc/sys/vm/dirty_expire_centisecs"));
         assert!(script.contains("for d in vdc vdd; do"), "{script}");
         assert!(script.contains(outer::PIN_TO_ONE_CPU));
-        let plain = nested_payload(Some(&main), None);
-        let only = nested_payload(None, Some(&cut));
+        let plain = nested_payload("", Some(&main), None);
+        let only = nested_payload("", None, Some(&cut));
         assert!(
             !only.contains("--vmm") && only.contains("/tvm/tvm-e2e power-cut"),
             "{only}"
@@ -830,6 +861,36 @@ mod tests {
             "{plain}"
         );
         assert!(plain.ends_with("sync\nexit $rc\n"));
+    }
+
+    /// A set-up runs before the driver and stops at its first failing line, and a failed
+    /// one keeps the driver from running and fails the payload.
+    #[test]
+    fn nested_payload_runs_the_driver_only_after_its_setup() {
+        let main = vec!["--vmm".to_string(), "/tvm/vmm".to_string()];
+        let run = |setup: &str| {
+            let script = nested_payload(setup, Some(&main), None).replace(
+                &format!("{} /tvm/tvm-e2e", outer::PIN_TO_ONE_CPU),
+                "echo driver-ran",
+            );
+            let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+            (out.status.code(), String::from_utf8(out.stdout).unwrap())
+        };
+        let (code, out) = run("echo set-up-ran");
+        assert_eq!(code, Some(0), "{out}");
+        let (set_up, driver) = (
+            out.find("set-up-ran").unwrap(),
+            out.find("driver-ran").unwrap(),
+        );
+        assert!(set_up < driver && out.contains("E2E-MAIN-EXIT 0"), "{out}");
+        let (code, out) = run("true\nfalse\necho not-reached");
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("E2E FAIL outer-setup"), "{out}");
+        assert!(out.contains("E2E-MAIN-EXIT 1"), "{out}");
+        assert!(
+            !out.contains("not-reached") && !out.contains("driver-ran"),
+            "{out}"
+        );
     }
 
     #[test]

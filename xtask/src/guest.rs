@@ -78,6 +78,15 @@ pub const OUTER_MODULES: &[&str] = &[
     "vhost_vsock",
 ];
 
+/// Modules the outer image carries but its /init does not load: a payload loads them with
+/// parameters (`insmod DIR/NAME.ko PARAM=..`, [`SPARE_MODULE_DIR`]). `brd`: a RAM block
+/// device, for `cargo xtask bench --disk-cache none` (the outer guest's tmpfs has no
+/// O_DIRECT before Linux 6.6).
+pub const OUTER_SPARE_MODULES: &[&str] = &["brd"];
+
+/// Where the outer image keeps [`OUTER_SPARE_MODULES`], each as `NAME.ko`.
+pub const SPARE_MODULE_DIR: &str = "/lib/modules/spare";
+
 /// Bump when the layout or the way images are built changes.
 const LAYOUT_VERSION: u32 = 1;
 
@@ -256,11 +265,12 @@ fn stamp_text() -> String {
     format!(
         "layout {LAYOUT_VERSION}\nxtask {}\nkernel {KERNEL_PACKAGE}={KERNEL_VERSION} \
          (fallback: {KERNEL_FALLBACK_META})\nbusybox {BUSYBOX_PACKAGE}={BUSYBOX_VERSION}\n\
-         inner-modules {}\nouter-modules {}\ndisk ext4 {DISK_SIZE_MIB} MiB label {DISK_LABEL}\n--- inner /init\n{INNER_INIT}--- inner \
+         inner-modules {}\nouter-modules {}\nouter-spare-modules {}\ndisk ext4 {DISK_SIZE_MIB} MiB label {DISK_LABEL}\n--- inner /init\n{INNER_INIT}--- inner \
          /etc/profile\n{INNER_PROFILE}--- /etc/passwd\n{ETC_PASSWD}{ETC_GROUP}--- outer /init\n{OUTER_INIT}",
         env!("CARGO_PKG_VERSION"),
         INNER_MODULES.join(" "),
         OUTER_MODULES.join(" "),
+        OUTER_SPARE_MODULES.join(" "),
     )
 }
 
@@ -359,6 +369,7 @@ fn prepare_with(force: bool) -> Result<GuestImages> {
         &tree,
         &release,
         INNER_MODULES,
+        &[],
         INNER_INIT,
         true,
     )?;
@@ -368,6 +379,7 @@ fn prepare_with(force: bool) -> Result<GuestImages> {
         &tree,
         &release,
         OUTER_MODULES,
+        OUTER_SPARE_MODULES,
         OUTER_INIT,
         false,
     )?;
@@ -406,13 +418,16 @@ fn prepare_with(force: bool) -> Result<GuestImages> {
     Ok(GuestImages::at(&dir))
 }
 
-/// Builds an initramfs; returns it with the module load order.
+/// Builds an initramfs; returns it with the module load order. `/init` loads `modules`;
+/// `spare` ones are only carried, in [`SPARE_MODULE_DIR`].
+#[allow(clippy::too_many_arguments)]
 fn build_initramfs(
     busybox: &[u8],
     applets: &str,
     tree: &ModuleTree,
     release: &str,
     modules: &[&str],
+    spare: &[&str],
     init_template: &str,
     with_profile: bool,
 ) -> Result<(Archive, Vec<String>)> {
@@ -443,6 +458,18 @@ fn build_initramfs(
         let p = format!("lib/modules/{release}/{}", m.rel_path);
         a.file(&p, 0o644, m.data.clone())?;
         paths.push(format!("/{p}"));
+    }
+    for m in tree.resolve(spare)? {
+        if spare.contains(&m.name.as_str()) {
+            let p = format!("{}/{}.ko", SPARE_MODULE_DIR.trim_start_matches('/'), m.name);
+            a.file(&p, 0o644, m.data)?;
+        } else if !resolved.iter().any(|r| r.name == m.name) {
+            // A payload loads a spare module by itself: what it needs must be there.
+            bail!(
+                "the spare modules need {}, which /init does not load",
+                m.name
+            );
+        }
     }
     let list = paths.join(" \\\n         ");
     a.file(

@@ -9,9 +9,10 @@
 //!
 //! `tvm-e2e boot-time` instead boots the same guest in the VMM and in QEMU (`-accel kvm`)
 //! a few times each and reports the time from spawn to the readiness marker.
-//! `tvm-e2e disk-bench` boots both with the same disk image as virtio-blk and runs
-//! `tvm-iobench` in the guest: O_DIRECT sequential write and read, 4 KiB random reads, and
-//! each VMM's peak RSS. `tvm-e2e net-bench` boots both with eth0 on the same TAP and times
+//! `tvm-e2e disk-bench` boots both with the same disk image as virtio-blk (QEMU's on
+//! `aio=io_uring`, both with the host cache mode `--disk-cache`) and runs `tvm-iobench` in
+//! the guest: O_DIRECT sequential write and read, 4 KiB random reads one at a time and from
+//! 32 threads at once, and each VMM's peak RSS. `tvm-e2e net-bench` boots both with eth0 on the same TAP and times
 //! TCP transfers both ways against this process. `tvm-e2e vsock-bench` boots ours with
 //! `--vsock` and QEMU with `vhost-vsock-pci` and times vsock streams both ways with one and
 //! with eight connections (tvm-e2e/vsockbench.rs).
@@ -180,6 +181,8 @@ struct Opts {
     debugfs: Option<String>,
     bench_mib: u64,
     bench_secs: u64,
+    /// `disk-bench`: the host cache mode of the bench disk, for our VMM and QEMU alike.
+    disk_cache: DiskCache,
     /// A TAP for the guest's eth0 (`--net tap=NAME`), host end 10.0.2.1/24, guest 10.0.2.2/24.
     tap: Option<String>,
     /// MiB moved over TCP in each direction by the net check and bench.
@@ -234,6 +237,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         debugfs: None,
         bench_mib: 256,
         bench_secs: 10,
+        disk_cache: DiskCache::Writeback,
         tap: None,
         net_mib: 64,
         vsock_mib: 64,
@@ -276,6 +280,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--bench-secs" => {
                 o.bench_secs = val()?.parse().map_err(|e| format!("--bench-secs: {e}"))?
             }
+            "--disk-cache" => o.disk_cache = DiskCache::parse(&val()?)?,
             "--tap" => o.tap = Some(val()?),
             "--net-mib" => o.net_mib = val()?.parse().map_err(|e| format!("--net-mib: {e}"))?,
             "--vsock-mib" => {
@@ -313,7 +318,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
@@ -642,7 +647,10 @@ fn vmm_command(o: &Opts) -> Command {
         &cmdline(o),
     ]);
     if let Some(disk) = &o.disk {
-        c.args(["--disk", disk]);
+        match o.disk_cache {
+            DiskCache::Writeback => c.args(["--disk", disk]),
+            DiskCache::None => c.args(["--disk", &format!("{disk},cache=none")]),
+        };
     }
     if let Some(disk) = &o.ro_disk {
         c.args(["--disk", &format!("{disk},readonly=on")]);
@@ -2256,8 +2264,8 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// QEMU with the same guest as [`vmm_command`] (`-accel kvm -cpu host`, 512 MiB, the same
-/// vCPU topology and command line), and `disk` as a virtio-blk-pci drive (host page cache,
-/// like our VMM's buffered I/O).
+/// vCPU topology and command line), and `disk` as a virtio-blk-pci drive with the same host
+/// cache mode as ours (`--disk-cache`) on QEMU's fastest engine, `aio=io_uring`.
 fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Result<Command, String> {
     let topo = smp::Topology::parse(&o.cpus)?;
     let smp = format!(
@@ -2295,8 +2303,9 @@ fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Result<Command, Str
     if let Some(disk) = disk {
         q.arg("-drive")
             .arg(format!(
-                "file={},if=none,id=d0,format=raw,cache=writeback,aio=threads",
-                disk.replace(',', ",,")
+                "file={},if=none,id=d0,format=raw,cache={},aio=io_uring",
+                disk.replace(',', ",,"),
+                o.disk_cache.as_str()
             ))
             .args(["-device", "virtio-blk-pci,drive=d0"]);
     }
@@ -2310,8 +2319,58 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// One guest's block figures: (seq-write MiB/s, seq-read MiB/s, rand-read IOPS, peak RSS KiB).
-type DiskFigures = (f64, f64, f64, u64);
+/// The host cache mode of the bench disk (`--disk-cache`): our `--disk PATH,cache=MODE`
+/// and QEMU's `-drive cache=MODE`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DiskCache {
+    /// Through the host page cache (our default; QEMU's `cache=writeback`).
+    Writeback,
+    /// `O_DIRECT` on the host: the image's file system must support it.
+    None,
+}
+
+impl DiskCache {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "writeback" => Ok(DiskCache::Writeback),
+            "none" => Ok(DiskCache::None),
+            other => Err(format!("--disk-cache {other}: expected writeback or none")),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::Writeback => "writeback",
+            DiskCache::None => "none",
+        }
+    }
+}
+
+/// Threads of the `disk-bench` random-read run with many requests in flight, each with one
+/// synchronous 4 KiB read at a time: queue depth up to this many.
+const RAND_JOBS: u64 = 32;
+// The summary row is named after it.
+const _: () = assert!(
+    RAND_JOBS == 32,
+    "rename the rand-read-4k-qd32 row of disk_bench"
+);
+
+/// One guest's block figures.
+#[derive(Clone, Copy, Debug)]
+struct DiskFigures {
+    /// O_DIRECT sequential write, 1 MiB requests, MiB/s.
+    seq_write: f64,
+    /// O_DIRECT sequential read, 1 MiB requests, MiB/s.
+    seq_read: f64,
+    /// 4 KiB random reads, one at a time: IOPS.
+    rand_iops: f64,
+    /// The same run's mean time per read, µs.
+    rand_lat_us: f64,
+    /// 4 KiB random reads from [`RAND_JOBS`] threads at once: IOPS, summed.
+    rand_many_iops: f64,
+    /// The VMM process's `VmHWM` after the runs, KiB.
+    peak_rss_kib: u64,
+}
 
 /// Boots `cmd` (a guest with the bench disk as /dev/vda and `tvm-iobench` in its
 /// initramfs), runs the three measurements and returns the figures.
@@ -2325,11 +2384,14 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
     g.send(
         format!(
             "tvm-iobench seq-write /dev/vda {mib}; tvm-iobench seq-read /dev/vda {mib}; \
-             tvm-iobench rand-read /dev/vda {secs}; echo bench-$((1+1))-done\n"
+             tvm-iobench rand-read /dev/vda {secs}; \
+             tvm-iobench rand-read /dev/vda {secs} {RAND_JOBS}; echo bench-$((1+1))-done\n"
         )
         .as_bytes(),
     )?;
-    let Some(done) = c.wait_for("bench-2-done", pos, Duration::from_secs(600)) else {
+    // Generous for the sequential runs (slow under nested TCG), plus the two timed runs.
+    let limit = Duration::from_secs(600 + 2 * secs);
+    let Some(done) = c.wait_for("bench-2-done", pos, limit) else {
         let why = format!(
             "{what}: the benchmark did not finish; console: {}",
             c.tail(2000)
@@ -2349,18 +2411,22 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("{what}: no {key} in {line:?}"))
     };
-    let figures = (
-        field("seq-write", "mib_s")?,
-        field("seq-read", "mib_s")?,
-        field("rand-read", "iops")?,
-        peak_rss_kib(g.child.id()).unwrap_or(0),
-    );
+    let many = format!("rand-read-qd{RAND_JOBS}");
+    let f = DiskFigures {
+        seq_write: field("seq-write", "mib_s")?,
+        seq_read: field("seq-read", "mib_s")?,
+        rand_iops: field("rand-read", "iops")?,
+        rand_lat_us: field("rand-read", "lat_us")?,
+        rand_many_iops: field(&many, "iops")?,
+        peak_rss_kib: peak_rss_kib(g.child.id()).unwrap_or(0),
+    };
     println!(
-        "BENCH-DISK {what}: seq-write {:.1} MiB/s, seq-read {:.1} MiB/s, rand-read {:.0} IOPS, peak RSS {} KiB",
-        figures.0, figures.1, figures.2, figures.3
+        "BENCH-DISK {what}: seq-write {:.1} MiB/s, seq-read {:.1} MiB/s, rand-read {:.0} IOPS \
+         ({:.1} us each), {many} {:.0} IOPS, peak RSS {} KiB",
+        f.seq_write, f.seq_read, f.rand_iops, f.rand_lat_us, f.rand_many_iops, f.peak_rss_kib
     );
     g.reboot_or_kill()?;
-    Ok(figures)
+    Ok(f)
 }
 
 /// One guest's network figures: (host->guest MiB/s, guest->host MiB/s, peak RSS KiB).
@@ -2493,15 +2559,31 @@ fn print_medians<T>(tag: &str, rows: &[MedianRow<T>], ours: &[T], peer: &[T]) {
 }
 
 /// `disk-bench`: block throughput, IOPS and peak RSS, for our VMM and QEMU's
-/// virtio-blk-pci on the same image, interleaved `--runs` times; medians and ratios.
+/// virtio-blk-pci (`aio=io_uring`) on the same image with the same host cache mode
+/// (`--disk-cache`), interleaved `--runs` times; medians and ratios.
 fn disk_bench(o: &Opts) -> Result<bool, String> {
     let qemu = o.qemu.clone().ok_or("disk-bench needs --qemu")?;
     let disk = o.disk.clone().ok_or("disk-bench needs --disk")?;
     // A raw image with room for the sequential runs, fully written once, so that neither
     // VMM pays for the host allocating its blocks (on tmpfs that is page allocation and
     // zeroing) during its write run.
-    std::fs::write(&disk, vec![0u8; ((o.bench_mib + 64) << 20) as usize])
-        .map_err(|e| format!("cannot create the bench image {disk}: {e}"))?;
+    // The image may also be a block device of at least that size (a RAM disk for
+    // `--disk-cache none` where the file systems at hand have no O_DIRECT): then this
+    // fills it, and the sync leaves nothing for the host to write back during the runs.
+    let fill = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&disk)?;
+        f.write_all(&vec![0u8; ((o.bench_mib + 64) << 20) as usize])?;
+        f.sync_all()
+    };
+    fill().map_err(|e| format!("cannot create the bench image {disk}: {e}"))?;
+    println!(
+        "BENCH-DISK image {disk}, host cache mode {}",
+        o.disk_cache.as_str()
+    );
     let mut ours: Vec<DiskFigures> = Vec::new();
     let mut peer: Vec<DiskFigures> = Vec::new();
     for run in 0..o.runs {
@@ -2520,11 +2602,13 @@ fn disk_bench(o: &Opts) -> Result<bool, String> {
     if ours.is_empty() || peer.is_empty() {
         return Err("no complete sample for one of the two".into());
     }
-    let rows: [MedianRow<DiskFigures>; 4] = [
-        ("seq-write", "MiB/s", |f| f.0),
-        ("seq-read", "MiB/s", |f| f.1),
-        ("rand-read-4k", "IOPS", |f| f.2),
-        ("peak-rss", "KiB", |f| f.3 as f64),
+    let rows: [MedianRow<DiskFigures>; 6] = [
+        ("seq-write", "MiB/s", |f| f.seq_write),
+        ("seq-read", "MiB/s", |f| f.seq_read),
+        ("rand-read-4k", "IOPS", |f| f.rand_iops),
+        ("rand-read-4k-latency", "us", |f| f.rand_lat_us),
+        ("rand-read-4k-qd32", "IOPS", |f| f.rand_many_iops),
+        ("peak-rss", "KiB", |f| f.peak_rss_kib as f64),
     ];
     print_medians("BENCH-DISK", &rows, &ours, &peer);
     Ok(true)
@@ -2618,6 +2702,49 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_bench_cache_mode_reaches_both_vmms() {
+        let args = |extra: &[&str]| -> Vec<String> {
+            [
+                "--vmm", "v", "--kernel", "k", "--initrd", "i", "--disk", "/d.img",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect()
+        };
+        let cmd_args = |c: &Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        for (extra, ours, theirs) in [
+            (&[][..], "/d.img", "cache=writeback,aio=io_uring"),
+            (
+                &["--disk-cache", "writeback"][..],
+                "/d.img",
+                "cache=writeback,aio=io_uring",
+            ),
+            (
+                &["--disk-cache", "none"][..],
+                "/d.img,cache=none",
+                "cache=none,aio=io_uring",
+            ),
+        ] {
+            let o = parse_opts(&args(extra)).expect("valid options");
+            let vmm = cmd_args(&vmm_command(&o));
+            let at = vmm.iter().position(|a| a == "--disk").expect("a --disk");
+            assert_eq!(vmm[at + 1], ours, "{extra:?}");
+            let qemu = cmd_args(&qemu_command("q", &o, o.disk.as_deref()).expect("a topology"));
+            assert!(
+                qemu.iter()
+                    .any(|a| a.starts_with("file=/d.img,") && a.ends_with(theirs)),
+                "{extra:?}: {qemu:?}"
+            );
+        }
+        assert!(parse_opts(&args(&["--disk-cache", "directsync"])).is_err());
+    }
 
     #[test]
     fn hwrng_answers() {

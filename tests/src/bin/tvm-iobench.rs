@@ -2,20 +2,30 @@
 //! `cargo xtask bench` (busybox has no fio).
 //!
 //! ```text
-//! tvm-iobench seq-write DEV MIB      write MIB MiB in 1 MiB blocks, then fdatasync
-//! tvm-iobench seq-read  DEV MIB      read MIB MiB in 1 MiB blocks
-//! tvm-iobench rand-read DEV SECONDS  4 KiB reads at random 4 KiB-aligned offsets
+//! tvm-iobench seq-write DEV MIB              write MIB MiB in 1 MiB blocks, then fdatasync
+//! tvm-iobench seq-read  DEV MIB              read MIB MiB in 1 MiB blocks
+//! tvm-iobench rand-read DEV SECONDS [JOBS]   4 KiB reads at random 4 KiB-aligned offsets
 //! ```
 //!
-//! Every access is `O_DIRECT` (no guest page cache) and synchronous: one request in
-//! flight (queue depth 1), the same for every VMM measured. Each run prints one line,
-//! `IOBENCH op=<op> bytes=<n> ios=<n> ms=<t> mib_s=<x> iops=<y> end`, or
-//! `IOBENCH error: <why> end` and exits 1.
+//! Every access is `O_DIRECT` (no guest page cache) and synchronous. The sequential runs and
+//! `rand-read` with one job (the default) keep one request in flight (queue depth 1), the
+//! same for every VMM measured. `rand-read` with `JOBS` > 1 runs that many threads, each
+//! with its own generator of offsets and one synchronous read at a time, all started
+//! together and stopped at the same deadline: up to `JOBS` requests in flight (queue depth
+//! `JOBS` at the device, as fio's `--numjobs=JOBS --iodepth=1 --ioengine=psync` would give);
+//! the IOPS are the sum over the threads.
+//!
+//! Each run prints one line, `IOBENCH op=<op> bytes=<n> ios=<n> ms=<t> mib_s=<x> iops=<y>
+//! lat_us=<z> end` (`op` is `rand-read` for one job, `rand-read-qd<JOBS>` otherwise; `lat_us`
+//! is the mean time one request took as its thread saw it, for the sequential runs the run's
+//! time over its requests, fdatasync included), or `IOBENCH error: <why> end` and exits 1.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::ExitCode;
+use std::sync::{Barrier, OnceLock};
+use std::thread;
 use std::time::{Duration, Instant};
 
 const ALIGN: usize = 4096;
@@ -56,13 +66,16 @@ fn open(dev: &str, write: bool) -> Result<(File, u64), String> {
     Ok((f, size))
 }
 
-fn report(op: &str, bytes: u64, ios: u64, took: Duration) {
+/// Prints the result line; `busy` is the time the requests took, summed over the threads
+/// (for one thread, about `took`).
+fn report(op: &str, bytes: u64, ios: u64, took: Duration, busy: Duration) {
     let secs = took.as_secs_f64().max(1e-9);
     println!(
-        "IOBENCH op={op} bytes={bytes} ios={ios} ms={:.0} mib_s={:.1} iops={:.0} end",
+        "IOBENCH op={op} bytes={bytes} ios={ios} ms={:.0} mib_s={:.1} iops={:.0} lat_us={:.1} end",
         secs * 1000.0,
         bytes as f64 / MIB as f64 / secs,
-        ios as f64 / secs
+        ios as f64 / secs,
+        busy.as_secs_f64() * 1e6 / ios.max(1) as f64
     );
 }
 
@@ -89,44 +102,119 @@ fn sequential(dev: &str, mib: u64, write: bool) -> Result<(), String> {
         f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
     }
     let op = if write { "seq-write" } else { "seq-read" };
-    report(op, mib * MIB as u64, mib, start.elapsed());
+    let took = start.elapsed();
+    report(op, mib * MIB as u64, mib, took, took);
     Ok(())
 }
 
-fn random_read(dev: &str, seconds: u64) -> Result<(), String> {
-    let (f, size) = open(dev, false)?;
-    let blocks = size / ALIGN as u64;
-    if blocks == 0 {
-        return Err(format!("{dev} is smaller than {ALIGN} bytes"));
-    }
+/// Most threads `rand-read` starts (a guard against a typo, not a device limit: requests
+/// the virtqueue cannot take wait in the guest's block layer).
+const MAX_JOBS: u64 = 256;
+/// The first thread's xorshift seed (the single-job run's since the first version).
+const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+/// What sets the other threads' seeds apart (thread `j` starts at `SEED ^ j * SEED_STEP`).
+const SEED_STEP: u64 = 0xbf58_476d_1ce4_e5b9;
+
+/// One `rand-read` thread: 4 KiB reads of `f` (`blocks` blocks of 4 KiB) at offsets from a
+/// xorshift generator seeded with `seed`, until `deadline`. Returns the reads done and the
+/// time they took.
+fn random_job(
+    f: &File,
+    blocks: u64,
+    seed: u64,
+    deadline: Instant,
+) -> Result<(u64, Duration), String> {
     let mut buf = Aligned::new(ALIGN);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let limit = Duration::from_secs(seconds);
-    let start = Instant::now();
+    // xorshift64 must not start at 0.
+    let mut x = seed.max(1);
     let mut ios = 0u64;
-    while start.elapsed() < limit {
+    let mut busy = Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        if t >= deadline {
+            return Ok((ios, busy));
+        }
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let off = (x % blocks) * ALIGN as u64;
         f.read_exact_at(buf.buf(), off)
             .map_err(|e| format!("read at {off}: {e}"))?;
+        busy += t.elapsed();
         ios += 1;
     }
-    report("rand-read", ios * ALIGN as u64, ios, start.elapsed());
+}
+
+fn random_read(dev: &str, seconds: u64, jobs: u64) -> Result<(), String> {
+    if !(1..=MAX_JOBS).contains(&jobs) {
+        return Err(format!("JOBS must be 1 to {MAX_JOBS}, not {jobs}"));
+    }
+    let (f, size) = open(dev, false)?;
+    let blocks = size / ALIGN as u64;
+    if blocks == 0 {
+        return Err(format!("{dev} is smaller than {ALIGN} bytes"));
+    }
+    let limit = Duration::from_secs(seconds);
+    // The threads start together: each waits at the barrier, which opens once this thread
+    // has set the common deadline.
+    let barrier = Barrier::new(jobs as usize + 1);
+    let deadline = OnceLock::new();
+    let (results, took) = thread::scope(|s| {
+        let (f, barrier, deadline) = (&f, &barrier, &deadline);
+        let handles: Vec<_> = (0..jobs)
+            .map(|j| {
+                s.spawn(move || {
+                    barrier.wait();
+                    let deadline = *deadline.get().expect("set before the barrier opens");
+                    // One generator per thread; thread 0 reads the offsets that the
+                    // single-job run always read.
+                    random_job(f, blocks, SEED ^ j.wrapping_mul(SEED_STEP), deadline)
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        let _ = deadline.set(start + limit);
+        barrier.wait();
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a reader thread panicked".into()))
+            })
+            .collect();
+        (results, start.elapsed())
+    });
+    let (mut ios, mut busy) = (0u64, Duration::ZERO);
+    for r in results {
+        let (n, t) = r?;
+        ios += n;
+        busy += t;
+    }
+    let op = if jobs == 1 {
+        "rand-read".to_string()
+    } else {
+        format!("rand-read-qd{jobs}")
+    };
+    report(&op, ios * ALIGN as u64, ios, took, busy);
     Ok(())
 }
 
 fn run(args: &[String]) -> Result<(), String> {
-    let usage = "usage: tvm-iobench seq-write|seq-read DEV MIB | rand-read DEV SECONDS";
-    let [op, dev, n] = args else {
-        return Err(usage.into());
+    let usage = "usage: tvm-iobench seq-write|seq-read DEV MIB | rand-read DEV SECONDS [JOBS]";
+    let (op, dev, n, jobs) = match args {
+        [op, dev, n] => (op, dev, n, None),
+        [op, dev, n, jobs] if op == "rand-read" => (op, dev, n, Some(jobs)),
+        _ => return Err(usage.into()),
     };
     let n: u64 = n.parse().map_err(|_| usage.to_string())?;
+    let jobs: u64 = match jobs {
+        Some(j) => j.parse().map_err(|_| usage.to_string())?,
+        None => 1,
+    };
     match op.as_str() {
         "seq-write" => sequential(dev, n, true),
         "seq-read" => sequential(dev, n, false),
-        "rand-read" => random_read(dev, n),
+        "rand-read" => random_read(dev, n, jobs),
         _ => Err(usage.into()),
     }
 }
