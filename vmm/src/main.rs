@@ -37,8 +37,10 @@ struct Cli {
     /// Guest memory, e.g. 512M or 2G (a bare number means MiB) [default: 1G].
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
-    /// A virtio-blk disk backed by a file: PATH, optionally followed by ,readonly=on and
-    /// ,id=STRING. Repeat for more disks (vda, vdb, ...).
+    /// A virtio-blk disk backed by a file: PATH, optionally followed by ,readonly=on,
+    /// ,id=STRING, ,cache=writeback|none (none: O_DIRECT), ,num_queues=N (default: one per
+    /// vCPU) and ,io_engine=auto|io_uring|sync (default auto: io_uring where the kernel has
+    /// it). Repeat for more disks (vda, vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,OPTIONS]")]
     disks: Vec<String>,
     /// A virtio-net interface on a TAP: tap=NAME, optionally followed by ,mac=MAC. The TAP

@@ -759,8 +759,41 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// MiB each vCPU of a many-vCPU boot writes to its disk (`smp::DISK_MIB` in tvm-e2e).
+const SMP_DISK_MIB_PER_CPU: u64 = 4;
+
+/// The raw disk of the many-vCPU boots (`--smp-disk`, given `cache=none`) for the vCPU
+/// counts in `smp_cpus`, and the outer guest's set-up for it: a RAM block device there
+/// (`brd`: the outer kernel, 6.1, has no O_DIRECT on tmpfs), a file under target/ when the
+/// driver runs on this host.
+fn smp_disk(smp_cpus: &str) -> Result<(String, String)> {
+    // A spec is a count with `key=value` parts after it.
+    let most = smp_cpus
+        .split(',')
+        .filter_map(|p| p.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(1);
+    let mib = most * SMP_DISK_MIB_PER_CPU + 8;
+    if crate::outer::kvm_is_usable_directly() {
+        let image = util::guest_dir().join("smp-disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(mib << 20))
+            .with_context(|| format!("creating {}", image.display()))?;
+        return Ok((image.to_string_lossy().into_owned(), String::new()));
+    }
+    Ok((
+        "/dev/ram0".to_string(),
+        format!(
+            "insmod {}/brd.ko rd_nr=1 rd_size={}\ntest -b /dev/ram0",
+            crate::guest::SPARE_MODULE_DIR,
+            mib * 1024
+        ),
+    ))
+}
+
 /// `cargo xtask e2e`.
 pub fn main(args: Args) -> Result<ExitCode> {
+    let (smp_disk, smp_setup) = smp_disk(&args.smp_cpus)?;
     let flood = args.flood_kib.to_string();
     let net_mib = args.net_mib.to_string();
     let mut extra = vec![
@@ -778,6 +811,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         extra.push("--fc-api-only");
     } else if args.smp_cpus != "none" {
         extra.extend(["--smp-cpus", &args.smp_cpus]);
+        extra.extend(["--smp-disk", &smp_disk]);
     } else if args.smp_only {
         bail!("--smp-only with --smp-cpus none leaves nothing to run");
     }
@@ -796,7 +830,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         &extra,
         &[],
         None,
-        "",
+        &smp_setup,
         args.verbose,
         Duration::from_secs(args.timeout),
         args.durability_only,

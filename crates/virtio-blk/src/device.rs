@@ -670,6 +670,9 @@ impl Block {
                 }
             },
         };
+        if engine.is_some() {
+            info!("{name}: io_uring, up to {capacity} requests in flight");
+        }
         Ok(Block {
             file,
             mem_align,

@@ -213,6 +213,9 @@ struct Opts {
     smp_cpus: Option<String>,
     /// Only the many-vCPU boot.
     smp_only: bool,
+    /// A raw disk for the many-vCPU boots, given with `cache=none` and the default queues
+    /// (one per vCPU); it must support O_DIRECT and hold `smp::DISK_MIB` per vCPU.
+    smp_disk: Option<String>,
     /// The boots through Firecracker's interface ([`fcapi::fc_api_checks`]), after the
     /// others.
     fc_api: bool,
@@ -253,6 +256,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         cpus: "1".into(),
         smp_cpus: None,
         smp_only: false,
+        smp_disk: None,
         fc_api: false,
         fc_api_only: false,
         bench_cpus: vec!["1".into()],
@@ -300,6 +304,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--cpus" => o.cpus = val()?,
             "--smp-cpus" => o.smp_cpus = Some(val()?),
             "--smp-only" => o.smp_only = true,
+            "--smp-disk" => o.smp_disk = Some(val()?),
             "--fc-api" => o.fc_api = true,
             "--fc-api-only" => {
                 o.fc_api = true;
@@ -318,7 +323,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());

@@ -3,7 +3,10 @@
 //! the CPU count, the topology in sysfs, a task pinned to each CPU running there, a local
 //! timer on every CPU, a parallel job, the last CPU taken offline and back, the default
 //! 1 GiB of RAM, one seccomp filter on every vCPU thread, and `reboot` from a task pinned
-//! to the last CPU ending the VMM with exit code 0.
+//! to the last CPU ending the VMM with exit code 0. With `--smp-disk PATH`, that raw disk
+//! is the guest's /dev/vda with `cache=none` and the default queues (one per vCPU): blk-mq
+//! must show one hardware queue per vCPU, and a write from every CPU at once (O_DIRECT)
+//! must read back intact.
 
 use super::{reboot_check, seccomp_of_threads, Guest, Opts, Report, Runner, STEP_TIMEOUT};
 use std::process::Command;
@@ -15,6 +18,8 @@ use std::time::{Duration, Instant};
 const JOB_ITERATIONS: u32 = 20_000;
 /// Limit for the parallel job (every CPU's loop and the counts around it).
 const JOB_TIMEOUT: Duration = Duration::from_secs(240);
+/// MiB of `--smp-disk` each vCPU writes (at its own offset) and reads back.
+pub const DISK_MIB: u32 = 4;
 
 /// A vCPU topology as `--cpus` states it: threads per core, cores per socket, sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +194,9 @@ fn smp_command(o: &Opts, spec: &str) -> Command {
     if let Some(map) = &o.system_map {
         c.args(["--system-map", map]);
     }
+    if let Some(disk) = &o.smp_disk {
+        c.args(["--disk", &format!("{disk},cache=none")]);
+    }
     c
 }
 
@@ -197,7 +205,7 @@ pub fn smp_checks(o: &Opts, spec: &str) -> Result<bool, String> {
     let topo = Topology::parse(spec)?;
     println!("E2E-INFO smp: booting with --cpus {spec} and no --memory");
     let mut g = Guest::spawn(smp_command(o, spec), Runner::Vmm, o.verbose)?;
-    let result = checks_on(&mut g, topo);
+    let result = checks_on(&mut g, topo, o.smp_disk.is_some());
     if !matches!(result, Ok(true)) {
         thread::sleep(Duration::from_millis(300));
         println!(
@@ -209,7 +217,7 @@ pub fn smp_checks(o: &Opts, spec: &str) -> Result<bool, String> {
     result
 }
 
-fn checks_on(g: &mut Guest, topo: Topology) -> Result<bool, String> {
+fn checks_on(g: &mut Guest, topo: Topology, disk: bool) -> Result<bool, String> {
     let mut r = Report { failed: 0 };
     let c = g.console.clone();
     let n = topo.cpus();
@@ -379,6 +387,59 @@ fn checks_on(g: &mut Guest, topo: Topology) -> Result<bool, String> {
             )),
         },
     );
+
+    if disk {
+        // blk-mq's hardware queues: one directory each under mq/.
+        let queues = ask(
+            g,
+            "echo mq-$((1+1))-$(ls /sys/block/vda/mq | wc -l)-end\n".into(),
+            "mq-2-",
+            STEP_TIMEOUT,
+        )?;
+        r.check(
+            &format!("disk-{n}-queues"),
+            match queues.as_deref().map(str::parse::<u32>) {
+                Some(Ok(q)) if q == n => Ok(format!(
+                    "--disk ...,cache=none with the default queues: blk-mq has {q} hardware \
+                     queues for {n} vCPUs"
+                )),
+                other => Err(format!(
+                    "{other:?} hardware queues in /sys/block/vda/mq, expected {n}; console \
+                     tail: {}",
+                    c.tail(1000)
+                )),
+            },
+        );
+        // Every CPU writes its own DISK_MIB MiB at once, O_DIRECT (the host side is
+        // O_DIRECT too); then all of it is read back around the guest's page cache.
+        let total = DISK_MIB * n;
+        let io = ask(
+            g,
+            format!(
+                "dd if=/dev/urandom of=/tmp/mq bs=1M count={total} 2>/dev/null; \
+                 for i in $(seq 0 {last}); do taskset -c $i dd if=/tmp/mq of=/dev/vda bs=1M \
+                 skip=$((i*{DISK_MIB})) seek=$((i*{DISK_MIB})) count={DISK_MIB} oflag=direct \
+                 conv=notrunc 2>/dev/null & done; wait; \
+                 echo mqio-$((1+1))-$(md5sum < /tmp/mq | cut -c1-32),$(dd if=/dev/vda bs=1M \
+                 count={total} iflag=direct 2>/dev/null | md5sum | cut -c1-32)-end\n"
+            ),
+            "mqio-2-",
+            JOB_TIMEOUT,
+        )?;
+        r.check(
+            "disk-parallel-writes-read-back",
+            match io.as_deref().and_then(|v| v.split_once(',')) {
+                Some((want, got)) if want == got && want.len() == 32 => Ok(format!(
+                    "{n} CPUs each wrote {DISK_MIB} MiB at once with O_DIRECT; md5 {want} read \
+                     back"
+                )),
+                _ => Err(format!(
+                    "written,read md5 = {io:?}; console tail: {}",
+                    c.tail(1000)
+                )),
+            },
+        );
+    }
 
     r.check("seccomp-on-every-thread", seccomp_of_threads(g.child.id()));
 
