@@ -56,6 +56,10 @@ type VsockDevice = Arc<Mutex<VirtioPciDevice<Vsock>>>;
 type ConsoleWriter = ConsoleTap<NonBlockingWriter>;
 type Serial = SerialDevice<ConsoleWriter>;
 
+/// Limit for the swap of a media change once the disk holds its queues (an `fdatasync` of
+/// the old image and a few system calls on the new one).
+const MEDIA_SWAP_LIMIT: Duration = Duration::from_secs(10);
+
 /// How long shutdown waits for vCPU threads and for the console to drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long the event loop waits for a disk's worker to finish the requests it is serving
@@ -1017,15 +1021,28 @@ fn carry_out(
                 .get(disk)
                 .ok_or_else(|| format!("there is no disk {disk}"))?;
             let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
-            dev.device_mut()
-                .with_mut_on_worker(DISK_BUSY_GRACE, move |b| {
-                    b.change_media_to(file.0, path)
-                        .map_err(|e| crate::error_chain(&e))
+            let worker = dev.device_mut();
+            // First the disk stops taking requests and completes those in flight, on its
+            // worker; a disk that cannot within the limit refuses the change, and its hold
+            // is released whenever that ends, so a refused change never happens later.
+            if worker
+                .with_mut_on_worker(DISK_BUSY_GRACE, |b| b.hold())
+                .is_none()
+            {
+                let _ = worker.with_mut_on_worker(Duration::ZERO, |b| b.release());
+                return Err(format!(
+                    "the drive is busy: a request did not complete within {DISK_BUSY_GRACE:?}"
+                ));
+            }
+            // Nothing in flight: the swap does no I/O but the old image's fdatasync.
+            worker
+                .with_mut_on_worker(MEDIA_SWAP_LIMIT, move |b| {
+                    let r = b.change_media_to(file.0, path);
+                    b.release();
+                    r.map_err(|e| crate::error_chain(&e))
                 })
                 .ok_or_else(|| {
-                    format!(
-                        "the drive is busy: a request did not complete within {DISK_BUSY_GRACE:?}"
-                    )
+                    format!("the media change took longer than {MEDIA_SWAP_LIMIT:?}")
                 })??;
             // The new medium is in; a lost interrupt only delays the guest noticing.
             if let Err(e) = dev.config_changed() {

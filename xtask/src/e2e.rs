@@ -761,39 +761,65 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// MiB each vCPU of a many-vCPU boot writes to its disk (`smp::DISK_MIB` in tvm-e2e).
 const SMP_DISK_MIB_PER_CPU: u64 = 4;
+/// MiB of the EIO disk's backing (`hosterr::EioDisk` in tvm-e2e).
+const EIO_BACKING_MIB: u64 = 4;
 
-/// The raw disk of the many-vCPU boots (`--smp-disk`, given `cache=none`) for the vCPU
-/// counts in `smp_cpus`, and the outer guest's set-up for it: a RAM block device there
-/// (`brd`: the outer kernel, 6.1, has no O_DIRECT on tmpfs), a file under target/ when the
-/// driver runs on this host.
-fn smp_disk(smp_cpus: &str) -> Result<(String, String)> {
+/// The block devices the checks need beyond the outer guest's drives, and the outer
+/// guest's set-up for them (shell lines for [`run_driver`]'s `nested_setup`).
+struct ScratchDisks {
+    /// The raw disk of the many-vCPU boots (`--smp-disk`, given `cache=none`).
+    smp: String,
+    /// The backing of the main boot's EIO disk (`--eio-backing`).
+    eio_backing: String,
+    setup: String,
+}
+
+/// [`ScratchDisks`] for the vCPU counts in `smp_cpus`: RAM block devices in the outer guest
+/// (`brd`: the outer kernel, 6.1, has no O_DIRECT on tmpfs; `dm-mod` for the EIO disk),
+/// files under target/ when the driver runs on this host (which must then have
+/// device-mapper for the EIO disk).
+fn scratch_disks(smp_cpus: &str) -> Result<ScratchDisks> {
     // A spec is a count with `key=value` parts after it.
     let most = smp_cpus
         .split(',')
         .filter_map(|p| p.trim().parse::<u64>().ok())
         .max()
         .unwrap_or(1);
-    let mib = most * SMP_DISK_MIB_PER_CPU + 8;
+    let smp_mib = most * SMP_DISK_MIB_PER_CPU + 8;
     if crate::outer::kvm_is_usable_directly() {
-        let image = util::guest_dir().join("smp-disk.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(mib << 20))
-            .with_context(|| format!("creating {}", image.display()))?;
-        return Ok((image.to_string_lossy().into_owned(), String::new()));
+        let mut paths = Vec::new();
+        for (name, mib) in [("smp-disk.img", smp_mib), ("eio-backing.img", EIO_BACKING_MIB)] {
+            let image = util::guest_dir().join(name);
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(mib << 20))
+                .with_context(|| format!("creating {}", image.display()))?;
+            paths.push(image.to_string_lossy().into_owned());
+        }
+        return Ok(ScratchDisks {
+            smp: paths[0].clone(),
+            eio_backing: paths[1].clone(),
+            setup: String::new(),
+        });
     }
-    Ok((
-        "/dev/ram0".to_string(),
-        format!(
-            "insmod {}/brd.ko rd_nr=1 rd_size={}\ntest -b /dev/ram0",
-            crate::guest::SPARE_MODULE_DIR,
-            mib * 1024
+    let dir = crate::guest::SPARE_MODULE_DIR;
+    Ok(ScratchDisks {
+        smp: "/dev/ram0".into(),
+        eio_backing: "/dev/ram1".into(),
+        setup: format!(
+            "insmod {dir}/brd.ko rd_nr=2 rd_size={}\ninsmod {dir}/dm_mod.ko\n\
+             test -b /dev/ram0\ntest -b /dev/ram1",
+            smp_mib.max(EIO_BACKING_MIB) * 1024
         ),
-    ))
+    })
 }
 
 /// `cargo xtask e2e`.
 pub fn main(args: Args) -> Result<ExitCode> {
-    let (smp_disk, smp_setup) = smp_disk(&args.smp_cpus)?;
+    let scratch = scratch_disks(&args.smp_cpus)?;
+    // The EIO disk's dmsetup, carried into the outer guest with its libraries.
+    let dmsetup = util::which("dmsetup").context("dmsetup not found (package dmsetup)")?;
+    let dmsetup_files = util::binary_with_libs(&dmsetup)?;
+    let dmsetup_path = dmsetup_files[0].1.clone();
     let flood = args.flood_kib.to_string();
     let net_mib = args.net_mib.to_string();
     let mut extra = vec![
@@ -807,11 +833,15 @@ pub fn main(args: Args) -> Result<ExitCode> {
     if !args.no_fc_api && !args.smp_only {
         extra.push("--fc-api");
     }
+    if !args.smp_only {
+        // The main boot's EIO disk (host-eio-*).
+        extra.extend(["--eio-backing", &scratch.eio_backing, "--dmsetup", &dmsetup_path]);
+    }
     if args.fc_api_only {
         extra.push("--fc-api-only");
     } else if args.smp_cpus != "none" {
         extra.extend(["--smp-cpus", &args.smp_cpus]);
-        extra.extend(["--smp-disk", &smp_disk]);
+        extra.extend(["--smp-disk", &scratch.smp]);
     } else if args.smp_only {
         bail!("--smp-only with --smp-cpus none leaves nothing to run");
     }
@@ -828,9 +858,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let (code, _) = run_driver_with(
         mode,
         &extra,
-        &[],
+        &dmsetup_files,
         None,
-        &smp_setup,
+        &scratch.setup,
         args.verbose,
         Duration::from_secs(args.timeout),
         args.durability_only,

@@ -80,9 +80,10 @@ pub const OUTER_MODULES: &[&str] = &[
 
 /// Modules the outer image carries but its /init does not load: a payload loads them with
 /// parameters (`insmod DIR/NAME.ko PARAM=..`, [`SPARE_MODULE_DIR`]). `brd`: a RAM block
-/// device, for `cargo xtask bench --disk-cache none` (the outer guest's tmpfs has no
-/// O_DIRECT before Linux 6.6).
-pub const OUTER_SPARE_MODULES: &[&str] = &["brd"];
+/// device, for `cargo xtask bench --disk-cache none` and the e2e's many-vCPU disk (the outer
+/// guest's tmpfs has no O_DIRECT before Linux 6.6); `dm_mod`: device-mapper, for the e2e's
+/// disk on the `error` target.
+pub const OUTER_SPARE_MODULES: &[&str] = &["brd", "dm_mod"];
 
 /// Where the outer image keeps [`OUTER_SPARE_MODULES`], each as `NAME.ko`.
 pub const SPARE_MODULE_DIR: &str = "/lib/modules/spare";

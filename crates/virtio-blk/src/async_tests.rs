@@ -726,3 +726,31 @@ fn cache_none_bounces_guest_buffers_that_break_the_memory_alignment() {
     assert!(image.aligned(&slices(DATA)));
     assert!(!image.aligned(&slices(DATA + 0x1001)));
 }
+
+#[test]
+fn a_hold_completes_what_is_in_flight_and_takes_nothing_new_until_released() {
+    let (img, content) = TempImage::with_pattern();
+    let mem = test_mem();
+    let (mut disk, state) = fake_disk(&img, &content, 64);
+    let mock = MockSplitQueue::new(&mem, 16);
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 1, 512)]);
+    let irq = activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    assert_eq!(state.lock().unwrap().running.len(), 1);
+    disk.hold();
+    // The read completed into the used ring (the fake finishes what it waits for).
+    assert_eq!(used(&mock), vec![(0, 513)]);
+    assert_eq!(irq.queues(), vec![0]);
+    // A new request waits in the ring, kicks or completions notwithstanding.
+    mem.write_slice(&[0u8; 16], GuestAddress(HDR + 0x100))
+        .unwrap();
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 2, 512)]);
+    disk.process_queue(0);
+    disk.process_extra_event(0, tvm_virtio::EventSet::IN);
+    assert_eq!(state.lock().unwrap().log.len(), 1);
+    disk.release();
+    assert_eq!(state.lock().unwrap().log.len(), 2);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    assert_eq!(used(&mock), vec![(0, 513), (0, 513)]);
+    assert_eq!(guest(&mem, DATA, 512), content[1024..1536]);
+}

@@ -238,6 +238,9 @@ pub struct Block {
     queue_sizes: Vec<u16>,
     /// The asynchronous engine and its requests in flight; `None`: synchronous I/O.
     engine: Option<AsyncState>,
+    /// No new request is taken from the queues ([`hold`](Block::hold), or while the
+    /// requests in flight are being completed): they wait in the rings.
+    held: bool,
     path: PathBuf,
     /// `virtio-blk "PATH"`, for log lines.
     name: String,
@@ -679,6 +682,7 @@ impl Block {
             cache: cfg.cache,
             queue_sizes: vec![QUEUE_SIZE; usize::from(num_queues)],
             engine,
+            held: false,
             name,
             path: cfg.path,
             info,
@@ -833,6 +837,25 @@ impl Block {
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes no new request from the queues (they wait in the rings) and completes the
+    /// requests in flight, each into its used ring: afterwards nothing is in flight until
+    /// [`release`](Self::release). For a change that must not race with I/O (a media
+    /// change) and that the caller may give up on: a hold that took too long is simply
+    /// released, nothing else happened.
+    pub fn hold(&mut self) {
+        self.held = true;
+        self.drain_in_flight(true);
+    }
+
+    /// Ends a [`hold`](Self::hold): serves what waited in the queues.
+    pub fn release(&mut self) {
+        self.held = false;
+        for q in 0..self.queue_sizes.len() {
+            // q < MAX_QUEUES.
+            self.process_queue(q as u16);
+        }
     }
 
     /// Completes the requests in flight, then makes everything the guest wrote durable
@@ -1355,8 +1378,10 @@ impl Block {
                 self.signal(q as u16);
             }
         }
-        for q in 0..self.queue_sizes.len() {
-            self.run_queue_async(q as u16);
+        if !self.held {
+            for q in 0..self.queue_sizes.len() {
+                self.run_queue_async(q as u16);
+            }
         }
     }
 
@@ -1372,6 +1397,13 @@ impl Block {
     /// (status, used ring, interrupt); without, each is dropped (a reset: nothing reaches
     /// guest memory or the rings after this returns).
     fn drain_in_flight(&mut self, deliver: bool) {
+        // No new requests meanwhile; whoever held the queues before still does after.
+        let held = std::mem::replace(&mut self.held, true);
+        self.drain_loop(deliver);
+        self.held = held;
+    }
+
+    fn drain_loop(&mut self, deliver: bool) {
         loop {
             let Some(engine) = self.engine.as_mut() else {
                 return;
@@ -1527,6 +1559,10 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, queue: u16) {
         if usize::from(queue) >= self.queue_sizes.len() {
             debug!("virtio-blk: notification for missing queue {queue}");
+            return;
+        }
+        if self.held {
+            // The chains wait in the ring; `release` serves them.
             return;
         }
         if self.engine.is_some() {

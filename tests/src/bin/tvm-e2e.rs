@@ -208,6 +208,10 @@ struct Opts {
     system_map: Option<String>,
     /// `--cpus` of the main boot.
     cpus: String,
+    /// The main boot's EIO disk ([`hosterr::EioDisk`]): its backing (a block device, or a
+    /// file to attach to a loop device) and the `dmsetup` to use.
+    eio_backing: Option<String>,
+    dmsetup: String,
     /// `--cpus` of the many-vCPU boot ([`smp::smp_checks`]), which runs after the main
     /// checks when given.
     smp_cpus: Option<String>,
@@ -257,6 +261,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         smp_cpus: None,
         smp_only: false,
         smp_disk: None,
+        eio_backing: None,
+        dmsetup: "dmsetup".into(),
         fc_api: false,
         fc_api_only: false,
         bench_cpus: vec!["1".into()],
@@ -305,6 +311,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--smp-cpus" => o.smp_cpus = Some(val()?),
             "--smp-only" => o.smp_only = true,
             "--smp-disk" => o.smp_disk = Some(val()?),
+            "--eio-backing" => o.eio_backing = Some(val()?),
+            "--dmsetup" => o.dmsetup = val()?,
             "--fc-api" => o.fc_api = true,
             "--fc-api-only" => {
                 o.fc_api = true;
@@ -323,7 +331,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--eio-backing PATH [--dmsetup PATH]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
@@ -1673,19 +1681,26 @@ fn boot_checks(o: &Opts) -> Result<bool, String> {
     let uds = vsock::uds_path();
     let _ = std::fs::remove_file(&uds);
     let full = hosterr::FullDisk::new()?;
+    let eio = o
+        .eio_backing
+        .as_deref()
+        .map(|b| hosterr::EioDisk::new(&o.dmsetup, b))
+        .transpose()?;
     let mut cmd = vmm_command(o);
     cmd.arg("--rng").args(["--vsock", &vsock::vmm_arg(&uds)]);
     cmd.arg("--disk").arg(full.image());
+    if let Some(eio) = &eio {
+        cmd.arg("--disk").arg(eio.path());
+    }
     // The guest names virtio disks in PCI order: after --disk and --disk ...,readonly=on.
-    let full_dev = format!(
-        "vd{}",
-        char::from(b'a' + u8::from(o.disk.is_some()) + u8::from(o.ro_disk.is_some()))
-    );
+    let first = b'a' + u8::from(o.disk.is_some()) + u8::from(o.ro_disk.is_some());
+    let full_dev = format!("vd{}", char::from(first));
+    let eio_dev = eio.as_ref().map(|d| (format!("vd{}", char::from(first + 1)), d));
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;
     }
-    let result = boot_checks_on(o, &mut g, &uds, &full_dev);
+    let result = boot_checks_on(o, &mut g, &uds, &full_dev, eio_dev);
     let _ = std::fs::remove_file(&uds);
     if !matches!(result, Ok(true)) {
         // Whatever went wrong, say how the VMM is doing, what the guest printed last and
@@ -1897,6 +1912,7 @@ fn boot_checks_on(
     g: &mut Guest,
     uds: &std::path::Path,
     full_dev: &str,
+    eio: Option<(String, &hosterr::EioDisk)>,
 ) -> Result<bool, String> {
     let mut r = Report { failed: 0 };
     let ro_before = o
@@ -2002,6 +2018,9 @@ fn boot_checks_on(
     pos = hwrng_check(g, &mut r, "entropy-from-hwrng", pos)?;
     pos = vsock::vsock_checks(g, &mut r, uds, pos)?;
     pos = hosterr::check(g, &mut r, full_dev, pos)?;
+    if let Some((dev, disk)) = &eio {
+        pos = hosterr::check_eio(g, &mut r, dev, disk, pos)?;
+    }
 
     // virtio-blk: mount the ext4 disk, write 4 MiB of random data, sync, unmount, mount
     // again (so the read goes through the device, not the page cache) and compare.
@@ -2188,6 +2207,9 @@ fn boot_checks_on(
     let stderr = g.stderr.text_from(0);
     if g.stdin.is_some() {
         hosterr::check_after_exit(&stderr, &mut r);
+        if let Some((_, disk)) = &eio {
+            hosterr::check_eio_after_exit(&stderr, disk, &mut r);
+        }
     }
     let timing = stderr.lines().find(|l| l.starts_with("TVM-BOOT-TIMES "));
     r.check(
