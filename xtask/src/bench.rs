@@ -58,6 +58,10 @@ pub struct Args {
     /// `writeback` (host page cache) or `none` (O_DIRECT on the host).
     #[arg(long, value_enum, default_value = "writeback")]
     pub disk_cache: DiskCache,
+    /// Our VMM's I/O engine for the disk benchmark (`io_engine=` of `--disk`): `auto` (its
+    /// default: io_uring where the kernel has it), `io_uring` or `sync`.
+    #[arg(long, default_value = "auto")]
+    pub disk_engine: String,
     /// MiB sent over TCP in each direction by the network benchmark (small: nested, QEMU's
     /// guest-to-host TCP runs at about 0.2 MiB/s).
     #[arg(long, default_value_t = 16)]
@@ -204,6 +208,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 &image,
                 "--disk-cache",
                 args.disk_cache.as_str(),
+                "--disk-engine",
+                &args.disk_engine,
                 "--bench-mib",
                 &mib,
                 "--bench-secs",

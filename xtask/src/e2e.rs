@@ -788,7 +788,10 @@ fn scratch_disks(smp_cpus: &str) -> Result<ScratchDisks> {
     let smp_mib = most * SMP_DISK_MIB_PER_CPU + 8;
     if crate::outer::kvm_is_usable_directly() {
         let mut paths = Vec::new();
-        for (name, mib) in [("smp-disk.img", smp_mib), ("eio-backing.img", EIO_BACKING_MIB)] {
+        for (name, mib) in [
+            ("smp-disk.img", smp_mib),
+            ("eio-backing.img", EIO_BACKING_MIB),
+        ] {
             let image = util::guest_dir().join(name);
             std::fs::File::create(&image)
                 .and_then(|f| f.set_len(mib << 20))
@@ -835,7 +838,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
     }
     if !args.smp_only {
         // The main boot's EIO disk (host-eio-*).
-        extra.extend(["--eio-backing", &scratch.eio_backing, "--dmsetup", &dmsetup_path]);
+        extra.extend([
+            "--eio-backing",
+            &scratch.eio_backing,
+            "--dmsetup",
+            &dmsetup_path,
+        ]);
     }
     if args.fc_api_only {
         extra.push("--fc-api-only");

@@ -987,9 +987,14 @@ impl Block {
             }
         }
         self.submit();
-        if used {
-            self.signal(q);
+        // What the kernel completed during the submission (page-cache hits) is answered
+        // now, with the rest, in one interrupt: no round trip through the completion
+        // EventFd and the worker's epoll.
+        let mut signal = self.finish_completed();
+        if let Some(flag) = signal.get_mut(usize::from(q)) {
+            *flag |= used;
         }
+        self.signal_queues(&signal);
     }
 
     /// Starts request `p` (head `head` of queue `q`) on the engine; a request that needs
@@ -1349,12 +1354,35 @@ impl Block {
     /// the order they completed), the others go on; then queues that waited for a free
     /// slot are served again.
     fn complete_in_flight(&mut self) {
+        let signal = self.finish_completed();
+        self.signal_queues(&signal);
+        if !self.held {
+            for q in 0..self.queue_sizes.len() {
+                self.run_queue_async(q as u16);
+            }
+        }
+    }
+
+    /// Raises the interrupt of each queue whose flag is set.
+    fn signal_queues(&mut self, signal: &[bool]) {
+        for (q, flag) in signal.iter().enumerate() {
+            // q < MAX_QUEUES.
+            if *flag {
+                self.signal(q as u16);
+            }
+        }
+    }
+
+    /// Reaps the engine's completions: requests that ended go to their used rings (in the
+    /// order they completed), the others go on. Returns, by queue, whether its used ring
+    /// got anything (for the caller to signal).
+    fn finish_completed(&mut self) -> Vec<bool> {
+        let mut signal = vec![false; self.queue_sizes.len()];
         let Some(engine) = self.engine.as_mut() else {
-            return;
+            return signal;
         };
         let mut reaped = std::mem::take(&mut engine.reaped);
         engine.io.reap(&mut reaped);
-        let mut signal = vec![false; self.queue_sizes.len()];
         for (op, res) in reaped.drain(..) {
             let slot = op.token;
             let q = self.slot_queue(slot);
@@ -1372,17 +1400,7 @@ impl Block {
             engine.reaped = reaped;
         }
         self.submit();
-        for (q, flag) in signal.iter().enumerate() {
-            // q < MAX_QUEUES.
-            if *flag {
-                self.signal(q as u16);
-            }
-        }
-        if !self.held {
-            for q in 0..self.queue_sizes.len() {
-                self.run_queue_async(q as u16);
-            }
-        }
+        signal
     }
 
     /// The queue of the request in `slot`.

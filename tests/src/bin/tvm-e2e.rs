@@ -183,6 +183,8 @@ struct Opts {
     bench_secs: u64,
     /// `disk-bench`: the host cache mode of the bench disk, for our VMM and QEMU alike.
     disk_cache: DiskCache,
+    /// `disk-bench`: our VMM's `io_engine=` for the bench disk (`None`: its default).
+    disk_engine: Option<String>,
     /// A TAP for the guest's eth0 (`--net tap=NAME`), host end 10.0.2.1/24, guest 10.0.2.2/24.
     tap: Option<String>,
     /// MiB moved over TCP in each direction by the net check and bench.
@@ -245,6 +247,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         bench_mib: 256,
         bench_secs: 10,
         disk_cache: DiskCache::Writeback,
+        disk_engine: None,
         tap: None,
         net_mib: 64,
         vsock_mib: 64,
@@ -291,6 +294,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                 o.bench_secs = val()?.parse().map_err(|e| format!("--bench-secs: {e}"))?
             }
             "--disk-cache" => o.disk_cache = DiskCache::parse(&val()?)?,
+            "--disk-engine" => o.disk_engine = Some(val()?),
             "--tap" => o.tap = Some(val()?),
             "--net-mib" => o.net_mib = val()?.parse().map_err(|e| format!("--net-mib: {e}"))?,
             "--vsock-mib" => {
@@ -331,7 +335,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--eio-backing PATH [--dmsetup PATH]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--disk-engine auto|io_uring|sync] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--eio-backing PATH [--dmsetup PATH]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
@@ -660,10 +664,14 @@ fn vmm_command(o: &Opts) -> Command {
         &cmdline(o),
     ]);
     if let Some(disk) = &o.disk {
-        match o.disk_cache {
-            DiskCache::Writeback => c.args(["--disk", disk]),
-            DiskCache::None => c.args(["--disk", &format!("{disk},cache=none")]),
-        };
+        let mut arg = disk.clone();
+        if o.disk_cache == DiskCache::None {
+            arg.push_str(",cache=none");
+        }
+        if let Some(engine) = &o.disk_engine {
+            arg.push_str(&format!(",io_engine={engine}"));
+        }
+        c.args(["--disk", &arg]);
     }
     if let Some(disk) = &o.ro_disk {
         c.args(["--disk", &format!("{disk},readonly=on")]);
@@ -1690,12 +1698,17 @@ fn boot_checks(o: &Opts) -> Result<bool, String> {
     cmd.arg("--rng").args(["--vsock", &vsock::vmm_arg(&uds)]);
     cmd.arg("--disk").arg(full.image());
     if let Some(eio) = &eio {
-        cmd.arg("--disk").arg(eio.path());
+        // O_DIRECT: through the page cache a write to a block device succeeds and its EIO
+        // comes only with the flush (the guest's fsync, or the VMM's at exit).
+        cmd.arg("--disk")
+            .arg(format!("{},cache=none", eio.path().display()));
     }
     // The guest names virtio disks in PCI order: after --disk and --disk ...,readonly=on.
     let first = b'a' + u8::from(o.disk.is_some()) + u8::from(o.ro_disk.is_some());
     let full_dev = format!("vd{}", char::from(first));
-    let eio_dev = eio.as_ref().map(|d| (format!("vd{}", char::from(first + 1)), d));
+    let eio_dev = eio
+        .as_ref()
+        .map(|d| (format!("vd{}", char::from(first + 1)), d));
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     if let Some(tap) = &o.tap {
         tap_up(tap)?;

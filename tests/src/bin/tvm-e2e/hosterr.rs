@@ -162,7 +162,8 @@ const EIO_GOOD_SECTORS: u64 = 8;
 /// The text of the host error the EIO disk gives.
 const EIO_TEXT: &str = "Input/output error (os error 5)";
 
-/// A disk whose host writes and reads fail with EIO: a device-mapper device (`dmsetup`)
+/// A disk whose host writes and reads fail with EIO (given to the VMM with `cache=none`,
+/// so that the errors come with each request): a device-mapper device (`dmsetup`)
 /// whose first [`EIO_GOOD_SECTORS`] sectors map linearly onto a backing block device and
 /// the rest onto the `error` target. The backing is a block device (the outer guest's
 /// `/dev/ram1`) or a file, attached to a loop device here. Removed when dropped.
