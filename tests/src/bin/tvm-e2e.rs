@@ -2425,7 +2425,10 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
         format!(
             "tvm-iobench seq-write /dev/vda {mib}; tvm-iobench seq-read /dev/vda {mib}; \
              tvm-iobench rand-read /dev/vda {secs}; \
-             tvm-iobench rand-read /dev/vda {secs} {RAND_JOBS}; echo bench-$((1+1))-done\n"
+             i0=$(awk '/virtio/{{s+=$2}} END{{print s}}' /proc/interrupts); \
+             tvm-iobench rand-read /dev/vda {secs} {RAND_JOBS}; \
+             echo BENCH-IRQS $i0 $(awk '/virtio/{{s+=$2}} END{{print s}}' /proc/interrupts) end; \
+             echo bench-$((1+1))-done\n"
         )
         .as_bytes(),
     )?;
@@ -2452,6 +2455,26 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
             .ok_or_else(|| format!("{what}: no {key} in {line:?}"))
     };
     let many = format!("rand-read-qd{RAND_JOBS}");
+    // Virtio interrupts the guest took during the QD32 run, per request (information only:
+    // how many completions one interrupt carries).
+    if let (Some(irqs), Ok(ios)) = (
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("BENCH-IRQS "))
+            .and_then(|l| {
+                let v: Vec<u64> = l
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                (v.len() == 2).then(|| v[1].saturating_sub(v[0]))
+            }),
+        field(&format!("rand-read-qd{RAND_JOBS}"), "ios"),
+    ) {
+        println!(
+            "BENCH-DISK {what}: {irqs} virtio interrupts during the QD{RAND_JOBS} run, {:.2} \
+             per request (information only)",
+            irqs as f64 / ios.max(1.0)
+        );
+    }
     let f = DiskFigures {
         seq_write: field("seq-write", "mib_s")?,
         seq_read: field("seq-read", "mib_s")?,
@@ -2471,6 +2494,63 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
 
 /// One guest's network figures: (host->guest MiB/s, guest->host MiB/s, peak RSS KiB).
 type NetFigures = (f64, f64, u64);
+
+/// Counters that say where a transfer loses packets, read on this host (where the TAP's
+/// host end is): the TAP's own, and the TCP stack's (`/proc/net/snmp`, `/proc/net/netstat`).
+fn net_diag_counters(tap: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for f in ["rx_packets", "rx_dropped", "tx_packets", "tx_dropped"] {
+        let v = std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{f}"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        out.push((format!("tap.{f}"), v));
+    }
+    // Pairs of lines: names, then values, per protocol.
+    let wanted = [
+        "InSegs",
+        "OutSegs",
+        "RetransSegs",
+        "InErrs",
+        "InCsumErrors",
+        "TCPOFOQueue",
+        "TCPOFODrop",
+        "TCPRcvQDrop",
+        "TCPBacklogDrop",
+        "PruneCalled",
+        "TCPZeroWindowDrop",
+        "TCPLossProbes",
+    ];
+    for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            for (n, v) in names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .skip(1)
+            {
+                if wanted.contains(&n) {
+                    out.push((format!("host.{n}"), v.parse().unwrap_or(0)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `name +delta` for each counter that moved between `before` and `after`.
+fn net_diag_delta(before: &[(String, u64)], after: &[(String, u64)]) -> String {
+    let moved: Vec<String> = after
+        .iter()
+        .filter_map(|(n, a)| {
+            let b = before.iter().find(|(m, _)| m == n).map_or(0, |(_, b)| *b);
+            (a != &b).then(|| format!("{n} +{}", a.saturating_sub(b)))
+        })
+        .collect();
+    moved.join(", ")
+}
 
 /// Boots `cmd` (a guest whose eth0 is on TAP `o.tap`), times `o.net_mib` MiB over TCP in
 /// each direction (the host end is this process: `tcp_peer`, timed from accept to EOF; the
@@ -2500,6 +2580,7 @@ fn net_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<NetFigures, S
         ),
     ] {
         let peer = tcp_peer(port, send)?;
+        let before = net_diag_counters(tap);
         g.send(script.as_bytes())?;
         let done = c.wait_for("nb-2-done", pos, Duration::from_secs(1200));
         let result = peer.finish(if done.is_some() { STEP_TIMEOUT } else { Duration::ZERO });
@@ -2512,6 +2593,18 @@ fn net_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<NetFigures, S
             return Err(why);
         };
         pos = done;
+        // The guest's side: its TCP retransmissions (12th value of the `Tcp:` line).
+        g.send(b"echo rt-$((1+1))-$(awk '/^Tcp:/{getline; print $13; exit}' /proc/net/snmp)-end\n")?;
+        let retrans = c.value_until_end("rt-2-", pos, STEP_TIMEOUT);
+        if let Some((end, _)) = &retrans {
+            pos = *end;
+        }
+        println!(
+            "BENCH-NET-DIAG {what} port {port}: {}; guest RetransSegs (since boot) {} \
+             (information only)",
+            net_diag_delta(&before, &net_diag_counters(tap)),
+            retrans.map_or("?".to_string(), |(_, v)| v.trim().to_string())
+        );
         let (bytes, _, secs) = result?;
         if bytes != mib << 20 {
             return Err(format!("{what}: {bytes} bytes moved on port {port}, expected {}", mib << 20));
