@@ -541,6 +541,18 @@ enum Step {
     Done(std::result::Result<Outcome, Failed>),
 }
 
+/// Whether the address and length of every slice are multiples of `mem_align` (0: no
+/// alignment needed), as direct I/O asks of its buffers.
+fn meets_alignment<B: vm_memory::bitmap::BitmapSlice>(
+    bufs: &[vm_memory::VolatileSlice<'_, B>],
+    mem_align: usize,
+) -> bool {
+    mem_align == 0
+        || bufs
+            .iter()
+            .all(|s| (s.ptr_guard().as_ptr() as usize | s.len()) % mem_align == 0)
+}
+
 /// The image as a [`BlockBackend`] for synchronous I/O, bouncing guest buffers that do not
 /// meet the direct-I/O memory alignment `mem_align` (0: no alignment needed).
 pub(crate) struct Image<'a> {
@@ -554,10 +566,7 @@ impl Image<'_> {
         &self,
         bufs: &[vm_memory::VolatileSlice<'_, B>],
     ) -> bool {
-        self.mem_align == 0
-            || bufs
-                .iter()
-                .all(|s| (s.ptr_guard().as_ptr() as usize | s.len()) % self.mem_align == 0)
+        meets_alignment(bufs, self.mem_align)
     }
 }
 
@@ -1081,11 +1090,7 @@ impl Block {
             Permissions::Write
         };
         let slices = guest_slices(mem, data, perm)?;
-        let aligned = self.mem_align == 0
-            || slices
-                .iter()
-                .all(|s| (s.ptr_guard().as_ptr() as usize | s.len()) % self.mem_align == 0);
-        if aligned {
+        if meets_alignment(&slices, self.mem_align) {
             return Ok(Op::guest(slot, write, offset, mem, &slices));
         }
         let total = slices.iter().map(|s| s.len()).sum();
