@@ -2793,6 +2793,7 @@ fn boot_time(o: &Opts) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
+    hosterr::private_mounts();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, rest) = match args.first().map(String::as_str) {
         Some("boot-time") => ("boot-time", &args[1..]),

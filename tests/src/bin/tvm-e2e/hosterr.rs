@@ -20,6 +20,27 @@ const ENOSPC_TEXT: &str = "No space left on device (os error 28)";
 /// Limit for the guest's writes.
 const WRITE_LIMIT: Duration = Duration::from_secs(60);
 
+/// Moves this process (and the VMMs it starts) into a mount namespace of its own, with
+/// private propagation, so that the tmpfs of [`FullDisk`] goes away with the process even
+/// when it is killed or ends through its watchdog (which skip the unmount in `Drop`).
+/// Without the privilege (not root) nothing changes: the tests that mount need root anyway.
+pub fn private_mounts() {
+    // SAFETY: unshare(2) with a flag and mount(2) with a static NUL-terminated path and
+    // null pointers for the unused arguments touch no memory of ours beyond reading the
+    // path; they change only this process's view of the mount table.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) == 0 {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+        }
+    }
+}
+
 /// The mounted tmpfs and the image on it; unmounted when dropped.
 pub struct FullDisk {
     dir: PathBuf,
