@@ -553,6 +553,33 @@ fn meets_alignment<B: vm_memory::bitmap::BitmapSlice>(
             .all(|s| (s.ptr_guard().as_ptr() as usize | s.len()) % mem_align == 0)
 }
 
+/// Copies `src` into `bufs` in order, until either ends (a bounced read's data into the
+/// request's buffers).
+fn scatter<B: vm_memory::bitmap::BitmapSlice>(
+    mut src: &[u8],
+    bufs: &[vm_memory::VolatileSlice<'_, B>],
+) {
+    for s in bufs {
+        let n = s.len().min(src.len());
+        s.copy_from(&src[..n]);
+        src = &src[n..];
+    }
+}
+
+/// Copies `bufs` in order into `dst`, until either ends (a request's data into the
+/// buffer a bounced write sends).
+fn gather<B: vm_memory::bitmap::BitmapSlice>(
+    bufs: &[vm_memory::VolatileSlice<'_, B>],
+    mut dst: &mut [u8],
+) {
+    for s in bufs {
+        let n = s.len().min(dst.len());
+        let (head, rest) = std::mem::take(&mut dst).split_at_mut(n);
+        s.copy_to(head);
+        dst = rest;
+    }
+}
+
 /// The image as a [`BlockBackend`] for synchronous I/O, bouncing guest buffers that do not
 /// meet the direct-I/O memory alignment `mem_align` (0: no alignment needed).
 pub(crate) struct Image<'a> {
@@ -582,12 +609,7 @@ impl BlockBackend for Image<'_> {
         let total = bufs.iter().map(|s| s.len()).sum();
         let mut bounce = AlignedBuf::zeroed(total, self.mem_align);
         BlockBackend::read_exact_at(self.file, bounce.bytes_mut(), offset)?;
-        let mut src = bounce.bytes();
-        for s in bufs {
-            let (head, rest) = src.split_at(s.len());
-            s.copy_from(head);
-            src = rest;
-        }
+        scatter(bounce.bytes(), bufs);
         Ok(())
     }
 
@@ -601,12 +623,7 @@ impl BlockBackend for Image<'_> {
         }
         let total = bufs.iter().map(|s| s.len()).sum();
         let mut bounce = AlignedBuf::zeroed(total, self.mem_align);
-        let mut dst = bounce.bytes_mut();
-        for s in bufs {
-            let (head, rest) = dst.split_at_mut(s.len());
-            s.copy_to(head);
-            dst = rest;
-        }
+        gather(bufs, bounce.bytes_mut());
         BlockBackend::write_all_at(self.file, bounce.bytes(), offset)
     }
 
@@ -1096,12 +1113,7 @@ impl Block {
         let total = slices.iter().map(|s| s.len()).sum();
         let mut buf = AlignedBuf::zeroed(total, self.mem_align);
         if write {
-            let mut dst = buf.bytes_mut();
-            for s in &slices {
-                let (head, rest) = dst.split_at_mut(s.len());
-                s.copy_to(head);
-                dst = rest;
-            }
+            gather(&slices, buf.bytes_mut());
         }
         Ok(Op::bounce(slot, write, offset, buf))
     }
@@ -1342,16 +1354,12 @@ impl Block {
     fn copy_to_guest(
         &self,
         data: &[virtio_queue::desc::split::Descriptor],
-        mut src: &[u8],
+        src: &[u8],
     ) -> std::result::Result<(), Failed> {
         let Some(active) = self.active.as_ref() else {
             return Ok(());
         };
-        for s in guest_slices(&active.mem, data, Permissions::Write)? {
-            let n = s.len().min(src.len());
-            s.copy_from(&src[..n]);
-            src = &src[n..];
-        }
+        scatter(src, &guest_slices(&active.mem, data, Permissions::Write)?);
         Ok(())
     }
 
