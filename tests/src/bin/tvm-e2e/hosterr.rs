@@ -87,11 +87,12 @@ impl Drop for FullDisk {
     }
 }
 
-/// Lines of the VMM's log that warn about host I/O errors of this image.
-fn warnings(stderr: &str) -> Vec<&str> {
+/// Lines of the VMM's log that warn about host I/O errors of the disk whose name (its
+/// path) contains `name`.
+fn warnings<'a>(stderr: &'a str, name: &str) -> Vec<&'a str> {
     stderr
         .lines()
-        .filter(|l| l.contains("WARN") && l.contains("host i/o error") && l.contains("full.img"))
+        .filter(|l| l.contains("WARN") && l.contains("host i/o error") && l.contains(name))
         .collect()
 }
 
@@ -123,7 +124,7 @@ pub fn check(g: &mut Guest, r: &mut Report, dev: &str, pos: usize) -> Result<usi
     };
     // The warning is logged when the first request fails, before the guest sees it.
     let stderr = g.stderr.text_from(0);
-    let warned = warnings(&stderr);
+    let warned = warnings(&stderr, "full.img");
     let result = if codes.split(',').any(|c| c == "0") {
         Err(format!(
             "a dd to a disk whose host file system is full succeeded (exit codes {codes})"
@@ -162,7 +163,7 @@ pub fn check_after_exit(stderr: &str, r: &mut Report) {
         .lines()
         .find(|l| l.contains("full.img") && l.contains("failed on the host"));
     let count = line.and_then(|l| kind_count(l, ENOSPC_TEXT));
-    let warned = warnings(stderr).len();
+    let warned = warnings(stderr, "full.img").len();
     r.check(
         "host-enospc-counted-at-exit",
         match (line, count) {
@@ -264,14 +265,6 @@ impl Drop for EioDisk {
     }
 }
 
-/// Lines of the VMM's log that warn about host I/O errors of the EIO disk.
-fn eio_warnings<'a>(stderr: &'a str, name: &str) -> Vec<&'a str> {
-    stderr
-        .lines()
-        .filter(|l| l.contains("WARN") && l.contains("host i/o error") && l.contains(name))
-        .collect()
-}
-
 /// `host-eio-is-guest-ioerr`: a direct write and a direct read past the good sectors of
 /// `dev` fail in the guest, a read of sector 0 works, and the VMM warned exactly once, for
 /// EIO. Returns the console position after them.
@@ -304,7 +297,7 @@ pub fn check_eio(
     };
     let codes: Vec<String> = codes.trim().split(',').map(str::to_string).collect();
     let stderr = g.stderr.text_from(0);
-    let warned = eio_warnings(&stderr, &disk.name);
+    let warned = warnings(&stderr, &disk.name);
     let result = if codes.len() != 3 || codes[0] == "0" || codes[1] == "0" || codes[2] != "0" {
         Err(format!(
             "dd exit codes write,read,read-sector-0 = {codes:?}: expected the first two to \
@@ -334,7 +327,7 @@ pub fn check_eio_after_exit(stderr: &str, disk: &EioDisk, r: &mut Report) {
         .lines()
         .find(|l| l.contains(&disk.name) && l.contains("failed on the host"));
     let count = line.and_then(|l| kind_count(l, EIO_TEXT));
-    let warned = eio_warnings(stderr, &disk.name).len();
+    let warned = warnings(stderr, &disk.name).len();
     r.check(
         "host-eio-counted-at-exit",
         match count {
