@@ -431,6 +431,8 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             // and its EventFd registered, before the filters went on: no io_uring_setup or
             // io_uring_register anywhere).
             (libc::SYS_io_uring_enter, any()),
+            // A disk's interrupt-coalescing window: its timerfd armed and disarmed.
+            (libc::SYS_timerfd_settime, any()),
             // The last clone of a reset device's queue EventFd is dropped here (F_GETFD:
             // std's debug check on close).
             (libc::SYS_close, any()),

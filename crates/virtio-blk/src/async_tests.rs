@@ -522,7 +522,8 @@ fn io_uring_round_trip(cache: CacheMode, skew: u64) {
     })
     .unwrap();
     assert_eq!(disk.engine_name(), "io_uring");
-    assert_eq!(disk.extra_event_sources().len(), 1);
+    // The completion EventFd and the coalescing timer.
+    assert_eq!(disk.extra_event_sources().len(), 2);
     let mock = MockSplitQueue::new(&mem, 16);
     let next = VRING_DESC_F_NEXT as u16;
     let chain = |i: u64, t: u32, sector: u64, w: u16| {
@@ -753,4 +754,122 @@ fn a_hold_completes_what_is_in_flight_and_takes_nothing_new_until_released() {
     finish_op(&mut disk, &state, 0, Outcome2::Full);
     assert_eq!(used(&mock), vec![(0, 513), (0, 513)]);
     assert_eq!(guest(&mem, DATA, 512), content[1024..1536]);
+}
+
+/// Waits (up to 5 s) for the disk's coalescing timer and hands it over.
+fn window_tick(disk: &mut Block) {
+    let fd = disk.extra_event_sources()[1].0;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the call only.
+    let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(n, 1, "the coalescing timer did not fire");
+    disk.process_extra_event(1, tvm_virtio::EventSet::IN);
+}
+
+/// The used ring's flags: VRING_USED_F_NO_NOTIFY while the device wants no kicks.
+fn no_notify(mem: &GuestMemoryMmap<()>, mock: &MockSplitQueue<'_, GuestMemoryMmap<()>>) -> bool {
+    let flags: u16 = mem.read_obj(mock.used_addr()).unwrap();
+    flags & virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16 != 0
+}
+
+#[test]
+fn a_coalescing_window_answers_a_burst_with_one_interrupt_and_no_kicks() {
+    let (img, content) = TempImage::with_pattern();
+    let mem = test_mem();
+    let (mut disk, state) = fake_disk(&img, &content, 64);
+    disk.enable_coalescing_for_test();
+    assert_eq!(disk.extra_event_sources().len(), 2);
+    let mock = MockSplitQueue::new(&mem, 16);
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 1, 512)]);
+    let irq = activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    // Answered, the interrupt held, notifications left off.
+    assert_eq!(used(&mock), vec![(0, 513)]);
+    assert!(irq.queues().is_empty(), "{:?}", irq.queues());
+    assert!(no_notify(&mem, &mock));
+    // The driver adds two more without kicking; the window's poll finds them.
+    add_requests(
+        &mem,
+        &mock,
+        &[(VIRTIO_BLK_T_IN, 2, 512), (VIRTIO_BLK_T_IN, 3, 512)],
+    );
+    window_tick(&mut disk);
+    assert_eq!(state.lock().unwrap().running.len(), 2);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    assert_eq!(used(&mock).len(), 3);
+    assert!(irq.queues().is_empty(), "still in the window");
+    // Nothing new at the next poll: one interrupt for the three, notifications back on.
+    window_tick(&mut disk);
+    assert_eq!(irq.take(), vec![0]);
+    assert!(!no_notify(&mem, &mock));
+    for i in 0..2 {
+        assert_eq!(status_of(&mem, i), OK);
+    }
+    assert_eq!(guest(&mem, DATA + 0x1000, 512), content[1536..2048]);
+}
+
+#[test]
+fn one_request_at_a_time_soon_gets_its_interrupt_at_once() {
+    let (img, content) = TempImage::with_pattern();
+    let mem = test_mem();
+    let (mut disk, state) = fake_disk(&img, &content, 64);
+    disk.enable_coalescing_for_test();
+    let mock = MockSplitQueue::new(&mem, 16);
+    let irq = activate(&mut disk, &mem, mock.create_queue().unwrap());
+    let mut answered = 0;
+    for round in 0..u32::from(tvm_virtio::MISS_LIMIT) + 3 {
+        add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 1, 512)]);
+        disk.process_queue(0);
+        finish_op(&mut disk, &state, 0, Outcome2::Full);
+        answered += 1;
+        assert_eq!(used(&mock).len(), answered);
+        if round < u32::from(tvm_virtio::MISS_LIMIT) {
+            // A window that finds nothing more: the interrupt at its first poll.
+            assert!(irq.queues().is_empty(), "round {round}");
+            window_tick(&mut disk);
+        }
+        assert_eq!(irq.take(), vec![0], "round {round}");
+        assert!(!no_notify(&mem, &mock), "round {round}");
+    }
+}
+
+#[test]
+fn a_reset_drops_a_held_interrupt_and_a_hold_raises_it() {
+    let (img, content) = TempImage::with_pattern();
+    let mem = test_mem();
+    let (mut disk, state) = fake_disk(&img, &content, 64);
+    disk.enable_coalescing_for_test();
+    let mock = MockSplitQueue::new(&mem, 16);
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 1, 512)]);
+    let irq = activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    assert!(irq.queues().is_empty());
+    // A hold (a media change) raises what was held and turns notifications back on.
+    disk.hold();
+    assert_eq!(irq.take(), vec![0]);
+    assert!(!no_notify(&mem, &mock));
+    disk.release();
+    // A reset forgets a held interrupt: the timer stays quiet, nothing is raised.
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 1, 512)]);
+    disk.process_queue(0);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    assert!(irq.queues().is_empty());
+    disk.reset();
+    let fd = disk.extra_event_sources()[1].0;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the call only.
+    let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+    assert_eq!(n, 0, "the timer fired after the reset");
+    assert!(irq.queues().is_empty());
 }

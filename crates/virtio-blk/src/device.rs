@@ -23,7 +23,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use tvm_util::{warn_once, WarnOnce};
-use tvm_virtio::{ActivateContext, EventSet, QueueDrain, VirtioDevice, VirtioInterrupt};
+use tvm_virtio::{
+    ActivateContext, Coalescer, EventSet, Poll, QueueDrain, VirtioDevice, VirtioInterrupt,
+};
 
 use crate::engine::{AlignedBuf, AsyncIo, Op, OpKind, Uring};
 use crate::request::{
@@ -514,6 +516,9 @@ struct AsyncState {
     reaped: Vec<(Op, i32)>,
     /// Warns once when the kernel refuses a submission.
     submit_warn: WarnOnce,
+    /// Holds the queues' interrupts back while more completions are coming; `None`: each
+    /// is raised at once.
+    coalesce: Option<Coalescer>,
 }
 
 impl AsyncState {
@@ -524,6 +529,7 @@ impl AsyncState {
             free: (0..capacity).rev().collect(),
             reaped: Vec::new(),
             submit_warn: WarnOnce::default(),
+            coalesce: None,
         }
     }
 
@@ -683,7 +689,7 @@ impl Block {
         let (info, config) = describe(&mut file, &cfg, block_size, num_queues)?;
         let capacity = usize::from(num_queues) * usize::from(QUEUE_SIZE);
         let name = format!("virtio-blk {:?}", cfg.path);
-        let engine = match cfg.engine {
+        let mut engine = match cfg.engine {
             IoEngine::Sync => None,
             IoEngine::Uring | IoEngine::Auto => match Uring::new(capacity as u32) {
                 Ok(ring) => Some(AsyncState::new(Box::new(ring), capacity)),
@@ -699,8 +705,12 @@ impl Block {
                 }
             },
         };
-        if engine.is_some() {
+        if let Some(engine) = engine.as_mut() {
             info!("{name}: io_uring, up to {capacity} requests in flight");
+            match Coalescer::new(usize::from(num_queues)) {
+                Ok(c) => engine.coalesce = Some(c),
+                Err(e) => info!("{name}: no interrupt coalescing (no timer: {e})"),
+            }
         }
         Ok(Block {
             file,
@@ -725,6 +735,16 @@ impl Block {
     #[cfg(test)]
     pub(crate) fn set_engine_for_test(&mut self, io: Box<dyn AsyncIo>, capacity: usize) {
         self.engine = Some(AsyncState::new(io, capacity));
+    }
+
+    /// Gives the asynchronous engine interrupt coalescing (tests: the fake engine has
+    /// none).
+    #[cfg(test)]
+    pub(crate) fn enable_coalescing_for_test(&mut self) {
+        let queues = self.queue_sizes.len();
+        if let Some(engine) = self.engine.as_mut() {
+            engine.coalesce = Coalescer::new(queues).ok();
+        }
     }
 
     /// `io_uring` or `sync`: the engine serving the requests.
@@ -958,26 +978,34 @@ impl Block {
     /// as there are free slots, answers those that need nothing from the image and starts
     /// the others; each goes to the used ring when it completes
     /// ([`complete_in_flight`](Self::complete_in_flight)).
-    fn run_queue_async(&mut self, q: u16) {
+    fn run_queue_async(&mut self, q: u16) -> usize {
+        let quiet = self.coalescer().is_some_and(|c| c.quiet(q));
+        self.run_queue_async_as(q, quiet)
+    }
+
+    /// [`run_queue_async`](Self::run_queue_async), leaving the queue's notifications off
+    /// (`quiet`: a coalescing window is open) or turning them on. Returns how many
+    /// requests it took.
+    fn run_queue_async_as(&mut self, q: u16, quiet: bool) -> usize {
         let Some(engine) = self.engine.as_ref() else {
-            return;
+            return 0;
         };
         let free = engine.free.len();
         if free == 0 {
             // A completion frees a slot and comes back here.
-            return;
+            return 0;
         }
         let Some(active) = self.active.as_mut() else {
             debug!("virtio-blk: queue notification while inactive");
-            return;
+            return 0;
         };
         let Some(Some(aq)) = active.queues.get_mut(usize::from(q)) else {
             debug!("virtio-blk: notification for queue {q}, not enabled");
-            return;
+            return 0;
         };
         let mem = &active.mem;
         let mut popped = Vec::new();
-        QueueDrain {
+        let drain = QueueDrain {
             name: &self.name,
             index: q,
             queue: &mut aq.queue,
@@ -986,20 +1014,20 @@ impl Block {
             interrupt: active.interrupt.as_ref(),
             budget: free.min(MAX_REQUESTS_PER_RUN),
             ring_warn: &mut self.warnings.ring,
-        }
-        .run_async(|chain| {
+        };
+        let serve = |chain: virtio_queue::DescriptorChain<&GuestMemoryMmap<()>>| {
             let head = chain.head_index();
             match prepare(mem, chain, &self.info) {
-                Prepared::Answered(done) => {
-                    popped.push((head, Err(done)));
-                    None
-                }
-                Prepared::Ready(p) => {
-                    popped.push((head, Ok(p)));
-                    None
-                }
+                Prepared::Answered(done) => popped.push((head, Err(done))),
+                Prepared::Ready(p) => popped.push((head, Ok(p))),
             }
-        });
+            None
+        };
+        let taken = if quiet {
+            drain.run_async_quiet(serve)
+        } else {
+            drain.run_async(serve)
+        };
         // Started after the drain (which holds the queue): answered ones go to the used
         // ring here too, in order.
         let mut used = false;
@@ -1021,6 +1049,51 @@ impl Block {
             *flag |= used;
         }
         self.signal_queues(&signal);
+        taken
+    }
+
+    fn coalescer(&mut self) -> Option<&mut Coalescer> {
+        self.engine.as_mut().and_then(|e| e.coalesce.as_mut())
+    }
+
+    /// The coalescing timer fired: polls the queues whose windows are due, and closes
+    /// those that found nothing new (notifications back on, one interrupt).
+    fn poll_windows(&mut self) {
+        let due = self.coalescer().map(|c| c.due()).unwrap_or_default();
+        for q in due {
+            let found = if self.held {
+                0
+            } else {
+                self.run_queue_async_as(q, true)
+            };
+            if self.coalescer().map(|c| c.polled(q, found)) == Some(Poll::Again) {
+                continue;
+            }
+            self.close_window(q);
+        }
+    }
+
+    /// Closes queue `q`'s window: its notifications back on, then its interrupt. What
+    /// the driver added while they were off is served through the queue's EventFd, as if
+    /// it had kicked (a held queue waits for `release` as usual).
+    fn close_window(&mut self, q: u16) {
+        if let Some(active) = self.active.as_mut() {
+            let mem = &active.mem;
+            if let Some(Some(aq)) = active.queues.get_mut(usize::from(q)) {
+                match aq.queue.enable_notification(mem) {
+                    Ok(true) => {
+                        if let Err(e) = aq.evt.write(1) {
+                            warn!("{}: failed to re-signal queue {q}: {e}", self.name);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => debug!("{}: enable_notification failed: {e}", self.name),
+                }
+            }
+        }
+        if self.coalescer().is_some_and(|c| c.close(q)) {
+            self.signal(q);
+        }
     }
 
     /// Starts request `p` (head `head` of queue `q`) on the engine; a request that needs
@@ -1206,7 +1279,12 @@ impl Block {
             return false;
         };
         match tvm_virtio::add_used(&mut aq.queue, &active.mem, head, len) {
-            Ok(()) => true,
+            Ok(()) => {
+                if let Some(c) = self.coalescer() {
+                    c.added(q);
+                }
+                true
+            }
             Err(e) => {
                 warn_once!(self.warnings.ring, "{}: chain not returned: {e}", self.name);
                 false
@@ -1380,8 +1458,9 @@ impl Block {
     fn signal_queues(&mut self, signal: &[bool]) {
         for (q, flag) in signal.iter().enumerate() {
             // q < MAX_QUEUES.
-            if *flag {
-                self.signal(q as u16);
+            let q = q as u16;
+            if *flag && self.coalescer().is_none_or(|c| c.signal_now(q)) {
+                self.signal(q);
             }
         }
     }
@@ -1432,6 +1511,18 @@ impl Block {
         let held = std::mem::replace(&mut self.held, true);
         self.drain_loop(deliver);
         self.held = held;
+        if deliver {
+            // Every interrupt held back is raised.
+            for q in self
+                .coalescer()
+                .map(|c| c.open_windows())
+                .unwrap_or_default()
+            {
+                self.close_window(q);
+            }
+        } else if let Some(c) = self.coalescer() {
+            c.reset();
+        }
     }
 
     fn drain_loop(&mut self, deliver: bool) {
@@ -1597,6 +1688,9 @@ impl VirtioDevice for Block {
             return;
         }
         if self.engine.is_some() {
+            if let Some(c) = self.coalescer() {
+                c.kicked(queue);
+            }
             self.run_queue_async(queue);
         } else {
             self.run_queue(queue);
@@ -1605,15 +1699,21 @@ impl VirtioDevice for Block {
 
     /// The engine's completion EventFd.
     fn extra_event_sources(&self) -> Vec<(std::os::fd::RawFd, EventSet)> {
-        self.engine
-            .as_ref()
-            .map(|e| vec![(e.io.event_fd(), EventSet::IN)])
-            .unwrap_or_default()
+        let Some(engine) = self.engine.as_ref() else {
+            return Vec::new();
+        };
+        let mut sources = vec![(engine.io.event_fd(), EventSet::IN)];
+        if let Some(c) = &engine.coalesce {
+            sources.push((c.as_raw_fd(), EventSet::IN));
+        }
+        sources
     }
 
     fn process_extra_event(&mut self, index: usize, _events: EventSet) {
-        if index == 0 {
-            self.complete_in_flight();
+        match index {
+            0 => self.complete_in_flight(),
+            1 => self.poll_windows(),
+            _ => {}
         }
     }
 }

@@ -73,6 +73,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+mod coalesce;
 mod interrupt;
 mod pci;
 mod ring;
@@ -87,6 +88,9 @@ pub mod test_utils;
 #[cfg(any(test, feature = "test-utils"))]
 pub use tvm_util::test_log;
 
+pub use coalesce::{
+    Coalescer, Poll, GAP_FACTOR, MAX_BATCH, MAX_GAP, MAX_GAPS, MIN_GAP, MISS_LIMIT, PROBE_EVERY,
+};
 pub use ring::{add_used, chains_pending, QueueDrain};
 pub use threaded::Threaded;
 /// Warn-once logging for guest-triggerable paths, re-exported from [`tvm_util`].

@@ -128,7 +128,7 @@ impl QueueDrain<'_> {
     where
         F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> u32,
     {
-        self.drain(queue_name, |chain| Some(serve(chain)))
+        self.drain(queue_name, true, |chain| Some(serve(chain)))
     }
 
     /// [`run`](Self::run) for a device that completes some chains later (an asynchronous
@@ -141,10 +141,22 @@ impl QueueDrain<'_> {
     where
         F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> Option<u32>,
     {
-        self.drain("", serve)
+        self.drain("", true, serve)
     }
 
-    fn drain<F>(self, queue_name: &str, mut serve: F) -> usize
+    /// [`run_async`](Self::run_async) that leaves the queue's notifications off when it
+    /// is done: the driver adds requests without kicking, and the device must come back
+    /// to the queue by itself (with [`run_async`](Self::run_async), which turns them back
+    /// on). For a device that polls the ring for a while, as [`Coalescer`](crate::Coalescer)
+    /// windows do.
+    pub fn run_async_quiet<F>(self, serve: F) -> usize
+    where
+        F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> Option<u32>,
+    {
+        self.drain("", false, serve)
+    }
+
+    fn drain<F>(self, queue_name: &str, rearm: bool, mut serve: F) -> usize
     where
         F: FnMut(DescriptorChain<&GuestMemoryMmap<()>>) -> Option<u32>,
     {
@@ -196,6 +208,9 @@ impl QueueDrain<'_> {
                     }
                     break 'outer;
                 }
+            }
+            if !rearm {
+                break;
             }
             match queue.enable_notification(mem) {
                 // More arrived while notifications were off; an invalid avail index
