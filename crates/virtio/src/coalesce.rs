@@ -358,6 +358,8 @@ impl AsRawFd for Coalescer {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn us(n: u64) -> Duration {
