@@ -6,6 +6,8 @@
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
+use vm_memory::VolatileSlice;
+
 /// Where the device's frames go and come from: a [`Tap`](crate::Tap) in production, a
 /// datagram socket pair in tests.
 ///
@@ -33,6 +35,24 @@ pub trait NetBackend: AsRawFd + Send {
     /// is down).
     fn write_frame(&mut self, iov: &[IoSlice<'_>]) -> io::Result<usize>;
 
+    /// Writes the frame whose bytes are `frame`, slices of guest memory in order, and
+    /// returns the bytes written. The default gathers them into one buffer and calls
+    /// [`write_frame`](Self::write_frame); a [`Tap`](crate::Tap) hands the slices to the
+    /// kernel as they are (`writev`), with no copy.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`write_frame`](Self::write_frame).
+    fn write_frame_guest(&mut self, frame: &[VolatileSlice<'_>]) -> io::Result<usize> {
+        let buf = gather(frame);
+        loop {
+            match self.write_frame(&[IoSlice::new(&buf)]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+
     /// Tells the backend which offloads the guest accepts on receive (`TUN_F_*` flags, see
     /// [`offload_flags`](crate::offload_flags)): with 0 every received frame arrives fully
     /// checksummed and segmented.
@@ -41,4 +61,15 @@ pub trait NetBackend: AsRawFd + Send {
     ///
     /// The backend refused the flags.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+}
+
+/// The bytes of `frame` (slices of guest memory) copied into one buffer, in order.
+pub(crate) fn gather(frame: &[VolatileSlice<'_>]) -> Vec<u8> {
+    let mut buf = vec![0u8; frame.iter().map(|s| s.len()).sum()];
+    let mut at = 0;
+    for s in frame {
+        s.copy_to(&mut buf[at..at + s.len()]);
+        at += s.len();
+    }
+    buf
 }

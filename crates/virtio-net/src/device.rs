@@ -4,7 +4,7 @@
 //! The network device: features, config space, activation, the receive loop, and the
 //! transmit path (a [`QueueDrain`] over the transmit queue).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 use tvm_util::warn_once;
@@ -31,7 +31,7 @@ use crate::consts::{
 use crate::mac::{format_mac, generated_mac, mac_problem};
 use crate::rx::{deliver_frame, RxScratch, RxStatus};
 use crate::tap::Tap;
-use crate::tx::read_tx_frame;
+use crate::tx::tx_frame_slices;
 use crate::warnings::DriverWarnings;
 use crate::{Error, Result};
 
@@ -164,7 +164,6 @@ pub struct Net<B: NetBackend> {
     rx_buf: Vec<u8>,
     rx_len: usize,
     rx_scratch: RxScratch,
-    tx_buf: Vec<u8>,
     active: Option<Active>,
     warnings: DriverWarnings,
 }
@@ -233,7 +232,6 @@ impl<B: NetBackend> Net<B> {
             rx_buf: vec![0u8; MAX_PACKET_LEN + 1],
             rx_len: 0,
             rx_scratch: RxScratch::default(),
-            tx_buf: vec![0u8; MAX_PACKET_LEN],
             active: None,
             warnings: DriverWarnings::new(format!("virtio-net {}", format_mac(&mac))),
         }
@@ -249,7 +247,7 @@ impl<B: NetBackend> Net<B> {
     /// space): a guest must not be able to make this grow.
     #[cfg(test)]
     pub(crate) fn buffer_bytes(&self) -> usize {
-        self.rx_buf.capacity() + self.tx_buf.capacity() + self.rx_scratch.capacity_bytes()
+        self.rx_buf.capacity() + self.rx_scratch.capacity_bytes()
     }
 
     /// The guest's MAC address.
@@ -422,7 +420,6 @@ impl<B: NetBackend> Net<B> {
         let Net {
             backend,
             counters,
-            tx_buf,
             active,
             warnings,
             ..
@@ -439,6 +436,8 @@ impl<B: NetBackend> Net<B> {
         } = warnings;
         let mem = &active.mem;
         let size = active.tx.size();
+        // The frame's pieces in guest memory, reused from frame to frame.
+        let mut frame = Vec::new();
         QueueDrain {
             name,
             index: TX_QUEUE,
@@ -456,8 +455,8 @@ impl<B: NetBackend> Net<B> {
                 counters.tx_errors += 1;
                 return 0;
             }
-            match read_tx_frame(mem, chain, tx_buf) {
-                Ok(len) => transmit(backend, &tx_buf[..len], counters),
+            match tx_frame_slices(mem, chain, &mut frame) {
+                Ok(len) => transmit(backend, &frame, len, counters),
                 Err(e) => {
                     counters.tx_errors += 1;
                     warn_once!(
@@ -471,11 +470,15 @@ impl<B: NetBackend> Net<B> {
     }
 }
 
-/// Writes one well-formed frame (vnet header included) to the backend and counts it as
-/// sent or dropped.
-fn transmit<B: NetBackend>(backend: &mut B, frame: &[u8], counters: &mut NetCounters) {
-    let len = frame.len();
-    match write_all_frame(backend, frame) {
+/// Writes one well-formed frame of `len` bytes (vnet header included), `frame` in guest
+/// memory, to the backend and counts it as sent or dropped.
+fn transmit<B: NetBackend>(
+    backend: &mut B,
+    frame: &[VolatileSlice<'_>],
+    len: usize,
+    counters: &mut NetCounters,
+) {
+    match backend.write_frame_guest(frame) {
         Ok(n) if n == len => {
             counters.tx_packets += 1;
             counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
@@ -489,16 +492,6 @@ fn transmit<B: NetBackend>(backend: &mut B, frame: &[u8], counters: &mut NetCoun
             // and waiting would stall the guest.
             counters.tx_dropped += 1;
             debug!("virtio-net: backend refused a {len}-byte frame: {e}");
-        }
-    }
-}
-
-/// One write of one frame, retried on EINTR.
-fn write_all_frame<B: NetBackend>(backend: &mut B, frame: &[u8]) -> io::Result<usize> {
-    loop {
-        match backend.write_frame(&[IoSlice::new(frame)]) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r,
         }
     }
 }

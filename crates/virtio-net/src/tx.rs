@@ -5,7 +5,7 @@
 //! chain, a pure function over guest memory.
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
 use crate::consts::{MAX_PACKET_LEN, UNTERMINATED, VNET_HDR_LEN};
 
@@ -49,20 +49,23 @@ impl std::fmt::Display for TxError {
     }
 }
 
-/// Copies the frame in `chain` into `buf` and returns its length (vnet header included).
+/// Collects the frame in `chain` (vnet header + Ethernet frame) into `out` as slices of
+/// guest memory, in order, and returns its length: the frame goes to the backend straight
+/// from there, with no copy ([`NetBackend::write_frame_guest`](crate::NetBackend)).
 ///
-/// Every descriptor must be device-readable and inside guest memory; the total must be at
-/// least the 12-byte header and at most `buf.len()`; the chain must end (a loop, which
-/// virtio-queue's iterator cuts after queue-size descriptors, is refused rather than sent
-/// as a frame of repeated bytes). Nothing past the frame's length in
-/// `buf` is meaningful after an error. Guest memory is only read, through vm-memory's
-/// checked accessors, and each byte once, so a guest changing the buffers meanwhile only
-/// changes its own frame.
-pub(crate) fn read_tx_frame<M: GuestMemory>(
-    mem: &M,
-    chain: DescriptorChain<&M>,
-    buf: &mut [u8],
+/// Every descriptor must be device-readable and inside guest memory (a descriptor across
+/// two memory regions gives two slices); the total must be at least the 12-byte header
+/// and at most [`MAX_PACKET_LEN`]; the chain must end (a loop, which virtio-queue's
+/// iterator cuts after queue-size descriptors, is refused rather than sent as a frame of
+/// repeated bytes). `out` is cleared first; after an error its contents mean nothing.
+/// Guest memory is not touched here, only mapped: a guest changing its buffers while
+/// the frame is sent only changes its own frame.
+pub(crate) fn tx_frame_slices<'m>(
+    mem: &'m GuestMemoryMmap<()>,
+    chain: DescriptorChain<&GuestMemoryMmap<()>>,
+    out: &mut Vec<VolatileSlice<'m>>,
 ) -> Result<usize, TxError> {
+    out.clear();
     let mut total = 0usize;
     let mut open = false;
     // The chain iterator stops after queue-size descriptors (or the indirect table's
@@ -75,16 +78,20 @@ pub(crate) fn read_tx_frame<M: GuestMemory>(
             });
         }
         let len = desc.len() as usize;
-        let end = total
+        total = total
             .checked_add(len)
-            .filter(|&end| end <= buf.len())
+            .filter(|&end| end <= MAX_PACKET_LEN)
             .ok_or(TxError::TooLong)?;
-        mem.read_slice(&mut buf[total..end], desc.addr())
-            .map_err(|_| TxError::BadAddress {
-                addr: desc.addr().0,
-                len: desc.len(),
-            })?;
-        total = end;
+        let bad = TxError::BadAddress {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        let slices = mem
+            .get_slices(desc.addr(), len, Permissions::Read)
+            .map_err(|_| bad)?;
+        for slice in slices {
+            out.push(slice.map_err(|_| bad)?);
+        }
     }
     if open {
         return Err(TxError::Unterminated);
