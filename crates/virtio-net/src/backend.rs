@@ -45,12 +45,7 @@ pub trait NetBackend: AsRawFd + Send {
     /// Those of [`write_frame`](Self::write_frame).
     fn write_frame_guest(&mut self, frame: &[VolatileSlice<'_>]) -> io::Result<usize> {
         let buf = gather(frame);
-        loop {
-            match self.write_frame(&[IoSlice::new(&buf)]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
-        }
+        retry_eintr(|| self.write_frame(&[IoSlice::new(&buf)]))
     }
 
     /// Tells the backend which offloads the guest accepts on receive (`TUN_F_*` flags, see
@@ -72,4 +67,14 @@ pub(crate) fn gather(frame: &[VolatileSlice<'_>]) -> Vec<u8> {
         at += s.len();
     }
     buf
+}
+
+/// `op` again for as long as it fails with EINTR.
+pub(crate) fn retry_eintr<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
 }

@@ -11,11 +11,12 @@ use std::os::raw::{c_int, c_short, c_uint, c_ulong};
 use std::os::unix::fs::OpenOptionsExt;
 
 use log::debug;
+use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::ioctl_iow_nr;
 
-use crate::backend::NetBackend;
+use crate::backend::{gather, retry_eintr, NetBackend};
 use crate::consts::VNET_HDR_LEN;
 use crate::{Error, Result};
 
@@ -218,39 +219,34 @@ const MAX_FRAME_IOVECS: usize = 64;
 /// One `writev(2)` of `frame` (slices of guest memory) to `file`, retried on EINTR.
 fn writev_guest(file: &File, frame: &[VolatileSlice<'_>]) -> io::Result<usize> {
     if frame.len() > MAX_FRAME_IOVECS {
-        let buf = crate::backend::gather(frame);
-        loop {
-            match (&*file).write(&buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r,
-            }
-        }
+        let buf = gather(frame);
+        return retry_eintr(|| (&*file).write(&buf));
     }
-    // The guards keep the pointers valid (vm-memory's contract for a slice's memory)
-    // until the call returns.
-    let guards: Vec<_> = frame.iter().map(|s| (s.ptr_guard(), s.len())).collect();
-    let iovs: Vec<libc::iovec> = guards
-        .iter()
-        .map(|(g, len)| libc::iovec {
+    // On the stack: nothing is allocated per frame. The guards keep the pointers valid
+    // (vm-memory's contract for a slice's memory) until the call returns.
+    let mut guards: [Option<PtrGuard>; MAX_FRAME_IOVECS] = std::array::from_fn(|_| None);
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_FRAME_IOVECS];
+    for ((slice, guard), iov) in frame.iter().zip(&mut guards).zip(&mut iovs) {
+        let g = guard.insert(slice.ptr_guard());
+        *iov = libc::iovec {
             iov_base: g.as_ptr().cast_mut().cast(),
-            iov_len: *len,
-        })
-        .collect();
-    loop {
-        // SAFETY: `iovs` holds `iovs.len()` (at most 64) initialised iovecs, each covering
-        // one VolatileSlice of mapped guest memory, which stays mapped while `frame` and
-        // `guards` are borrowed, i.e. for the whole call; writev only reads through them
-        // (a guest changing them meanwhile changes only the bytes sent). The descriptor
-        // is valid while `file` is borrowed.
-        let n = unsafe { libc::writev(file.as_raw_fd(), iovs.as_ptr(), iovs.len() as c_int) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+            iov_len: slice.len(),
+        };
     }
+    let count = frame.len();
+    retry_eintr(|| {
+        // SAFETY: the first `count` (at most 64) entries of `iovs` are initialised, each
+        // covering one VolatileSlice of mapped guest memory, which stays mapped while
+        // `frame` and `guards` are borrowed, i.e. for the whole call; writev only reads
+        // through them (a guest changing them meanwhile changes only the bytes sent).
+        // The descriptor is valid while `file` is borrowed.
+        let n = unsafe { libc::writev(file.as_raw_fd(), iovs.as_ptr(), count as c_int) };
+        // n < 0 exactly when writev failed, with errno set.
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    })
 }
 
 #[cfg(test)]
