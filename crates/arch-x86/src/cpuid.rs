@@ -335,6 +335,18 @@ pub fn setup_cpuid(
     index: u8,
     lapic_in_kernel: bool,
 ) -> Result<()> {
+    let cpuid = vcpu_cpuid(kvm, topology, index, lapic_in_kernel)?;
+    vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)
+}
+
+/// The CPUID [`setup_cpuid`] gives vCPU `index` of `topology` on this host (also what a
+/// restored vCPU's saved CPUID is checked against).
+pub fn vcpu_cpuid(
+    kvm: &Kvm,
+    topology: &CpuTopology,
+    index: u8,
+    lapic_in_kernel: bool,
+) -> Result<CpuId> {
     let mut cpuid = kvm
         .get_supported_cpuid(MAX_CPUID_ENTRIES)
         .map_err(Error::GetSupportedCpuid)?;
@@ -342,7 +354,7 @@ pub fn setup_cpuid(
     if lapic_in_kernel && kvm.check_extension(Cap::TscDeadlineTimer) {
         enable_tsc_deadline(&mut cpuid);
     }
-    vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)
+    Ok(cpuid)
 }
 
 #[cfg(test)]

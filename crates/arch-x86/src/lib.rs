@@ -24,7 +24,7 @@
 //! ```
 
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod acpi;
@@ -35,6 +35,7 @@ mod lapic;
 pub mod layout;
 mod msr;
 mod regs;
+pub mod snapshot;
 mod topology;
 
 pub use boot::{
@@ -43,7 +44,7 @@ pub use boot::{
     KernelFormat, LoadedKernel, E820_RAM, E820_RESERVED,
 };
 pub use cpuid::{
-    enable_tsc_deadline, filter_cpuid, find_entry, setup_cpuid, KVM_CPUID_FEATURES,
+    enable_tsc_deadline, filter_cpuid, find_entry, setup_cpuid, vcpu_cpuid, KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
 };
 pub use gdt::{boot_gdt, gdt_entry, kvm_segment_from_gdt, BootMode};
@@ -99,8 +100,34 @@ pub enum Error {
     #[error("failed to set the vcpu's boot msrs")]
     SetMsrs(#[source] kvm_ioctls::Error),
     /// KVM accepted only part of the MSR list.
-    #[error("kvm refused boot msr {0:#x}")]
+    #[error("kvm refused msr {0:#x}")]
     MsrRefused(u32),
+    /// Reading part of a vCPU's or the VM's state for a snapshot failed.
+    #[error("failed to save the {what}")]
+    SaveState {
+        /// Which part.
+        what: &'static str,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused part of a snapshot's vCPU or VM state.
+    #[error("kvm refused the saved {what}")]
+    RestoreState {
+        /// Which part.
+        what: &'static str,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved irqchip is not the chip it stands for.
+    #[error("saved irqchip {found} stands where chip {expected} belongs")]
+    WrongIrqchip {
+        /// The chip id in the snapshot.
+        found: u32,
+        /// The one expected there.
+        expected: u32,
+    },
     /// KVM_GET_LAPIC failed.
     #[error("failed to get the vcpu's local apic state")]
     GetLapic(#[source] kvm_ioctls::Error),

@@ -17,8 +17,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod allocator;
+mod file;
 
 pub use allocator::MmioAllocator;
+pub use file::{map_memory_file, save_memory, DirtyBitmaps, SavedMemory};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -73,6 +75,28 @@ pub enum Error {
         #[source]
         source: vm_allocator::Error,
     },
+    /// Writing or reading a snapshot's memory file failed.
+    #[error("failed to write or read the memory file")]
+    SaveMemory(#[source] std::io::Error),
+    /// Dirty bitmaps that do not match the memory regions.
+    #[error("{bitmaps} dirty bitmaps for {regions} memory regions")]
+    DirtyBitmaps {
+        /// Bitmaps given.
+        bitmaps: usize,
+        /// Regions there are.
+        regions: usize,
+    },
+    /// The memory file is shorter than the regions it should hold.
+    #[error("the memory file has {len} bytes, the snapshot's memory needs {need}")]
+    MemoryFileTooShort {
+        /// Its length.
+        len: u64,
+        /// The end of the last region in it.
+        need: u64,
+    },
+    /// Mapping the memory file failed.
+    #[error("failed to map the memory file")]
+    MapMemoryFile(#[source] vm_memory::mmap::MmapRegionError),
     /// KVM_SET_USER_MEMORY_REGION failed.
     #[error("failed to register memory slot {slot} at {guest_addr:#x} with kvm")]
     SetUserMemoryRegion {
