@@ -110,12 +110,15 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
         // The guest calibrated against this frequency; where the host differs KVM scales.
         match vcpu.get_tsc_khz() {
             Ok(now) if now == khz => {}
-            _ => vcpu.set_tsc_khz(khz).map_err(restore_err("tsc frequency"))?,
+            _ => vcpu
+                .set_tsc_khz(khz)
+                .map_err(restore_err("tsc frequency"))?,
         }
     }
     vcpu.set_mp_state(state.mp_state)
         .map_err(restore_err("mp state"))?;
-    vcpu.set_regs(&state.regs).map_err(restore_err("registers"))?;
+    vcpu.set_regs(&state.regs)
+        .map_err(restore_err("registers"))?;
     vcpu.set_sregs(&state.sregs)
         .map_err(restore_err("special registers"))?;
     // The one unsafe call of this crate (KVM_SET_XSAVE's wrapper is unsafe).
@@ -194,7 +197,9 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
         if clock.flags == 0 {
             return Err(restore_err("kvmclock")(e));
         }
-        debug!("KVM_SET_CLOCK with KVM_CLOCK_REALTIME: {e}; the clock goes on from its saved value");
+        debug!(
+            "KVM_SET_CLOCK with KVM_CLOCK_REALTIME: {e}; the clock goes on from its saved value"
+        );
         clock.flags = 0;
         vm.set_clock(&clock).map_err(restore_err("kvmclock"))?;
     }

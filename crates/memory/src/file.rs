@@ -156,8 +156,7 @@ pub fn map_memory_file(file: &File, regions: &[MemoryRegion]) -> Result<GuestMem
             .build()
             .map_err(Error::MapMemoryFile)?;
         mapped.push(
-            vm_memory::GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
-                .ok_or_else(bad)?,
+            vm_memory::GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr)).ok_or_else(bad)?,
         );
     }
     GuestMemoryMmap::from_regions(mapped).map_err(|_| Error::InvalidRange {

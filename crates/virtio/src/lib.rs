@@ -234,6 +234,9 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A saved transport state that does not fit this device.
+    #[error("the saved virtio transport does not fit this device: {0}")]
+    StateMismatch(String),
     /// Creating a queue notification EventFd failed.
     #[error("failed to create a queue notification eventfd")]
     CreateEventFd(#[source] io::Error),

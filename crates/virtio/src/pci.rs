@@ -24,6 +24,7 @@ mod debug;
 mod dispatch;
 mod layout;
 mod relocation;
+mod state;
 
 pub use layout::{
     BAR_SIZE, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_OFFSET, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET,
@@ -134,6 +135,8 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     /// `config_generation`: moves on each time the device config changes under the driver
     /// ([`config_changed`](Self::config_changed)).
     config_generation: u8,
+    /// Set while a restore activates the device: queues start at their used ring's index.
+    resume_positions: bool,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -194,6 +197,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_select: 0,
             active: false,
             config_generation: 0,
+            resume_positions: false,
         })
     }
 

@@ -93,6 +93,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             .map_err(|_| err())?;
         q.set_ready(true);
         q.set_event_idx(event_idx);
+        if let Some(idx) = self.resumed_position(cfg.device) {
+            q.set_next_avail(idx);
+            q.set_next_used(idx);
+        }
         if !q.is_valid(&self.mem) {
             return Err(err());
         }
