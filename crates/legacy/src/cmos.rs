@@ -84,6 +84,24 @@ impl Cmos {
         }
     }
 
+    /// A CMOS in a saved state (a snapshot's): the index register and as much NVRAM as
+    /// the state holds (the rest zero); the clock registers read the host clock anyway.
+    pub fn from_state(state: &tvm_snapshot::CmosState) -> Self {
+        let mut cmos = Cmos::new();
+        cmos.index = state.index & 0x7f;
+        let n = state.data.len().min(CMOS_LEN);
+        cmos.nvram[..n].copy_from_slice(&state.data[..n]);
+        cmos
+    }
+
+    /// The index register and NVRAM, for a snapshot.
+    pub fn save_state(&self) -> tvm_snapshot::CmosState {
+        tvm_snapshot::CmosState {
+            index: self.index,
+            data: self.nvram.to_vec(),
+        }
+    }
+
     /// The selected register (always below 128).
     pub fn index(&self) -> u8 {
         self.index
@@ -154,6 +172,26 @@ mod tests {
 
     fn wr(dev: &mut Cmos, offset: u16, v: u8) {
         dev.pio_write(PioAddress(CMOS_PORT), offset, &[v]);
+    }
+
+    #[test]
+    fn nvram_and_index_survive_a_snapshot() {
+        let mut c = Cmos::new();
+        wr(&mut c, 0, 0x40);
+        wr(&mut c, 1, 0x99);
+        wr(&mut c, 0, 0x41);
+        let saved = c.save_state();
+        assert_eq!((saved.index, saved.data[0x40]), (0x41, 0x99));
+        let mut back = Cmos::from_state(&saved);
+        assert_eq!(back.index(), 0x41);
+        wr(&mut back, 0, 0x40);
+        assert_eq!(rd(&mut back, 1), 0x99);
+        // Bits and bytes no CMOS has are dropped.
+        let odd = tvm_snapshot::CmosState {
+            index: 0xff,
+            data: vec![1; 300],
+        };
+        assert_eq!(Cmos::from_state(&odd).index(), 0x7f);
     }
 
     #[test]

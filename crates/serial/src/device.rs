@@ -143,6 +143,63 @@ impl<W: Write + Send> SerialDevice<W> {
         })
     }
 
+    /// A UART in a saved state (a snapshot's), raising its interrupt through
+    /// `interrupt_evt`; an interrupt the state has pending is raised at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for more received bytes than the FIFO holds,
+    /// [`Error::CreateEventFd`] when an eventfd cannot be created.
+    pub fn from_state(
+        interrupt_evt: EventFd,
+        out: W,
+        state: &tvm_snapshot::SerialState,
+    ) -> Result<Self> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(
+            &s,
+            EventFdTrigger::new(interrupt_evt),
+            SerialEventsImpl::new()?,
+            out,
+        )
+        .map_err(|e| match e {
+            vm_superio::serial::Error::Trigger(e) => Error::CreateEventFd(e),
+            _ => Error::InvalidState(state.in_buffer.len()),
+        })?;
+        Ok(Self {
+            serial,
+            trigger_error: WarnOnce::new(),
+        })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn save_state(&self) -> tvm_snapshot::SerialState {
+        let s = self.serial.state();
+        tvm_snapshot::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
     /// The interrupt line: register it as an irqfd on the serial GSI (4 for COM1).
     pub fn interrupt_evt(&self) -> &EventFd {
         self.serial.interrupt_evt()
@@ -554,5 +611,44 @@ mod tests {
             2,
             "{debug:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_saved_uart_comes_back_with_its_registers_and_unread_input() {
+        let mut uart = SerialDevice::new(Vec::new()).unwrap();
+        // 8N1 at another divisor, the scratch register, interrupts on received data.
+        uart.write_register(3, 0x80);
+        uart.write_register(0, 0x03);
+        uart.write_register(3, 0x03);
+        uart.write_register(7, 0x5a);
+        uart.write_register(1, 0x01);
+        assert_eq!(uart.enqueue_input(b"hi"), 2);
+        let saved = uart.save_state();
+        assert_eq!(saved.in_buffer, b"hi");
+        assert_eq!(saved.scratch, 0x5a);
+
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut back =
+            SerialDevice::from_state(evt.try_clone().unwrap(), Vec::new(), &saved).unwrap();
+        assert_eq!(back.save_state(), saved);
+        // The pending received-data interrupt is raised again.
+        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(back.read_register(7), 0x5a);
+        assert_eq!(back.read_register(0), b'h');
+        assert_eq!(back.read_register(0), b'i');
+
+        let mut too_much = saved.clone();
+        too_much.in_buffer = vec![0; 65];
+        assert!(matches!(
+            SerialDevice::from_state(evt, Vec::new(), &too_much),
+            Err(Error::InvalidState(65))
+        ));
     }
 }

@@ -89,6 +89,9 @@ pub enum Error {
     /// filter); the thread ended without writing anything.
     #[error("the serial output thread failed to start: {0}")]
     OutputThreadInit(String),
+    /// A saved UART state that no 16550A can be in (more bytes than its FIFO holds).
+    #[error("the saved serial state has {0} bytes in a 64-byte receive fifo")]
+    InvalidState(usize),
     /// stdin could not be duplicated.
     #[error("failed to duplicate stdin")]
     DupStdin(#[source] io::Error),
