@@ -19,7 +19,8 @@ use crate::{Error, Result};
 const _: () = assert!(PM1A_CNT_BLK_PORT == PM1A_EVT_BLK_PORT + PM1_CNT_OFFSET);
 const _: () = assert!(PM1_EVT_LEN as u16 + PM1_CNT_LEN as u16 == PM1_BLOCK_LEN);
 
-/// Writes the ACPI tables for the vCPUs with `apic_ids` and the PCI devices' INTx wiring, and puts
+/// Writes the ACPI tables for the vCPUs with `apic_ids` and the PCI devices' INTx wiring
+/// (unless `write_tables` is false: a restored guest has its tables in memory), and puts
 /// the PM1a block on the port bus. Returns the block's power-off EventFd, for the event
 /// loop.
 ///
@@ -31,12 +32,16 @@ pub(crate) fn setup_acpi(
     mem: &GuestMemoryMmap,
     apic_ids: &[u8],
     pci_irqs: &[PciIrq],
+    write_tables: bool,
 ) -> Result<EventFd> {
-    let tables = tvm_arch_x86::acpi::setup_acpi_tables(mem, &AcpiConfig { apic_ids, pci_irqs })?;
-    info!(
-        "acpi tables: rsdp {:#x}, xsdt {:#x}, fadt {:#x}, madt {:#x}, dsdt {:#x}, end {:#x}",
-        tables.rsdp.0, tables.xsdt.0, tables.fadt.0, tables.madt.0, tables.dsdt.0, tables.end.0
-    );
+    if write_tables {
+        let tables =
+            tvm_arch_x86::acpi::setup_acpi_tables(mem, &AcpiConfig { apic_ids, pci_irqs })?;
+        info!(
+            "acpi tables: rsdp {:#x}, xsdt {:#x}, fadt {:#x}, madt {:#x}, dsdt {:#x}, end {:#x}",
+            tables.rsdp.0, tables.xsdt.0, tables.fadt.0, tables.madt.0, tables.dsdt.0, tables.end.0
+        );
+    }
     let pm = AcpiPm::new(SLP_TYP_S5)?;
     let poweroff_evt = pm.poweroff_evt().try_clone().map_err(Error::EventFd)?;
     register_pio_device(

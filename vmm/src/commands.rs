@@ -34,6 +34,8 @@ pub enum Command {
     },
     /// Read the VM's counters and send them here (for `FlushMetrics`).
     Metrics(SyncSender<VmCounters>),
+    /// Write a snapshot of the paused VM into these files (opened by the asker).
+    CreateSnapshot(crate::snapshot::SnapshotFiles),
 }
 
 /// The running VM's counters, absolute (since it started).

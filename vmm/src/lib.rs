@@ -20,6 +20,7 @@ pub mod logger;
 pub mod pause;
 pub mod seccomp;
 mod signal_evt;
+pub mod snapshot;
 pub mod terminal;
 pub mod timing;
 pub mod vcpu;
@@ -197,6 +198,22 @@ pub enum Error {
     /// The API socket could not be created.
     #[error("cannot serve the api socket")]
     ApiSocket(#[source] tvm_http::Error),
+    /// A snapshot's state file that cannot be restored (damaged, truncated, another
+    /// format version, inconsistent, or taken on a CPU this host cannot stand in for).
+    #[error("cannot restore the snapshot {path:?}")]
+    Snapshot {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: tvm_snapshot::Error,
+    },
+    /// A saved vCPU that this host's KVM cannot stand in for.
+    #[error("vcpu {0} of the snapshot cannot run on this host")]
+    SnapshotCpu(u8, #[source] tvm_snapshot::Error),
+    /// A snapshot whose machine or devices this VMM cannot rebuild as saved.
+    #[error("cannot restore the snapshot: {0}")]
+    InvalidSnapshotConfig(String),
     /// The terminal could not be put into raw mode.
     #[error("failed to put the terminal into raw mode")]
     Terminal(#[source] std::io::Error),

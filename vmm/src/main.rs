@@ -26,8 +26,22 @@ use tvm_vmm::{error_chain, logger, run_vm, terminal};
 #[command(name = "vmm", version)]
 struct Cli {
     /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Start from a snapshot instead of booting: the state file PATH and its memory file
+    /// PATH.mem (as --snapshot-on-signal writes them). The machine and its devices are
+    /// the saved ones; --net tap=NAME options, in order, move the saved interfaces to
+    /// other TAPs.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with_all = ["kernel", "initrd", "memory", "disks", "rng", "vsock", "system_map"]
+    )]
+    restore: Option<PathBuf>,
+    /// On SIGUSR1, pause the VM, write a full snapshot to PATH (the state) and PATH.mem
+    /// (guest memory, sparse), and resume it. Both files are created at start.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    snapshot_on_signal: Option<PathBuf>,
     /// Initial ramdisk (initramfs) to hand to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -260,6 +274,13 @@ fn parse_all<T>(
     values.iter().map(|v| parse(v)).collect()
 }
 
+/// The memory file next to a state file: `PATH.mem`.
+fn mem_file_of(state: &std::path::Path) -> PathBuf {
+    let mut p = state.as_os_str().to_owned();
+    p.push(".mem");
+    PathBuf::from(p)
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -293,8 +314,41 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let signal_snapshot = match &cli.snapshot_on_signal {
+        Some(path) => match tvm_vmm::snapshot::open_files(
+            path,
+            &mem_file_of(path),
+            tvm_snapshot::SnapshotType::Full,
+        ) {
+            Ok(files) => Some(files),
+            Err(e) => {
+                eprintln!("vmm: error: {}", error_chain(&e));
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    if let Some(path) = &cli.restore {
+        let times = Arc::new(BootTimes::new(start));
+        let overrides: Vec<_> = nets
+            .into_iter()
+            .enumerate()
+            .map(|(index, n)| tvm_vmm::snapshot::NetOverride { index, tap: n.tap })
+            .collect();
+        let result = tvm_vmm::snapshot::load(path, &mem_file_of(path)).and_then(|restore| {
+            let cfg =
+                tvm_vmm::snapshot::restore_config(&restore.snapshot, &overrides, cli.seccomp)?;
+            let mut vmm = tvm_vmm::Vmm::restore(&cfg, times.clone(), restore)?;
+            if let Some(files) = signal_snapshot {
+                vmm.snapshot_on_signal(files);
+            }
+            vmm.run()
+        });
+        terminal::restore();
+        return finish(result, &times);
+    }
     let cfg = VmConfig {
-        kernel: cli.kernel,
+        kernel: cli.kernel.unwrap_or_default(),
         initrd: cli.initrd,
         cmdline: cli.cmdline,
         mem_size,
@@ -307,7 +361,13 @@ fn main() -> ExitCode {
         system_map: cli.system_map,
     };
     let times = Arc::new(BootTimes::new(start));
-    let result = run_vm(&cfg, times.clone());
+    let result = match signal_snapshot {
+        None => run_vm(&cfg, times.clone()),
+        Some(files) => tvm_vmm::Vmm::build(&cfg, times.clone()).and_then(|mut vmm| {
+            vmm.snapshot_on_signal(files);
+            vmm.run()
+        }),
+    };
     // Whatever happened, the terminal is ours again before we print.
     terminal::restore();
     finish(result, &times)

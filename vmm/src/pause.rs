@@ -25,6 +25,8 @@ struct GateState {
     closed: bool,
     /// How many threads are parked now.
     parked: usize,
+    /// Moves on each time [`PauseGate::wake_parked`] asks parked threads to look for work.
+    errands: u64,
 }
 
 impl PauseGate {
@@ -63,6 +65,14 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
+    /// Wakes parked threads without opening the gate, so that each runs the work its
+    /// [`park_if_closed`](Self::park_if_closed) was given (a snapshot's state save) and
+    /// parks again.
+    pub fn wake_parked(&self) {
+        self.lock().errands += 1;
+        self.changed.notify_all();
+    }
+
     /// How many threads are parked now.
     pub fn parked(&self) -> usize {
         self.lock().parked
@@ -92,16 +102,28 @@ impl PauseGate {
     }
 
     /// For a vCPU thread, between two `KVM_RUN`s: parks while the gate is closed and
-    /// `stop` is not set. Returns whether it parked (the caller then tells kvmclock).
-    pub fn park_if_closed(&self, stop: &AtomicBool) -> bool {
+    /// `stop` is not set, running `errand` (without the gate's lock) when it parks and
+    /// each time [`wake_parked`](Self::wake_parked) is called. Returns whether it parked
+    /// (the caller then tells kvmclock).
+    pub fn park_if_closed(&self, stop: &AtomicBool, mut errand: impl FnMut()) -> bool {
         let mut state = self.lock();
         if !state.closed || stop.load(Ordering::Acquire) {
             return false;
         }
         state.parked += 1;
         self.changed.notify_all();
-        while state.closed && !stop.load(Ordering::Acquire) {
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        loop {
+            let seen = state.errands;
+            drop(state);
+            errand();
+            state = self.lock();
+            if !state.closed || stop.load(Ordering::Acquire) {
+                break;
+            }
+            // An errand asked for while this one ran is run before waiting.
+            if state.errands == seen {
+                state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
         }
         state.parked -= 1;
         self.changed.notify_all();
@@ -129,7 +151,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut parks = 0;
                     while !stop.load(Ordering::Acquire) {
-                        if gate.park_if_closed(&stop) {
+                        if gate.park_if_closed(&stop, || {}) {
                             parks += 1;
                         }
                         work.fetch_add(1, Ordering::Relaxed);
@@ -200,9 +222,9 @@ mod tests {
     fn an_open_gate_or_a_stop_never_parks() {
         let gate = PauseGate::new();
         let stop = AtomicBool::new(false);
-        assert!(!gate.park_if_closed(&stop));
+        assert!(!gate.park_if_closed(&stop, || {}));
         gate.close();
         stop.store(true, Ordering::Release);
-        assert!(!gate.park_if_closed(&stop));
+        assert!(!gate.park_if_closed(&stop, || {}));
     }
 }

@@ -228,6 +228,16 @@ const KVM_TRANSLATE: u64 =
     ioc::<kvm_bindings::kvm_translation>(_IOC_READ | _IOC_WRITE, KVMIO, 0x85);
 const KVM_SET_GSI_ROUTING: u64 = ioc::<kvm_bindings::kvm_irq_routing>(_IOC_WRITE, KVMIO, 0x6a);
 const KVM_IOEVENTFD: u64 = ioc::<kvm_bindings::kvm_ioeventfd>(_IOC_WRITE, KVMIO, 0x79);
+// A snapshot's state: each vCPU thread reads its own, the event loop the VM's.
+const KVM_GET_CPUID2: u64 = ioc::<kvm_bindings::kvm_cpuid2>(_IOC_READ | _IOC_WRITE, KVMIO, 0x91);
+const KVM_GET_MSRS: u64 = ioc::<kvm_bindings::kvm_msrs>(_IOC_READ | _IOC_WRITE, KVMIO, 0x88);
+const KVM_GET_XSAVE: u64 = ioc::<kvm_bindings::kvm_xsave>(_IOC_READ, KVMIO, 0xa4);
+const KVM_GET_XCRS: u64 = ioc::<kvm_bindings::kvm_xcrs>(_IOC_READ, KVMIO, 0xa6);
+const KVM_GET_DEBUGREGS: u64 = ioc::<kvm_bindings::kvm_debugregs>(_IOC_READ, KVMIO, 0xa1);
+const KVM_GET_TSC_KHZ: u64 = ioc::<()>(_IOC_NONE, KVMIO, 0xa3);
+const KVM_GET_IRQCHIP: u64 = ioc::<kvm_bindings::kvm_irqchip>(_IOC_READ | _IOC_WRITE, KVMIO, 0x62);
+const KVM_GET_PIT2: u64 = ioc::<kvm_bindings::kvm_pit_state2>(_IOC_READ, KVMIO, 0x9f);
+const KVM_GET_CLOCK: u64 = ioc::<kvm_bindings::kvm_clock_data>(_IOC_READ, KVMIO, 0x7c);
 const TUNSETOFFLOAD: u64 = ioc::<libc::c_uint>(_IOC_WRITE, b'T' as u32, 208);
 const TCSETS: u64 = libc::TCSETS;
 
@@ -328,6 +338,7 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
     Ok(match kind {
         ThreadKind::Vcpu => vec![
             // KVM_RUN; the register reads and the address translation of a failure report;
+            // everything a snapshot saves of a vCPU (read by its own thread while parked);
             // the state a dump (SIGUSR2) shows: MP state, pending events, the local APIC;
             // MSI-X table writes re-route GSIs; BAR moves re-register queue ioeventfds;
             // virtio-net activation sets the TAP's offloads; after a pause, the guest's
@@ -348,6 +359,12 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
                         KVM_SET_GSI_ROUTING,
                         KVM_IOEVENTFD,
                         TUNSETOFFLOAD,
+                        KVM_GET_CPUID2,
+                        KVM_GET_MSRS,
+                        KVM_GET_XSAVE,
+                        KVM_GET_XCRS,
+                        KVM_GET_DEBUGREGS,
+                        KVM_GET_TSC_KHZ,
                     ],
                 )?,
             ),
@@ -362,6 +379,14 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             (libc::SYS_read, any()),
         ],
         ThreadKind::EventLoop => vec![
+            // A snapshot of the paused VM: the in-kernel PIC, IOAPIC, PIT and clock, then
+            // the files the asker opened, truncated and written (memory sparsely).
+            (
+                libc::SYS_ioctl,
+                arg_in(1, &[KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK])?,
+            ),
+            (libc::SYS_ftruncate, any()),
+            (libc::SYS_pwrite64, any()),
             (libc::SYS_epoll_wait, any()),
             (libc::SYS_epoll_pwait, any()),
             // Sources leave and rejoin the epoll set (serial input backpressure, errors).

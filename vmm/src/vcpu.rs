@@ -342,6 +342,8 @@ pub struct Vcpu {
     pub symbols: Option<Arc<SymbolMap>>,
     /// Where the thread parks while the VM is paused.
     pub gate: Arc<PauseGate>,
+    /// The MSRs a snapshot saves (KVM's saveable list).
+    pub msrs: Arc<Vec<u32>>,
 }
 
 /// What a vCPU thread shares with the event loop for diagnostics: its exit statistics and
@@ -353,6 +355,12 @@ pub struct VcpuMonitor {
     pub stats: ExitStats,
     dump_requested: AtomicU64,
     dump_answered: AtomicU64,
+    /// The state-save handshake of a snapshot: the loop asks for save number N with
+    /// [`request_save`](Self::request_save) and wakes the parked threads; the vCPU thread
+    /// leaves its state (or why it could not) in `saved` and answers N.
+    save_requested: AtomicU64,
+    save_answered: AtomicU64,
+    saved: Mutex<Option<std::result::Result<tvm_snapshot::VcpuState, String>>>,
 }
 
 impl VcpuMonitor {
@@ -364,6 +372,28 @@ impl VcpuMonitor {
     /// Whether dump `seq` was answered.
     pub fn answered(&self, seq: u64) -> bool {
         self.dump_answered.load(Ordering::Acquire) >= seq
+    }
+
+    /// Asks for state save number `seq` (numbers grow from 1); wake the parked threads
+    /// afterwards ([`PauseGate::wake_parked`]).
+    pub fn request_save(&self, seq: u64) {
+        self.save_requested.store(seq, Ordering::Release);
+    }
+
+    /// The state of save `seq`, once the vCPU thread has answered it.
+    pub fn take_saved(
+        &self,
+        seq: u64,
+    ) -> Option<std::result::Result<tvm_snapshot::VcpuState, String>> {
+        if self.save_answered.load(Ordering::Acquire) < seq {
+            return None;
+        }
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn pending_save(&self) -> Option<u64> {
+        let want = self.save_requested.load(Ordering::Acquire);
+        (want > self.save_answered.load(Ordering::Relaxed)).then_some(want)
     }
 
     /// The dump number asked for and not yet answered, if any.
@@ -467,7 +497,8 @@ impl Vcpu {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
-            if self.gate.park_if_closed(&self.stop) {
+            let (gate, stop) = (self.gate.clone(), self.stop.clone());
+            if gate.park_if_closed(&stop, || self.run_errands()) {
                 // Tell the guest's kvmclock that the vCPU was stopped, so that its
                 // soft-lockup watchdog does not count the pause. EINVAL: the guest does
                 // not use kvmclock.
@@ -517,6 +548,53 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// What a parked vCPU thread is asked to do: save its state for a snapshot.
+    fn run_errands(&mut self) {
+        if let Some(seq) = self.monitor.pending_save() {
+            let state = self.save_state();
+            if let Err(e) = &state {
+                warn!("vcpu{}: {e}", self.id);
+            }
+            *self.monitor.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+            self.monitor.save_answered.store(seq, Ordering::Release);
+        }
+    }
+
+    /// Completes what the last exit left for KVM to finish (the data of a port or MMIO
+    /// read goes into the registers on the next `KVM_RUN`) with `KVM_RUN`s that return at
+    /// once (`immediate_exit`), then reads the vCPU's state.
+    fn save_state(&mut self) -> std::result::Result<tvm_snapshot::VcpuState, String> {
+        // A string instruction may need several round trips; each is an exit handled here.
+        const MAX_ROUND_TRIPS: usize = 64;
+        let mut settled = false;
+        for _ in 0..MAX_ROUND_TRIPS {
+            self.fd.set_kvm_immediate_exit(1);
+            let r = match self.fd.run() {
+                Ok(exit) => match handle_exit(exit, &self.io) {
+                    VcpuAction::Continue => Ok(false),
+                    other => Err(format!(
+                        "an exit while settling for the snapshot: {other:?}"
+                    )),
+                },
+                Err(e) if e.errno() == libc::EINTR => Ok(true),
+                Err(e) => Err(format!("KVM_RUN to settle for the snapshot failed: {e}")),
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            if r? {
+                settled = true;
+                break;
+            }
+        }
+        if !settled {
+            return Err(format!(
+                "vcpu{} still had port or mmio work after {MAX_ROUND_TRIPS} round trips",
+                self.id
+            ));
+        }
+        tvm_arch_x86::snapshot::save_vcpu(&self.fd, &self.msrs)
+            .map_err(|e| format!("vcpu{}: {}", self.id, crate::error_chain(&e)))
     }
 
     /// Logs this vCPU's part of dump `seq` and marks it answered.

@@ -242,6 +242,22 @@ impl<'a> VirtioPciWiring<'a> {
         device: D,
         name: &str,
     ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>> {
+        self.add_restored(device, name, None)
+    }
+
+    /// [`add`](Self::add), with the transport brought to `saved` (a snapshot's) before
+    /// its BAR is mapped, so that the BAR and its notifications go where the guest had
+    /// them.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`add`](Self::add), and a saved state that does not fit the device.
+    pub fn add_restored<D: VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+        name: &str,
+        saved: Option<&tvm_snapshot::TransportState>,
+    ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>> {
         let num_vectors = device.queue_max_sizes().len() + 1;
         let intx_gsi = VIRTIO_INTX_GSIS[self.sinks.len() % VIRTIO_INTX_GSIS.len()];
         let sink = Arc::new(KvmInterruptSink::new(
@@ -256,6 +272,9 @@ impl<'a> VirtioPciWiring<'a> {
         let bar = self.allocator.allocate(dev.bar_size())?;
         dev.set_bar_addr(bar)?;
         set_interrupt_line(&mut dev, intx_gsi);
+        if let Some(saved) = saved {
+            dev.restore_state(saved)?;
+        }
         let dev = Arc::new(Mutex::new(dev));
         let ioevents: Arc<dyn IoeventRegistrar> = Arc::new(KvmIoevents(self.vm.clone()));
         let slot_dev =

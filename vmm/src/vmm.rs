@@ -103,6 +103,21 @@ const DUMP_EVT: u32 = 5;
 const POWEROFF_EVT: u32 = 6;
 const PANIC_EVT: u32 = 7;
 const COMMAND_EVT: u32 = 8;
+const SNAPSHOT_EVT: u32 = 9;
+
+/// The raw fd of the EventFd that SIGUSR1 writes (-1 until installed).
+static SNAPSHOT_EVT_FD: signal_evt::Slot = signal_evt::Slot::new(-1);
+
+extern "C" fn handle_snapshot_signal(
+    _: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
+    signal_evt::wake(&SNAPSHOT_EVT_FD);
+}
+
+/// Numbers the state saves of snapshots (each vCPU answers the number it was asked).
+static SAVE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The event-loop subscriber that turns stop requests into an exit reason.
 #[derive(Debug)]
@@ -125,6 +140,10 @@ struct Control {
     command_evt: EventFd,
     /// Set when requests wait; `Vmm::run` carries them out between two event batches.
     commands: Arc<AtomicBool>,
+    /// Written by the SIGUSR1 handler (`--snapshot-on-signal`).
+    snapshot_evt: EventFd,
+    /// Set when a snapshot was asked for; `Vmm::run` takes it between two event batches.
+    snapshot: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for Control {
@@ -163,6 +182,11 @@ impl MutEventSubscriber for Control {
                 self.commands.store(true, Ordering::Release);
                 return;
             }
+            SNAPSHOT_EVT => {
+                let _ = self.snapshot_evt.read();
+                self.snapshot.store(true, Ordering::Release);
+                return;
+            }
             other => {
                 warn!("unexpected event data {other}");
                 return;
@@ -185,6 +209,7 @@ impl MutEventSubscriber for Control {
             (&self.poweroff_evt, POWEROFF_EVT),
             (&self.panic_evt, PANIC_EVT),
             (&self.command_evt, COMMAND_EVT),
+            (&self.snapshot_evt, SNAPSHOT_EVT),
         ] {
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 error!("failed to watch control event {data}: {e}");
@@ -196,7 +221,15 @@ impl MutEventSubscriber for Control {
 /// A built VM, ready to run.
 pub struct Vmm {
     _kvm: Kvm,
-    _vm: Arc<VmFd>,
+    vm: Arc<VmFd>,
+    /// The CMOS (its NVRAM goes into snapshots).
+    cmos: Arc<Mutex<Cmos>>,
+    /// The machine's shape, for snapshots.
+    machine: tvm_snapshot::Machine,
+    /// The virtio devices and their backing, in bus order (disks, nets, rng, vsock).
+    kinds: Vec<tvm_snapshot::VirtioKind>,
+    /// Where SIGUSR1 writes a snapshot (`--snapshot-on-signal`), opened at start.
+    signal_snapshot: Option<crate::snapshot::SnapshotFiles>,
     disks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
     rng: Option<RngDevice>,
@@ -270,7 +303,33 @@ fn check_vcpu_limits(cpus: &tvm_arch_x86::CpuTopology, max: usize, max_id: usize
 impl Vmm {
     /// Builds the VM described by `cfg`: KVM, memory, irqchip, kernel, devices, vCPUs.
     pub fn build(cfg: &VmConfig, times: Arc<BootTimes>) -> Result<Vmm> {
-        cfg.validate()?;
+        Self::build_with(cfg, times, None)
+    }
+
+    /// Builds the VM a snapshot saved, in the state it was saved in: `cfg` comes from
+    /// [`crate::snapshot::restore_config`] (the saved machine and devices, interfaces
+    /// perhaps on other TAPs). Guest RAM is the memory file, mapped privately; nothing is
+    /// loaded. The VM runs from where it was when [`run`](Self::run) starts it (paused
+    /// first if the caller pauses it, as the API's `resume_vm: false` does).
+    pub fn restore(
+        cfg: &VmConfig,
+        times: Arc<BootTimes>,
+        restore: crate::snapshot::Restore,
+    ) -> Result<Vmm> {
+        Self::build_with(cfg, times, Some(restore))
+    }
+
+    /// Opens (creates) the two files SIGUSR1 writes a snapshot to while the VM runs
+    /// (`--snapshot-on-signal`): the VM pauses, the snapshot is written, the VM resumes.
+    pub fn snapshot_on_signal(&mut self, files: crate::snapshot::SnapshotFiles) {
+        self.signal_snapshot = Some(files);
+    }
+
+    fn build_with(
+        cfg: &VmConfig,
+        times: Arc<BootTimes>,
+        restore: Option<crate::snapshot::Restore>,
+    ) -> Result<Vmm> {
         let open = |what, path: &std::path::PathBuf| {
             File::open(path).map_err(|source| Error::OpenFile {
                 what,
@@ -278,8 +337,15 @@ impl Vmm {
                 source,
             })
         };
-        let mut kernel_file = open("kernel", &cfg.kernel)?;
-        let mut initrd_file = cfg.initrd.as_ref().map(|p| open("initrd", p)).transpose()?;
+        let (mut kernel_file, mut initrd_file) = if restore.is_none() {
+            cfg.validate()?;
+            (
+                Some(open("kernel", &cfg.kernel)?),
+                cfg.initrd.as_ref().map(|p| open("initrd", p)).transpose()?,
+            )
+        } else {
+            (None, None)
+        };
 
         // Disks and TAPs first: a missing, unreadable or locked image, or a TAP we may not
         // use, is a clear error before boot.
@@ -341,9 +407,26 @@ impl Vmm {
             .map_err(Error::SetIdentityMapAddress)?;
         tvm_irq::setup_irqchip(&vm)?;
 
-        // Guest RAM.
+        // Guest RAM: new, or the snapshot's memory file mapped copy-on-write.
         let ram = layout::ram_ranges(cfg.mem_size);
-        let mem = tvm_memory::create_guest_memory(&ram)?;
+        let mem = match &restore {
+            None => tvm_memory::create_guest_memory(&ram)?,
+            Some(r) => {
+                let saved: Vec<_> = r
+                    .snapshot
+                    .memory
+                    .iter()
+                    .map(|m| (vm_memory::GuestAddress(m.guest_addr), m.size))
+                    .collect();
+                if saved != ram {
+                    return Err(Error::InvalidSnapshotConfig(format!(
+                        "the saved memory regions {saved:?} are not this vmm's layout for {}                          bytes {ram:?}",
+                        cfg.mem_size
+                    )));
+                }
+                tvm_memory::map_memory_file(&r.mem, &r.snapshot.memory)?
+            }
+        };
         // SAFETY: `register_memory_slots` needs `mem`'s regions mapped for as long as the VM
         // can use the slots. `mem` moves into the returned `Vmm` (its clones into the
         // devices), which lives until `run` returns; the guest only touches its memory from
@@ -352,30 +435,37 @@ impl Vmm {
         // the rest of the process.
         unsafe { tvm_memory::register_memory_slots(&vm, &mem)? };
 
-        // Kernel, command line, initrd, zero page.
-        let kernel = tvm_arch_x86::load_kernel(&mem, &mut kernel_file)?;
-        info!(
-            "kernel loaded: entry {:#x}, {:?}, ends at {:#x}",
-            kernel.entry.0, kernel.mode, kernel.kernel_end
-        );
-        let cmdline = tvm_arch_x86::build_cmdline(&cfg.cmdline, kernel.setup_header.as_ref())?;
-        tvm_arch_x86::load_cmdline(&mem, &cmdline)?;
-        let initrd = match initrd_file.as_mut() {
-            Some(f) => {
-                let (addr, size) = tvm_arch_x86::load_initrd(&mem, &ram, &kernel, f)?;
-                info!("initrd loaded at {:#x}, {size} bytes", addr.0);
-                Some((addr, size))
+        // Kernel, command line, initrd, zero page (a restored guest has them in memory).
+        let kernel = match kernel_file.as_mut() {
+            Some(kernel_file) => {
+                let kernel = tvm_arch_x86::load_kernel(&mem, kernel_file)?;
+                info!(
+                    "kernel loaded: entry {:#x}, {:?}, ends at {:#x}",
+                    kernel.entry.0, kernel.mode, kernel.kernel_end
+                );
+                let cmdline =
+                    tvm_arch_x86::build_cmdline(&cfg.cmdline, kernel.setup_header.as_ref())?;
+                tvm_arch_x86::load_cmdline(&mem, &cmdline)?;
+                let initrd = match initrd_file.as_mut() {
+                    Some(f) => {
+                        let (addr, size) = tvm_arch_x86::load_initrd(&mem, &ram, &kernel, f)?;
+                        info!("initrd loaded at {:#x}, {size} bytes", addr.0);
+                        Some((addr, size))
+                    }
+                    None => None,
+                };
+                let params = tvm_arch_x86::build_boot_params(&BootParamsConfig {
+                    ram: &ram,
+                    kernel: &kernel,
+                    cmdline_len: cfg.cmdline.len(),
+                    initrd,
+                    acpi_rsdp: Some(layout::RSDP_START),
+                })?;
+                tvm_arch_x86::write_boot_params(&mem, &params)?;
+                Some(kernel)
             }
             None => None,
         };
-        let params = tvm_arch_x86::build_boot_params(&BootParamsConfig {
-            ram: &ram,
-            kernel: &kernel,
-            cmdline_len: cfg.cmdline.len(),
-            initrd,
-            acpi_rsdp: Some(layout::RSDP_START),
-        })?;
-        tvm_arch_x86::write_boot_params(&mem, &params)?;
 
         // Why the VM stops, recorded by the vCPUs (and by the event loop for the devices'
         // signals).
@@ -395,10 +485,13 @@ impl Vmm {
             DEFAULT_OUTPUT_BUFFER_BYTES,
             move || install().map_err(|e| crate::error_chain(&e)),
         )?;
-        let serial = Arc::new(Mutex::new(SerialDevice::with_interrupt_evt(
-            com1.eventfd()?,
-            ConsoleTap::new(writer.clone(), times.clone()),
-        )?));
+        let console = ConsoleTap::new(writer.clone(), times.clone());
+        let serial = Arc::new(Mutex::new(match &restore {
+            None => SerialDevice::with_interrupt_evt(com1.eventfd()?, console)?,
+            Some(r) => {
+                SerialDevice::from_state(com1.eventfd()?, console, &r.snapshot.devices.serial)?
+            }
+        }));
         register_pio_device(&mut io, COM1_PORT_BASE, SERIAL_PORT_SIZE, serial.clone())?;
 
         let i8042 = I8042::new()?;
@@ -410,8 +503,11 @@ impl Vmm {
         let i8042 = Arc::new(Mutex::new(i8042));
         register_pio_device(&mut io, I8042_DATA_PORT, 1, i8042.clone())?;
         register_pio_device(&mut io, I8042_COMMAND_PORT, 1, i8042.clone())?;
-        let cmos = Arc::new(Mutex::new(Cmos::new()));
-        register_pio_device(&mut io, CMOS_PORT, CMOS_PORT_LEN, cmos)?;
+        let cmos = Arc::new(Mutex::new(match &restore {
+            None => Cmos::new(),
+            Some(r) => Cmos::from_state(&r.snapshot.devices.cmos),
+        }));
+        register_pio_device(&mut io, CMOS_PORT, CMOS_PORT_LEN, cmos.clone())?;
         register_pio_device(&mut io, DEBUG_PORT, 1, Arc::new(Mutex::new(DebugPort)))?;
         let pvpanic = Pvpanic::new()?;
         let panic_evt = pvpanic.panic_evt().try_clone().map_err(Error::EventFd)?;
@@ -433,6 +529,11 @@ impl Vmm {
             layout::PCI_MMIO_END - layout::MMIO_GAP_START,
         )?;
         let mut wiring = VirtioPciWiring::new(vm.clone(), &mem, pci, allocator, window);
+        // A restore brings each transport back to its saved state as it is wired.
+        let mut saved = restore
+            .as_ref()
+            .map(|r| r.snapshot.devices.virtio.iter().map(|d| &d.transport));
+        let mut next_saved = move || saved.as_mut().and_then(Iterator::next);
         let mut disks = Vec::with_capacity(blocks.len());
         for (i, (block, d)) in blocks.into_iter().zip(&cfg.disks).enumerate() {
             // The worker exists before any filter (it would inherit the creator's) and
@@ -441,7 +542,11 @@ impl Vmm {
             let block = Threaded::spawn(block, &format!("virtio-blk{i}"), move || {
                 install().map_err(|e| crate::error_chain(&e))
             })?;
-            disks.push(wiring.add(block, &format!("virtio-blk {:?}", d.path))?);
+            disks.push(wiring.add_restored(
+                block,
+                &format!("virtio-blk {:?}", d.path),
+                next_saved(),
+            )?);
         }
         let mut nets = Vec::with_capacity(taps.len());
         for (i, net) in taps.into_iter().enumerate() {
@@ -451,21 +556,22 @@ impl Vmm {
             let net = Threaded::spawn(net, &format!("virtio-net{i}"), move || {
                 install().map_err(|e| crate::error_chain(&e))
             })?;
-            nets.push(wiring.add(net, &name)?);
+            nets.push(wiring.add_restored(net, &name, next_saved())?);
         }
         let rng = if cfg.rng {
-            Some(wiring.add(Rng::new(), "virtio-rng")?)
+            Some(wiring.add_restored(Rng::new(), "virtio-rng", next_saved())?)
         } else {
             None
         };
         let vsock = match vsock {
-            Some(v) => Some(wiring.add(v, "virtio-vsock")?),
+            Some(v) => Some(wiring.add_restored(v, "virtio-vsock", next_saved())?),
             None => None,
         };
         let pci_irqs = wiring.pci_irqs().to_vec();
         wiring.finish()?;
         let apic_ids = cfg.cpus.apic_ids();
-        let poweroff_evt = crate::acpi::setup_acpi(&mut io, &mem, &apic_ids, &pci_irqs)?;
+        let poweroff_evt =
+            crate::acpi::setup_acpi(&mut io, &mem, &apic_ids, &pci_irqs, restore.is_none())?;
         let io = Arc::new(io);
 
         // vCPUs: KVM's vCPU id is the APIC id. With the in-kernel irqchip KVM creates
@@ -474,24 +580,35 @@ impl Vmm {
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(PauseGate::new());
         let cpu_count = cfg.cpus.cpu_count();
+        let msrs = Arc::new(tvm_arch_x86::snapshot::saveable_msrs(&kvm)?);
         let mut vcpus = Vec::with_capacity(usize::from(cpu_count));
         let mut monitors = Vec::with_capacity(usize::from(cpu_count));
         for (index, apic_id) in (0..cpu_count).zip(apic_ids.iter().copied()) {
             let fd = vm
                 .create_vcpu(u64::from(apic_id))
                 .map_err(|e| Error::CreateVcpu(index, e))?;
-            tvm_arch_x86::configure_vcpu(
-                &kvm,
-                &fd,
-                &mem,
-                &VcpuBootConfig {
-                    index,
-                    topology: cfg.cpus,
-                    entry: kernel.entry,
-                    mode: kernel.mode,
-                    irqchip: true,
-                },
-            )?;
+            match (&kernel, &restore) {
+                (Some(kernel), _) => tvm_arch_x86::configure_vcpu(
+                    &kvm,
+                    &fd,
+                    &mem,
+                    &VcpuBootConfig {
+                        index,
+                        topology: cfg.cpus,
+                        entry: kernel.entry,
+                        mode: kernel.mode,
+                        irqchip: true,
+                    },
+                )?,
+                (None, Some(r)) => {
+                    let state = &r.snapshot.vcpus[usize::from(index)];
+                    let here = tvm_arch_x86::snapshot::cpuid_here(&kvm, &fd, &cfg.cpus, index)?;
+                    tvm_snapshot::check_cpu_features(&state.cpuid, &here)
+                        .map_err(|source| Error::SnapshotCpu(index, source))?;
+                    tvm_arch_x86::snapshot::restore_vcpu(&fd, state)?;
+                }
+                (None, None) => unreachable!("a build without a kernel is a restore"),
+            }
             vcpus.push(Vcpu {
                 fd,
                 id: index,
@@ -504,16 +621,68 @@ impl Vmm {
                 monitor: Arc::new(VcpuMonitor::default()),
                 symbols: symbols.clone(),
                 gate: gate.clone(),
+                msrs: msrs.clone(),
             });
             monitors.extend(vcpus.last().map(|v| v.monitor.clone()));
         }
-        info!(
-            "vm built: {} MiB, {} vcpu(s) ({}), kernel {:?}",
-            cfg.mem_size >> 20,
-            cpu_count,
-            cfg.cpus,
-            cfg.kernel
-        );
+        if let Some(r) = &restore {
+            // The in-kernel PIC, IOAPIC, PIT and clock, once every LAPIC is back.
+            tvm_arch_x86::snapshot::restore_vm(&vm, &r.snapshot.vm)?;
+            // Queues served once and interrupts raised again (nothing held back at the
+            // snapshot is lost), and vsock's connections reset as Firecracker does.
+            for d in &disks {
+                d.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .kick_after_restore()?;
+            }
+            for n in &nets {
+                n.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .kick_after_restore()?;
+            }
+            if let Some(rng) = &rng {
+                rng.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .kick_after_restore()?;
+            }
+            if let Some(v) = &vsock {
+                let mut v = v.lock().unwrap_or_else(|e| e.into_inner());
+                v.kick_after_restore()?;
+                v.device_mut().transport_reset();
+            }
+            info!(
+                "vm restored: {} MiB, {} vcpu(s) ({})",
+                cfg.mem_size >> 20,
+                cpu_count,
+                cfg.cpus
+            );
+        } else {
+            info!(
+                "vm built: {} MiB, {} vcpu(s) ({}), kernel {:?}",
+                cfg.mem_size >> 20,
+                cpu_count,
+                cfg.cpus,
+                cfg.kernel
+            );
+        }
+        let machine = tvm_snapshot::Machine {
+            vcpu_count: cpu_count,
+            threads_per_core: cfg.cpus.threads_per_core(),
+            cores_per_socket: cfg.cpus.cores_per_socket(),
+            sockets: cfg.cpus.sockets(),
+            mem_size: cfg.mem_size,
+        };
+        let macs: Vec<[u8; 6]> = nets
+            .iter()
+            .map(|n| {
+                n.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .lock()
+                    .mac()
+            })
+            .collect();
+        let kinds = crate::snapshot::virtio_kinds(cfg, &macs);
 
         let (command_sender, commands) =
             crate::commands::channel(eventfd()?).map_err(Error::EventFd)?;
@@ -530,10 +699,16 @@ impl Vmm {
             dump: Arc::new(AtomicBool::new(false)),
             command_evt: commands.wake_evt().try_clone().map_err(Error::EventFd)?,
             commands: Arc::new(AtomicBool::new(false)),
+            snapshot_evt: eventfd()?,
+            snapshot: Arc::new(AtomicBool::new(false)),
         };
         Ok(Vmm {
             _kvm: kvm,
-            _vm: vm,
+            vm,
+            cmos,
+            machine,
+            kinds,
+            signal_snapshot: None,
             disks,
             nets,
             rng,
@@ -569,16 +744,25 @@ impl Vmm {
 
     /// Runs the VM until it stops; returns why.
     pub fn run(mut self) -> Result<ExitReason> {
-        let (escape_evt, done, dump, commands) = {
+        let (escape_evt, done, dump, commands, snapshot) = {
             let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
             install_termination_handlers(&control.signal_evt)?;
             crate::dump::install_dump_handler(&control.dump_evt)?;
+            if self.signal_snapshot.is_some() {
+                signal_evt::install(
+                    &control.snapshot_evt,
+                    &SNAPSHOT_EVT_FD,
+                    &[libc::SIGUSR1],
+                    handle_snapshot_signal,
+                )?;
+            }
             let escape = control.escape_evt.try_clone().map_err(Error::EventFd)?;
             (
                 escape,
                 control.done.clone(),
                 control.dump.clone(),
                 control.commands.clone(),
+                control.snapshot.clone(),
             )
         };
         install_kick_handler().map_err(Error::Signals)?;
@@ -647,24 +831,33 @@ impl Vmm {
                 dumps += 1;
                 self.dump_state(dumps, &threads);
             }
+            let on_signal = snapshot.swap(false, Ordering::AcqRel);
+            if on_signal && !done.load(Ordering::Acquire) {
+                if let Some(files) = &self.signal_snapshot {
+                    let vm = self.running(&threads);
+                    let was_paused = self.gate.is_closed();
+                    let r = carry_out(Command::Pause, &vm, &mut devices, &mut em)
+                        .and_then(|()| create_snapshot(&vm, files));
+                    if !was_paused {
+                        let _ = carry_out(Command::Resume, &vm, &mut devices, &mut em);
+                    }
+                    match r {
+                        Ok(w) => warn!(
+                            "snapshot on SIGUSR1 written: state {} bytes, memory {} bytes of page data, in {:?}",
+                            w.state_bytes, w.mem_bytes, w.took
+                        ),
+                        Err(e) => error!("snapshot on SIGUSR1 failed: {e}"),
+                    }
+                }
+            }
             if commands.swap(false, Ordering::AcqRel) {
                 if done.load(Ordering::Acquire) {
                     self.commands
                         .drain(|_| Err("the vm is shutting down".to_string()));
                 } else {
-                    self.commands.drain(|c| {
-                        let vm = Running {
-                            gate: &self.gate,
-                            threads: &threads,
-                            i8042: &self.i8042,
-                            disks: &self.disks,
-                            nets: &self.nets,
-                            rng: self.rng.as_ref(),
-                            vsock: self.vsock.as_ref(),
-                            monitors: &self.monitors,
-                        };
-                        carry_out(c, &vm, &mut devices, &mut em)
-                    });
+                    let vm = self.running(&threads);
+                    self.commands
+                        .drain(|c| carry_out(c, &vm, &mut devices, &mut em));
                 }
             }
         }
@@ -706,6 +899,26 @@ impl Vmm {
             error!("{why}");
         }
         Ok(reason)
+    }
+
+    /// What a request to the running VM can reach.
+    fn running<'a>(&'a self, threads: &'a [JoinHandle<()>]) -> Running<'a> {
+        Running {
+            gate: &self.gate,
+            threads,
+            i8042: &self.i8042,
+            disks: &self.disks,
+            nets: &self.nets,
+            rng: self.rng.as_ref(),
+            vsock: self.vsock.as_ref(),
+            monitors: &self.monitors,
+            vm: &self.vm,
+            mem: &self.mem,
+            serial: &self.serial,
+            cmos: &self.cmos,
+            machine: self.machine,
+            kinds: &self.kinds,
+        }
     }
 
     /// Logs dump number `seq` (see [`crate::dump`]): asks each vCPU thread for its part
@@ -902,6 +1115,12 @@ struct Running<'a> {
     rng: Option<&'a RngDevice>,
     vsock: Option<&'a VsockDevice>,
     monitors: &'a [Arc<VcpuMonitor>],
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    serial: &'a Mutex<Serial>,
+    cmos: &'a Mutex<Cmos>,
+    machine: tvm_snapshot::Machine,
+    kinds: &'a [tvm_snapshot::VirtioKind],
 }
 
 impl Running<'_> {
@@ -983,6 +1202,14 @@ fn carry_out(
                     );
                 }
             }
+            // The network workers stop moving frames (a snapshot must not see guest
+            // memory change under it).
+            for net in vm.nets {
+                let net = net.lock().unwrap_or_else(|e| e.into_inner());
+                if !net.device().pause(DISK_BUSY_GRACE) {
+                    warn!("{}: still busy after {DISK_BUSY_GRACE:?}", net.name());
+                }
+            }
             debug!(
                 "paused: {} device(s) left in the event loop",
                 devices.in_loop()
@@ -997,10 +1224,22 @@ fn carry_out(
                     .device()
                     .resume();
             }
+            for net in vm.nets {
+                net.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .resume();
+            }
             if gate.is_closed() {
                 gate.open();
                 info!("vm resumed");
             }
+            Ok(())
+        }
+        Command::CreateSnapshot(files) => {
+            let started = Instant::now();
+            let w = create_snapshot(vm, &files)?;
+            crate::snapshot::log_written(&w, files.kind, started);
             Ok(())
         }
         Command::CtrlAltDel => vm
@@ -1055,6 +1294,139 @@ fn carry_out(
             Ok(())
         }
     }
+}
+
+/// Writes a snapshot of the paused VM (see [`crate::snapshot`]) into `files`.
+fn create_snapshot(
+    vm: &Running<'_>,
+    files: &crate::snapshot::SnapshotFiles,
+) -> std::result::Result<crate::snapshot::Written, String> {
+    if !vm.gate.is_closed() {
+        return Err("the vm is not paused; pause it first".into());
+    }
+    if files.kind != tvm_snapshot::SnapshotType::Full {
+        return Err("diff snapshots are not supported yet; take a full snapshot".into());
+    }
+    let started = Instant::now();
+    // Each disk completes what it has in flight and takes nothing new until released.
+    let mut held = Vec::new();
+    let mut result = Ok(());
+    for disk in vm.disks {
+        let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = d.device_mut();
+        if worker
+            .with_mut_on_worker(DISK_BUSY_GRACE, |b| b.hold())
+            .is_none()
+        {
+            result = Err(format!(
+                "{}: a request did not complete within {DISK_BUSY_GRACE:?}",
+                d.name()
+            ));
+            // Released below with the others, whenever the hold comes through.
+            held.push(disk);
+            break;
+        }
+        held.push(disk);
+    }
+    let result = result.and_then(|()| write_snapshot(vm, files));
+    for disk in held {
+        let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = d
+            .device_mut()
+            .with_mut_on_worker(Duration::ZERO, |b| b.release());
+    }
+    result.map(|(state_bytes, mem_bytes)| crate::snapshot::Written {
+        state_bytes,
+        mem_bytes,
+        took: started.elapsed(),
+    })
+}
+
+/// The body of [`create_snapshot`], with the disks held: (state bytes, memory bytes).
+fn write_snapshot(
+    vm: &Running<'_>,
+    files: &crate::snapshot::SnapshotFiles,
+) -> std::result::Result<(u64, u64), String> {
+    // Every parked vCPU thread saves its own state.
+    let seq = SAVE_SEQ.fetch_add(1, Ordering::Relaxed) + 1;
+    for m in vm.monitors {
+        m.request_save(seq);
+    }
+    vm.gate.wake_parked();
+    let deadline = Instant::now() + crate::snapshot::VCPU_SAVE_GRACE;
+    let mut vcpus: Vec<Option<tvm_snapshot::VcpuState>> =
+        vm.monitors.iter().map(|_| None).collect();
+    while vcpus.iter().any(Option::is_none) {
+        for (i, m) in vm.monitors.iter().enumerate() {
+            if vcpus[i].is_none() {
+                if let Some(state) = m.take_saved(seq) {
+                    vcpus[i] = Some(state?);
+                }
+            }
+        }
+        if vcpus.iter().any(Option::is_none) {
+            if Instant::now() >= deadline {
+                let missing: Vec<_> = vcpus
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(i, _)| format!("vcpu{i}"))
+                    .collect();
+                return Err(format!(
+                    "{} did not save its state within {:?}",
+                    missing.join(", "),
+                    crate::snapshot::VCPU_SAVE_GRACE
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let vcpus: Vec<_> = vcpus.into_iter().flatten().collect();
+    let vm_state = tvm_arch_x86::snapshot::save_vm(vm.vm).map_err(|e| crate::error_chain(&e))?;
+    let mut transports = Vec::with_capacity(vm.kinds.len());
+    for d in vm.disks {
+        transports.push(d.lock().unwrap_or_else(|e| e.into_inner()).save_state());
+    }
+    for n in vm.nets {
+        transports.push(n.lock().unwrap_or_else(|e| e.into_inner()).save_state());
+    }
+    if let Some(r) = vm.rng {
+        transports.push(r.lock().unwrap_or_else(|e| e.into_inner()).save_state());
+    }
+    if let Some(v) = vm.vsock {
+        transports.push(v.lock().unwrap_or_else(|e| e.into_inner()).save_state());
+    }
+    let memory =
+        tvm_memory::save_memory(vm.mem, &files.mem, None).map_err(|e| crate::error_chain(&e))?;
+    let snapshot = tvm_snapshot::Snapshot {
+        vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        snapshot_type: files.kind,
+        machine: vm.machine,
+        memory: memory.regions,
+        vcpus,
+        vm: vm_state,
+        devices: tvm_snapshot::Devices {
+            serial: vm
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state(),
+            cmos: vm
+                .cmos
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state(),
+            virtio: vm
+                .kinds
+                .iter()
+                .cloned()
+                .zip(transports)
+                .map(|(kind, transport)| tvm_snapshot::VirtioState { kind, transport })
+                .collect(),
+        },
+    };
+    let state_bytes = crate::snapshot::write_state(&files.state, &snapshot)?;
+    Ok((state_bytes, memory.bytes_written))
 }
 
 /// Closes the pause gate and kicks every vCPU thread out of KVM_RUN until each has
@@ -1171,6 +1543,8 @@ mod tests {
             dump: Arc::new(AtomicBool::new(false)),
             command_evt: nonblocking(),
             commands: Arc::new(AtomicBool::new(false)),
+            snapshot_evt: nonblocking(),
+            snapshot: Arc::new(AtomicBool::new(false)),
         };
         let control = Arc::new(Mutex::new(control));
         let mut em = EventManager::new().unwrap();

@@ -97,6 +97,29 @@ pub fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
     })
 }
 
+/// The CPUID a new vCPU `index` of `topology` has on this host, read back the way
+/// [`save_vcpu`] reads it (KVM_GET_CPUID2 after the VMM's KVM_SET_CPUID2): what a saved
+/// vCPU's CPUID is checked against before a restore
+/// ([`tvm_snapshot::check_cpu_features`]). Leaves `vcpu` with that CPUID; the restore
+/// sets the saved one over it.
+///
+/// # Errors
+///
+/// Those of [`crate::setup_cpuid`], [`Error::SaveState`] if KVM does not give it back.
+pub fn cpuid_here(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    topology: &crate::CpuTopology,
+    index: u8,
+) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>> {
+    crate::setup_cpuid(kvm, vcpu, topology, index, true)?;
+    Ok(vcpu
+        .get_cpuid2(MAX_CPUID_ENTRIES)
+        .map_err(save_err("cpuid"))?
+        .as_slice()
+        .to_vec())
+}
+
 /// Sets `state` on a newly created vCPU (one that has not run).
 ///
 /// # Errors
