@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use crate::{
     ActionType, ApiError, ApiRequest, BootSource, Drive, EntropyDevice, Error, FirecrackerVersion,
-    FullVmConfig, InstanceInfo, InstanceState, Logger, MachineConfigUpdate, Metrics,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, Result, VmResources,
-    VmState, Vsock,
+    FullVmConfig, InstanceInfo, InstanceState, Logger, MachineConfig, MachineConfigUpdate, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, Result,
+    SnapshotCreateParams, SnapshotLoadParams, VmResources, VmState, Vsock,
 };
 
 /// What the VMM does when the API asks. Each method returns `Err(explanation)` when it cannot
@@ -58,6 +58,23 @@ pub trait VmmActions {
     fn apply_logger(&mut self, logger: &Logger) -> std::result::Result<(), String>;
     /// Opens the metrics output (`PUT /metrics`, once).
     fn apply_metrics(&mut self, metrics: &Metrics) -> std::result::Result<(), String>;
+    /// Writes a snapshot of the paused microVM (`PUT /snapshot/create`).
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+    ) -> std::result::Result<(), String> {
+        let _ = params;
+        Err("snapshots are not supported".into())
+    }
+    /// Builds the microVM a snapshot saved (`PUT /snapshot/load`) and resumes it if asked;
+    /// returns its machine configuration.
+    fn load_snapshot(
+        &mut self,
+        params: &SnapshotLoadParams,
+    ) -> std::result::Result<MachineConfig, String> {
+        let _ = params;
+        Err("snapshots are not supported".into())
+    }
 }
 
 /// The answer to one API call.
@@ -264,6 +281,8 @@ impl Controller {
                 done(self.patch_network_interface(&patch, vmm))
             }
             ApiRequest::PatchVm(vm) => done(self.set_vm_state(vm.state, vmm)),
+            ApiRequest::CreateSnapshot(params) => done(self.create_snapshot(&params, vmm)),
+            ApiRequest::LoadSnapshot(params) => done(self.load_snapshot(&params, vmm)),
             ApiRequest::PutActions(action) => done(match action.action_type {
                 ActionType::InstanceStart => self.start(vmm),
                 ActionType::FlushMetrics => self.flush_metrics(vmm),
@@ -291,6 +310,58 @@ impl Controller {
         })?;
         self.state = InstanceState::Running;
         info!("microVM started");
+        Ok(())
+    }
+
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        vmm: &mut dyn VmmActions,
+    ) -> Result<()> {
+        self.post_boot()?;
+        if self.state != InstanceState::Paused {
+            return Err(Error::SnapshotOfRunningVm);
+        }
+        params.validate()?;
+        vmm.create_snapshot(params).map_err(|message| Error::Vmm {
+            action: "create the snapshot",
+            message,
+        })?;
+        info!("snapshot created at {:?}", params.snapshot_path);
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load`: only on a fresh instance, before anything that configures a
+    /// boot (as Firecracker: the logger and metrics may be set first).
+    fn load_snapshot(
+        &mut self,
+        params: &SnapshotLoadParams,
+        vmm: &mut dyn VmmActions,
+    ) -> Result<()> {
+        self.pre_boot()?;
+        let r = &self.resources;
+        if r.boot_source().is_some()
+            || !r.drives().is_empty()
+            || !r.network_interfaces().is_empty()
+            || r.vsock().is_some()
+            || r.entropy().is_some()
+            || *r.machine_config() != MachineConfig::default()
+        {
+            return Err(Error::LoadAfterConfiguration);
+        }
+        params.mem_file()?;
+        let machine = vmm.load_snapshot(params).map_err(|message| Error::Vmm {
+            action: "load the snapshot",
+            message,
+        })?;
+        self.resources
+            .update_machine_config(&MachineConfigUpdate::from(machine))?;
+        self.state = if params.resume_vm.unwrap_or(false) {
+            InstanceState::Running
+        } else {
+            InstanceState::Paused
+        };
+        info!("snapshot loaded from {:?}", params.snapshot_path);
         Ok(())
     }
 
@@ -568,6 +639,29 @@ mod tests {
         }
         fn apply_metrics(&mut self, metrics: &Metrics) -> std::result::Result<(), String> {
             self.record("metrics", metrics.metrics_path.clone())
+        }
+        fn create_snapshot(&mut self, p: &SnapshotCreateParams) -> std::result::Result<(), String> {
+            self.record(
+                "snapshot_create",
+                format!(
+                    "{} {} {:?}",
+                    p.snapshot_path, p.mem_file_path, p.snapshot_type
+                ),
+            )
+        }
+        fn load_snapshot(
+            &mut self,
+            p: &SnapshotLoadParams,
+        ) -> std::result::Result<MachineConfig, String> {
+            self.record(
+                "snapshot_load",
+                format!("{} {:?}", p.snapshot_path, p.mem_file()),
+            )?;
+            Ok(MachineConfig {
+                vcpu_count: 2,
+                mem_size_mib: 256,
+                ..MachineConfig::default()
+            })
         }
     }
 
@@ -1526,5 +1620,85 @@ mod tests {
         let r = Response::from(parse_request("GET", "/nope", b"").unwrap_err());
         assert_eq!(r.status, 404);
         assert!(fault(&r).contains("/nope"));
+    }
+
+    const CREATE: &str = r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#;
+    const LOAD: &str = r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#;
+
+    #[test]
+    fn a_snapshot_is_taken_of_a_paused_microvm_only() {
+        let mut c = Controller::new(ControllerConfig::default());
+        let mut vmm = FakeVmm::default();
+        let r = call(&mut c, &mut vmm, "PUT", "/snapshot/create", CREATE);
+        assert_400(&r, "not supported before starting");
+        let (mut c, mut vmm) = started();
+        let r = call(&mut c, &mut vmm, "PUT", "/snapshot/create", CREATE);
+        assert_400(&r, "pause it first");
+        assert!(vmm.calls.is_empty(), "{:?}", vmm.calls);
+        assert_204(call(
+            &mut c,
+            &mut vmm,
+            "PATCH",
+            "/vm",
+            r#"{"state": "Paused"}"#,
+        ));
+        assert_204(call(&mut c, &mut vmm, "PUT", "/snapshot/create", CREATE));
+        assert_eq!(vmm.calls, ["pause", "snapshot_create /s /m None"]);
+        assert_eq!(c.state(), InstanceState::Paused);
+        let mut failing = FakeVmm::failing("snapshot_create");
+        let r = call(&mut c, &mut failing, "PUT", "/snapshot/create", CREATE);
+        assert_400(&r, "snapshot_create broke");
+        assert_eq!(c.state(), InstanceState::Paused);
+    }
+
+    #[test]
+    fn a_snapshot_is_loaded_into_a_fresh_instance_only_and_sets_its_state() {
+        let mut c = Controller::new(ControllerConfig::default());
+        let mut vmm = FakeVmm::default();
+        // The logger may be set first, as in Firecracker.
+        assert_204(call(
+            &mut c,
+            &mut vmm,
+            "PUT",
+            "/logger",
+            r#"{"level": "Info"}"#,
+        ));
+        assert_204(call(&mut c, &mut vmm, "PUT", "/snapshot/load", LOAD));
+        assert_eq!(c.state(), InstanceState::Running);
+        assert_eq!(c.resources().machine_config().vcpu_count, 2);
+        assert_eq!(c.resources().machine_config().mem_size_mib, 256);
+        // Once loaded: no second load, no start, and the runtime requests work.
+        let r = call(&mut c, &mut vmm, "PUT", "/snapshot/load", LOAD);
+        assert_400(&r, "not supported after starting");
+        assert_204(call(
+            &mut c,
+            &mut vmm,
+            "PATCH",
+            "/vm",
+            r#"{"state": "Paused"}"#,
+        ));
+
+        // Without resume_vm the microVM stays paused.
+        let mut c = Controller::new(ControllerConfig::default());
+        let load = LOAD.replace(r#", "resume_vm": true"#, "");
+        assert_204(call(&mut c, &mut vmm, "PUT", "/snapshot/load", &load));
+        assert_eq!(c.state(), InstanceState::Paused);
+
+        // Not after boot resources were configured; a failed load leaves it not started.
+        let mut c = Controller::new(ControllerConfig::default());
+        assert_204(call(&mut c, &mut vmm, "PUT", "/boot-source", BOOT));
+        let r = call(&mut c, &mut vmm, "PUT", "/snapshot/load", LOAD);
+        assert_400(&r, "after configuring boot-specific resources");
+        let mut c = Controller::new(ControllerConfig::default());
+        let mut failing = FakeVmm::failing("snapshot_load");
+        let r = call(&mut c, &mut failing, "PUT", "/snapshot/load", LOAD);
+        assert_400(&r, "snapshot_load broke");
+        assert_eq!(c.state(), InstanceState::NotStarted);
+        // A Uffd backend is refused before the VMM is asked.
+        let uffd = LOAD.replace("File", "Uffd");
+        let mut vmm = FakeVmm::default();
+        let r = call(&mut c, &mut vmm, "PUT", "/snapshot/load", &uffd);
+        assert_400(&r, "Uffd memory backend is not supported");
+        assert!(vmm.calls.is_empty());
     }
 }

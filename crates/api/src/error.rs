@@ -161,6 +161,18 @@ pub enum Error {
     /// The request is for configuration that is fixed once the microVM started.
     #[error("the requested operation is not supported after starting the microVM")]
     NotSupportedPostBoot,
+    /// A snapshot request with paths missing or contradicting each other.
+    #[error("invalid snapshot request: {0}")]
+    InvalidSnapshotParams(String),
+    /// A snapshot load whose memory is to come from a userfaultfd handler.
+    #[error("the Uffd memory backend is not supported: load the memory from a File")]
+    UffdNotSupported,
+    /// `PUT /snapshot/create` while the microVM runs.
+    #[error("cannot create a snapshot of a running microVM: pause it first (PATCH /vm {{\"state\": \"Paused\"}})")]
+    SnapshotOfRunningVm,
+    /// `PUT /snapshot/load` after boot resources were configured.
+    #[error("loading a snapshot is not allowed after configuring boot-specific resources")]
+    LoadAfterConfiguration,
     /// `InstanceStart` without a boot source.
     #[error("cannot start the microVM without a boot source (PUT /boot-source first)")]
     MissingBootSource,

@@ -82,6 +82,7 @@ mod machine;
 mod metrics;
 mod request;
 mod resources;
+mod snapshot;
 
 pub use bodies::{
     ActionType, BootSource, FirecrackerVersion, InstanceActionInfo, InstanceInfo, InstanceState,
@@ -102,3 +103,7 @@ pub use machine::{
 pub use metrics::{add_total, MetricSections, MetricsLog};
 pub use request::{allowed_methods, parse_request, ApiRequest};
 pub use resources::VmResources;
+pub use snapshot::{
+    MemoryBackend, MemoryBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, VsockOverride,
+};

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     validate_id, ApiError, BootSource, Drive, EntropyDevice, Error, InstanceActionInfo, Logger,
     MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Result, Vm, Vsock,
+    PartialNetworkInterface, Result, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock,
 };
 
 /// One supported API call, its body parsed (values are validated when it is handled).
@@ -48,6 +48,10 @@ pub enum ApiRequest {
     PutEntropy(EntropyDevice),
     /// `PUT /vsock` (pre-boot).
     PutVsock(Vsock),
+    /// `PUT /snapshot/create` (paused).
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load` (instead of configuring and starting).
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// Endpoints of Firecracker's OpenAPI file (1.17) that this VMM does not implement yet;
@@ -64,8 +68,6 @@ const NOT_SUPPORTED: &[&str] = &[
     "/mmds/config",
     "/pmem/{}",
     "/serial",
-    "/snapshot/create",
-    "/snapshot/load",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +85,8 @@ enum Route<'a> {
     VmConfig,
     Entropy,
     Vsock,
+    SnapshotCreate,
+    SnapshotLoad,
 }
 
 impl Route<'_> {
@@ -96,7 +100,9 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Actions
             | Route::Entropy
-            | Route::Vsock => &["PUT"],
+            | Route::Vsock
+            | Route::SnapshotCreate
+            | Route::SnapshotLoad => &["PUT"],
             Route::Vm => &["PATCH"],
         }
     }
@@ -146,6 +152,8 @@ fn route(path: &str) -> Result<Route<'_>> {
         ["vm", "config"] => Route::VmConfig,
         ["entropy"] => Route::Entropy,
         ["vsock"] => Route::Vsock,
+        ["snapshot", "create"] => Route::SnapshotCreate,
+        ["snapshot", "load"] => Route::SnapshotLoad,
         _ if NOT_SUPPORTED.iter().any(|p| matches_pattern(p, path)) => {
             return Err(Error::EndpointNotSupported(path.to_string()))
         }
@@ -268,6 +276,8 @@ fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest> {
         (Route::Vm, _) => ApiRequest::PatchVm(body(bytes)?),
         (Route::Entropy, _) => ApiRequest::PutEntropy(body(bytes)?),
         (Route::Vsock, _) => ApiRequest::PutVsock(body(bytes)?),
+        (Route::SnapshotCreate, _) => ApiRequest::CreateSnapshot(body(bytes)?),
+        (Route::SnapshotLoad, _) => ApiRequest::LoadSnapshot(body(bytes)?),
     };
     Ok(request)
 }
@@ -635,8 +645,6 @@ mod tests {
             ("PUT", "/pmem/p0"),
             ("PATCH", "/pmem/p0"),
             ("PUT", "/serial"),
-            ("PUT", "/snapshot/create"),
-            ("PUT", "/snapshot/load"),
         ] {
             let e = err(method, path, "{}");
             assert_eq!(e.status, 400, "{method} {path}");
@@ -649,6 +657,27 @@ mod tests {
         }
         assert_eq!(err("PUT", "/pmem", "{}").status, 404);
         assert_eq!(err("PUT", "/snapshot", "{}").status, 404);
+    }
+
+    #[test]
+    fn snapshot_requests_are_routed_with_their_bodies() {
+        let req = ok(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        );
+        assert!(matches!(req, ApiRequest::CreateSnapshot(p) if p.snapshot_path == "/s"));
+        let req = ok(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+        );
+        assert!(matches!(req, ApiRequest::LoadSnapshot(p) if p.mem_file().unwrap() == "/m"));
+        assert_eq!(err("GET", "/snapshot/create", "").status, 405);
+        assert_eq!(
+            err("PUT", "/snapshot/load", r#"{"mem_file_path": "/m"}"#).status,
+            400
+        );
     }
 
     #[test]
