@@ -29,6 +29,8 @@ pub struct DiskConfig {
     pub num_queues: u16,
     /// The I/O engine.
     pub engine: IoEngine,
+    /// The API's name for it (Firecracker's `drive_id`), kept in snapshots.
+    pub name: Option<String>,
 }
 
 /// Longest virtio-blk id (VIRTIO_BLK_ID_BYTES).
@@ -172,6 +174,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; generated from the TAP name when absent.
     pub mac: Option<[u8; 6]>,
+    /// The API's name for it (Firecracker's `iface_id`), kept in snapshots.
+    pub name: Option<String>,
 }
 
 /// Parses a `--net` value.
@@ -196,7 +200,11 @@ pub fn parse_net(text: &str) -> Result<NetConfig> {
         }
     }
     let tap = tap.ok_or_else(|| bad("tap=NAME is missing".into()))?;
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig {
+        tap,
+        mac,
+        name: None,
+    })
 }
 
 /// A `--vsock` option: `cid=N,uds=PATH`.
@@ -359,6 +367,7 @@ mod tests {
                 cache: CacheMode::Writeback,
                 num_queues: 0,
                 engine: IoEngine::Auto,
+                name: None,
             }
         );
         let d = parse_disk("/a/b.ext4,readonly=on,id=data-1").unwrap();
@@ -397,7 +406,8 @@ mod tests {
             parse_net("tap=tap0").unwrap(),
             NetConfig {
                 tap: "tap0".into(),
-                mac: None
+                mac: None,
+                name: None,
             }
         );
         assert_eq!(

@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use log::{debug, info, warn};
 use tvm_api::{
     add_total, parse_request, Controller, ControllerConfig, FullVmConfig, IoEngine, Logger,
-    MetricSections, Metrics, MetricsLog, RateLimiter, VmResources, VmmActions,
+    MachineConfig, MetricSections, Metrics, MetricsLog, RateLimiter, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType as ApiSnapshotType, VmResources, VmmActions,
 };
 use tvm_arch_x86::CpuTopology;
 use tvm_http::{Limits, Request, RequestError, Response, Server};
@@ -37,6 +38,8 @@ use crate::{Error, Result, Vmm};
 
 /// How long an API request to the running VM waits for the event loop.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `PUT /snapshot/create` waits: guest memory goes to a file.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What Firecracker's command line asked for.
 #[derive(Clone, Debug)]
@@ -60,6 +63,14 @@ enum ToMain {
     /// Build and run this VM; answer with the running VM's request handle or why not.
     Start(
         Box<VmConfig>,
+        SyncSender<std::result::Result<CommandSender, String>>,
+    ),
+    /// Build the VM a snapshot saved and run it (paused unless the flag says resume);
+    /// answer as for `Start`.
+    Restore(
+        Box<VmConfig>,
+        Box<crate::snapshot::Restore>,
+        bool,
         SyncSender<std::result::Result<CommandSender, String>>,
     ),
     /// The API thread ended without starting a VM (a bad config file, or the socket failed).
@@ -129,6 +140,7 @@ pub fn vm_config_from_resources(
                 Some(IoEngine::Async) => BlockEngine::Uring,
                 None => BlockEngine::Auto,
             },
+            name: Some(d.drive_id.clone()),
             ..DiskConfig::default()
         });
     }
@@ -143,6 +155,7 @@ pub fn vm_config_from_resources(
         nets.push(NetConfig {
             tap: n.host_dev_name.clone(),
             mac: n.guest_mac.as_ref().map(|m| m.bytes()),
+            name: Some(n.iface_id.clone()),
         });
     }
     if let Some(e) = r.entropy() {
@@ -318,6 +331,120 @@ impl VmmActions for Actions {
     fn apply_metrics(&mut self, metrics: &Metrics) -> std::result::Result<(), String> {
         self.metrics = Some(open_metrics(Path::new(&metrics.metrics_path))?);
         Ok(())
+    }
+
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+    ) -> std::result::Result<(), String> {
+        let kind = match params.snapshot_type.unwrap_or_default() {
+            ApiSnapshotType::Full => tvm_snapshot::SnapshotType::Full,
+            ApiSnapshotType::Diff => tvm_snapshot::SnapshotType::Diff,
+        };
+        // Opened here: this thread may open files, the event loop may not.
+        let files = crate::snapshot::open_files(
+            Path::new(&params.snapshot_path),
+            Path::new(&params.mem_file_path),
+            kind,
+        )
+        .map_err(|e| crate::error_chain(&e))?;
+        // Writing guest memory takes longer than other requests.
+        match &self.running {
+            Some(vm) => vm.send(Command::CreateSnapshot(files), SNAPSHOT_TIMEOUT),
+            None => Err("the microVM is not running".into()),
+        }
+    }
+
+    fn load_snapshot(
+        &mut self,
+        params: &SnapshotLoadParams,
+    ) -> std::result::Result<MachineConfig, String> {
+        let mem = params.mem_file().map_err(|e| e.to_string())?;
+        if params.track_dirty_pages() {
+            warn!("track_dirty_pages is accepted; diff snapshots are not supported yet");
+        }
+        let mut restore = crate::snapshot::load(Path::new(&params.snapshot_path), Path::new(mem))
+            .map_err(|e| crate::error_chain(&e))?;
+        restore.clock_realtime = params.clock_realtime.unwrap_or(false);
+        let snapshot = &restore.snapshot;
+        // Interfaces by the ids they were configured with.
+        let names: Vec<Option<&str>> = snapshot
+            .devices
+            .virtio
+            .iter()
+            .filter_map(|d| match &d.kind {
+                tvm_snapshot::VirtioKind::Net { name, .. } => Some(name.as_deref()),
+                _ => None,
+            })
+            .collect();
+        let mut overrides = Vec::new();
+        for o in params.network_overrides.iter().flatten() {
+            let index = names
+                .iter()
+                .position(|n| *n == Some(o.iface_id.as_str()))
+                .ok_or_else(|| {
+                    format!(
+                        "network override: the snapshot has no interface {:?}",
+                        o.iface_id
+                    )
+                })?;
+            overrides.push(crate::snapshot::NetOverride {
+                index,
+                tap: o.host_dev_name.clone(),
+            });
+        }
+        let vsock_uds = params
+            .vsock_override
+            .as_ref()
+            .map(|v| PathBuf::from(&v.uds_path));
+        let cfg = crate::snapshot::restore_config(
+            snapshot,
+            &overrides,
+            vsock_uds.as_deref(),
+            self.seccomp,
+        )
+        .map_err(|e| crate::error_chain(&e))?;
+        let machine = MachineConfig {
+            vcpu_count: snapshot.machine.vcpu_count,
+            mem_size_mib: usize::try_from(snapshot.machine.mem_size >> 20).unwrap_or(usize::MAX),
+            smt: snapshot.machine.threads_per_core > 1,
+            track_dirty_pages: params.track_dirty_pages(),
+            ..MachineConfig::default()
+        };
+        let drives = cfg
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                (
+                    d.name.clone().unwrap_or_else(|| format!("drive{i}")),
+                    d.read_only,
+                )
+            })
+            .collect();
+        let ifaces = cfg
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.name.clone().unwrap_or_else(|| format!("net{i}")))
+            .collect();
+        let resume = params.resume_vm.unwrap_or(false);
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        self.to_main
+            .send(ToMain::Restore(
+                Box::new(cfg),
+                Box::new(restore),
+                resume,
+                reply_tx,
+            ))
+            .map_err(|_| "the vmm is shutting down".to_string())?;
+        let sender = reply_rx
+            .recv()
+            .map_err(|_| "the vmm stopped while restoring the microVM".to_string())??;
+        self.running = Some(sender);
+        self.drives = drives;
+        self.ifaces = ifaces;
+        Ok(machine)
     }
 }
 
@@ -580,6 +707,31 @@ pub fn run(opts: FcOptions, times: Arc<BootTimes>) -> Result<ExitReason> {
                     let _ = reply.send(Err(text));
                 }
             },
+            Ok(ToMain::Restore(cfg, restore, resume, reply)) => {
+                match Vmm::restore(&cfg, times.clone(), *restore) {
+                    Ok(mut vmm) => {
+                        if !resume {
+                            vmm.start_paused();
+                        }
+                        match vmm.take_command_sender() {
+                            Some(s) => {
+                                let _ = reply.send(Ok(s));
+                                break vmm.run();
+                            }
+                            None => {
+                                break Err(Error::Api(
+                                    "the vm's request handle was already taken".into(),
+                                ))
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let text = crate::error_chain(&e);
+                        debug!("snapshot load failed: {text}");
+                        let _ = reply.send(Err(text));
+                    }
+                }
+            }
             Ok(ToMain::Failed(why)) => break Err(Error::Api(why)),
             // The API thread ended: with --no-api after a start that failed it said so;
             // a termination signal stopped the server; otherwise the server failed.

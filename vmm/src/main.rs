@@ -335,9 +335,15 @@ fn main() -> ExitCode {
             .enumerate()
             .map(|(index, n)| tvm_vmm::snapshot::NetOverride { index, tap: n.tap })
             .collect();
-        let result = tvm_vmm::snapshot::load(path, &mem_file_of(path)).and_then(|restore| {
-            let cfg =
-                tvm_vmm::snapshot::restore_config(&restore.snapshot, &overrides, cli.seccomp)?;
+        let result = tvm_vmm::snapshot::load(path, &mem_file_of(path)).and_then(|mut restore| {
+            // The guest's time of day stays right across the gap.
+            restore.clock_realtime = true;
+            let cfg = tvm_vmm::snapshot::restore_config(
+                &restore.snapshot,
+                &overrides,
+                None,
+                cli.seccomp,
+            )?;
             let mut vmm = tvm_vmm::Vmm::restore(&cfg, times.clone(), restore)?;
             if let Some(files) = signal_snapshot {
                 vmm.snapshot_on_signal(files);

@@ -106,6 +106,9 @@ pub struct Restore {
     pub snapshot: Snapshot,
     /// The memory file, mapped privately at restore.
     pub mem: File,
+    /// Whether kvmclock goes on by the wall-clock time since the snapshot
+    /// (`KVM_CLOCK_REALTIME`) rather than from its saved value.
+    pub clock_realtime: bool,
 }
 
 impl std::fmt::Debug for Restore {
@@ -141,7 +144,11 @@ pub fn load(state: &Path, mem: &Path) -> Result<Restore> {
         path: mem.to_path_buf(),
         source,
     })?;
-    Ok(Restore { snapshot, mem })
+    Ok(Restore {
+        snapshot,
+        mem,
+        clock_realtime: false,
+    })
 }
 
 /// A network interface a restore moves to another TAP (Firecracker's
@@ -164,6 +171,7 @@ pub struct NetOverride {
 pub fn restore_config(
     snapshot: &Snapshot,
     overrides: &[NetOverride],
+    vsock_uds: Option<&Path>,
     seccomp: crate::seccomp::SeccompLevel,
 ) -> Result<VmConfig> {
     let m = &snapshot.machine;
@@ -192,6 +200,7 @@ pub fn restore_config(
                 cache,
                 io_engine,
                 num_queues,
+                name,
             } => {
                 cfg.disks.push(DiskConfig {
                     path: path.clone(),
@@ -200,13 +209,15 @@ pub fn restore_config(
                     cache: parse_cache(cache)?,
                     num_queues: *num_queues,
                     engine: parse_engine(io_engine)?,
+                    name: name.clone(),
                 });
                 0
             }
-            VirtioKind::Net { tap, mac } => {
+            VirtioKind::Net { tap, mac, name } => {
                 cfg.nets.push(NetConfig {
                     tap: tap.clone(),
                     mac: Some(*mac),
+                    name: name.clone(),
                 });
                 1
             }
@@ -254,6 +265,12 @@ pub fn restore_config(
         tvm_virtio_net::validate_tap_name(&o.tap)
             .map_err(|e| Error::InvalidSnapshotConfig(format!("network override: {e}")))?;
         net.tap = o.tap.clone();
+    }
+    if let Some(uds) = vsock_uds {
+        let vsock = cfg.vsock.as_mut().ok_or_else(|| {
+            Error::InvalidSnapshotConfig("a vsock override, but the snapshot has no vsock".into())
+        })?;
+        vsock.uds = uds.to_path_buf();
     }
     Ok(cfg)
 }
@@ -307,12 +324,14 @@ pub(crate) fn virtio_kinds(cfg: &VmConfig, macs: &[[u8; 6]]) -> Vec<VirtioKind> 
             cache: cache_name(d.cache).into(),
             io_engine: engine_name(d.engine).into(),
             num_queues: d.num_queues,
+            name: d.name.clone(),
         });
     }
     for (n, mac) in cfg.nets.iter().zip(macs) {
         kinds.push(VirtioKind::Net {
             tap: n.tap.clone(),
             mac: *mac,
+            name: n.name.clone(),
         });
     }
     if cfg.rng {
@@ -361,6 +380,7 @@ mod tests {
         VirtioKind::Net {
             tap: tap.into(),
             mac: [2, 0, 0, 0, 0, 1],
+            name: Some(tap.replace("tap", "eth")),
         }
     }
 
@@ -378,6 +398,7 @@ mod tests {
                 index: 1,
                 tap: "other7".into(),
             }],
+            None,
             SeccompLevel::On,
         )
         .unwrap();
@@ -407,6 +428,7 @@ mod tests {
                 index: 1,
                 tap: "x".into(),
             }],
+            None,
             SeccompLevel::On,
         )
         .unwrap_err();
@@ -417,6 +439,7 @@ mod tests {
                 index: 0,
                 tap: "a/b".into(),
             }],
+            None,
             SeccompLevel::On,
         )
         .unwrap_err();
@@ -425,12 +448,12 @@ mod tests {
             net("tap0"),
             Snapshot::example().devices.virtio[0].kind.clone(),
         ]);
-        assert!(restore_config(&s, &[], SeccompLevel::On).is_err());
+        assert!(restore_config(&s, &[], None, SeccompLevel::On).is_err());
         let mut bad_cache = Snapshot::example();
         if let VirtioKind::Block { cache, .. } = &mut bad_cache.devices.virtio[0].kind {
             *cache = "directsync".into();
         }
-        let e = restore_config(&bad_cache, &[], SeccompLevel::On).unwrap_err();
+        let e = restore_config(&bad_cache, &[], None, SeccompLevel::On).unwrap_err();
         assert!(e.to_string().contains("directsync"), "{e}");
     }
 }

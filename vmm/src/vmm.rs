@@ -230,6 +230,9 @@ pub struct Vmm {
     kinds: Vec<tvm_snapshot::VirtioKind>,
     /// Where SIGUSR1 writes a snapshot (`--snapshot-on-signal`), opened at start.
     signal_snapshot: Option<crate::snapshot::SnapshotFiles>,
+    /// Whether [`run`](Self::run) leaves the vCPUs parked (a snapshot loaded without
+    /// `resume_vm`).
+    start_paused: bool,
     disks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
     rng: Option<RngDevice>,
@@ -323,6 +326,12 @@ impl Vmm {
     /// (`--snapshot-on-signal`): the VM pauses, the snapshot is written, the VM resumes.
     pub fn snapshot_on_signal(&mut self, files: crate::snapshot::SnapshotFiles) {
         self.signal_snapshot = Some(files);
+    }
+
+    /// Makes [`run`](Self::run) start with the VM paused: the vCPUs park before they
+    /// first enter the guest, the devices serve nothing, until a resume.
+    pub fn start_paused(&mut self) {
+        self.start_paused = true;
     }
 
     fn build_with(
@@ -627,7 +636,7 @@ impl Vmm {
         }
         if let Some(r) = &restore {
             // The in-kernel PIC, IOAPIC, PIT and clock, once every LAPIC is back.
-            tvm_arch_x86::snapshot::restore_vm(&vm, &r.snapshot.vm)?;
+            tvm_arch_x86::snapshot::restore_vm(&vm, &r.snapshot.vm, r.clock_realtime)?;
             // Queues served once and interrupts raised again (nothing held back at the
             // snapshot is lost), and vsock's connections reset as Firecracker does.
             for d in &disks {
@@ -709,6 +718,7 @@ impl Vmm {
             machine,
             kinds,
             signal_snapshot: None,
+            start_paused: false,
             disks,
             nets,
             rng,
@@ -789,6 +799,10 @@ impl Vmm {
         // The terminal goes raw only now, after every fallible set-up step.
         let raw = RawTerminal::enter().map_err(Error::Terminal)?;
 
+        if self.start_paused {
+            // Closed before any vCPU thread exists: each parks before its first KVM_RUN.
+            self.gate.close();
+        }
         let barrier = Arc::new(Barrier::new(self.vcpus.len() + 1));
         let mut threads = Vec::new();
         for vcpu in self.vcpus.drain(..) {
@@ -819,6 +833,13 @@ impl Vmm {
             return Err(e);
         }
         barrier.wait();
+        if self.start_paused {
+            let vm = self.running(&threads);
+            if let Err(e) = carry_out(Command::Pause, &vm, &mut devices, &mut em) {
+                warn!("the devices could not be paused: {e}");
+            }
+            info!("vm paused until resumed");
+        }
 
         let mut loop_error = None;
         let mut dumps = 0u64;

@@ -247,3 +247,114 @@ fn restore_and_a_kernel_or_machine_options_do_not_go_together() {
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(text.contains("cannot open the snapshot file"), "{text}");
 }
+
+fn wait_for_path(p: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{p:?} never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn api(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    tvm_tests::api_request(sock, method, path, body).unwrap()
+}
+
+fn spawn_api(sock: &std::path::Path) -> (Child, Collected, Collected) {
+    let _ = std::fs::remove_file(sock);
+    let r = spawn(&["--api-sock", sock.to_str().unwrap()]);
+    wait_for_path(sock);
+    r
+}
+
+#[test]
+#[ignore = "needs /dev/kvm"]
+fn kvm_the_firecracker_api_snapshots_a_paused_guest_and_loads_it_in_a_new_process() {
+    let kernel = scratch("api-count.elf");
+    std::fs::write(&kernel, elf_image(&counting_guest())).unwrap();
+    let (snap, mem) = (scratch("api.snap"), scratch("api.mem"));
+    let sock = scratch("api1.sock");
+    let (mut first, out, _err) = spawn_api(&sock);
+    let kernel_json = format!(r#"{{"kernel_image_path": {:?}}}"#, kernel.to_str().unwrap());
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": {:?}, "mem_file_path": {:?}}}"#,
+        snap.to_str().unwrap(),
+        mem.to_str().unwrap()
+    );
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+        ),
+        ("PUT", "/boot-source", kernel_json.as_str()),
+        ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        let (status, reply) = api(&sock, method, path, body);
+        assert_eq!(status, 204, "{method} {path}: {reply}");
+    }
+    out.wait_for(20, "'C' from the guest", |t| t.contains('C'));
+    // Not while it runs.
+    let (status, reply) = api(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("pause it first"), "{reply}");
+    let (status, reply) = api(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(status, 204, "{reply}");
+    let (status, reply) = api(&sock, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 204, "{reply}");
+    let printed = out.text();
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    // Loaded without resume_vm: paused, nothing printed until resumed.
+    let sock2 = scratch("api2.sock");
+    let (mut second, out2, err2) = spawn_api(&sock2);
+    let load = format!(
+        r#"{{"snapshot_path": {:?}, "mem_backend": {{"backend_type": "File", "backend_path": {:?}}}}}"#,
+        snap.to_str().unwrap(),
+        mem.to_str().unwrap()
+    );
+    let (status, reply) = api(&sock2, "PUT", "/snapshot/load", &load);
+    assert_eq!(status, 204, "{reply} {}", err2.text());
+    let (status, info) = api(&sock2, "GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(info.contains("\"Paused\""), "{info}");
+    let (_, machine) = api(&sock2, "GET", "/machine-config", "");
+    assert!(machine.contains("\"mem_size_mib\":64"), "{machine}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(out2.text(), "", "the paused guest printed");
+    let (status, reply) = api(&sock2, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(status, 204, "{reply}");
+    let status = wait_exit(&mut second, 30);
+    let after = out2.all();
+    assert_eq!(status.code(), Some(0), "{after:?} {}", err2.all());
+    let first_letter = after.as_bytes()[0];
+    // The snapshot was taken after the last letter the first run printed.
+    assert_eq!(
+        printed.as_bytes().last().copied(),
+        Some(first_letter - 1),
+        "first run {printed:?}, restored {after:?}"
+    );
+    assert!(after.ends_with("Z\n"), "{after:?}");
+
+    // The same snapshot loaded twice more, at once, resumed by the load itself.
+    let runs: Vec<_> = (0..2)
+        .map(|i| {
+            let sock = scratch(&format!("api-clone{i}.sock"));
+            let (child, out, err) = spawn_api(&sock);
+            let load = format!(
+                r#"{{"snapshot_path": {:?}, "mem_file_path": {:?}, "resume_vm": true}}"#,
+                snap.to_str().unwrap(),
+                mem.to_str().unwrap()
+            );
+            let (status, reply) = api(&sock, "PUT", "/snapshot/load", &load);
+            assert_eq!(status, 204, "{reply} {}", err.text());
+            (child, out)
+        })
+        .collect();
+    for (mut child, out) in runs {
+        let status = wait_exit(&mut child, 30);
+        assert_eq!(status.code(), Some(0));
+        assert!(out.all().ends_with("Z\n"));
+    }
+}

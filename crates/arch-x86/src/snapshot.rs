@@ -192,14 +192,15 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState> {
 
 /// Sets the VM's in-kernel PIC, IOAPIC, PIT and kvmclock (after the vCPUs are restored).
 ///
-/// The clock goes on from the saved value plus the wall-clock time that passed since
-/// the snapshot where KVM can do that (`KVM_CLOCK_REALTIME`, Linux 5.16+), so the guest's
-/// time of day stays right; elsewhere it goes on from the saved value.
+/// The clock goes on from its saved value; with `realtime`, from the saved value plus the
+/// wall-clock time that passed since the snapshot, where KVM can do that
+/// (`KVM_CLOCK_REALTIME`, Linux 5.16+, and a saved clock that carries the wall-clock
+/// time), so the guest's time of day stays right.
 ///
 /// # Errors
 ///
 /// [`Error::RestoreState`] naming the part KVM refused, or one whose chip id is wrong.
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
+pub fn restore_vm(vm: &VmFd, state: &VmState, realtime: bool) -> Result<()> {
     for (chip, id) in [
         (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
         (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
@@ -215,7 +216,7 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     }
     vm.set_pit2(&state.pit).map_err(restore_err("pit"))?;
     let mut clock = state.clock;
-    clock.flags &= KVM_CLOCK_REALTIME;
+    clock.flags &= if realtime { KVM_CLOCK_REALTIME } else { 0 };
     if let Err(e) = vm.set_clock(&clock) {
         if clock.flags == 0 {
             return Err(restore_err("kvmclock")(e));

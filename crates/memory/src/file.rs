@@ -194,7 +194,7 @@ mod tests {
             .unwrap();
         mem.write_slice(&[0xab; 8192], GuestAddress((3 << 20) + 4096))
             .unwrap();
-        mem.write_obj(0xfeedu16, GuestAddress((1 << 32) + 0xfff_fe))
+        mem.write_obj(0xfeedu16, GuestAddress((1 << 32) + 0xf_fffe))
             .unwrap();
         let (path, file) = tmpfile("full");
         let saved = save_memory(&mem, &file, None).unwrap();
@@ -230,7 +230,7 @@ mod tests {
         back.read_slice(&mut buf, GuestAddress((3 << 20) + 4096))
             .unwrap();
         assert_eq!(buf, [0xab; 8192]);
-        let v: u16 = back.read_obj(GuestAddress((1 << 32) + 0xfff_fe)).unwrap();
+        let v: u16 = back.read_obj(GuestAddress((1 << 32) + 0xf_fffe)).unwrap();
         assert_eq!(v, 0xfeed);
         // The guest's writes stay in the process.
         back.write_obj(0u64, GuestAddress(0x1000)).unwrap();

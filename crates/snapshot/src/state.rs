@@ -199,6 +199,8 @@ pub enum VirtioKind {
         io_engine: String,
         /// Queues.
         num_queues: u16,
+        /// The API's name for it (Firecracker's `drive_id`).
+        name: Option<String>,
     },
     /// virtio-net on a TAP.
     Net {
@@ -206,6 +208,8 @@ pub enum VirtioKind {
         tap: String,
         /// The guest's MAC address.
         mac: [u8; 6],
+        /// The API's name for it (Firecracker's `iface_id`).
+        name: Option<String>,
     },
     /// virtio-rng.
     Rng,
@@ -457,6 +461,7 @@ impl Snapshot {
                         cache: "writeback".into(),
                         io_engine: "auto".into(),
                         num_queues: 1,
+                        name: Some("rootfs".into()),
                     },
                     transport: TransportState {
                         device_type: 2,
@@ -558,7 +563,8 @@ mod tests {
     #[test]
     fn the_example_is_valid_and_each_inconsistency_is_named() {
         Snapshot::example().validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Snapshot)>)> = vec![
+        type BreakIt = Box<dyn Fn(&mut Snapshot)>;
+        let cases: Vec<(&str, BreakIt)> = vec![
             ("0 vcpus", Box::new(|s| s.machine.vcpu_count = 0)),
             ("topology", Box::new(|s| s.machine.sockets = 2)),
             ("vcpu states", Box::new(|s| s.vcpus.clear())),
