@@ -29,6 +29,7 @@ pub mod net;
 pub mod pci;
 pub mod seeds;
 pub mod serial;
+pub mod snapshot;
 pub mod virtio_blk;
 pub mod virtio_pci;
 pub mod virtio_rng;

@@ -16,7 +16,7 @@ use crate::guest::{raw_desc, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::{vsock, SeedWriter};
 
 /// The fuzz targets, by name (the files in `fuzz_targets/`).
-pub const TARGETS: [&str; 12] = [
+pub const TARGETS: [&str; 13] = [
     "virtqueue",
     "virtio_blk",
     "virtio_rng",
@@ -29,6 +29,7 @@ pub const TARGETS: [&str; 12] = [
     "legacy",
     "kernel_loader",
     "cmdline",
+    "snapshot",
 ];
 
 /// Runs the harness of `target` on `data`.
@@ -50,6 +51,7 @@ pub fn run_target(target: &str, data: &[u8]) {
         "legacy" => crate::legacy::run(data),
         "kernel_loader" => crate::kernel::run(data),
         "cmdline" => crate::cmdline::run(data),
+        "snapshot" => crate::snapshot::run(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -69,6 +71,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "legacy" => legacy(),
         "kernel_loader" => kernel_loader(),
         "cmdline" => cmdline(),
+        "snapshot" => snapshot(),
         _ => Vec::new(),
     }
 }
@@ -853,6 +856,18 @@ fn kernel_loader() -> Vec<(&'static str, Vec<u8>)> {
         ("seed-bzimage", with(bzimage(), 512, 256)),
         ("seed-elf", with(elf(), 4096, 1)),
         ("seed-elf-huge-initrd", with(elf(), 16, 4000)),
+    ]
+}
+
+fn snapshot() -> Vec<(&'static str, Vec<u8>)> {
+    let example = tvm_snapshot::Snapshot::example();
+    let file = tvm_snapshot::encode(&example).expect("the example encodes");
+    let with = |fixup: bool, file: &[u8]| SeedWriter::new().bool(fixup).bytes(file).finish();
+    let second = tvm_snapshot::encode(&tvm_snapshot::Snapshot::example_with(2)).expect("encodes");
+    vec![
+        ("seed-example", with(false, &file)),
+        ("seed-example-fixup", with(true, &file)),
+        ("seed-two-vcpus-fixup", with(true, &second)),
     ]
 }
 

@@ -389,7 +389,13 @@ impl Snapshot {
     /// A small, valid snapshot (one vCPU, 16 MiB, a disk), for tests and examples.
     #[doc(hidden)]
     pub fn example() -> Snapshot {
-        let vcpu = VcpuState {
+        Self::example_with(1)
+    }
+
+    /// [`example`](Self::example) with `n` vCPUs (cores of one socket).
+    #[doc(hidden)]
+    pub fn example_with(n: u8) -> Snapshot {
+        let vcpu = || VcpuState {
             cpuid: vec![kvm_cpuid_entry2 {
                 function: 1,
                 ecx: 0x8000_0001,
@@ -419,9 +425,9 @@ impl Snapshot {
             vmm_version: "0.1.0".into(),
             snapshot_type: SnapshotType::Full,
             machine: Machine {
-                vcpu_count: 1,
+                vcpu_count: n,
                 threads_per_core: 1,
-                cores_per_socket: 1,
+                cores_per_socket: n,
                 sockets: 1,
                 mem_size: 16 << 20,
             },
@@ -430,7 +436,7 @@ impl Snapshot {
                 size: 16 << 20,
                 file_offset: 0,
             }],
-            vcpus: vec![vcpu],
+            vcpus: (0..n).map(|_| vcpu()).collect(),
             vm: VmState {
                 pic_master: kvm_irqchip::default(),
                 pic_slave: kvm_irqchip {
