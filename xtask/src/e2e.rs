@@ -50,6 +50,13 @@ pub struct Args {
     /// Only the boots through Firecracker's interface.
     #[arg(long, conflicts_with_all = ["no_fc_api", "smp_only"])]
     pub fc_api_only: bool,
+    /// Skip the snapshot boots (a guest saved with --snapshot-on-signal, restored twice,
+    /// the second time on another TAP).
+    #[arg(long)]
+    pub no_snapshot: bool,
+    /// Only the snapshot boots.
+    #[arg(long, conflicts_with_all = ["no_snapshot", "smp_only", "fc_api_only"])]
+    pub snapshot_only: bool,
     /// Limit for the whole run, in seconds.
     #[arg(long, default_value_t = 1020)]
     pub timeout: u64,
@@ -833,8 +840,13 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "--cpus",
         &args.cpus,
     ];
-    if !args.no_fc_api && !args.smp_only {
+    if !args.no_fc_api && !args.smp_only && !args.snapshot_only {
         extra.push("--fc-api");
+    }
+    if args.snapshot_only {
+        extra.push("--snapshot-only");
+    } else if !args.no_snapshot && !args.smp_only && !args.fc_api_only {
+        extra.push("--snapshot");
     }
     if !args.smp_only {
         // The main boot's EIO disk (host-eio-*).
@@ -847,6 +859,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
     }
     if args.fc_api_only {
         extra.push("--fc-api-only");
+    } else if args.snapshot_only {
+        // The snapshot boots only.
     } else if args.smp_cpus != "none" {
         extra.extend(["--smp-cpus", &args.smp_cpus]);
         extra.extend(["--smp-disk", &scratch.smp]);

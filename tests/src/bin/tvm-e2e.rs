@@ -43,6 +43,8 @@ mod fcapi;
 mod hosterr;
 #[path = "tvm-e2e/smp.rs"]
 mod smp;
+#[path = "tvm-e2e/snapshot.rs"]
+mod snapshot;
 #[path = "tvm-e2e/vsock.rs"]
 mod vsock;
 #[path = "tvm-e2e/vsockbench.rs"]
@@ -227,6 +229,10 @@ struct Opts {
     fc_api: bool,
     /// Only the boots through Firecracker's interface.
     fc_api_only: bool,
+    /// The snapshot and restore boots ([`snapshot::snapshot_checks`]), after the others.
+    snapshot: bool,
+    /// Only the snapshot and restore boots.
+    snapshot_only: bool,
     /// `boot-time`: the vCPU counts (or `--cpus` specs) to measure, one after another.
     bench_cpus: Vec<String>,
 }
@@ -268,6 +274,8 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         dmsetup: "dmsetup".into(),
         fc_api: false,
         fc_api_only: false,
+        snapshot: false,
+        snapshot_only: false,
         bench_cpus: vec!["1".into()],
     };
     let mut it = args.iter();
@@ -318,6 +326,11 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--eio-backing" => o.eio_backing = Some(val()?),
             "--dmsetup" => o.dmsetup = val()?,
             "--fc-api" => o.fc_api = true,
+            "--snapshot" => o.snapshot = true,
+            "--snapshot-only" => {
+                o.snapshot = true;
+                o.snapshot_only = true;
+            }
             "--fc-api-only" => {
                 o.fc_api = true;
                 o.fc_api_only = true;
@@ -335,7 +348,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         }
     }
     if o.vmm.is_empty() || o.kernel.is_empty() || o.initrd.is_empty() {
-        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--disk-engine auto|io_uring|sync] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--eio-backing PATH [--dmsetup PATH]] [--fc-api|--fc-api-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
+        return Err("usage: tvm-e2e [boot-time|disk-bench|net-bench|vsock-bench|power-cut] --vmm PATH --kernel PATH --initrd PATH [--qemu PATH] [--runs N] [--flood-kib N] [--append CMDLINE] [--disk PATH [--ro-disk PATH] [--e2fsck PATH --debugfs PATH] [--sigkill-durability]] [--bench-mib N] [--bench-secs N] [--disk-cache writeback|none] [--disk-engine auto|io_uring|sync] [--tap NAME [--net-mib N]] [--vsock-mib N] [--kernel-release R] [--kernel-version V] [--timeout SECS] [--dur-raw PATH --dur-ext4 PATH [--power-cut-wait SECS]] [--system-map PATH] [--cpus SPEC] [--smp-cpus SPEC,SPEC.. [--smp-only] [--smp-disk PATH]] [--eio-backing PATH [--dmsetup PATH]] [--fc-api|--fc-api-only] [--snapshot|--snapshot-only] [--bench-cpus SPEC,SPEC..] [--verbose]".into());
     }
     if o.smp_only && o.smp_cpus.is_none() {
         return Err("--smp-only needs --smp-cpus SPEC,SPEC..".into());
@@ -1666,6 +1679,9 @@ fn all_boot_checks(o: &Opts) -> Result<bool, String> {
     if o.fc_api_only {
         return fcapi::fc_api_checks(o);
     }
+    if o.snapshot_only {
+        return snapshot::snapshot_checks(o);
+    }
     let mut result = if o.smp_only { Ok(true) } else { boot_checks(o) };
     let and = |result, next| match (result, next) {
         (Err(e), _) | (Ok(_), Err(e)) => Err(e),
@@ -1678,6 +1694,9 @@ fn all_boot_checks(o: &Opts) -> Result<bool, String> {
     }
     if o.fc_api {
         result = and(result, fcapi::fc_api_checks(o));
+    }
+    if o.snapshot {
+        result = and(result, snapshot::snapshot_checks(o));
     }
     result
 }

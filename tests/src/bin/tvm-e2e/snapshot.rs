@@ -1,0 +1,369 @@
+//! Snapshot and restore of the real Linux guest (`--snapshot`).
+//!
+//! The guest boots with a data disk and eth0 on the TAP, mounts a tmpfs, writes a file of
+//! random data there and starts a counter that writes its value to the tmpfs ten times a
+//! second. SIGUSR1 has the VMM (`--snapshot-on-signal`) write a full snapshot; the VMM is
+//! then SIGKILLed, and after a gap the snapshot is restored in a new process (`vmm
+//! --restore`), twice, one after the other: first on the TAP it was saved with, then moved
+//! to another TAP (`--net tap=...`). Each copy must go on from the snapshot: the counter
+//! goes on from where it was (it does not start again), the tmpfs file has the same CRC,
+//! the guest's clock is the host's (it advanced over the gap), the disk takes a write that
+//! the host then reads in the image, and the network works both ways (ping, and a TCP
+//! transfer with its CRC checked on both ends). Snapshot and restore figures are printed
+//! as `E2E-INFO` (information only).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{
+    cmdline, host_ping, tap_up, tcp_peer, Guest, Opts, Report, Runner, GUEST_IP, HOST_IP,
+    STEP_TIMEOUT,
+};
+
+/// The TAP the second copy is moved to.
+const SECOND_TAP: &str = "tvm-e2e1";
+/// Guest memory of the snapshot boot (its memory file holds this much, sparsely).
+const MEM: &str = "256M";
+/// Time between the snapshot and the first restore: a guest clock that did not advance
+/// over it would be this far behind.
+const GAP: Duration = Duration::from_secs(8);
+/// How far the guest's clock may be from the host's after a restore.
+const CLOCK_SLACK_SECS: i64 = 4;
+/// Sector of the data disk each copy writes its marker to (copy 1 at this one, copy 2 at
+/// the next).
+const MARK_SECTOR: u64 = 2048;
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tvm-e2e-{}-{name}", std::process::id()))
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What the guest showed before the snapshot.
+struct Warm {
+    /// CRC-32 of the tmpfs file.
+    crc: String,
+    /// The counter's value a moment before the snapshot.
+    count: u64,
+}
+
+/// The boot, the snapshot, then both restores; every restore runs even when the other
+/// fails.
+pub fn snapshot_checks(o: &Opts) -> Result<bool, String> {
+    let tap = o
+        .tap
+        .clone()
+        .ok_or("--snapshot needs --tap (the restored copies' network is checked)")?;
+    let disk = scratch("snap-disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).map_err(|e| format!("{disk:?}: {e}"))?;
+    let state = scratch("snap.state");
+    let mut r = Report { failed: 0 };
+    let warm = match save(o, &tap, &disk, &state, &mut r) {
+        Ok(Some(w)) => w,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            r.check("snapshot-create", Err(e));
+            return Ok(false);
+        }
+    };
+    thread::sleep(GAP);
+    for (copy, moved_to) in [(1u64, None), (2, Some(SECOND_TAP))] {
+        let result = restore(o, &state, copy, moved_to, &tap, &warm, &mut r);
+        if let Err(e) = result {
+            r.check(&format!("snapshot-restore-{copy}"), Err(e));
+        }
+    }
+    // Each copy's disk write, read in the image on the host.
+    let image = std::fs::read(&disk).map_err(|e| format!("{disk:?}: {e}"))?;
+    for copy in [1u64, 2] {
+        let at = ((MARK_SECTOR + copy - 1) * 512) as usize;
+        let want = format!("SNAP-COPY-{copy}");
+        let got = image.get(at..at + want.len()).unwrap_or_default();
+        r.check(
+            &format!("snapshot-copy-{copy}-disk-write-on-host"),
+            if got == want.as_bytes() {
+                Ok(format!("{want:?} at byte {at} of the image"))
+            } else {
+                Err(format!(
+                    "{:?} at byte {at} of the image, {want:?} expected",
+                    String::from_utf8_lossy(got)
+                ))
+            },
+        );
+    }
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&state);
+    let _ = std::fs::remove_file(format!("{}.mem", state.display()));
+    Ok(r.failed == 0)
+}
+
+/// Boots, warms the guest up, has the VMM write the snapshot, kills it.
+fn save(
+    o: &Opts,
+    tap: &str,
+    disk: &Path,
+    state: &Path,
+    r: &mut Report,
+) -> Result<Option<Warm>, String> {
+    let mut cmd = Command::new(&o.vmm);
+    cmd.args(["--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", MEM])
+        .args(["--log-level", "info", "--cmdline", &cmdline(o)])
+        .arg("--disk")
+        .arg(disk)
+        .args(["--net", &format!("tap={tap}")])
+        .arg("--snapshot-on-signal")
+        .arg(state);
+    println!("E2E-INFO snapshot: booting the guest to snapshot ({MEM}, a disk, eth0 on {tap})");
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
+    tap_up(tap)?;
+    let (_, pos) = g.ready_at_prompt("snapshot boot")?;
+    let c = g.console.clone();
+    g.send(
+        b"mkdir -p /t; mount -t tmpfs tmpfs /t; dd if=/dev/urandom of=/t/f bs=64k count=16 \
+          2>/dev/null; (i=0; while :; do i=$((i+1)); echo $i >/t/count; sleep 0.1; done) & \
+          sleep 2; echo warm-$((1+1))-$(crc32 /t/f | cut -d' ' -f1),$(cat /t/count)-end\n",
+    )?;
+    let Some((_, v)) = c.value_until_end("warm-2-", pos, STEP_TIMEOUT) else {
+        g.print_diag();
+        return Err(format!("the guest did not warm up; console tail: {}", c.tail(2000)));
+    };
+    let (crc, count) = v
+        .trim()
+        .split_once(',')
+        .ok_or_else(|| format!("unexpected answer {v:?}"))?;
+    let count: u64 = count.parse().map_err(|_| format!("count {count:?}"))?;
+    let warm = Warm {
+        crc: crc.to_string(),
+        count,
+    };
+    let from = g.stderr.len();
+    let pid = i32::try_from(g.child.id()).map_err(|e| e.to_string())?;
+    let asked = Instant::now();
+    // SAFETY: kill has no memory effects; `pid` is our running child.
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        return Err(format!("SIGUSR1: {}", std::io::Error::last_os_error()));
+    }
+    let said = g.stderr.wait_until(from, Duration::from_secs(120), |t| {
+        t.contains("snapshot on SIGUSR1 written") || t.contains("snapshot on SIGUSR1 failed")
+    });
+    let log = g.stderr.text_from(from);
+    let line = log
+        .lines()
+        .find(|l| l.contains("snapshot on SIGUSR1"))
+        .unwrap_or("")
+        .to_string();
+    let created = r.check(
+        "snapshot-create",
+        if said && line.contains("written") {
+            Ok(format!(
+                "{} ({:.0} ms after SIGUSR1, seen by the driver)",
+                line.split("written: ").nth(1).unwrap_or(&line),
+                asked.elapsed().as_secs_f64() * 1000.0
+            ))
+        } else {
+            Err(format!("no snapshot: {log}"))
+        },
+    );
+    let mem = std::fs::metadata(format!("{}.mem", state.display()));
+    if let Ok(m) = &mem {
+        use std::os::unix::fs::MetadataExt;
+        println!(
+            "E2E-INFO snapshot: memory file {} MiB long, {} MiB allocated (sparse); state file {} bytes",
+            m.len() >> 20,
+            (m.blocks() * 512) >> 20,
+            std::fs::metadata(state).map(|s| s.len()).unwrap_or(0)
+        );
+    }
+    // The original goes away the hard way: nothing it does after this counts.
+    let _ = g.child.kill();
+    let _ = g.wait_exit(Duration::from_secs(10));
+    Ok(created.then_some(warm))
+}
+
+/// One guest command whose answer is `NAME-2-VALUE-end`; returns the value.
+fn ask(g: &mut Guest, name: &str, command: &str, pos: &mut usize) -> Result<String, String> {
+    let c = g.console.clone();
+    g.send(format!("echo {name}-$((1+1))-{command}-end\n").as_bytes())?;
+    let marker = format!("{name}-2-");
+    match c.value_until_end(&marker, *pos, STEP_TIMEOUT) {
+        Some((e, v)) => {
+            *pos = e;
+            Ok(v.trim().to_string())
+        }
+        None => Err(format!("no answer to {name}; console tail: {}", c.tail(1500))),
+    }
+}
+
+/// Restores copy `copy` (on the saved TAP, or moved to `moved_to`) and checks it.
+fn restore(
+    o: &Opts,
+    state: &Path,
+    copy: u64,
+    moved_to: Option<&str>,
+    saved_tap: &str,
+    warm: &Warm,
+    r: &mut Report,
+) -> Result<(), String> {
+    let tap = moved_to.unwrap_or(saved_tap);
+    let name = |what: &str| format!("snapshot-copy-{copy}-{what}");
+    let mut cmd = Command::new(&o.vmm);
+    cmd.arg("--restore")
+        .arg(state)
+        .args(["--log-level", "info"]);
+    if let Some(t) = moved_to {
+        cmd.args(["--net", &format!("tap={t}")]);
+    }
+    println!("E2E-INFO snapshot: restoring copy {copy} with eth0 on {tap}");
+    let started = Instant::now();
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
+    tap_up(tap)?;
+    let mut pos = 0;
+    // The first answer: the counter, the file, the clock.
+    let first = ask(
+        &mut g,
+        "r",
+        "$(cat /t/count),$(crc32 /t/f | cut -d' ' -f1),$(date +%s)",
+        &mut pos,
+    );
+    let answered = started.elapsed();
+    let host_now = now_secs();
+    let first = match first {
+        Ok(v) => v,
+        Err(e) => {
+            g.print_diag();
+            return Err(format!("{e}; vmm stderr: {}", g.stderr.tail(2000)));
+        }
+    };
+    let boot_line = g
+        .stderr
+        .text_from(0)
+        .lines()
+        .find(|l| l.contains("vm restored"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default();
+    println!(
+        "E2E-INFO snapshot: copy {copy} answered its first command {:.0} ms after spawn ({boot_line})",
+        answered.as_secs_f64() * 1000.0
+    );
+    let parts: Vec<&str> = first.split(',').collect();
+    let [count, crc, date] = parts[..] else {
+        return Err(format!("unexpected answer {first:?}"));
+    };
+    let count: u64 = count.parse().map_err(|_| format!("count {count:?}"))?;
+    let date: i64 = date.parse().map_err(|_| format!("date {date:?}"))?;
+    // Counting on: two seconds later, further along.
+    thread::sleep(Duration::from_secs(2));
+    let later = ask(&mut g, "c", "$(cat /t/count)", &mut pos)
+        .and_then(|v| v.parse::<u64>().map_err(|_| format!("count {v:?}")));
+    r.check(
+        &name("process-goes-on-counting"),
+        match later {
+            Ok(later) if count >= warm.count && later > count => Ok(format!(
+                "{} before the snapshot, {count} at restore, {later} two seconds later",
+                warm.count
+            )),
+            Ok(later) => Err(format!(
+                "{} before the snapshot, {count} at restore, {later} two seconds later: not \
+                 the same process going on",
+                warm.count
+            )),
+            Err(e) => Err(e),
+        },
+    );
+    r.check(
+        &name("tmpfs-file-intact"),
+        if crc == warm.crc {
+            Ok(format!("crc32 {crc} before and after"))
+        } else {
+            Err(format!("crc32 {} before, {crc} after", warm.crc))
+        },
+    );
+    let skew = date - host_now;
+    r.check(
+        &name("guest-clock-right"),
+        if skew.abs() <= CLOCK_SLACK_SECS {
+            Ok(format!(
+                "guest date {date}, host {host_now} ({skew:+} s) after a {} s gap",
+                GAP.as_secs()
+            ))
+        } else {
+            Err(format!(
+                "guest date {date}, host {host_now}: {skew:+} s off after a {} s gap",
+                GAP.as_secs()
+            ))
+        },
+    );
+    // The disk: a marker written past the page cache and read back.
+    let sector = MARK_SECTOR + copy - 1;
+    let disk_answer = ask(
+        &mut g,
+        "d",
+        &format!(
+            "$(printf SNAP-COPY-{copy} | dd of=/dev/vda bs=512 seek={sector} conv=fsync \
+             2>/dev/null; dd if=/dev/vda bs=512 skip={sector} count=1 iflag=direct \
+             2>/dev/null | head -c 11)"
+        ),
+        &mut pos,
+    );
+    r.check(
+        &name("disk-works"),
+        match disk_answer {
+            Ok(v) if v == format!("SNAP-COPY-{copy}") => {
+                Ok(format!("wrote and read back {v:?} at sector {sector} of /dev/vda"))
+            }
+            Ok(v) => Err(format!("read back {v:?}")),
+            Err(e) => Err(e),
+        },
+    );
+    // The network: the TAP is new (another MAC on the host side), so the guest forgets
+    // the neighbour it knew before it pings.
+    let ping = ask(
+        &mut g,
+        "p",
+        &format!(
+            "$(ip neigh flush dev eth0; ping -c 3 -W 5 {HOST_IP} >/dev/null && echo ok || echo failed)"
+        ),
+        &mut pos,
+    );
+    r.check(
+        &name("ping-guest-to-host"),
+        match ping {
+            Ok(v) if v == "ok" => Ok(format!("the guest pinged {HOST_IP} over {tap}")),
+            Ok(v) => Err(format!("ping {v}")),
+            Err(e) => Err(e),
+        },
+    );
+    r.check(&name("ping-host-to-guest"), host_ping(GUEST_IP));
+    let port = 5010 + copy as u16;
+    let tcp = (|| {
+        let peer = tcp_peer(port, 2)?;
+        let got = ask(
+            &mut g,
+            "n",
+            &format!("$(nc {HOST_IP} {port} </dev/null | crc32 | cut -d' ' -f1)"),
+            &mut pos,
+        );
+        let sent = peer.finish(if got.is_ok() {
+            STEP_TIMEOUT
+        } else {
+            Duration::ZERO
+        })?;
+        let got = got?;
+        if format!("{:08x}", sent.1) == got {
+            Ok(format!("{} bytes host to guest, crc32 {got} on both ends", sent.0))
+        } else {
+            Err(format!("sent crc32 {:08x}, the guest got {got}", sent.1))
+        }
+    })();
+    r.check(&name("tcp-host-to-guest"), tcp);
+    // A reboot ends it cleanly.
+    g.reboot_or_kill()?;
+    Ok(())
+}
