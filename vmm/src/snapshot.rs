@@ -313,17 +313,23 @@ pub(crate) fn engine_name(e: IoEngine) -> &'static str {
     }
 }
 
-/// The device kinds of `cfg` in the order the VMM puts them on the bus.
-pub(crate) fn virtio_kinds(cfg: &VmConfig, macs: &[[u8; 6]]) -> Vec<VirtioKind> {
+/// The device kinds of `cfg` in the order the VMM puts them on the bus: `disk_queues` is
+/// each disk's queue count as built (`num_queues=0` means one per vCPU), `macs` each
+/// interface's MAC (generated when not given).
+pub(crate) fn virtio_kinds(
+    cfg: &VmConfig,
+    disk_queues: &[u16],
+    macs: &[[u8; 6]],
+) -> Vec<VirtioKind> {
     let mut kinds = Vec::new();
-    for d in &cfg.disks {
+    for (d, &num_queues) in cfg.disks.iter().zip(disk_queues) {
         kinds.push(VirtioKind::Block {
             path: d.path.clone(),
             read_only: d.read_only,
             id: d.id.clone(),
             cache: cache_name(d.cache).into(),
             io_engine: engine_name(d.engine).into(),
-            num_queues: d.num_queues,
+            num_queues,
             name: d.name.clone(),
         });
     }
@@ -414,7 +420,7 @@ mod tests {
         assert!(cfg.rng);
         // The saved kinds come back from the configuration.
         let macs: Vec<_> = cfg.nets.iter().map(|n| n.mac.unwrap()).collect();
-        let kinds = virtio_kinds(&cfg, &macs);
+        let kinds = virtio_kinds(&cfg, &[1], &macs);
         assert_eq!(kinds[0], s.devices.virtio[0].kind);
         assert_eq!(kinds[3], VirtioKind::Rng);
     }

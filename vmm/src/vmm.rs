@@ -691,7 +691,14 @@ impl Vmm {
                     .mac()
             })
             .collect();
-        let kinds = crate::snapshot::virtio_kinds(cfg, &macs);
+        let disk_queues: Vec<u16> = disks
+            .iter()
+            .map(|d| {
+                let queues = d.lock().unwrap_or_else(|e| e.into_inner()).num_queues();
+                u16::try_from(queues).unwrap_or(u16::MAX)
+            })
+            .collect();
+        let kinds = crate::snapshot::virtio_kinds(cfg, &disk_queues, &macs);
 
         let (command_sender, commands) =
             crate::commands::channel(eventfd()?).map_err(Error::EventFd)?;

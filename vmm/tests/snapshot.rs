@@ -281,12 +281,22 @@ fn kvm_the_firecracker_api_snapshots_a_paused_guest_and_loads_it_in_a_new_proces
         snap.to_str().unwrap(),
         mem.to_str().unwrap()
     );
+    // A drive the guest never drives, and a second vCPU that never starts (it waits for
+    // INIT and SIPI): both come back with the restore. Read-only: the copies below run at
+    // once, and a writable image is locked by the first VMM that opens it.
+    let image = scratch("api-drive.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let drive_json = format!(
+        r#"{{"drive_id": "data", "path_on_host": {:?}, "is_root_device": false, "is_read_only": true}}"#,
+        image.to_str().unwrap()
+    );
     for (method, path, body) in [
         (
             "PUT",
             "/machine-config",
-            r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+            r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
         ),
+        ("PUT", "/drives/data", drive_json.as_str()),
         ("PUT", "/boot-source", kernel_json.as_str()),
         ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
     ] {
@@ -320,7 +330,10 @@ fn kvm_the_firecracker_api_snapshots_a_paused_guest_and_loads_it_in_a_new_proces
     assert_eq!(status, 200);
     assert!(info.contains("\"Paused\""), "{info}");
     let (_, machine) = api(&sock2, "GET", "/machine-config", "");
-    assert!(machine.contains("\"mem_size_mib\":64"), "{machine}");
+    assert!(
+        machine.contains("\"mem_size_mib\":64") && machine.contains("\"vcpu_count\":2"),
+        "{machine}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(out2.text(), "", "the paused guest printed");
     let (status, reply) = api(&sock2, "PATCH", "/vm", r#"{"state": "Resumed"}"#);

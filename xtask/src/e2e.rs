@@ -481,7 +481,9 @@ fn run_driver_with(
     };
     let mut checks = Vec::new();
     if let Some(ro_before) = ro_before {
-        if !durability_only {
+        // The main boot's disks, unless it did not run (the durability or snapshot run
+        // alone).
+        if !durability_only && !extra_args.contains(&"--snapshot-only") {
             checks = host_disk_checks(&report, &scratch_disk, &scratch_ro, ro_before, &fs_tools);
         }
         if code == 0 {

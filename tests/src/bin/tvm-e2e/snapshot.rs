@@ -113,16 +113,21 @@ fn save(
     r: &mut Report,
 ) -> Result<Option<Warm>, String> {
     let mut cmd = Command::new(&o.vmm);
-    cmd.args(["--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", MEM])
-        .args(["--log-level", "info", "--cmdline", &cmdline(o)])
-        .arg("--disk")
-        .arg(disk)
-        .args(["--net", &format!("tap={tap}")])
-        .arg("--snapshot-on-signal")
-        .arg(state);
+    cmd.args([
+        "--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", MEM,
+    ])
+    .args(["--log-level", "info", "--cmdline", &cmdline(o)])
+    .arg("--disk")
+    .arg(disk)
+    .args(["--net", &format!("tap={tap}")])
+    .arg("--snapshot-on-signal")
+    .arg(state);
     println!("E2E-INFO snapshot: booting the guest to snapshot ({MEM}, a disk, eth0 on {tap})");
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
-    tap_up(tap)?;
+    if let Err(e) = tap_up(tap) {
+        g.print_diag();
+        return Err(format!("{e}; vmm stderr: {}", g.stderr.tail(3000)));
+    }
     let (_, pos) = g.ready_at_prompt("snapshot boot")?;
     let c = g.console.clone();
     g.send(
@@ -132,7 +137,10 @@ fn save(
     )?;
     let Some((_, v)) = c.value_until_end("warm-2-", pos, STEP_TIMEOUT) else {
         g.print_diag();
-        return Err(format!("the guest did not warm up; console tail: {}", c.tail(2000)));
+        return Err(format!(
+            "the guest did not warm up; console tail: {}",
+            c.tail(2000)
+        ));
     };
     let (crc, count) = v
         .trim()
@@ -197,7 +205,10 @@ fn ask(g: &mut Guest, name: &str, command: &str, pos: &mut usize) -> Result<Stri
             *pos = e;
             Ok(v.trim().to_string())
         }
-        None => Err(format!("no answer to {name}; console tail: {}", c.tail(1500))),
+        None => Err(format!(
+            "no answer to {name}; console tail: {}",
+            c.tail(1500)
+        )),
     }
 }
 
@@ -223,7 +234,14 @@ fn restore(
     println!("E2E-INFO snapshot: restoring copy {copy} with eth0 on {tap}");
     let started = Instant::now();
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
-    tap_up(tap)?;
+    if let Err(e) = tap_up(tap) {
+        g.print_diag();
+        let status = g.wait_exit(Duration::ZERO);
+        return Err(format!(
+            "{e}; vmm {status:?}, stderr: {}",
+            g.stderr.tail(3000)
+        ));
+    }
     let mut pos = 0;
     // The first answer: the counter, the file, the clock.
     let first = ask(
@@ -315,9 +333,9 @@ fn restore(
     r.check(
         &name("disk-works"),
         match disk_answer {
-            Ok(v) if v == format!("SNAP-COPY-{copy}") => {
-                Ok(format!("wrote and read back {v:?} at sector {sector} of /dev/vda"))
-            }
+            Ok(v) if v == format!("SNAP-COPY-{copy}") => Ok(format!(
+                "wrote and read back {v:?} at sector {sector} of /dev/vda"
+            )),
             Ok(v) => Err(format!("read back {v:?}")),
             Err(e) => Err(e),
         },
@@ -357,7 +375,10 @@ fn restore(
         })?;
         let got = got?;
         if format!("{:08x}", sent.1) == got {
-            Ok(format!("{} bytes host to guest, crc32 {got} on both ends", sent.0))
+            Ok(format!(
+                "{} bytes host to guest, crc32 {got} on both ends",
+                sent.0
+            ))
         } else {
             Err(format!("sent crc32 {:08x}, the guest got {got}", sent.1))
         }
