@@ -166,6 +166,14 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
     Ok(())
 }
 
+/// The host's CLOCK_REALTIME in ns since the epoch (0 if the clock is before it).
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     let mut chip = kvm_irqchip {
         chip_id,
@@ -187,15 +195,18 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState> {
         ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
         pit: vm.get_pit2().map_err(save_err("pit"))?,
         clock: vm.get_clock().map_err(save_err("kvmclock"))?,
+        host_realtime_ns: realtime_ns(),
     })
 }
 
 /// Sets the VM's in-kernel PIC, IOAPIC, PIT and kvmclock (after the vCPUs are restored).
 ///
 /// The clock goes on from its saved value; with `realtime`, from the saved value plus the
-/// wall-clock time that passed since the snapshot, where KVM can do that
-/// (`KVM_CLOCK_REALTIME`, Linux 5.16+, and a saved clock that carries the wall-clock
-/// time), so the guest's time of day stays right.
+/// wall-clock time that passed since the snapshot, so that the time of day of a guest on
+/// kvmclock stays right: by KVM (`KVM_CLOCK_REALTIME`, Linux 5.16+) where the saved clock
+/// carries KVM's wall-clock time (it does when KVM runs its master clock), otherwise by
+/// the host wall-clock time recorded with it. A guest whose clock source is the TSC does
+/// not see the gap either way (its TSC goes on from the saved value).
 ///
 /// # Errors
 ///
@@ -216,16 +227,21 @@ pub fn restore_vm(vm: &VmFd, state: &VmState, realtime: bool) -> Result<()> {
     }
     vm.set_pit2(&state.pit).map_err(restore_err("pit"))?;
     let mut clock = state.clock;
-    clock.flags &= if realtime { KVM_CLOCK_REALTIME } else { 0 };
-    if let Err(e) = vm.set_clock(&clock) {
-        if clock.flags == 0 {
-            return Err(restore_err("kvmclock")(e));
+    let by_kvm = realtime && clock.flags & KVM_CLOCK_REALTIME != 0;
+    clock.flags = 0;
+    if by_kvm {
+        clock.flags = KVM_CLOCK_REALTIME;
+        match vm.set_clock(&clock) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                debug!("KVM_SET_CLOCK with KVM_CLOCK_REALTIME: {e}; moving the clock here");
+                clock.flags = 0;
+            }
         }
-        debug!(
-            "KVM_SET_CLOCK with KVM_CLOCK_REALTIME: {e}; the clock goes on from its saved value"
-        );
-        clock.flags = 0;
-        vm.set_clock(&clock).map_err(restore_err("kvmclock"))?;
     }
-    Ok(())
+    if realtime {
+        let gap = realtime_ns().saturating_sub(state.host_realtime_ns);
+        clock.clock = clock.clock.saturating_add(gap);
+    }
+    vm.set_clock(&clock).map_err(restore_err("kvmclock"))
 }

@@ -116,6 +116,10 @@ pub struct VmState {
     pub pit: kvm_pit_state2,
     /// kvmclock.
     pub clock: kvm_clock_data,
+    /// The host's wall-clock time (CLOCK_REALTIME, ns since the epoch) when `clock` was
+    /// read: how far to move kvmclock on where KVM cannot (`KVM_CLOCK_REALTIME` needs
+    /// KVM's master clock, which a host without a stable TSC does not have).
+    pub host_realtime_ns: u64,
 }
 
 /// The emulated devices.
@@ -452,6 +456,7 @@ impl Snapshot {
                     clock: 1_000_000,
                     ..Default::default()
                 },
+                host_realtime_ns: 1_796_000_000_000_000_000,
             },
             devices: Devices {
                 serial: SerialState::default(),

@@ -346,7 +346,7 @@ fn restore(
         &mut g,
         "p",
         &format!(
-            "$(ip neigh flush dev eth0; ping -c 3 -W 5 {HOST_IP} >/dev/null && echo ok || echo failed)"
+            "$(ip neigh flush dev eth0 >/dev/null 2>&1; ping -c 3 -W 5 {HOST_IP} >/dev/null && echo ok || echo failed)"
         ),
         &mut pos,
     );
