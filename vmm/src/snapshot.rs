@@ -1,6 +1,6 @@
 //! Snapshots of a paused VM, and the VM configuration a restore rebuilds.
 //!
-//! [`create`] runs on the event loop while the vCPUs are parked ([`crate::pause`]): each
+//! A snapshot is written on the event loop while the vCPUs are parked ([`crate::pause`]): each
 //! parked vCPU thread saves its own state ([`crate::vcpu::VcpuMonitor::request_save`]),
 //! the loop saves the VM's in-kernel devices and clock, the UART, the CMOS and every
 //! virtio transport (each disk first completes what it has in flight and takes no more,
@@ -79,7 +79,7 @@ pub fn open_files(state: &Path, mem: &Path, kind: SnapshotType) -> Result<Snapsh
     })
 }
 
-/// What [`create`] wrote.
+/// What a snapshot wrote.
 #[derive(Debug, Clone, Copy)]
 pub struct Written {
     /// Bytes of the state file.

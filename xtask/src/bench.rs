@@ -21,6 +21,13 @@
 //! peak RSS (`VmHWM`). Each figure: medians over `--runs`, ours next to QEMU's, and the
 //! ratio vmm/qemu.
 //!
+//! Snapshot: a 256 MiB and a 2 GiB guest, warmed up (a tmpfs file, a counter), saved by
+//! our VMM (`--snapshot-on-signal`) and by QEMU (`migrate exec:cat > FILE`, its save to a
+//! file), once each, then restored `--runs` times each (ours `--restore`, QEMU
+//! `-incoming exec:cat FILE`): create time and the files' size on disk, and the time from
+//! spawn to the restored guest's first answer on its console, next to each one's fresh
+//! boot (tests/src/bin/tvm-e2e/snapshot.rs).
+//!
 //! Vsock: the same guest with `tvm-vsock-guest` in its initramfs, our `--vsock` (hybrid:
 //! a Unix socket on the host) against QEMU's `vhost-vsock-pci` (in-kernel vhost: AF_VSOCK
 //! on the host, `vhost_vsock` loaded in the outer guest): `--vsock-mib` MiB each way with
@@ -44,7 +51,7 @@ pub struct Args {
     /// Copy the consoles to stderr.
     #[arg(long)]
     pub verbose: bool,
-    /// Which benchmarks: `boot`, `disk`, `net`, `vsock` or `all`.
+    /// Which benchmarks: `boot`, `disk`, `net`, `vsock`, `snapshot` or `all`.
     #[arg(long, default_value = "all")]
     pub only: String,
     /// MiB written and read sequentially by the disk benchmark.
@@ -155,13 +162,14 @@ fn qemu_files() -> Result<Vec<(PathBuf, String)>> {
 
 /// `cargo xtask bench`.
 pub fn main(args: Args) -> Result<ExitCode> {
-    let (boot, disk, net, vsock) = match args.only.as_str() {
-        "all" => (true, true, true, true),
-        "boot" => (true, false, false, false),
-        "disk" => (false, true, false, false),
-        "net" => (false, false, true, false),
-        "vsock" => (false, false, false, true),
-        other => bail!("--only {other}: expected boot, disk, net, vsock or all"),
+    let (boot, disk, net, vsock, snapshot) = match args.only.as_str() {
+        "all" => (true, true, true, true, true),
+        "boot" => (true, false, false, false, false),
+        "disk" => (false, true, false, false, false),
+        "net" => (false, false, true, false, false),
+        "vsock" => (false, false, false, true, false),
+        "snapshot" => (false, false, false, false, true),
+        other => bail!("--only {other}: expected boot, disk, net, vsock, snapshot or all"),
     };
     let files = qemu_files()?;
     let qemu = files[0].1.clone();
@@ -258,6 +266,18 @@ pub fn main(args: Args) -> Result<ExitCode> {
             Duration::from_secs(3600),
         )?);
     }
+    if snapshot {
+        summary.extend(bench_step(
+            "snapshot",
+            &["snapshot-bench"],
+            &["--qemu", &qemu, "--runs", &runs],
+            &files,
+            None,
+            "",
+            args.verbose,
+            Duration::from_secs(3600),
+        )?);
+    }
     for line in summary {
         println!("xtask: {line}");
     }
@@ -291,7 +311,7 @@ fn bench_step(
     }
     Ok(report
         .lines()
-        .filter(|l| l.contains("median"))
+        .filter(|l| l.contains("median") || l.contains("SNAPSHOT-BENCH create"))
         .map(String::from)
         .collect())
 }

@@ -2326,6 +2326,16 @@ fn median(v: &mut [f64]) -> f64 {
 /// vCPU topology and command line), and `disk` as a virtio-blk-pci drive with the same host
 /// cache mode as ours (`--disk-cache`) on QEMU's fastest engine, `aio=io_uring`.
 fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Result<Command, String> {
+    qemu_command_mem(qemu, o, disk, "512M")
+}
+
+/// [`qemu_command`] with `mem` of guest memory.
+fn qemu_command_mem(
+    qemu: &str,
+    o: &Opts,
+    disk: Option<&str>,
+    mem: &str,
+) -> Result<Command, String> {
     let topo = smp::Topology::parse(&o.cpus)?;
     let smp = format!(
         "{},sockets={},cores={},threads={}",
@@ -2343,7 +2353,7 @@ fn qemu_command(qemu: &str, o: &Opts, disk: Option<&str>) -> Result<Command, Str
         "-cpu",
         "host",
         "-m",
-        "512M",
+        mem,
         "-smp",
         &smp,
         "-nodefaults",
@@ -2820,6 +2830,7 @@ fn main() -> ExitCode {
         Some("net-bench") => ("net-bench", &args[1..]),
         Some("vsock-bench") => ("vsock-bench", &args[1..]),
         Some("power-cut") => ("power-cut", &args[1..]),
+        Some("snapshot-bench") => ("snapshot-bench", &args[1..]),
         Some("boot") => ("boot", &args[1..]),
         _ => ("boot", &args[..]),
     };
@@ -2834,6 +2845,7 @@ fn main() -> ExitCode {
         "disk-bench" => disk_bench(&o),
         "net-bench" => net_bench(&o),
         "vsock-bench" => vsockbench::vsock_bench(&o),
+        "snapshot-bench" => snapshot::snapshot_bench(&o),
         _ => all_boot_checks(&o),
     });
     match result {

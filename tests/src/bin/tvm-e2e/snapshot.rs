@@ -388,3 +388,224 @@ fn restore(
     g.reboot_or_kill()?;
     Ok(())
 }
+
+/// The guest sizes `snapshot-bench` measures.
+const BENCH_MEMS: [&str; 2] = ["256M", "2G"];
+
+/// The fresh boot and the save of one VMM, in ms and bytes.
+struct Saved {
+    boot_ms: f64,
+    create_ms: f64,
+    /// (what, bytes) of the snapshot's files as they take room on disk.
+    sizes: String,
+}
+
+/// Sends `command` to the guest at once and waits for its answer: the time from spawn
+/// to the first thing the guest says back (the restore benchmark's "running again").
+fn answer_ms(g: &mut Guest, spawned: Instant) -> Result<f64, String> {
+    g.send(b"echo bench-$((1+1))-ok-end\n")?;
+    match g
+        .console
+        .wait_for("bench-2-ok-end", 0, Duration::from_secs(120))
+    {
+        Some(_) => Ok(spawned.elapsed().as_secs_f64() * 1000.0),
+        None => {
+            g.print_diag();
+            Err(format!(
+                "no answer within 120 s; console tail: {}",
+                g.console.tail(1000)
+            ))
+        }
+    }
+}
+
+/// The warm-up of [`save`], for the benchmark: a tmpfs with a file, a counter.
+fn warm_up(g: &mut Guest, pos: usize) -> Result<(), String> {
+    g.send(
+        b"mkdir -p /t; mount -t tmpfs tmpfs /t; dd if=/dev/urandom of=/t/f bs=64k count=16 \
+          2>/dev/null; (i=0; while :; do i=$((i+1)); echo $i >/t/count; sleep 0.1; done) & \
+          sleep 1; echo warm-$((1+1))-done-end\n",
+    )?;
+    g.console
+        .value_until_end("warm-2-", pos, STEP_TIMEOUT)
+        .map(|_| ())
+        .ok_or_else(|| format!("no warm-up; console tail: {}", g.console.tail(1000)))
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Ours: boot with `mem`, warm up, snapshot on SIGUSR1 (timed from the signal to the
+/// VMM's line, the pause and resume included), kill.
+fn bench_save_ours(o: &Opts, mem: &str, state: &Path) -> Result<Saved, String> {
+    let mut cmd = Command::new(&o.vmm);
+    cmd.args([
+        "--kernel", &o.kernel, "--initrd", &o.initrd, "--memory", mem,
+    ])
+    .args(["--log-level", "info", "--cmdline", &cmdline(o)])
+    .arg("--snapshot-on-signal")
+    .arg(state);
+    let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
+    let (boot, pos) = g.ready_at_prompt("vmm boot")?;
+    warm_up(&mut g, pos)?;
+    let from = g.stderr.len();
+    let pid = i32::try_from(g.child.id()).map_err(|e| e.to_string())?;
+    let asked = Instant::now();
+    // SAFETY: kill has no memory effects; `pid` is our running child.
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        return Err(format!("SIGUSR1: {}", std::io::Error::last_os_error()));
+    }
+    if !g.stderr.wait_until(from, Duration::from_secs(300), |t| {
+        t.contains("snapshot on SIGUSR1 written")
+    }) {
+        return Err(format!("no snapshot: {}", g.stderr.text_from(from)));
+    }
+    let create_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    let _ = g.child.kill();
+    let _ = g.wait_exit(Duration::from_secs(10));
+    let mem_file = PathBuf::from(format!("{}.mem", state.display()));
+    Ok(Saved {
+        boot_ms: boot.as_secs_f64() * 1000.0,
+        create_ms,
+        sizes: format!(
+            "state {} KiB, memory file {} MiB on disk of {} MiB",
+            std::fs::metadata(state).map(|m| m.len()).unwrap_or(0) >> 10,
+            allocated(&mem_file) >> 20,
+            std::fs::metadata(&mem_file).map(|m| m.len()).unwrap_or(0) >> 20
+        ),
+    })
+}
+
+/// One HMP command on QEMU's monitor socket; returns what it printed before the next
+/// prompt.
+fn hmp(s: &mut std::os::unix::net::UnixStream, command: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    if !command.is_empty() {
+        s.write_all(format!("{command}\n").as_bytes())
+            .map_err(|e| format!("monitor: {e}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(b"(qemu) ") {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "monitor: no prompt after {command:?}: {}",
+                String::from_utf8_lossy(&out)
+            ));
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err("monitor: closed".into()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => return Err(format!("monitor: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// QEMU: boot with `mem`, warm up, migrate to `file` (`exec:cat`, timed from the command
+/// to `completed`), kill.
+fn bench_save_qemu(o: &Opts, qemu: &str, mem: &str, file: &Path) -> Result<Saved, String> {
+    let mon = scratch(&format!("qemu-{mem}.mon"));
+    let _ = std::fs::remove_file(&mon);
+    let mut cmd = super::qemu_command_mem(qemu, o, None, mem)?;
+    cmd.arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", mon.display()));
+    let mut g = Guest::spawn(cmd, Runner::Qemu, o.verbose)?;
+    let (boot, pos) = g.ready_at_prompt("qemu boot")?;
+    warm_up(&mut g, pos)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&mon)
+        .map_err(|e| format!("monitor {mon:?}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    hmp(&mut s, "")?;
+    let asked = Instant::now();
+    hmp(
+        &mut s,
+        &format!("migrate -d \"exec:cat > {}\"", file.display()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let info = hmp(&mut s, "info migrate")?;
+        if info.contains("Migration status: completed") {
+            break;
+        }
+        if info.contains("Migration status: failed") || Instant::now() > deadline {
+            return Err(format!("the migration did not complete: {info}"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let create_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    let _ = g.child.kill();
+    let _ = g.wait_exit(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&mon);
+    Ok(Saved {
+        boot_ms: boot.as_secs_f64() * 1000.0,
+        create_ms,
+        sizes: format!("migration file {} MiB", allocated(file) >> 20),
+    })
+}
+
+/// `tvm-e2e snapshot-bench`: for a 256 MiB and a 2 GiB guest, our snapshot against QEMU's
+/// migration to a file (`migrate exec:cat > FILE`, restored with `-incoming exec:cat
+/// FILE`): create time and size (once each), and restore time, spawn to the guest's
+/// first answer on the console (`--runs` times each, interleaved), next to each one's
+/// fresh boot (spawn to the readiness marker).
+pub fn snapshot_bench(o: &Opts) -> Result<bool, String> {
+    let qemu = o.qemu.clone().ok_or("snapshot-bench needs --qemu")?;
+    for mem in BENCH_MEMS {
+        let state = scratch(&format!("bench-{mem}.snap"));
+        let qfile = scratch(&format!("bench-{mem}.qemu"));
+        let ours = bench_save_ours(o, mem, &state)?;
+        let peer = bench_save_qemu(o, &qemu, mem, &qfile)?;
+        println!(
+            "SNAPSHOT-BENCH create mem={mem} (one run each): vmm {:.0} ms ({}), qemu {:.0} ms \
+             ({}); fresh boot to ready: vmm {:.0} ms, qemu {:.0} ms",
+            ours.create_ms, ours.sizes, peer.create_ms, peer.sizes, ours.boot_ms, peer.boot_ms
+        );
+        let (mut r_ours, mut r_peer) = (Vec::new(), Vec::new());
+        for run in 0..o.runs {
+            let mut cmd = Command::new(&o.vmm);
+            cmd.arg("--restore").arg(&state);
+            let spawned = Instant::now();
+            let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
+            r_ours.push(answer_ms(&mut g, spawned)?);
+            drop(g);
+            let mut cmd = super::qemu_command_mem(&qemu, o, None, mem)?;
+            cmd.arg("-incoming")
+                .arg(format!("exec:cat {}", qfile.display()));
+            let spawned = Instant::now();
+            let mut g = Guest::spawn(cmd, Runner::Qemu, o.verbose)?;
+            r_peer.push(answer_ms(&mut g, spawned)?);
+            drop(g);
+            println!(
+                "SNAPSHOT-BENCH mem={mem} run {run}: restore, spawn to the guest's answer: vmm \
+                 {:.0} ms, qemu {:.0} ms",
+                r_ours[run], r_peer[run]
+            );
+        }
+        let (m_ours, m_peer) = (super::median(&mut r_ours), super::median(&mut r_peer));
+        println!(
+            "SNAPSHOT-BENCH median restore mem={mem}, spawn to the guest's answer: vmm \
+             {m_ours:.0} ms, qemu {m_peer:.0} ms, ratio vmm/qemu {:.2} ({} runs each); vmm \
+             restore / vmm fresh boot {:.2}",
+            m_ours / m_peer,
+            o.runs,
+            m_ours / ours.boot_ms
+        );
+        for f in [
+            state.clone(),
+            PathBuf::from(format!("{}.mem", state.display())),
+            qfile,
+        ] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    Ok(true)
+}
