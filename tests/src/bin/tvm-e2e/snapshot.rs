@@ -400,21 +400,24 @@ struct Saved {
     sizes: String,
 }
 
-/// Sends `command` to the guest at once and waits for its answer: the time from spawn
-/// to the first thing the guest says back (the restore benchmark's "running again").
+/// Sends a command to the guest at once, and again every [`ASK_EVERY`] until it answers
+/// (a shell that has just printed its prompt may take the first bytes as the answer to
+/// its cursor-position query); returns the time from spawn to the first answer (the
+/// restore benchmark's "running again").
 fn answer_ms(g: &mut Guest, spawned: Instant) -> Result<f64, String> {
-    g.send(b"echo bench-$((1+1))-ok-end\n")?;
-    match g
-        .console
-        .wait_for("bench-2-ok-end", 0, Duration::from_secs(120))
-    {
-        Some(_) => Ok(spawned.elapsed().as_secs_f64() * 1000.0),
-        None => {
+    const ASK_EVERY: Duration = Duration::from_millis(250);
+    let deadline = spawned + Duration::from_secs(120);
+    loop {
+        g.send(b"echo bench-$((1+1))-ok-end\n")?;
+        if g.console.wait_for("bench-2-ok-end", 0, ASK_EVERY).is_some() {
+            return Ok(spawned.elapsed().as_secs_f64() * 1000.0);
+        }
+        if Instant::now() > deadline {
             g.print_diag();
-            Err(format!(
+            return Err(format!(
                 "no answer within 120 s; console tail: {}",
                 g.console.tail(1000)
-            ))
+            ));
         }
     }
 }
