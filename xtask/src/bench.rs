@@ -311,7 +311,7 @@ fn bench_step(
     }
     Ok(report
         .lines()
-        .filter(|l| l.contains("median") || l.contains("SNAPSHOT-BENCH create"))
+        .filter(|l| l.contains("median") || l.contains("BENCH snapshot create"))
         .map(String::from)
         .collect())
 }

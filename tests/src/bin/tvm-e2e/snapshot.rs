@@ -568,7 +568,7 @@ pub fn snapshot_bench(o: &Opts) -> Result<bool, String> {
         let ours = bench_save_ours(o, mem, &state)?;
         let peer = bench_save_qemu(o, &qemu, mem, &qfile)?;
         println!(
-            "SNAPSHOT-BENCH create mem={mem} (one run each): vmm {:.0} ms ({}), qemu {:.0} ms \
+            "BENCH snapshot create mem={mem} (one run each): vmm {:.0} ms ({}), qemu {:.0} ms \
              ({}); fresh boot to ready: vmm {:.0} ms, qemu {:.0} ms",
             ours.create_ms, ours.sizes, peer.create_ms, peer.sizes, ours.boot_ms, peer.boot_ms
         );
@@ -588,14 +588,14 @@ pub fn snapshot_bench(o: &Opts) -> Result<bool, String> {
             r_peer.push(answer_ms(&mut g, spawned)?);
             drop(g);
             println!(
-                "SNAPSHOT-BENCH mem={mem} run {run}: restore, spawn to the guest's answer: vmm \
+                "BENCH snapshot mem={mem} run {run}: restore, spawn to the guest's answer: vmm \
                  {:.0} ms, qemu {:.0} ms",
                 r_ours[run], r_peer[run]
             );
         }
         let (m_ours, m_peer) = (super::median(&mut r_ours), super::median(&mut r_peer));
         println!(
-            "SNAPSHOT-BENCH median restore mem={mem}, spawn to the guest's answer: vmm \
+            "BENCH snapshot median restore mem={mem}, spawn to the guest's answer: vmm \
              {m_ours:.0} ms, qemu {m_peer:.0} ms, ratio vmm/qemu {:.2} ({} runs each); vmm \
              restore / vmm fresh boot {:.2}",
             m_ours / m_peer,
