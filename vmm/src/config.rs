@@ -276,6 +276,8 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::SeccompLevel,
     /// The guest kernel's System.map, to name RIP in state dumps (SIGUSR2).
     pub system_map: Option<PathBuf>,
+    /// Track the pages written to guest memory, so that snapshots can be diffs.
+    pub track_dirty_pages: bool,
 }
 
 /// Parses a memory size: a number with an optional unit K, M, G or T (optionally followed by
@@ -539,6 +541,7 @@ mod tests {
             nets: Vec::new(),
             seccomp: Default::default(),
             system_map: None,
+            track_dirty_pages: false,
             rng: false,
             vsock: None,
         }

@@ -178,6 +178,7 @@ pub fn vm_config_from_resources(
         }),
         seccomp,
         system_map: None,
+        track_dirty_pages: r.machine_config().track_dirty_pages,
     })
 }
 
@@ -360,9 +361,6 @@ impl VmmActions for Actions {
         params: &SnapshotLoadParams,
     ) -> std::result::Result<MachineConfig, String> {
         let mem = params.mem_file().map_err(|e| e.to_string())?;
-        if params.track_dirty_pages() {
-            warn!("track_dirty_pages is accepted; diff snapshots are not supported yet");
-        }
         let mut restore = crate::snapshot::load(Path::new(&params.snapshot_path), Path::new(mem))
             .map_err(|e| crate::error_chain(&e))?;
         restore.clock_realtime = params.clock_realtime.unwrap_or(false);
@@ -397,13 +395,14 @@ impl VmmActions for Actions {
             .vsock_override
             .as_ref()
             .map(|v| PathBuf::from(&v.uds_path));
-        let cfg = crate::snapshot::restore_config(
+        let mut cfg = crate::snapshot::restore_config(
             snapshot,
             &overrides,
             vsock_uds.as_deref(),
             self.seccomp,
         )
         .map_err(|e| crate::error_chain(&e))?;
+        cfg.track_dirty_pages = params.track_dirty_pages();
         let machine = MachineConfig {
             vcpu_count: snapshot.machine.vcpu_count,
             mem_size_mib: usize::try_from(snapshot.machine.mem_size >> 20).unwrap_or(usize::MAX),

@@ -42,6 +42,12 @@ struct Cli {
     /// (guest memory, sparse), and resume it. Both files are created at start.
     #[arg(long, value_name = "PATH")]
     snapshot_on_signal: Option<PathBuf>,
+    /// Track the pages written to guest memory (by the guest and by the devices: the
+    /// kernel's soft-dirty bits), so that with --snapshot-on-signal each SIGUSR1 after the
+    /// first writes only the pages written since the one before, into the same memory
+    /// file (a diff snapshot that keeps the file whole).
+    #[arg(long)]
+    track_dirty_pages: bool,
     /// Initial ramdisk (initramfs) to hand to the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -338,12 +344,13 @@ fn main() -> ExitCode {
         let result = tvm_vmm::snapshot::load(path, &mem_file_of(path)).and_then(|mut restore| {
             // The guest's time of day stays right across the gap.
             restore.clock_realtime = true;
-            let cfg = tvm_vmm::snapshot::restore_config(
+            let mut cfg = tvm_vmm::snapshot::restore_config(
                 &restore.snapshot,
                 &overrides,
                 None,
                 cli.seccomp,
             )?;
+            cfg.track_dirty_pages = cli.track_dirty_pages;
             let mut vmm = tvm_vmm::Vmm::restore(&cfg, times.clone(), restore)?;
             if let Some(files) = signal_snapshot {
                 vmm.snapshot_on_signal(files);
@@ -365,6 +372,7 @@ fn main() -> ExitCode {
         vsock,
         seccomp: cli.seccomp,
         system_map: cli.system_map,
+        track_dirty_pages: cli.track_dirty_pages,
     };
     let times = Arc::new(BootTimes::new(start));
     let result = match signal_snapshot {

@@ -387,6 +387,9 @@ fn specific(kind: ThreadKind) -> Result<Rules> {
             ),
             (libc::SYS_ftruncate, any()),
             (libc::SYS_pwrite64, any()),
+            // A diff snapshot reads the soft-dirty bits (/proc/self/pagemap, opened at
+            // start) and every snapshot clears them (/proc/self/clear_refs, a write).
+            (libc::SYS_pread64, any()),
             (libc::SYS_epoll_wait, any()),
             (libc::SYS_epoll_pwait, any()),
             // Sources leave and rejoin the epoll set (serial input backpressure, errors).

@@ -189,6 +189,7 @@ pub fn restore_config(
         vsock: None,
         seccomp,
         system_map: None,
+        track_dirty_pages: false,
     };
     let mut kinds_in_order = Vec::new();
     for d in &snapshot.devices.virtio {

@@ -233,6 +233,12 @@ pub struct Vmm {
     /// Whether [`run`](Self::run) leaves the vCPUs parked (a snapshot loaded without
     /// `resume_vm`).
     start_paused: bool,
+    /// The pages written since the last snapshot (`track_dirty_pages`), or why diff
+    /// snapshots cannot be taken.
+    dirty: std::result::Result<tvm_memory::DirtyTracker, String>,
+    /// Snapshots written on SIGUSR1 so far (the first is full, later ones diffs when
+    /// dirty pages are tracked).
+    signal_snapshots: u64,
     disks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
     rng: Option<RngDevice>,
@@ -401,6 +407,19 @@ impl Vmm {
             None => None,
         };
 
+        // Dirty-page tracking opens its /proc files before any filter is on.
+        let dirty = if cfg.track_dirty_pages {
+            tvm_memory::DirtyTracker::open().map_err(|e| {
+                warn!("{}; diff snapshots will be refused", crate::error_chain(&e));
+                crate::error_chain(&e)
+            })
+        } else {
+            Err(
+                "dirty pages are not tracked: start the vm with track_dirty_pages \
+                 (--track-dirty-pages)"
+                    .to_string(),
+            )
+        };
         let seccomp = Filters::new(cfg.seccomp)?;
         if cfg.seccomp == SeccompLevel::On {
             crate::seccomp::install_sigsys_handler()?;
@@ -726,6 +745,8 @@ impl Vmm {
             kinds,
             signal_snapshot: None,
             start_paused: false,
+            dirty,
+            signal_snapshots: 0,
             disks,
             nets,
             rng,
@@ -810,6 +831,12 @@ impl Vmm {
             // Closed before any vCPU thread exists: each parks before its first KVM_RUN.
             self.gate.close();
         }
+        // A diff snapshot holds what was written since this point (or the last snapshot).
+        if let Ok(t) = &self.dirty {
+            if let Err(e) = t.reset() {
+                warn!("{}", crate::error_chain(&e));
+            }
+        }
         let barrier = Arc::new(Barrier::new(self.vcpus.len() + 1));
         let mut threads = Vec::new();
         for vcpu in self.vcpus.drain(..) {
@@ -861,6 +888,14 @@ impl Vmm {
             }
             let on_signal = snapshot.swap(false, Ordering::AcqRel);
             if on_signal && !done.load(Ordering::Acquire) {
+                let kind = if self.dirty.is_ok() && self.signal_snapshots > 0 {
+                    tvm_snapshot::SnapshotType::Diff
+                } else {
+                    tvm_snapshot::SnapshotType::Full
+                };
+                if let Some(files) = self.signal_snapshot.as_mut() {
+                    files.kind = kind;
+                }
                 if let Some(files) = &self.signal_snapshot {
                     let vm = self.running(&threads);
                     let was_paused = self.gate.is_closed();
@@ -868,6 +903,9 @@ impl Vmm {
                         .and_then(|()| create_snapshot(&vm, files));
                     if !was_paused {
                         let _ = carry_out(Command::Resume, &vm, &mut devices, &mut em);
+                    }
+                    if r.is_ok() {
+                        self.signal_snapshots += 1;
                     }
                     match r {
                         Ok(w) => warn!(
@@ -940,6 +978,7 @@ impl Vmm {
             rng: self.rng.as_ref(),
             vsock: self.vsock.as_ref(),
             monitors: &self.monitors,
+            dirty: self.dirty.as_ref(),
             vm: &self.vm,
             mem: &self.mem,
             serial: &self.serial,
@@ -1143,6 +1182,8 @@ struct Running<'a> {
     rng: Option<&'a RngDevice>,
     vsock: Option<&'a VsockDevice>,
     monitors: &'a [Arc<VcpuMonitor>],
+    /// Dirty-page tracking, or why there is none.
+    dirty: std::result::Result<&'a tvm_memory::DirtyTracker, &'a String>,
     vm: &'a VmFd,
     mem: &'a GuestMemoryMmap,
     serial: &'a Mutex<Serial>,
@@ -1332,8 +1373,10 @@ fn create_snapshot(
     if !vm.gate.is_closed() {
         return Err("the vm is not paused; pause it first".into());
     }
-    if files.kind != tvm_snapshot::SnapshotType::Full {
-        return Err("diff snapshots are not supported yet; take a full snapshot".into());
+    if files.kind == tvm_snapshot::SnapshotType::Diff {
+        if let Err(why) = vm.dirty {
+            return Err(format!("a diff snapshot needs dirty page tracking: {why}"));
+        }
     }
     let started = Instant::now();
     // Each disk completes what it has in flight and takes nothing new until released.
@@ -1424,8 +1467,15 @@ fn write_snapshot(
     if let Some(v) = vm.vsock {
         transports.push(v.lock().unwrap_or_else(|e| e.into_inner()).save_state());
     }
-    let memory =
-        tvm_memory::save_memory(vm.mem, &files.mem, None).map_err(|e| crate::error_chain(&e))?;
+    let dirty = match (files.kind, vm.dirty) {
+        (tvm_snapshot::SnapshotType::Diff, Ok(t)) => Some(
+            t.dirty_bitmaps(vm.mem)
+                .map_err(|e| crate::error_chain(&e))?,
+        ),
+        _ => None,
+    };
+    let memory = tvm_memory::save_memory(vm.mem, &files.mem, dirty.as_deref())
+        .map_err(|e| crate::error_chain(&e))?;
     let snapshot = tvm_snapshot::Snapshot {
         vmm_version: env!("CARGO_PKG_VERSION").to_string(),
         snapshot_type: files.kind,
@@ -1454,6 +1504,10 @@ fn write_snapshot(
         },
     };
     let state_bytes = crate::snapshot::write_state(&files.state, &snapshot)?;
+    // The next diff holds what is written from here on.
+    if let Ok(t) = vm.dirty {
+        t.reset().map_err(|e| crate::error_chain(&e))?;
+    }
     Ok((state_bytes, memory.bytes_written))
 }
 

@@ -39,9 +39,11 @@ pub struct SavedMemory {
     pub bytes_written: u64,
 }
 
-/// Writes guest RAM to `file` (truncated first; see the module documentation).
-/// `dirty`: `None` for a full snapshot (pages of zeros are skipped), or the dirty bitmaps
-/// of a diff snapshot (exactly the pages they name are written, zeros or not).
+/// Writes guest RAM to `file` (see the module documentation). `dirty`: `None` for a full
+/// snapshot (the file is truncated first; pages of zeros are skipped), or the dirty
+/// bitmaps of a diff snapshot (exactly the pages they name are written, zeros or not, and
+/// the rest of the file is left as it is: a new file holds only those pages, holes
+/// elsewhere; the previous snapshot's memory file is brought up to date in place).
 ///
 /// # Errors
 ///
@@ -70,8 +72,13 @@ pub fn save_memory(
         });
         offset += region.len().div_ceil(PAGE_SIZE) * PAGE_SIZE;
     }
-    file.set_len(0).map_err(Error::SaveMemory)?;
-    file.set_len(offset).map_err(Error::SaveMemory)?;
+    if dirty.is_none() {
+        file.set_len(0).map_err(Error::SaveMemory)?;
+    }
+    let len = file.metadata().map_err(Error::SaveMemory)?.len();
+    if len != offset {
+        file.set_len(offset).map_err(Error::SaveMemory)?;
+    }
 
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
@@ -258,6 +265,23 @@ mod tests {
         // Page 9 was not dirty: a hole.
         file.read_exact_at(&mut page, 0x9000).unwrap();
         assert_eq!(page, [0; 4096]);
+        // Onto a full snapshot's file: the dirty page is brought up to date, the others
+        // keep what the full snapshot wrote.
+        let (full_path, full) = tmpfile("diff-onto-full");
+        save_memory(&mem, &full, None).unwrap();
+        mem.write_slice(&[3; 4096], GuestAddress(0x5000)).unwrap();
+        mem.write_slice(&[4; 4096], GuestAddress(0x9000)).unwrap();
+        let mut only5 = vec![0u64; (4 << 20) / 4096 / 64];
+        only5[0] = 1 << 5;
+        let high = vec![0u64; (1 << 20) / 4096 / 64];
+        let saved = save_memory(&mem, &full, Some(&[only5, high])).unwrap();
+        assert_eq!(saved.bytes_written, 4096);
+        full.read_exact_at(&mut page, 0x5000).unwrap();
+        assert_eq!(page, [3; 4096]);
+        full.read_exact_at(&mut page, 0x9000).unwrap();
+        assert_eq!(page, [2; 4096], "a page not named was rewritten");
+        assert_eq!(full.metadata().unwrap().len(), 5 << 20);
+        std::fs::remove_file(full_path).unwrap();
         assert!(matches!(
             save_memory(&mem, &file, Some(&[vec![]])),
             Err(Error::DirtyBitmaps { .. })

@@ -17,9 +17,11 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod allocator;
+mod dirty;
 mod file;
 
 pub use allocator::MmioAllocator;
+pub use dirty::DirtyTracker;
 pub use file::{map_memory_file, save_memory, DirtyBitmaps, SavedMemory};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -78,6 +80,9 @@ pub enum Error {
     /// Writing or reading a snapshot's memory file failed.
     #[error("failed to write or read the memory file")]
     SaveMemory(#[source] std::io::Error),
+    /// Dirty-page tracking cannot be used.
+    #[error("dirty page tracking is not available: {0}")]
+    DirtyTracking(String),
     /// Dirty bitmaps that do not match the memory regions.
     #[error("{bitmaps} dirty bitmaps for {regions} memory regions")]
     DirtyBitmaps {

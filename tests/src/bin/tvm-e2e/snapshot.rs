@@ -2,11 +2,15 @@
 //!
 //! The guest boots with a data disk and eth0 on the TAP, mounts a tmpfs, writes a file of
 //! random data there and starts a counter that writes its value to the tmpfs ten times a
-//! second. SIGUSR1 has the VMM (`--snapshot-on-signal`) write a full snapshot; the VMM is
-//! then SIGKILLed, and after a gap the snapshot is restored in a new process (`vmm
+//! second. SIGUSR1 has the VMM (`--snapshot-on-signal`, `--track-dirty-pages`) write a
+//! full snapshot; the guest then writes a second file, and a second SIGUSR1 writes a diff
+//! snapshot into the same files: only the pages written since the first (checked: far
+//! fewer bytes than the full one, and at least the second file's). The VMM is then
+//! SIGKILLed, and after a gap the snapshot is restored in a new process (`vmm
 //! --restore`), twice, one after the other: first on the TAP it was saved with, then moved
-//! to another TAP (`--net tap=...`). Each copy must go on from the snapshot: the counter
-//! goes on from where it was (it does not start again), the tmpfs file has the same CRC,
+//! to another TAP (`--net tap=...`). Each copy must go on from the diff snapshot: the
+//! counter goes on from where it was (it does not start again), both tmpfs files have
+//! their CRCs (the second came through the diff only),
 //! the guest's clock is the host's (it advanced over the gap), the disk takes a write that
 //! the host then reads in the image, and the network works both ways (ping, and a TCP
 //! transfer with its CRC checked on both ends). Snapshot and restore figures are printed
@@ -48,10 +52,48 @@ fn now_secs() -> i64 {
 
 /// What the guest showed before the snapshot.
 struct Warm {
-    /// CRC-32 of the tmpfs file.
+    /// CRC-32 of the tmpfs file written before the full snapshot.
     crc: String,
-    /// The counter's value a moment before the snapshot.
+    /// CRC-32 of the one written between the full and the diff snapshot.
+    crc2: String,
+    /// The counter's value a moment before the diff snapshot.
     count: u64,
+}
+
+/// Sends SIGUSR1 to `g` and waits for the VMM's line about the snapshot; returns the line
+/// and the driver's time from the signal to it.
+fn signal_snapshot(g: &mut Guest) -> Result<(String, Duration), String> {
+    let from = g.stderr.len();
+    let pid = i32::try_from(g.child.id()).map_err(|e| e.to_string())?;
+    let asked = Instant::now();
+    // SAFETY: kill has no memory effects; `pid` is our running child.
+    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+        return Err(format!("SIGUSR1: {}", std::io::Error::last_os_error()));
+    }
+    let said = g.stderr.wait_until(from, Duration::from_secs(120), |t| {
+        t.contains("snapshot on SIGUSR1 written") || t.contains("snapshot on SIGUSR1 failed")
+    });
+    let log = g.stderr.text_from(from);
+    let line = log
+        .lines()
+        .find(|l| l.contains("snapshot on SIGUSR1"))
+        .unwrap_or("")
+        .to_string();
+    if said && line.contains("written") {
+        Ok((line, asked.elapsed()))
+    } else {
+        Err(format!("no snapshot: {log}"))
+    }
+}
+
+/// The memory bytes of a `snapshot on SIGUSR1 written: ..., memory N bytes ...` line.
+fn memory_bytes(line: &str) -> Option<u64> {
+    line.split("memory ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The boot, the snapshot, then both restores; every restore runs even when the other
@@ -104,7 +146,8 @@ pub fn snapshot_checks(o: &Opts) -> Result<bool, String> {
     Ok(r.failed == 0)
 }
 
-/// Boots, warms the guest up, has the VMM write the snapshot, kills it.
+/// Boots, warms the guest up, has the VMM write a full snapshot, then a diff one after
+/// a second file, and kills it.
 fn save(
     o: &Opts,
     tap: &str,
@@ -121,7 +164,8 @@ fn save(
     .arg(disk)
     .args(["--net", &format!("tap={tap}")])
     .arg("--snapshot-on-signal")
-    .arg(state);
+    .arg(state)
+    .arg("--track-dirty-pages");
     println!("E2E-INFO snapshot: booting the guest to snapshot ({MEM}, a disk, eth0 on {tap})");
     let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
     if let Err(e) = tap_up(tap) {
@@ -133,51 +177,70 @@ fn save(
     g.send(
         b"mkdir -p /t; mount -t tmpfs tmpfs /t; dd if=/dev/urandom of=/t/f bs=64k count=16 \
           2>/dev/null; (i=0; while :; do i=$((i+1)); echo $i >/t/count; sleep 0.1; done) & \
-          sleep 2; echo warm-$((1+1))-$(crc32 /t/f | cut -d' ' -f1),$(cat /t/count)-end\n",
+          sleep 2; echo warm-$((1+1))-$(crc32 /t/f | cut -d' ' -f1)-end\n",
     )?;
-    let Some((_, v)) = c.value_until_end("warm-2-", pos, STEP_TIMEOUT) else {
+    let Some((e, crc)) = c.value_until_end("warm-2-", pos, STEP_TIMEOUT) else {
         g.print_diag();
         return Err(format!(
             "the guest did not warm up; console tail: {}",
             c.tail(2000)
         ));
     };
-    let (crc, count) = v
+    let crc = crc.trim().to_string();
+    let full = signal_snapshot(&mut g);
+    let full_bytes = full.as_ref().ok().and_then(|(l, _)| memory_bytes(l));
+    let created = r.check(
+        "snapshot-create",
+        full.map(|(line, took)| {
+            format!(
+                "{} ({:.0} ms after SIGUSR1, seen by the driver)",
+                line.split("written: ").nth(1).unwrap_or(&line),
+                took.as_secs_f64() * 1000.0
+            )
+        }),
+    );
+    if !created {
+        return Ok(None);
+    }
+    // A second file, 256 KiB, after the full snapshot: it reaches the copies only through
+    // the diff.
+    g.send(
+        b"dd if=/dev/urandom of=/t/g bs=64k count=4 2>/dev/null; \
+          echo more-$((1+1))-$(crc32 /t/g | cut -d' ' -f1),$(cat /t/count)-end\n",
+    )?;
+    let Some((_, v)) = c.value_until_end("more-2-", e, STEP_TIMEOUT) else {
+        g.print_diag();
+        return Err(format!("no second file; console tail: {}", c.tail(2000)));
+    };
+    let (crc2, count) = v
         .trim()
         .split_once(',')
         .ok_or_else(|| format!("unexpected answer {v:?}"))?;
     let count: u64 = count.parse().map_err(|_| format!("count {count:?}"))?;
     let warm = Warm {
-        crc: crc.to_string(),
+        crc,
+        crc2: crc2.to_string(),
         count,
     };
-    let from = g.stderr.len();
-    let pid = i32::try_from(g.child.id()).map_err(|e| e.to_string())?;
-    let asked = Instant::now();
-    // SAFETY: kill has no memory effects; `pid` is our running child.
-    if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
-        return Err(format!("SIGUSR1: {}", std::io::Error::last_os_error()));
-    }
-    let said = g.stderr.wait_until(from, Duration::from_secs(120), |t| {
-        t.contains("snapshot on SIGUSR1 written") || t.contains("snapshot on SIGUSR1 failed")
-    });
-    let log = g.stderr.text_from(from);
-    let line = log
-        .lines()
-        .find(|l| l.contains("snapshot on SIGUSR1"))
-        .unwrap_or("")
-        .to_string();
+    let diff = signal_snapshot(&mut g);
     let created = r.check(
-        "snapshot-create",
-        if said && line.contains("written") {
-            Ok(format!(
-                "{} ({:.0} ms after SIGUSR1, seen by the driver)",
-                line.split("written: ").nth(1).unwrap_or(&line),
-                asked.elapsed().as_secs_f64() * 1000.0
-            ))
-        } else {
-            Err(format!("no snapshot: {log}"))
-        },
+        "snapshot-create-diff",
+        diff.and_then(|(line, took)| {
+            let bytes = memory_bytes(&line).ok_or(format!("no byte count in {line:?}"))?;
+            let full = full_bytes.unwrap_or(0);
+            // At least the new file's 256 KiB; far less than everything.
+            if bytes >= 256 << 10 && bytes * 4 < full {
+                Ok(format!(
+                    "{bytes} bytes of page data against {full} for the full snapshot ({:.0} \
+                     ms after SIGUSR1)",
+                    took.as_secs_f64() * 1000.0
+                ))
+            } else {
+                Err(format!(
+                    "{bytes} bytes of page data for the diff, {full} for the full snapshot"
+                ))
+            }
+        }),
     );
     let mem = std::fs::metadata(format!("{}.mem", state.display()));
     if let Ok(m) = &mem {
@@ -274,6 +337,7 @@ fn restore(
     let [count, crc, date] = parts[..] else {
         return Err(format!("unexpected answer {first:?}"));
     };
+    let crc2 = ask(&mut g, "g", "$(crc32 /t/g | cut -d' ' -f1)", &mut pos);
     let count: u64 = count.parse().map_err(|_| format!("count {count:?}"))?;
     let date: i64 = date.parse().map_err(|_| format!("date {date:?}"))?;
     // Counting on: two seconds later, further along.
@@ -296,11 +360,17 @@ fn restore(
         },
     );
     r.check(
-        &name("tmpfs-file-intact"),
-        if crc == warm.crc {
-            Ok(format!("crc32 {crc} before and after"))
-        } else {
-            Err(format!("crc32 {} before, {crc} after", warm.crc))
+        &name("tmpfs-files-intact"),
+        match crc2 {
+            Ok(crc2) if crc == warm.crc && crc2 == warm.crc2 => Ok(format!(
+                "crc32 {crc} (written before the full snapshot) and {crc2} (before the diff) \
+                 before and after"
+            )),
+            Ok(crc2) => Err(format!(
+                "crc32 {} and {} before, {crc} and {crc2} after",
+                warm.crc, warm.crc2
+            )),
+            Err(e) => Err(e),
         },
     );
     let skew = date - host_now;
