@@ -455,6 +455,10 @@ impl Vmm {
                 tvm_memory::map_memory_file(&r.mem, &r.snapshot.memory)?
             }
         };
+        if let Ok(t) = &dirty {
+            // Small pages, so that a diff holds the 4 KiB pages written, not their 2 MiB.
+            t.use_small_pages(&mem)?;
+        }
         // SAFETY: `register_memory_slots` needs `mem`'s regions mapped for as long as the VM
         // can use the slots. `mem` moves into the returned `Vmm` (its clones into the
         // devices), which lives until `run` returns; the guest only touches its memory from

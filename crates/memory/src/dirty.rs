@@ -74,6 +74,32 @@ impl DirtyTracker {
         Ok(t)
     }
 
+    /// Has the kernel back `mem` with small pages from now on (`MADV_NOHUGEPAGE`): the
+    /// soft-dirty bit of a transparent huge page covers all of its 2 MiB, so one write
+    /// would put 512 pages into the next diff.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DirtyTracking`] when the kernel refuses the advice.
+    pub fn use_small_pages(&self, mem: &GuestMemoryMmap) -> Result<()> {
+        for region in mem.iter() {
+            let len = usize::try_from(region.len())
+                .map_err(|_| Error::DirtyTracking("a region too large".into()))?;
+            // SAFETY: the range is exactly one of `mem`'s mappings, alive while `mem` is
+            // borrowed; MADV_NOHUGEPAGE only changes how the kernel may back it from now
+            // on (no page is dropped, moved or changed), so nothing that points into it
+            // is affected.
+            let rc = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_NOHUGEPAGE) };
+            if rc != 0 {
+                return Err(tracking_err(
+                    "madvise(MADV_NOHUGEPAGE)",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets every write so far: from now on a page is dirty once written again.
     ///
     /// # Errors
