@@ -461,6 +461,23 @@ fn restore(
 
 /// The guest sizes `snapshot-bench` measures.
 const BENCH_MEMS: [&str; 2] = ["256M", "2G"];
+/// How often [`answer_ms`] types its command again.
+const ASK_EVERY: Duration = Duration::from_millis(250);
+
+/// When the VMM had the VM restored, in ms since it started: the timestamp of its
+/// `vm restored` log line (`[  0.160299] INFO ...`).
+fn restored_at_ms(stderr: &str) -> Option<f64> {
+    let line = stderr.lines().find(|l| l.contains("vm restored"))?;
+    let secs: f64 = line
+        .trim_start()
+        .strip_prefix('[')?
+        .split(']')
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(secs * 1000.0)
+}
 
 /// The fresh boot and the save of one VMM, in ms and bytes.
 struct Saved {
@@ -475,7 +492,6 @@ struct Saved {
 /// its cursor-position query); returns the time from spawn to the first answer (the
 /// restore benchmark's "running again").
 fn answer_ms(g: &mut Guest, spawned: Instant) -> Result<f64, String> {
-    const ASK_EVERY: Duration = Duration::from_millis(250);
     let deadline = spawned + Duration::from_secs(120);
     loop {
         g.send(b"echo bench-$((1+1))-ok-end\n")?;
@@ -642,13 +658,16 @@ pub fn snapshot_bench(o: &Opts) -> Result<bool, String> {
              ({}); fresh boot to ready: vmm {:.0} ms, qemu {:.0} ms",
             ours.create_ms, ours.sizes, peer.create_ms, peer.sizes, ours.boot_ms, peer.boot_ms
         );
-        let (mut r_ours, mut r_peer) = (Vec::new(), Vec::new());
+        let (mut r_ours, mut r_peer, mut built) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..o.runs {
             let mut cmd = Command::new(&o.vmm);
-            cmd.arg("--restore").arg(&state);
+            cmd.arg("--restore")
+                .arg(&state)
+                .args(["--log-level", "info"]);
             let spawned = Instant::now();
             let mut g = Guest::spawn(cmd, Runner::Vmm, o.verbose)?;
             r_ours.push(answer_ms(&mut g, spawned)?);
+            built.push(restored_at_ms(&g.stderr.text_from(0)).unwrap_or(f64::NAN));
             drop(g);
             let mut cmd = super::qemu_command_mem(&qemu, o, None, mem)?;
             cmd.arg("-incoming")
@@ -659,15 +678,17 @@ pub fn snapshot_bench(o: &Opts) -> Result<bool, String> {
             drop(g);
             println!(
                 "BENCH snapshot mem={mem} run {run}: restore, spawn to the guest's answer: vmm \
-                 {:.0} ms, qemu {:.0} ms",
-                r_ours[run], r_peer[run]
+                 {:.0} ms, qemu {:.0} ms; the vmm had the vm restored {:.1} ms after its start",
+                r_ours[run], r_peer[run], built[run]
             );
         }
         let (m_ours, m_peer) = (super::median(&mut r_ours), super::median(&mut r_peer));
+        let m_built = super::median(&mut built);
         println!(
             "BENCH snapshot median restore mem={mem}, spawn to the guest's answer: vmm \
              {m_ours:.0} ms, qemu {m_peer:.0} ms, ratio vmm/qemu {:.2} ({} runs each); vmm \
-             restore / vmm fresh boot {:.2}",
+             restore / vmm fresh boot {:.2}; the vmm's own restore (start to the vm \
+             restored) {m_built:.1} ms",
             m_ours / m_peer,
             o.runs,
             m_ours / ours.boot_ms
