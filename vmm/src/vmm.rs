@@ -526,7 +526,10 @@ impl Vmm {
         }));
         register_pio_device(&mut io, COM1_PORT_BASE, SERIAL_PORT_SIZE, serial.clone())?;
 
-        let i8042 = I8042::new()?;
+        let mut i8042 = I8042::new()?;
+        if let Some(r) = &restore {
+            i8042.restore_state(&r.snapshot.devices.i8042);
+        }
         let reset_evt = i8042.reset_evt().try_clone().map_err(Error::EventFd)?;
         // The keyboard's IRQ 1, for the keys the VMM presses (Ctrl-Alt-Del).
         let kbd_gsi = tvm_arch_x86::layout::I8042_KBD_GSI;
@@ -1495,6 +1498,11 @@ fn write_snapshot(
                 .save_state(),
             cmos: vm
                 .cmos
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state(),
+            i8042: vm
+                .i8042
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .save_state(),

@@ -455,6 +455,25 @@ impl I8042 {
         })
     }
 
+    /// The controller's and keyboard's configuration, for a snapshot.
+    pub fn save_state(&self) -> tvm_snapshot::I8042State {
+        tvm_snapshot::I8042State {
+            ctr: self.ctr,
+            scan_set: self.kbd.set as u8,
+            scanning: self.kbd.scanning,
+        }
+    }
+
+    /// Puts a saved configuration (a snapshot's) on this controller; buffers stay empty. A
+    /// scancode set no keyboard has leaves the keyboard's as it is.
+    pub fn restore_state(&mut self, state: &tvm_snapshot::I8042State) {
+        self.ctr = state.ctr;
+        if let Some(set) = ScanSet::from_param(state.scan_set) {
+            self.kbd.set = set;
+        }
+        self.kbd.scanning = state.scanning;
+    }
+
     /// Written (incremented by one) each time the guest pulses the reset line.
     pub fn reset_evt(&self) -> &EventFd {
         &self.reset_evt
@@ -681,6 +700,29 @@ mod tests {
         0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
     ];
     const CAD_SET3: [u8; 9] = [0x11, 0x19, 0x64, 0xf0, 0x64, 0xf0, 0x19, 0xf0, 0x11];
+
+    #[test]
+    fn the_configuration_survives_a_snapshot() {
+        let mut kbd = I8042::new().unwrap();
+        write_ctr(&mut kbd, 0x65);
+        // Disable (which also restores the defaults), then set 3.
+        kbd_cmd(&mut kbd, &[0xf5]);
+        kbd_cmd(&mut kbd, &[0xf0, 3]);
+        let saved = kbd.save_state();
+        assert_eq!(
+            (saved.ctr, saved.scan_set, saved.scanning),
+            (0x65, 3, false)
+        );
+        let mut back = I8042::new().unwrap();
+        back.restore_state(&saved);
+        assert_eq!(back.save_state(), saved);
+        // A set no keyboard has is not taken.
+        back.restore_state(&tvm_snapshot::I8042State {
+            scan_set: 9,
+            ..saved
+        });
+        assert_eq!(back.save_state().scan_set, 3);
+    }
 
     #[test]
     fn reset_signals_the_eventfd_once_per_command() {

@@ -129,6 +129,8 @@ pub struct Devices {
     pub serial: SerialState,
     /// The CMOS/RTC's index register and NVRAM.
     pub cmos: CmosState,
+    /// The i8042 and its keyboard, as the guest configured them.
+    pub i8042: I8042State,
     /// The virtio devices, in PCI slot order.
     pub virtio: Vec<VirtioState>,
 }
@@ -175,6 +177,29 @@ pub struct CmosState {
     pub index: u8,
     /// The 128 bytes of NVRAM (the clock registers are read from the host clock).
     pub data: Vec<u8>,
+}
+
+/// The i8042's configuration (bytes in flight are not kept: a restored keyboard starts
+/// with empty buffers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The controller's control register (interrupt enables, translation ...).
+    pub ctr: u8,
+    /// The keyboard's scancode set: 1, 2 or 3.
+    pub scan_set: u8,
+    /// Whether the keyboard sends keys.
+    pub scanning: bool,
+}
+
+impl Default for I8042State {
+    /// At power-on: keyboard interrupt, system flag and translation on; set 2; scanning.
+    fn default() -> Self {
+        I8042State {
+            ctr: 0x47,
+            scan_set: 2,
+            scanning: true,
+        }
+    }
 }
 
 /// A virtio device: what it is backed by, and its transport.
@@ -464,6 +489,7 @@ impl Snapshot {
                     index: 0,
                     data: vec![0; 128],
                 },
+                i8042: I8042State::default(),
                 virtio: vec![VirtioState {
                     kind: VirtioKind::Block {
                         path: "/tmp/disk.img".into(),
