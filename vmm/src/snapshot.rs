@@ -127,14 +127,24 @@ impl std::fmt::Debug for Restore {
 /// state file that is not a snapshot this VMM can restore (damaged, truncated, another
 /// format version, inconsistent).
 pub fn load(state: &Path, mem: &Path) -> Result<Restore> {
-    let read = |what, path: &Path| {
-        std::fs::read(path).map_err(|source| Error::OpenFile {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
+    let open_err = |source| Error::OpenFile {
+        what: "snapshot file",
+        path: state.to_path_buf(),
+        source,
     };
-    let bytes = read("snapshot file", state)?;
+    // A state file is never larger than its header and the largest payload: a larger
+    // file is refused before it is read into memory.
+    let mut file = File::open(state).map_err(open_err)?;
+    let len = file.metadata().map_err(open_err)?.len();
+    let limit = tvm_snapshot::HEADER_LEN as u64 + tvm_snapshot::MAX_PAYLOAD;
+    if len > limit {
+        return Err(Error::Snapshot {
+            path: state.to_path_buf(),
+            source: tvm_snapshot::Error::TooLarge(len),
+        });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(open_err)?;
     let snapshot = tvm_snapshot::decode(&bytes).map_err(|source| Error::Snapshot {
         path: state.to_path_buf(),
         source,

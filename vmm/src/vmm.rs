@@ -642,7 +642,12 @@ impl Vmm {
                         .map_err(|source| Error::SnapshotCpu(index, source))?;
                     tvm_arch_x86::snapshot::restore_vcpu(&fd, state)?;
                 }
-                (None, None) => unreachable!("a build without a kernel is a restore"),
+                // A build without a kernel is a restore; this arm is never taken.
+                (None, None) => {
+                    return Err(Error::InvalidSnapshotConfig(
+                        "neither a kernel nor a snapshot to build from".into(),
+                    ))
+                }
             }
             vcpus.push(Vcpu {
                 fd,

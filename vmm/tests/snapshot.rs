@@ -232,6 +232,18 @@ fn damaged_truncated_and_foreign_state_files_each_get_their_error() {
     assert!(refused(&other).contains("format version 7 is not supported"));
 
     assert!(refused(b"#!/bin/sh\necho hello\n").contains("not a tvm snapshot"));
+
+    // A file larger than any state file is refused before it is read (a sparse one here).
+    let huge = scratch("huge.snap");
+    let f = std::fs::File::create(&huge).unwrap();
+    f.set_len(tvm_snapshot::HEADER_LEN as u64 + tvm_snapshot::MAX_PAYLOAD + 1)
+        .unwrap();
+    let (mut child, _out, err) = spawn(&["--restore", huge.to_str().unwrap()]);
+    let status = wait_exit(&mut child, 10);
+    let text = err.all();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("larger than the limit"), "{text}");
+    std::fs::remove_file(&huge).unwrap();
 }
 
 #[test]
