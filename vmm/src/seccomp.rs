@@ -585,6 +585,16 @@ mod tests {
         assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
         assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
         assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
+        // The snapshot's (linux/kvm.h on x86_64).
+        assert_eq!(KVM_GET_CPUID2, 0xc008_ae91);
+        assert_eq!(KVM_GET_MSRS, 0xc008_ae88);
+        assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
+        assert_eq!(KVM_GET_XCRS, 0x8188_aea6);
+        assert_eq!(KVM_GET_DEBUGREGS, 0x8080_aea1);
+        assert_eq!(KVM_GET_TSC_KHZ, 0xaea3);
+        assert_eq!(KVM_GET_IRQCHIP, 0xc208_ae62);
+        assert_eq!(KVM_GET_PIT2, 0x8070_ae9f);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
         assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
         assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
