@@ -2454,9 +2454,7 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
         format!(
             "tvm-iobench seq-write /dev/vda {mib}; tvm-iobench seq-read /dev/vda {mib}; \
              tvm-iobench rand-read /dev/vda {secs}; \
-             i0=$(awk '/virtio/{{s+=$2}} END{{print s}}' /proc/interrupts); \
              tvm-iobench rand-read /dev/vda {secs} {RAND_JOBS}; \
-             echo BENCH-IRQS $i0 $(awk '/virtio/{{s+=$2}} END{{print s}}' /proc/interrupts) end; \
              echo bench-$((1+1))-done\n"
         )
         .as_bytes(),
@@ -2484,25 +2482,22 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
             .ok_or_else(|| format!("{what}: no {key} in {line:?}"))
     };
     let many = format!("rand-read-qd{RAND_JOBS}");
-    // Virtio interrupts the guest took during the QD32 run, per request (information only:
-    // how many completions one interrupt carries).
-    if let (Some(irqs), Ok(ios)) = (
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix("BENCH-IRQS "))
-            .and_then(|l| {
-                let v: Vec<u64> = l
-                    .split_whitespace()
-                    .filter_map(|w| w.parse().ok())
-                    .collect();
-                (v.len() == 2).then(|| v[1].saturating_sub(v[0]))
-            }),
-        field(&format!("rand-read-qd{RAND_JOBS}"), "ios"),
-    ) {
-        println!(
-            "BENCH-DISK {what}: {irqs} virtio interrupts during the QD{RAND_JOBS} run, {:.2} \
-             per request (information only)",
-            irqs as f64 / ios.max(1.0)
-        );
+    // What the guest's kernel counted in each run (information only): the requests the
+    // device completed per access (how the block layer split a 1 MiB access) and the
+    // virtio interrupts per request (how many completions one interrupt carries).
+    for op in ["seq-write", "seq-read", "rand-read", many.as_str()] {
+        if let (Ok(ios), Ok(reqs), Ok(irqs)) =
+            (field(op, "ios"), field(op, "reqs"), field(op, "irqs"))
+        {
+            if reqs >= 0.0 && irqs >= 0.0 {
+                println!(
+                    "BENCH-DISK {what}: {op}: {reqs} device requests ({:.2} per access), \
+                     {irqs} virtio interrupts ({:.2} per request) (information only)",
+                    reqs / ios.max(1.0),
+                    irqs / reqs.max(1.0)
+                );
+            }
+        }
     }
     let f = DiskFigures {
         seq_write: field("seq-write", "mib_s")?,

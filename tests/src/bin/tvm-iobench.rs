@@ -19,6 +19,10 @@
 //! lat_us=<z> end` (`op` is `rand-read` for one job, `rand-read-qd<JOBS>` otherwise; `lat_us`
 //! is the mean time one request took as its thread saw it, for the sequential runs the run's
 //! time over its requests, fdatasync included), or `IOBENCH error: <why> end` and exits 1.
+//! The line also carries, for information, `reqs=<n>`: the requests the device completed
+//! during the run (from `/sys/block/<dev>/stat`: how the guest's block layer split the
+//! 1 MiB accesses), and `irqs=<n>`: the virtio interrupts the guest took meanwhile (from
+//! `/proc/interrupts`); `-1` where either could not be read.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -66,12 +70,65 @@ fn open(dev: &str, write: bool) -> Result<(File, u64), String> {
     Ok((f, size))
 }
 
+/// What the guest's kernel counted around one run: requests the device completed and
+/// virtio interrupts taken.
+#[derive(Clone, Copy)]
+struct Counters {
+    reqs: Option<u64>,
+    irqs: Option<u64>,
+}
+
+impl Counters {
+    fn read(dev: &str) -> Counters {
+        // /sys/block/<name>/stat: reads completed is field 0, writes completed field 4.
+        let name = dev.rsplit('/').next().unwrap_or(dev);
+        let reqs = std::fs::read_to_string(format!("/sys/block/{name}/stat"))
+            .ok()
+            .and_then(|s| {
+                let v: Vec<u64> = s
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                Some(v.first()? + v.get(4)?)
+            });
+        // /proc/interrupts: the per-CPU counts of every line that names a virtio device.
+        let irqs = std::fs::read_to_string("/proc/interrupts").ok().map(|s| {
+            s.lines()
+                .filter(|l| l.contains("virtio"))
+                .flat_map(|l| {
+                    l.split_whitespace()
+                        .skip(1)
+                        .map_while(|w| w.parse::<u64>().ok())
+                })
+                .sum()
+        });
+        Counters { reqs, irqs }
+    }
+
+    /// `after - self` of each counter, -1 where either reading failed.
+    fn since(self, after: Counters) -> (i64, i64) {
+        let d = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => i64::try_from(b.saturating_sub(a)).unwrap_or(i64::MAX),
+            _ => -1,
+        };
+        (d(self.reqs, after.reqs), d(self.irqs, after.irqs))
+    }
+}
+
 /// Prints the result line; `busy` is the time the requests took, summed over the threads
-/// (for one thread, about `took`).
-fn report(op: &str, bytes: u64, ios: u64, took: Duration, busy: Duration) {
+/// (for one thread, about `took`); `(reqs, irqs)` what [`Counters::since`] gave.
+fn report(
+    op: &str,
+    bytes: u64,
+    ios: u64,
+    took: Duration,
+    busy: Duration,
+    (reqs, irqs): (i64, i64),
+) {
     let secs = took.as_secs_f64().max(1e-9);
     println!(
-        "IOBENCH op={op} bytes={bytes} ios={ios} ms={:.0} mib_s={:.1} iops={:.0} lat_us={:.1} end",
+        "IOBENCH op={op} bytes={bytes} ios={ios} ms={:.0} mib_s={:.1} iops={:.0} lat_us={:.1} \
+         reqs={reqs} irqs={irqs} end",
         secs * 1000.0,
         bytes as f64 / MIB as f64 / secs,
         ios as f64 / secs,
@@ -88,6 +145,7 @@ fn sequential(dev: &str, mib: u64, write: bool) -> Result<(), String> {
     for (i, b) in block.buf().iter_mut().enumerate() {
         *b = (i * 7 + 13) as u8;
     }
+    let before = Counters::read(dev);
     let start = Instant::now();
     for i in 0..mib {
         let off = i * MIB as u64;
@@ -103,7 +161,14 @@ fn sequential(dev: &str, mib: u64, write: bool) -> Result<(), String> {
     }
     let op = if write { "seq-write" } else { "seq-read" };
     let took = start.elapsed();
-    report(op, mib * MIB as u64, mib, took, took);
+    report(
+        op,
+        mib * MIB as u64,
+        mib,
+        took,
+        took,
+        before.since(Counters::read(dev)),
+    );
     Ok(())
 }
 
@@ -158,6 +223,7 @@ fn random_read(dev: &str, seconds: u64, jobs: u64) -> Result<(), String> {
     // The threads start together: each waits at the barrier, which opens once this thread
     // has set the common deadline.
     let barrier = Barrier::new(jobs as usize + 1);
+    let before = Counters::read(dev);
     let deadline = OnceLock::new();
     let (results, took) = thread::scope(|s| {
         let (f, barrier, deadline) = (&f, &barrier, &deadline);
@@ -195,7 +261,14 @@ fn random_read(dev: &str, seconds: u64, jobs: u64) -> Result<(), String> {
     } else {
         format!("rand-read-qd{jobs}")
     };
-    report(&op, ios * ALIGN as u64, ios, took, busy);
+    report(
+        &op,
+        ios * ALIGN as u64,
+        ios,
+        took,
+        busy,
+        before.since(Counters::read(dev)),
+    );
     Ok(())
 }
 
