@@ -38,6 +38,8 @@ struct FakeState {
     log: Vec<(OpKind, u64, u64)>,
     /// The host address of each pushed operation's first buffer.
     bases: Vec<usize>,
+    /// Whether each pushed operation was marked for the kernel's workers.
+    background: Vec<bool>,
     /// Most operations running at once.
     peak: usize,
     /// Pushes refused (the fake is "full").
@@ -120,6 +122,7 @@ impl AsyncIo for Fake {
         s.log.push((op.kind, op.offset, bytes));
         s.bases
             .push(op.iovecs().first().map_or(0, |v| v.iov_base as usize));
+        s.background.push(op.background);
         s.running.push(op);
         s.peak = s.peak.max(s.running.len());
         Ok(())
@@ -134,10 +137,11 @@ impl AsyncIo for Fake {
         out.append(&mut self.state.lock().unwrap().done);
     }
 
-    /// Completes everything running in order, as a kernel that finishes them would.
+    /// Completes the oldest operation running, as a kernel that finishes one would (the
+    /// caller waits again while it needs more).
     fn wait(&mut self) -> std::io::Result<()> {
         let mut s = self.state.lock().unwrap();
-        while !s.running.is_empty() {
+        if !s.running.is_empty() {
             complete(&mut s, 0, Outcome2::Full);
         }
         Ok(())
@@ -146,6 +150,15 @@ impl AsyncIo for Fake {
     fn in_flight(&self) -> usize {
         let s = self.state.lock().unwrap();
         s.running.len() + s.done.len()
+    }
+
+    fn room(&self) -> usize {
+        let s = self.state.lock().unwrap();
+        if s.full {
+            0
+        } else {
+            1024
+        }
     }
 
     fn event_fd(&self) -> RawFd {
@@ -444,6 +457,150 @@ fn a_reset_waits_for_requests_in_flight_and_answers_none_of_them() {
     assert!(used(&mock).is_empty());
 }
 
+/// A 64 KiB image with a pattern, served by the fake engine with transfers of 16 KiB or
+/// more split into up to 4 pieces of at least 8 KiB.
+fn piece_disk() -> (TempImage, Vec<u8>, Block, Arc<Mutex<FakeState>>) {
+    let content: Vec<u8> = (0..64 << 10).map(|i| (i * 13 % 253) as u8).collect();
+    let img = TempImage::new(&content);
+    let (mut disk, state) = fake_disk(&img, &content, 64);
+    disk.set_pieces_for_test(4, 8 << 10);
+    (img, content, disk, state)
+}
+
+#[test]
+fn a_large_read_runs_as_pieces_and_is_answered_when_the_last_one_ends() {
+    let (_img, content, mut disk, state) = piece_disk();
+    let mem = test_mem();
+    let mock = MockSplitQueue::new(&mem, 16);
+    // 32 KiB from byte 4096, into one 32 KiB guest buffer: cut inside it.
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 8, 32 << 10)]);
+    let irq = activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    let host_data = mem.get_host_address(GuestAddress(DATA)).unwrap() as usize;
+    {
+        let s = state.lock().unwrap();
+        // The pieces for the kernel's workers first, the one run during the submission
+        // last: consecutive 8 KiB ranges of the image and of the guest buffer.
+        let k = 8 << 10;
+        let want: Vec<(OpKind, u64, u64)> = [1u64, 2, 3, 0]
+            .iter()
+            .map(|&i| (OpKind::Read, 4096 + i * k, k))
+            .collect();
+        assert_eq!(s.log, want);
+        let bases: Vec<usize> = [1usize, 2, 3, 0]
+            .iter()
+            .map(|&i| host_data + i * 8192)
+            .collect();
+        assert_eq!(s.bases, bases);
+        assert_eq!(s.background, vec![true, true, true, false]);
+    }
+    // Out of order; nothing answered before the last piece.
+    for index in [2, 0, 1] {
+        finish_op(&mut disk, &state, index, Outcome2::Full);
+        assert!(used(&mock).is_empty());
+        assert_eq!(status_of(&mem, 0), FILL);
+        assert!(irq.queues().is_empty());
+    }
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    assert_eq!(used(&mock), vec![(0, (32 << 10) + 1)]);
+    assert_eq!(status_of(&mem, 0), OK);
+    assert_eq!(irq.queues(), vec![0]);
+    assert_eq!(
+        guest(&mem, DATA, 32 << 10),
+        content[4096..4096 + (32 << 10)]
+    );
+    let c = disk.counters();
+    assert_eq!((c.read_count, c.read_bytes), (1, 32 << 10));
+}
+
+#[test]
+fn a_failed_or_short_piece_decides_the_request_only_after_every_piece() {
+    let (_img, content, mut disk, state) = piece_disk();
+    let mem = test_mem();
+    let mock = MockSplitQueue::new(&mem, 16);
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 0, 16 << 10)]);
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    assert_eq!(state.lock().unwrap().running.len(), 2);
+    // The background piece (bytes 8K..16K) comes back short: its rest goes on.
+    finish_op(&mut disk, &state, 0, Outcome2::Short(100));
+    assert_eq!(
+        state.lock().unwrap().log.last(),
+        Some(&(OpKind::Read, (8 << 10) + 100, (8 << 10) - 100))
+    );
+    // The first piece fails: still not answered, the other piece runs.
+    finish_op(&mut disk, &state, 0, Outcome2::Errno(libc::EIO));
+    assert!(used(&mock).is_empty());
+    assert_eq!(status_of(&mem, 0), FILL);
+    finish_op(&mut disk, &state, 0, Outcome2::Full);
+    // One answer, an i/o error (only the status byte counts as written), counted once.
+    assert_eq!(used(&mock), vec![(0, 1)]);
+    assert_eq!(status_of(&mem, 0), IOERR);
+    assert_eq!(disk.counters().execute_fails, 1);
+    assert_eq!(disk.counters().read_count, 0);
+    let kinds = disk.host_errors();
+    assert!(
+        kinds.len() == 1 && kinds[0].0.contains("Input/output error") && kinds[0].1 == 1,
+        "{kinds:?}"
+    );
+    // The piece that succeeded did reach guest memory (a failed read's buffer is
+    // undefined for the driver).
+    assert_eq!(
+        guest(&mem, DATA + (8 << 10), 8 << 10),
+        content[8 << 10..16 << 10]
+    );
+}
+
+#[test]
+fn buffered_writes_and_small_transfers_run_whole() {
+    let (_img, _content, mut disk, state) = piece_disk();
+    let mem = test_mem();
+    let mock = MockSplitQueue::new(&mem, 16);
+    // A buffered write (the file system serializes writes to one file), and a read
+    // below two pieces.
+    add_requests(
+        &mem,
+        &mock,
+        &[
+            (VIRTIO_BLK_T_OUT, 0, 32 << 10),
+            (VIRTIO_BLK_T_IN, 64, 12 << 10),
+        ],
+    );
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    let s = state.lock().unwrap();
+    assert_eq!(
+        s.log,
+        vec![
+            (OpKind::Write, 0, 32 << 10),
+            (OpKind::Read, 64 * 512, 12 << 10)
+        ]
+    );
+    assert_eq!(s.background, vec![false, false]);
+}
+
+#[test]
+fn a_reset_waits_for_every_piece_of_a_split_request() {
+    let (_img, _content, mut disk, state) = piece_disk();
+    let mem = test_mem();
+    let mock = MockSplitQueue::new(&mem, 16);
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 0, 32 << 10)]);
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    assert_eq!(state.lock().unwrap().running.len(), 4);
+    // The fake completes one operation per wait: the reset must go on until the last.
+    disk.reset();
+    {
+        let s = state.lock().unwrap();
+        assert!(
+            s.running.is_empty() && s.done.is_empty(),
+            "pieces left running"
+        );
+    }
+    assert!(used(&mock).is_empty());
+    assert_eq!(status_of(&mem, 0), FILL);
+}
+
 #[test]
 fn write_zeroes_falls_back_mode_by_mode_then_writes_zeros() {
     let (img, content) = TempImage::with_pattern();
@@ -563,6 +720,53 @@ fn io_uring_round_trip(cache: CacheMode, skew: u64) {
     assert_eq!(&now[3072..], &content[3072..]);
     let c = disk.counters();
     assert_eq!((c.read_count, c.write_count, c.execute_fails), (1, 1, 0));
+}
+
+/// A 1 MiB write, then a 1 MiB read, through the io_uring engine in pieces (the write
+/// only with `cache=none`: buffered writes run whole) on a real 2 MiB image.
+fn io_uring_pieces(cache: CacheMode) {
+    let content: Vec<u8> = (0..2 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let img = TempImage::new(&content);
+    let mem = test_mem();
+    let mut disk = Block::open(BlockConfig {
+        path: img.path.clone(),
+        cache,
+        engine: IoEngine::Uring,
+        ..BlockConfig::default()
+    })
+    .unwrap();
+    disk.set_pieces_for_test(4, 256 << 10);
+    let mock = MockSplitQueue::new(&mem, 16);
+    let mib = 1u32 << 20;
+    let written: Vec<u8> = (0..mib).map(|i| (i % 239) as u8 ^ 0x5a).collect();
+    mem.write_slice(&written, GuestAddress(DATA)).unwrap();
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_OUT, 0, mib)]);
+    activate(&mut disk, &mem, mock.create_queue().unwrap());
+    disk.process_queue(0);
+    serve_until(&mut disk, &mock, 1);
+    assert_eq!(status_of(&mem, 0), OK);
+    // Read the image's second MiB over the buffer.
+    add_requests(&mem, &mock, &[(VIRTIO_BLK_T_IN, 2048, mib)]);
+    disk.process_queue(0);
+    serve_until(&mut disk, &mock, 2);
+    assert_eq!(status_of(&mem, 0), OK);
+    assert!(
+        guest(&mem, DATA, mib as usize) == content[1 << 20..],
+        "read data"
+    );
+    disk.flush().unwrap();
+    let now = img.contents();
+    assert!(now[..1 << 20] == written[..], "written data");
+    assert!(now[1 << 20..] == content[1 << 20..]);
+    let c = disk.counters();
+    assert_eq!((c.read_count, c.write_count, c.execute_fails), (1, 1, 0));
+    assert_eq!((c.read_bytes, c.write_bytes), (1 << 20, 1 << 20));
+}
+
+#[test]
+fn io_uring_runs_large_transfers_in_pieces() {
+    io_uring_pieces(CacheMode::Writeback);
+    io_uring_pieces(CacheMode::None);
 }
 
 #[test]

@@ -489,7 +489,27 @@ struct InFlight {
     range: usize,
     mode: usize,
     zeroed: u64,
+    /// Operations of the request still running: more than one for a transfer split into
+    /// pieces ([`PIECE_MIN`]).
+    pieces: usize,
+    /// The first failure of a piece, kept until the last piece ends.
+    failure: Option<Failed>,
 }
+
+/// The smallest piece of a read or write split to run on several host CPUs at once: a
+/// transfer of at least twice this is split, into at most [`MAX_PIECES`] pieces and at
+/// most one per host CPU. The first piece runs during the submission, on the disk's
+/// worker; the others on the kernel's io_uring workers (`IOSQE_ASYNC`) meanwhile. The
+/// copy between the host's page cache (or a RAM-backed device) and guest memory is most
+/// of a large transfer's time, and it is not split otherwise.
+pub const PIECE_MIN: u64 = 256 << 10;
+/// Most pieces one read or write is split into.
+pub const MAX_PIECES: usize = 4;
+/// Operations the io_uring engine holds beyond one per request slot, for the pieces of
+/// split transfers.
+const PIECE_ROOM: usize = 64;
+/// Pieces are multiples of this many bytes (or of the direct-I/O alignment, if larger).
+const PIECE_UNIT: usize = 4096;
 
 /// The `fallocate` modes a DISCARD (punch a hole) or WRITE_ZEROES (zero the range, else
 /// punch a hole) tries in turn before writing zeros.
@@ -499,6 +519,13 @@ fn range_modes(discard: bool) -> &'static [i32] {
     } else {
         &[libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE]
     }
+}
+
+/// The host's CPUs online (1 where the kernel does not say).
+fn host_cpus() -> usize {
+    // SAFETY: sysconf reads a system setting; it has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
 }
 
 /// Whether a failed `fallocate` (negative errno `res`) means the mode is not supported.
@@ -519,6 +546,11 @@ struct AsyncState {
     /// Holds the queues' interrupts back while more completions are coming; `None`: each
     /// is raised at once.
     coalesce: Option<Coalescer>,
+    /// Most pieces a transfer is split into here (host CPUs online, at most
+    /// [`MAX_PIECES`]); 1: none is split.
+    max_pieces: usize,
+    /// The smallest piece ([`PIECE_MIN`]; tests use less).
+    piece_min: u64,
 }
 
 impl AsyncState {
@@ -530,6 +562,21 @@ impl AsyncState {
             reaped: Vec::new(),
             submit_warn: WarnOnce::default(),
             coalesce: None,
+            max_pieces: host_cpus().clamp(1, MAX_PIECES),
+            piece_min: PIECE_MIN,
+        }
+    }
+
+    /// How many pieces a transfer of `bytes` is split into: 1 below `2 * PIECE_MIN`, or
+    /// where the engine could not take the pieces and still one operation for every free
+    /// slot.
+    fn pieces_for(&self, bytes: u64) -> usize {
+        let by_size = usize::try_from(bytes / self.piece_min.max(1)).unwrap_or(usize::MAX);
+        let n = by_size.min(self.max_pieces);
+        if n < 2 || self.io.room() < n + self.free.len() {
+            1
+        } else {
+            n
         }
     }
 
@@ -691,7 +738,7 @@ impl Block {
         let name = format!("virtio-blk {:?}", cfg.path);
         let mut engine = match cfg.engine {
             IoEngine::Sync => None,
-            IoEngine::Uring | IoEngine::Auto => match Uring::new(capacity as u32) {
+            IoEngine::Uring | IoEngine::Auto => match Uring::new((capacity + PIECE_ROOM) as u32) {
                 Ok(ring) => Some(AsyncState::new(Box::new(ring), capacity)),
                 Err(source) if cfg.engine == IoEngine::Uring => {
                     return Err(Error::IoUring {
@@ -735,6 +782,16 @@ impl Block {
     #[cfg(test)]
     pub(crate) fn set_engine_for_test(&mut self, io: Box<dyn AsyncIo>, capacity: usize) {
         self.engine = Some(AsyncState::new(io, capacity));
+    }
+
+    /// Splits transfers of at least `2 * piece_min` bytes into up to `max_pieces` pieces
+    /// (tests: whatever the host's CPUs).
+    #[cfg(test)]
+    pub(crate) fn set_pieces_for_test(&mut self, max_pieces: usize, piece_min: u64) {
+        if let Some(engine) = self.engine.as_mut() {
+            engine.max_pieces = max_pieces;
+            engine.piece_min = piece_min;
+        }
     }
 
     /// Gives the asynchronous engine interrupt coalescing (tests: the fake engine has
@@ -1121,11 +1178,47 @@ impl Block {
             range: 0,
             mode: 0,
             zeroed: 0,
+            pieces: 1,
+            failure: None,
         });
         match self.first_op(slot) {
-            Ok(op) => self.push(op),
+            Ok(op) => self.push_pieces(slot, op),
             Err(f) => self.end(slot, Err(f)),
         }
+    }
+
+    /// Pushes `op`, the first operation of the request in `slot`, split into pieces where
+    /// it is a transfer large enough ([`PIECE_MIN`]): the pieces for the kernel's workers
+    /// first, then the one that runs during the submission, so that they overlap. Returns
+    /// whether the request went to the used ring already.
+    fn push_pieces(&mut self, slot: usize, op: Op) -> bool {
+        // Buffered writes to one file are serialized by the file system (the inode's
+        // lock), so only direct writes gain from pieces.
+        let n = if op.kind == OpKind::Write && self.cache != CacheMode::None {
+            1
+        } else {
+            self.engine
+                .as_ref()
+                .map_or(1, |e| e.pieces_for(op.remaining()))
+        };
+        // Every cut at a multiple of this from the transfer's start keeps a direct
+        // transfer's pieces aligned in memory and in the file.
+        let unit = PIECE_UNIT
+            .max(self.mem_align)
+            .max(self.info.block_size as usize);
+        let mut ops = op.split(n, unit);
+        if let Some(Some(req)) = self.engine.as_mut().map(|e| &mut e.slots[slot]) {
+            req.pieces = ops.len();
+        }
+        let Some(first) = (!ops.is_empty()).then(|| ops.remove(0)) else {
+            return false;
+        };
+        let mut used = false;
+        for mut piece in ops {
+            piece.background = true;
+            used |= self.push(piece);
+        }
+        used | self.push(first)
     }
 
     /// The first operation of the request in `slot`.
@@ -1208,7 +1301,7 @@ impl Block {
         let slot = op.token;
         match engine.io.push(fd, op) {
             Ok(()) => false,
-            Err(_) => self.end(
+            Err(_) => self.settle(
                 slot,
                 Err(host_err(
                     format_args!("submit"),
@@ -1216,6 +1309,27 @@ impl Block {
                 )),
             ),
         }
+    }
+
+    /// One operation of the request in `slot` ended with `result`: the request ends with
+    /// it (status, used ring) when it was the last of its pieces, with the first failure
+    /// of any piece. Returns whether the request went to the used ring.
+    fn settle(&mut self, slot: usize, result: std::result::Result<Outcome, Failed>) -> bool {
+        let Some(Some(req)) = self.engine.as_mut().map(|e| &mut e.slots[slot]) else {
+            return false;
+        };
+        if req.pieces > 1 {
+            req.pieces -= 1;
+            if let Err(f) = result {
+                req.failure.get_or_insert(f);
+            }
+            return false;
+        }
+        let result = match req.failure.take() {
+            Some(f) => Err(f),
+            None => result,
+        };
+        self.end(slot, result)
     }
 
     /// Hands what was pushed to the kernel.
@@ -1480,7 +1594,7 @@ impl Block {
             let q = self.slot_queue(slot);
             let used = match self.step(op, res) {
                 Step::Next(op) => self.push(op),
-                Step::Done(result) => self.end(slot, result),
+                Step::Done(result) => self.settle(slot, result),
             };
             if used {
                 if let Some(flag) = q.and_then(|q| signal.get_mut(usize::from(q))) {
@@ -1544,6 +1658,15 @@ impl Block {
             let mut reaped = std::mem::take(&mut engine.reaped);
             engine.io.reap(&mut reaped);
             for (op, _) in reaped.drain(..) {
+                let Some(Some(req)) = engine.slots.get_mut(op.token) else {
+                    continue;
+                };
+                // The slot stays taken (and the drain goes on) until its last piece is
+                // back from the kernel.
+                if req.pieces > 1 {
+                    req.pieces -= 1;
+                    continue;
+                }
                 if let Some(req) = engine.slots.get_mut(op.token).and_then(Option::take) {
                     debug!("{}: request {} dropped by a reset", self.name, req.head);
                     engine.free.push(op.token);

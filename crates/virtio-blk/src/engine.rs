@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use log::warn;
 use vm_memory::{GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -99,9 +99,13 @@ pub(crate) struct Op {
     iovecs: Iovecs,
     /// Bytes the iovecs still cover.
     remaining: u64,
-    bounce: Option<AlignedBuf>,
+    /// Boxed: an operation moves through the engine by value, and few have one.
+    bounce: Option<Box<AlignedBuf>>,
     /// Keeps guest memory mapped while the kernel uses the iovecs.
     mem: Option<GuestMemoryMmap<()>>,
+    /// Run by one of the kernel's workers rather than during the submission (io_uring's
+    /// `IOSQE_ASYNC`): a piece of a transfer split to run beside the others.
+    pub(crate) background: bool,
 }
 
 impl Op {
@@ -114,6 +118,7 @@ impl Op {
             remaining: 0,
             bounce: None,
             mem: None,
+            background: false,
         }
     }
 
@@ -152,7 +157,7 @@ impl Op {
             iov_len: bytes.len(),
         }]));
         op.remaining = bytes.len() as u64;
-        op.bounce = Some(buf);
+        op.bounce = Some(Box::new(buf));
         op
     }
 
@@ -197,10 +202,67 @@ impl Op {
         self.iovecs = Iovecs(rest.into_boxed_slice());
     }
 
+    /// Splits a read or write straight between the image and guest memory into at most
+    /// `pieces` operations on consecutive ranges, of about the same size, each a multiple
+    /// of `unit` bytes (a power of two; the last takes the rest): the parts of one
+    /// transfer that the kernel can run at the same time. Cuts fall between iovecs or
+    /// inside one at a multiple of `unit` from the transfer's start, so pieces of a direct
+    /// transfer whose iovecs are all multiples of `unit` stay aligned. An operation with
+    /// its own buffer, another kind, or one too short for two pieces, comes back whole.
+    pub(crate) fn split(self, pieces: usize, unit: usize) -> Vec<Op> {
+        let unit = unit.max(1) as u64;
+        let splittable = matches!(self.kind, OpKind::Read | OpKind::Write)
+            && self.bounce.is_none()
+            && self.mem.is_some();
+        // Each piece a multiple of `unit`, rounded up: fewer pieces where that leaves
+        // nothing for the last.
+        let per = self.remaining.div_ceil(pieces.max(1) as u64).div_ceil(unit) * unit;
+        if !splittable || pieces < 2 || per == 0 || per >= self.remaining {
+            return vec![self];
+        }
+        let mut out = Vec::with_capacity(pieces);
+        let mut cur: Vec<libc::iovec> = Vec::new();
+        let (mut filled, mut offset) = (0u64, self.offset);
+        for iov in self.iovecs.0.iter() {
+            let (mut base, mut len) = (iov.iov_base.cast::<u8>(), iov.iov_len as u64);
+            while len > 0 {
+                let last = out.len() + 1 == pieces;
+                let take = if last { len } else { len.min(per - filled) };
+                cur.push(libc::iovec {
+                    iov_base: base.cast(),
+                    // take <= len, an iov_len.
+                    iov_len: take as usize,
+                });
+                // take <= len: the pointer stays inside the same buffer; only the address
+                // changes, nothing is dereferenced here.
+                base = base.wrapping_add(take as usize);
+                len -= take;
+                filled += take;
+                if !last && filled == per {
+                    let mut op = Op::new(self.token, self.kind, offset);
+                    op.iovecs = Iovecs(std::mem::take(&mut cur).into_boxed_slice());
+                    op.remaining = filled;
+                    op.mem.clone_from(&self.mem);
+                    out.push(op);
+                    offset += filled;
+                    filled = 0;
+                }
+            }
+        }
+        if filled > 0 {
+            let mut op = Op::new(self.token, self.kind, offset);
+            op.iovecs = Iovecs(cur.into_boxed_slice());
+            op.remaining = filled;
+            op.mem = self.mem;
+            out.push(op);
+        }
+        out
+    }
+
     /// The operation's own buffer, once it completed (a bounced read's data).
     pub(crate) fn take_bounce(&mut self) -> Option<AlignedBuf> {
         self.iovecs = Iovecs(Box::new([]));
-        self.bounce.take()
+        self.bounce.take().map(|b| *b)
     }
 
     /// The iovecs, for a fake engine that copies through them.
@@ -232,6 +294,8 @@ pub(crate) trait AsyncIo: Send {
     fn wait(&mut self) -> io::Result<()>;
     /// Operations queued or running.
     fn in_flight(&self) -> usize;
+    /// Operations it can still take.
+    fn room(&self) -> usize;
     /// Readable when operations completed (for the device's worker to poll).
     fn event_fd(&self) -> RawFd;
 }
@@ -318,6 +382,11 @@ impl AsyncIo for Uring {
                 .build(),
         }
         .user_data(slot as u64);
+        let entry = if op.background {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
         // SAFETY: everything the entry points to (the iovec array, and the guest memory or
         // buffer the iovecs cover) is owned or kept alive by `op`, which is stored in
         // `self.ops` below and leaves it only when its completion is reaped; `Drop` waits
@@ -383,6 +452,10 @@ impl AsyncIo for Uring {
 
     fn in_flight(&self) -> usize {
         self.ops.len() - self.free.len()
+    }
+
+    fn room(&self) -> usize {
+        self.free.len()
     }
 
     fn event_fd(&self) -> RawFd {

@@ -19,14 +19,12 @@
 //! queue's requests (measured from notifications outside windows and from what polls
 //! find inside them), between [`MIN_GAP`] and [`MAX_GAP`].
 //!
-//! A window only pays where the guest submits more while it is open. Where it waits for
-//! its requests before it sends more (queue depth 1, or one access the guest split into
-//! a few requests sent together, as Linux does with a 1 MiB read of more pages than
-//! `seg_max`), each window adds a gap of latency and none of its polls finds anything: a
-//! *miss*, however many entries it held. After [`MISS_LIMIT`] misses in a row the queue
-//! raises its interrupts at once and keeps its notifications on, and tries a window again
-//! after [`PROBE_EVERY`] interrupts. For such a guest the cost is thus [`MISS_LIMIT`] gaps
-//! every [`PROBE_EVERY`] interrupts.
+//! A window only pays where the guest submits more while it is open. Where it has one
+//! request at a time (queue depth 1), each window adds a gap of latency and ends with a
+//! single entry: after [`MISS_LIMIT`] such windows in a row the queue raises its
+//! interrupts at once and keeps its notifications on, and tries a window again after
+//! [`PROBE_EVERY`] interrupts. At queue depth 1 the cost is thus [`MISS_LIMIT`] gaps every
+//! [`PROBE_EVERY`] requests.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
-/// Windows in a row whose polls found nothing (the guest waited for its completions)
-/// after which a queue raises its interrupts at once.
+/// Windows in a row that ended with a single used entry after which a queue raises its
+/// interrupts at once.
 pub const MISS_LIMIT: u8 = 2;
 /// Interrupts raised at once before a queue that stopped coalescing tries a window again.
 pub const PROBE_EVERY: u32 = 256;
@@ -66,12 +64,10 @@ struct Lane {
     /// Used entries added since the queue's interrupt was last raised.
     pending: u32,
     mode: Mode,
-    /// Windows in a row whose polls found nothing.
+    /// Windows in a row that ended with one entry.
     misses: u8,
     /// The open window: its next poll and how many polls it had.
     window: Option<(Instant, u32)>,
-    /// Whether a poll of the open window found new requests.
-    fruitful: bool,
     /// The last notification taken outside a window.
     last_kick: Option<Instant>,
     /// Mean interval between requests, in nanoseconds (exponentially weighted); 0: none
@@ -85,7 +81,6 @@ impl Lane {
         mode: Mode::Window,
         misses: 0,
         window: None,
-        fruitful: false,
         last_kick: None,
         interval_ns: 0,
     };
@@ -217,7 +212,6 @@ impl Coalescer {
             Mode::Window => {
                 let next = now + lane.gap();
                 lane.window = Some((next, 0));
-                lane.fruitful = false;
                 if self.armed.is_none_or(|at| next < at) && !self.arm(next, now) {
                     // No timer, no window.
                     if let Some(lane) = self.lanes.get_mut(usize::from(q)) {
@@ -300,7 +294,6 @@ impl Coalescer {
             // `found` requests in one gap.
             let gap = lane.gap().as_nanos() as u64;
             lane.sample(gap / found as u64);
-            lane.fruitful = true;
         }
         let polls = polls + 1;
         if found == 0 || polls >= MAX_GAPS || lane.pending >= MAX_BATCH {
@@ -312,8 +305,8 @@ impl Coalescer {
     }
 
     /// Closes queue `q`'s window (after the last pass over its ring): whether its
-    /// interrupt should be raised (entries wait). A window whose polls found nothing
-    /// counts a miss.
+    /// interrupt should be raised (entries wait). A window that held a single entry counts
+    /// a miss.
     pub fn close(&mut self, q: u16) -> bool {
         let now = Instant::now();
         let Some(lane) = self.lanes.get_mut(usize::from(q)) else {
@@ -322,7 +315,7 @@ impl Coalescer {
         let raise = lane.pending > 0;
         if lane.window.take().is_some() {
             lane.last_kick = None;
-            if !lane.fruitful {
+            if lane.pending <= 1 {
                 lane.misses += 1;
                 if lane.misses >= MISS_LIMIT {
                     lane.misses = 0;
@@ -459,40 +452,20 @@ mod tests {
     }
 
     #[test]
-    fn a_window_whose_polls_found_requests_is_not_a_miss() {
+    fn a_window_with_several_entries_is_not_a_miss() {
         let mut c = Coalescer::new(1).unwrap();
         let t = Instant::now();
         for _ in 0..MISS_LIMIT * 4 {
             open(&mut c, 0, t);
-            assert_eq!(c.polled_at(0, 2, t), Poll::Again);
-            c.added(0);
             c.added(0);
             assert_eq!(c.polled_at(0, 0, t), Poll::Close);
             assert!(c.close(0));
-            // One fruitless window in between does not add up across hits.
+            // One single-entry window in between does not add up across hits.
             open(&mut c, 0, t);
             assert_eq!(c.polled_at(0, 0, t), Poll::Close);
             assert!(c.close(0));
         }
         open(&mut c, 0, t);
-    }
-
-    #[test]
-    fn a_fruitless_window_is_a_miss_however_many_entries_it_held() {
-        // One access split into a few requests sent in one kick: the window holds them
-        // all, but the guest sends nothing more until it is told.
-        let mut c = Coalescer::new(1).unwrap();
-        let t = Instant::now();
-        for _ in 0..MISS_LIMIT {
-            open(&mut c, 0, t);
-            c.added(0);
-            c.added(0);
-            assert_eq!(c.polled_at(0, 0, t), Poll::Close);
-            assert!(c.close(0));
-        }
-        c.added(0);
-        assert!(c.signal_now_at(0, t), "at once after {MISS_LIMIT} misses");
-        assert!(!c.quiet(0));
     }
 
     #[test]
