@@ -28,6 +28,11 @@
 //! spawn to the restored guest's first answer on its console, next to each one's fresh
 //! boot (tests/src/bin/tvm-e2e/snapshot.rs).
 //!
+//! Network: the same guest with `--net tap=...` against QEMU's virtio-net-pci on the same
+//! TAP (vhost off): `--net-mib` MiB host to guest and guest to host, the guest's end
+//! `tvm-iobench tcp-recv` / `tcp-send` (64 KiB system calls), then guest to host again from
+//! busybox `nc` (1 KiB writes: small segments), and peak RSS.
+//!
 //! Vsock: the same guest with `tvm-vsock-guest` in its initramfs, our `--vsock` (hybrid:
 //! a Unix socket on the host) against QEMU's `vhost-vsock-pci` (in-kernel vhost: AF_VSOCK
 //! on the host, `vhost_vsock` loaded in the outer guest): `--vsock-mib` MiB each way with
@@ -69,8 +74,8 @@ pub struct Args {
     /// default: io_uring where the kernel has it), `io_uring` or `sync`.
     #[arg(long, default_value = "auto")]
     pub disk_engine: String,
-    /// MiB sent over TCP in each direction by the network benchmark (small: nested, QEMU's
-    /// guest-to-host TCP runs at about 0.2 MiB/s).
+    /// MiB sent over TCP in each direction by the network benchmark, and once more guest
+    /// to host in 1 KiB writes (small: nested, QEMU moves that at about 0.4 MiB/s).
     #[arg(long, default_value_t = 16)]
     pub net_mib: u64,
     /// MiB the vsock benchmark moves in each direction (split over the connections).
@@ -231,6 +236,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
         )?);
     }
     if net {
+        // The guest's end of the transfers is tvm-iobench's tcp-send and tcp-recv.
+        let initrd = bench_initramfs()?;
         let mib = args.net_mib.to_string();
         summary.extend(bench_step(
             "network",
@@ -246,7 +253,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 &mib,
             ],
             &files,
-            None,
+            Some(&initrd),
             "",
             args.verbose,
             Duration::from_secs(3600),

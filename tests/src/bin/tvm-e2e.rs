@@ -2516,8 +2516,9 @@ fn disk_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<DiskFigures,
     Ok(f)
 }
 
-/// One guest's network figures: (host->guest MiB/s, guest->host MiB/s, peak RSS KiB).
-type NetFigures = (f64, f64, u64);
+/// One guest's network figures: (host->guest MiB/s, guest->host MiB/s, guest->host MiB/s
+/// in 1 KiB writes, peak RSS KiB).
+type NetFigures = (f64, f64, f64, u64);
 
 /// Counters that say where a transfer loses packets, read on this host (where the TAP's
 /// host end is): the TAP's own, and the TCP stack's (`/proc/net/snmp`, `/proc/net/netstat`).
@@ -2576,9 +2577,11 @@ fn net_diag_delta(before: &[(String, u64)], after: &[(String, u64)]) -> String {
     moved.join(", ")
 }
 
-/// Boots `cmd` (a guest whose eth0 is on TAP `o.tap`), times `o.net_mib` MiB over TCP in
-/// each direction (the host end is this process: `tcp_peer`, timed from accept to EOF; the
-/// guest end is busybox `nc`), and returns the figures.
+/// Boots `cmd` (a guest whose eth0 is on TAP `o.tap`, `tvm-iobench` in its initramfs),
+/// times `o.net_mib` MiB over TCP in each direction and returns the figures. The host end
+/// is this process (`tcp_peer`, timed from accept to EOF); the guest end is `tvm-iobench
+/// tcp-recv` / `tcp-send` (64 KiB per system call: bulk transfer), then, guest to host
+/// once more, busybox `nc` fed by `dd` (1 KiB per write: small segments).
 fn net_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<NetFigures, String> {
     let what = runner.name();
     let tap = o.tap.as_deref().ok_or("net-bench needs --tap")?;
@@ -2592,13 +2595,18 @@ fn net_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<NetFigures, S
         (
             5003,
             mib,
-            format!("nc {HOST_IP} 5003 </dev/null >/dev/null; echo nb-$((1+1))-done\n"),
+            format!("tvm-iobench tcp-recv {HOST_IP} 5003; echo nb-$((1+1))-done\n"),
         ),
         (
             5004,
             0,
+            format!("tvm-iobench tcp-send {HOST_IP} 5004 {mib}; echo nb-$((1+1))-done\n"),
+        ),
+        (
+            5005,
+            0,
             format!(
-                "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {HOST_IP} 5004; echo nb-$((1+1))-done\n",
+                "dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {HOST_IP} 5005; echo nb-$((1+1))-done\n",
                 mib * 16
             ),
         ),
@@ -2635,10 +2643,16 @@ fn net_bench_one(cmd: Command, runner: Runner, o: &Opts) -> Result<NetFigures, S
         }
         rates.push(bytes as f64 / (1 << 20) as f64 / secs);
     }
-    let figures = (rates[0], rates[1], peak_rss_kib(g.child.id()).unwrap_or(0));
+    let figures = (
+        rates[0],
+        rates[1],
+        rates[2],
+        peak_rss_kib(g.child.id()).unwrap_or(0),
+    );
     println!(
-        "BENCH-NET {what}: host->guest {:.2} MiB/s, guest->host {:.2} MiB/s, peak RSS {} KiB",
-        figures.0, figures.1, figures.2
+        "BENCH-NET {what}: host->guest {:.2} MiB/s, guest->host {:.2} MiB/s, guest->host in \
+         1 KiB writes {:.2} MiB/s, peak RSS {} KiB",
+        figures.0, figures.1, figures.2, figures.3
     );
     g.reboot_or_kill()?;
     // The TAP goes away with its last user; wait so the next guest creates it afresh.
@@ -2687,10 +2701,11 @@ fn net_bench(o: &Opts) -> Result<bool, String> {
     if ours.is_empty() || peer.is_empty() {
         return Err("no complete sample for one of the two".into());
     }
-    let rows: [MedianRow<NetFigures>; 3] = [
+    let rows: [MedianRow<NetFigures>; 4] = [
         ("tcp-host-to-guest", "MiB/s", |f| f.0),
         ("tcp-guest-to-host", "MiB/s", |f| f.1),
-        ("peak-rss", "KiB", |f| f.2 as f64),
+        ("tcp-guest-to-host-1k-writes", "MiB/s", |f| f.2),
+        ("peak-rss", "KiB", |f| f.3 as f64),
     ];
     print_medians("BENCH-NET", &rows, &ours, &peer);
     Ok(true)

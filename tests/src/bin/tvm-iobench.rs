@@ -5,7 +5,14 @@
 //! tvm-iobench seq-write DEV MIB              write MIB MiB in 1 MiB blocks, then fdatasync
 //! tvm-iobench seq-read  DEV MIB              read MIB MiB in 1 MiB blocks
 //! tvm-iobench rand-read DEV SECONDS [JOBS]   4 KiB reads at random 4 KiB-aligned offsets
+//! tvm-iobench tcp-send ADDR PORT MIB         send MIB MiB of zeros over TCP, 64 KiB writes
+//! tvm-iobench tcp-recv ADDR PORT             read a TCP connection to its end, 64 KiB reads
 //! ```
+//!
+//! `tcp-send` and `tcp-recv` are the guest's end of the network benchmark (busybox `nc`
+//! moves 1 KiB per system call, which measures small segments, not bulk transfer). Each
+//! connects to ADDR:PORT and prints `IOBENCH op=tcp-send|tcp-recv bytes=<n> ms=<t>
+//! mib_s=<x> end` (the host's end times the transfer too).
 //!
 //! Every access is `O_DIRECT` (no guest page cache) and synchronous. The sequential runs and
 //! `rand-read` with one job (the default) keep one request in flight (queue depth 1), the
@@ -272,8 +279,65 @@ fn random_read(dev: &str, seconds: u64, jobs: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The size of one `tcp-send` write or `tcp-recv` read.
+const TCP_CHUNK: usize = 64 << 10;
+
+/// `tcp-send` (`mib` MiB of zeros, then the write side shut) or `tcp-recv` (`mib` None:
+/// everything until the peer closes) on a connection to `addr:port`.
+fn tcp(addr: &str, port: &str, mib: Option<u64>) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port}"))?;
+    let mut s = std::net::TcpStream::connect((addr, port))
+        .map_err(|e| format!("connect {addr}:{port}: {e}"))?;
+    let mut buf = vec![0u8; TCP_CHUNK];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let op = match mib {
+        Some(mib) => {
+            let total = mib * MIB as u64;
+            while bytes < total {
+                let n = (total - bytes).min(TCP_CHUNK as u64) as usize;
+                s.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
+                bytes += n as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            // Until the peer has read everything and closed.
+            while s.read(&mut buf).map_err(|e| format!("drain: {e}"))? > 0 {}
+            "tcp-send"
+        }
+        None => {
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => bytes += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("recv: {e}")),
+                }
+            }
+            "tcp-recv"
+        }
+    };
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "IOBENCH op={op} bytes={bytes} ms={:.0} mib_s={:.2} end",
+        secs * 1000.0,
+        bytes as f64 / MIB as f64 / secs
+    );
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<(), String> {
-    let usage = "usage: tvm-iobench seq-write|seq-read DEV MIB | rand-read DEV SECONDS [JOBS]";
+    let usage = "usage: tvm-iobench seq-write|seq-read DEV MIB | rand-read DEV SECONDS [JOBS] \
+                 | tcp-send ADDR PORT MIB | tcp-recv ADDR PORT";
+    match args {
+        [op, addr, port, mib] if op == "tcp-send" => {
+            let mib = mib.parse().map_err(|_| usage.to_string())?;
+            return tcp(addr, port, Some(mib));
+        }
+        [op, addr, port] if op == "tcp-recv" => return tcp(addr, port, None),
+        _ => {}
+    }
     let (op, dev, n, jobs) = match args {
         [op, dev, n] => (op, dev, n, None),
         [op, dev, n, jobs] if op == "rand-read" => (op, dev, n, Some(jobs)),
