@@ -282,10 +282,23 @@ fn random_read(dev: &str, seconds: u64, jobs: u64) -> Result<(), String> {
 /// The size of one `tcp-send` write or `tcp-recv` read.
 const TCP_CHUNK: usize = 64 << 10;
 
+/// Reads `s` through `buf` until the peer closes; the number of bytes read.
+fn read_to_end(s: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<u64> {
+    let mut bytes = 0u64;
+    loop {
+        match s.read(buf) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => bytes += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// `tcp-send` (`mib` MiB of zeros, then the write side shut) or `tcp-recv` (`mib` None:
 /// everything until the peer closes) on a connection to `addr:port`.
 fn tcp(addr: &str, port: &str, mib: Option<u64>) -> Result<(), String> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let port: u16 = port.parse().map_err(|_| format!("bad port {port}"))?;
     let mut s = std::net::TcpStream::connect((addr, port))
         .map_err(|e| format!("connect {addr}:{port}: {e}"))?;
@@ -303,18 +316,11 @@ fn tcp(addr: &str, port: &str, mib: Option<u64>) -> Result<(), String> {
             s.shutdown(std::net::Shutdown::Write)
                 .map_err(|e| format!("shutdown: {e}"))?;
             // Until the peer has read everything and closed.
-            while s.read(&mut buf).map_err(|e| format!("drain: {e}"))? > 0 {}
+            read_to_end(&mut s, &mut buf).map_err(|e| format!("drain: {e}"))?;
             "tcp-send"
         }
         None => {
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => bytes += n as u64,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("recv: {e}")),
-                }
-            }
+            bytes = read_to_end(&mut s, &mut buf).map_err(|e| format!("recv: {e}"))?;
             "tcp-recv"
         }
     };
